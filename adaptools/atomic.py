@@ -20,21 +20,19 @@ def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(target: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside `target`; on success it replaces `target`, on failure it is removed.
+def atomic_output(target: str | os.PathLike, overwrite: bool = False, is_file: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside `target` that replaces `target` on success and is removed on failure.
 
-    A file output is written as a file inside the yielded folder named like the target
-    (`tmp / target.name`); a folder output is the yielded folder itself.
+    For a folder output (default) the yielded path is an empty folder to fill; with `is_file=True`
+    it is a file path (inside a temporary folder) to write.
     """
     target = check_output(target, overwrite).absolute()
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        yield tmp
+        source = tmp / target.name if is_file else tmp
+        yield source
         check_output(target, overwrite)
-        single = tmp / target.name
-        is_file_output = single.is_file() and len(list(tmp.iterdir())) == 1 and target.suffix != ""
-        source = single if is_file_output else tmp
         if target.exists() or target.is_symlink():
             backup = target.with_name(f".{target.name}.old")
             os.replace(target, backup)
