@@ -1,0 +1,55 @@
+"""adaptools: LoRA adapter arithmetic, SVD re-rank, DoRA conversion and streaming merges, on saved files."""
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+
+from .adapter import Adapter, LoraModule
+from .device import resolve_device
+from .errors import (
+    AdapterFormatError,
+    AdaptoolsError,
+    BaseMismatchError,
+    DoraError,
+    HubError,
+    InputNotFoundError,
+    InvalidArgumentError,
+    NonFiniteError,
+    OutputExistsError,
+    PickleNotAllowedError,
+    RankMismatchError,
+    ShapeMismatchError,
+    UnknownModuleError,
+    UnsupportedAdapterError,
+)
+from .formats import BaseCheckpoint, detect_format, save_adapter
+from .formats import load_adapter as load
+
+try:
+    __version__ = version("adaptools")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+source"
+
+__all__ = [
+    "Adapter",
+    "AdapterFormatError",
+    "AdaptoolsError",
+    "BaseCheckpoint",
+    "BaseMismatchError",
+    "DoraError",
+    "HubError",
+    "InputNotFoundError",
+    "InvalidArgumentError",
+    "LoraModule",
+    "NonFiniteError",
+    "OutputExistsError",
+    "PickleNotAllowedError",
+    "RankMismatchError",
+    "ShapeMismatchError",
+    "UnknownModuleError",
+    "UnsupportedAdapterError",
+    "__version__",
+    "detect_format",
+    "load",
+    "resolve_device",
+    "save_adapter",
+]

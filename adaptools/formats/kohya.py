@@ -1,0 +1,135 @@
+"""kohya-style LoRA files (`lora_down`/`lora_up`/`alpha`, optional `dora_scale`), read and written (DESIGN §4)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..adapter import Adapter, LoraModule
+from ..errors import AdapterFormatError, RankMismatchError, ShapeMismatchError, UnknownModuleError
+from .tensors import read_tensor_file, write_safetensors
+
+PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
+DEFAULT_PREFIX = "lora_unet_"
+ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "dora_scale"}
+
+
+def is_kohya(keys: Iterable[str]) -> bool:
+    """True when the keys look like a kohya LoRA file."""
+    return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
+
+
+def kohya_name(module: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """kohya module name: prefix + the path with `.` replaced by `_`."""
+    return prefix + module.replace(".", "_")
+
+
+def kohya_module(name: str, parts: dict[str, Tensor]) -> LoraModule:
+    """One LoraModule from lora_down (r, in[, k..]), lora_up (out, r[, 1..]) and alpha: ΔW = (alpha/r)·up@down."""
+    if "down" not in parts or "up" not in parts:
+        raise AdapterFormatError(f"kohya module {name!r} lacks lora_down or lora_up")
+    down, up = parts["down"], parts["up"]
+    kernel: tuple[int, ...] = tuple(down.shape[2:])
+    kind = "conv" if down.ndim > 2 else "linear"
+    if down.shape[0] != up.shape[1]:
+        raise RankMismatchError(f"kohya module {name!r}: lora_down has rank {down.shape[0]} but lora_up has rank {up.shape[1]}")
+    if any(s != 1 for s in up.shape[2:]):
+        raise ShapeMismatchError(f"kohya module {name!r}: lora_up must have a 1x1 kernel, got {tuple(up.shape)}")
+    rank = down.shape[0]
+    alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
+    magnitude = parts.get("dora_scale")
+    if magnitude is not None:
+        # PEFT-style DoRA keeps one magnitude per output row: (out, 1) or (out,); a per-input (1, in) scale is another method.
+        if magnitude.numel() != up.shape[0] or (magnitude.ndim == 2 and magnitude.shape[0] != up.shape[0]):
+            raise AdapterFormatError(
+                f"kohya module {name!r}: dora_scale of shape {tuple(magnitude.shape)} is not one value per output row"
+            )
+        magnitude = magnitude.reshape(-1)
+    return LoraModule(
+        A=down.reshape(rank, -1),
+        B=up.reshape(up.shape[0], rank),
+        scale=alpha / rank,
+        kind=kind,
+        kernel=kernel,
+        magnitude=magnitude,
+    )
+
+
+def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+    """Read a kohya LoRA file; module names stay kohya names until `remap_to_base` maps them to module paths."""
+    tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        for suffix, role in ROLES.items():
+            if key.endswith(suffix):
+                grouped.setdefault(key[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in a kohya LoRA file")
+    if not grouped:
+        raise AdapterFormatError(f"{str(path)!r} holds no LoRA tensors")
+    modules = {name: kohya_module(name, parts) for name, parts in grouped.items()}
+    adapter = Adapter(
+        modules=modules,
+        base_model=metadata.get("ss_sd_model_name") or metadata.get("base_model"),
+        config={"metadata": metadata},
+        source_format="kohya",
+        name=Path(path).stem,
+    )
+    adapter.check_finite()
+    return adapter
+
+
+def remap_to_base(adapter: Adapter, base_keys: Iterable[str]) -> Adapter:
+    """Rename kohya modules to the base checkpoint's module paths (`lora_unet_a_b_c` → `a.b_c` as the base spells it)."""
+    lookup: dict[str, str] = {}
+    for key in base_keys:
+        if key.endswith(".weight"):
+            module = key[: -len(".weight")]
+            for prefix in PREFIXES:
+                lookup.setdefault(kohya_name(module, prefix), module)
+    renamed: dict[str, LoraModule] = {}
+    missing = []
+    for name, module in adapter.modules.items():
+        target = lookup.get(name)
+        if target is None and name in lookup.values():
+            target = name
+        if target is None:
+            missing.append(name)
+        else:
+            renamed[target] = module
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise UnknownModuleError(f"{len(missing)} kohya module(s) match no weight of the base: {shown}")
+    return adapter.with_modules(renamed)
+
+
+def kohya_state_dict(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> dict[str, Tensor]:
+    """kohya keys for `adapter`: lora_down = A, lora_up = B, alpha = scale·r (so alpha/r is the scale)."""
+    state: dict[str, Tensor] = {}
+    for module, m in adapter.modules.items():
+        if m.kind == "embedding" or m.fan_in_fan_out or m.bias is not None:
+            raise AdapterFormatError(
+                f"module {module!r}: kohya files have no way to store an embedding, fan_in_fan_out or LoRA-bias module"
+            )
+        name = module if module.startswith(PREFIXES) else kohya_name(module, prefix)
+        down = m.A.reshape(m.rank, -1, *m.kernel) if m.kind == "conv" else m.A
+        up = m.B.reshape(*m.B.shape, *([1] * len(m.kernel)))
+        state[f"{name}.lora_down.weight"] = down
+        state[f"{name}.lora_up.weight"] = up
+        state[f"{name}.alpha"] = torch.tensor(m.scale * m.rank, dtype=torch.float32)
+        if m.magnitude is not None:
+            state[f"{name}.dora_scale"] = m.magnitude.reshape(-1, 1)
+    if adapter.extra:
+        raise AdapterFormatError(
+            f"kohya files cannot hold full tensors ({', '.join(sorted(adapter.extra)[:3])}); use --to peft"
+        )
+    return state
+
+
+def write_kohya(adapter: Adapter, file: Path, prefix: str = DEFAULT_PREFIX) -> None:
+    """Write `adapter` as one kohya safetensors file."""
+    write_safetensors(kohya_state_dict(adapter, prefix), file)

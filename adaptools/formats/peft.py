@@ -1,0 +1,238 @@
+"""PEFT LoRA folders (adapter_config.json + adapter_model.safetensors), read and written (DESIGN §3)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..adapter import Adapter, LoraModule
+from ..errors import AdapterFormatError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
+from .tensors import read_tensor_file, require_exists, write_safetensors
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
+PREFIX = "base_model.model."
+SUPPORTED_TYPES = ("LORA", "ADALORA")
+
+# Role of each LoRA key suffix (after the module path).
+LORA_SUFFIXES = {
+    ".lora_A.weight": "A",
+    ".lora_B.weight": "B",
+    ".lora_B.bias": "bias",
+    ".lora_embedding_A": "emb_A",
+    ".lora_embedding_B": "emb_B",
+    ".lora_magnitude_vector": "magnitude",
+    ".lora_magnitude_vector.weight": "magnitude",
+    ".lora_A": "A",  # AdaLoRA stores parameters without `.weight`
+    ".lora_B": "B",
+    ".lora_E": "E",
+    ".ranknum": "ranknum",
+}
+
+
+def pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: the value of the first key (dict order) with re.match(rf"(.*\\.)?({key})$", module), else default."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
+    """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return alpha / math.sqrt(rank) if use_rslora else alpha / rank
+
+
+def locate(path: str | os.PathLike) -> tuple[Path, Path]:
+    """(config path, weights path) of a PEFT folder, or of a weights file with its config beside it."""
+    path = require_exists(path)
+    folder = path if path.is_dir() else path.parent
+    config = folder / CONFIG_NAME
+    if not config.exists():
+        raise AdapterFormatError(f"{str(path)!r} is not a PEFT adapter: no {CONFIG_NAME} in {str(folder)!r}")
+    if path.is_file():
+        return config, path
+    for name in WEIGHTS_NAMES:
+        if (folder / name).exists():
+            return config, folder / name
+    raise AdapterFormatError(f"{str(folder)!r} has {CONFIG_NAME} but no {' or '.join(WEIGHTS_NAMES)}")
+
+
+def read_config(path: Path) -> dict:
+    """adapter_config.json as a dict, with a typed error for bad JSON or an unsupported adapter type."""
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AdapterFormatError(f"{str(path)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(config, dict):
+        raise AdapterFormatError(f"{str(path)!r} does not hold a JSON object")
+    peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type not in SUPPORTED_TYPES:
+        raise UnsupportedAdapterError(
+            f"unsupported adapter type {peft_type!r} in {str(path)!r}: adaptools handles LoRA, DoRA and AdaLoRA adapters"
+        )
+    return config
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """(module path, role) of a state-dict key without the `base_model.model.` prefix; role None for full tensors."""
+    for suffix in sorted(LORA_SUFFIXES, key=len, reverse=True):
+        if key.endswith(suffix):
+            return key[: -len(suffix)], LORA_SUFFIXES[suffix]
+    return key, None
+
+
+def base_key(key: str) -> str:
+    """Base checkpoint key of a full tensor stored by PEFT (`x.base_layer.weight` → `x.weight`)."""
+    return key.replace(".base_layer.", ".")
+
+
+def adalora_factors(parts: dict[str, Tensor], module: str, config: dict) -> tuple[Tensor, Tensor, float]:
+    """AdaLoRA as LoRA: ΔW = B · (A ⊙ E) · alpha / (ranknum + 1e-5), masked by the config's rank_pattern."""
+    A, B, E = parts["A"], parts["B"], parts["E"]
+    mask = pattern_value(config.get("rank_pattern") or {}, module, None)
+    if mask is not None and len(mask) == A.shape[0]:
+        keep = torch.tensor(mask, dtype=torch.bool)
+        A, B, E = A[keep], B[:, keep], E[keep]
+    ranknum = float(parts["ranknum"].item()) if "ranknum" in parts else float(A.shape[0])
+    alpha = config.get("lora_alpha") or ranknum
+    return A * E.reshape(-1, 1), B, float(alpha) / (ranknum + 1e-5)
+
+
+def lora_module(module: str, parts: dict[str, Tensor], config: dict) -> LoraModule:
+    """Build one LoraModule from its stored tensors and the config (rank/alpha patterns, rsLoRA, fan_in_fan_out)."""
+    if config.get("peft_type", "LORA").upper() == "ADALORA":
+        A, B, scale = adalora_factors(parts, module, config)
+        return LoraModule(A=A, B=B, scale=scale, fan_in_fan_out=bool(config.get("fan_in_fan_out")))
+    kind = "linear"
+    if "emb_A" in parts or "emb_B" in parts:
+        kind, A, B = "embedding", parts.get("emb_A"), parts.get("emb_B")
+    else:
+        A, B = parts.get("A"), parts.get("B")
+    if A is None or B is None:
+        raise AdapterFormatError(f"module {module!r} has only one of its LoRA factors")
+    kernel: tuple[int, ...] = ()
+    if A.ndim > 2:
+        kind, kernel = "conv", tuple(A.shape[2:])
+        if any(s != 1 for s in B.shape[2:]):
+            raise ShapeMismatchError(f"module {module!r}: conv lora_B must have a 1x1 kernel, got {tuple(B.shape)}")
+        A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
+    if A.shape[0] != B.shape[1]:
+        raise RankMismatchError(f"module {module!r}: lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}")
+    rank = A.shape[0]
+    expected = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
+    if int(expected) != rank:
+        raise ShapeMismatchError(f"module {module!r} has rank {rank} in its tensors but the config says r={expected}")
+    alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
+    scale = lora_scale(float(alpha), rank, bool(config.get("use_rslora")))
+    magnitude = parts.get("magnitude")
+    return LoraModule(
+        A=A,
+        B=B,
+        scale=scale,
+        kind=kind,
+        fan_in_fan_out=bool(config.get("fan_in_fan_out")) and kind == "linear",
+        kernel=kernel,
+        magnitude=None if magnitude is None else magnitude.reshape(-1),
+        bias=parts.get("bias"),
+    )
+
+
+def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+    """Read a PEFT LoRA/DoRA/AdaLoRA adapter folder (or its weights file) into an Adapter."""
+    config_path, weights_path = locate(path)
+    config = read_config(config_path)
+    tensors, _ = read_tensor_file(weights_path, allow_pickle=allow_pickle)
+    grouped: dict[str, dict[str, Tensor]] = {}
+    extra: dict[str, Tensor] = {}
+    for key, tensor in tensors.items():
+        key = key.removeprefix(PREFIX)
+        module, role = split_key(key)
+        if role is None:
+            extra[base_key(key)] = tensor
+        else:
+            grouped.setdefault(module, {})[role] = tensor
+    if not grouped:
+        raise AdapterFormatError(f"{str(weights_path)!r} holds no LoRA tensors")
+    modules = {module: lora_module(module, parts, config) for module, parts in grouped.items()}
+    adapter = Adapter(
+        modules=modules,
+        extra=extra,
+        base_model=config.get("base_model_name_or_path"),
+        config=config,
+        source_format="peft",
+        name=Path(path).name if Path(path).is_dir() else Path(path).parent.name,
+    )
+    adapter.check_finite()
+    return adapter
+
+
+ADALORA_ONLY_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
+
+
+def peft_config(adapter: Adapter) -> dict:
+    """adapter_config.json for `adapter` written at scale 1: lora_alpha = r, patterns where ranks differ (DESIGN §3).
+
+    Keys of the source config that still apply are passed through; target_modules lists full module paths.
+    """
+    ranks = adapter.ranks
+    default_rank = Counter(ranks.values()).most_common(1)[0][0]
+    odd = {re.escape(name): r for name, r in ranks.items() if r != default_rank}
+    source = adapter.config if adapter.source_format == "peft" else {}
+    config = {k: v for k, v in source.items() if k not in ADALORA_ONLY_KEYS}
+    config.update(
+        peft_type="LORA",
+        r=default_rank,
+        lora_alpha=default_rank,
+        rank_pattern=odd,
+        alpha_pattern=dict(odd),
+        use_rslora=False,
+        use_dora=adapter.is_dora,
+        fan_in_fan_out=any(m.fan_in_fan_out for m in adapter.modules.values()),
+        target_modules=sorted(adapter.modules),
+        lora_bias=any(m.bias is not None for m in adapter.modules.values()),
+        base_model_name_or_path=adapter.base_model,
+    )
+    config.setdefault("modules_to_save", None)
+    config.setdefault("task_type", None)
+    config.setdefault("bias", "none")
+    config.setdefault("inference_mode", True)
+    return config
+
+
+def peft_state_dict(adapter: Adapter) -> dict[str, Tensor]:
+    """PEFT's state-dict keys for `adapter` with each module's scale folded into B (written scale is 1)."""
+    state: dict[str, Tensor] = {}
+    for name, m in adapter.modules.items():
+        p = PREFIX + name
+        B = m.B * m.scale
+        if m.kind == "embedding":
+            state[f"{p}.lora_embedding_A"], state[f"{p}.lora_embedding_B"] = m.A, B
+            continue
+        A = m.A
+        if m.kind == "conv":
+            A = A.reshape(m.rank, -1, *m.kernel)
+            B = B.reshape(*B.shape, *([1] * len(m.kernel)))
+        state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"] = A, B
+        if m.bias is not None:
+            state[f"{p}.lora_B.bias"] = m.bias * m.scale
+        if m.magnitude is not None:
+            state[f"{p}.lora_magnitude_vector"] = m.magnitude
+    for key, tensor in adapter.extra.items():
+        module, param = key.rsplit(".", 1)
+        stored = f"{module}.base_layer.{param}" if module in adapter.modules else key
+        state[PREFIX + stored] = tensor
+    return state
+
+
+def write_peft(adapter: Adapter, folder: Path) -> None:
+    """Write adapter_config.json and adapter_model.safetensors into an (empty) folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")
+    write_safetensors(peft_state_dict(adapter), folder / WEIGHTS_NAMES[0])

@@ -1,0 +1,63 @@
+"""Tensor files at the edge: read safetensors (or, only when allowed, pickle) into tensors, with typed errors."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from ..errors import AdapterFormatError, InputNotFoundError, PickleNotAllowedError
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def require_exists(path: str | os.PathLike) -> Path:
+    """Return `path` as a Path, raising InputNotFoundError when nothing is there."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"{str(path)!r} does not exist")
+    return path
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the metadata of a safetensors file; a corrupt or truncated file raises AdapterFormatError."""
+    path = require_exists(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            return {key: f.get_tensor(key) for key in f.keys()}, metadata
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise AdapterFormatError(f"{str(path)!r} is not a readable safetensors file ({exc})") from exc
+
+
+def read_pickle(path: str | os.PathLike, allow_pickle: bool) -> dict[str, Tensor]:
+    """A pickled state dict, loaded with torch.load(weights_only=True) only when `allow_pickle` is set."""
+    path = require_exists(path)
+    if not allow_pickle:
+        raise PickleNotAllowedError(
+            f"{str(path)!r} is a pickle file; pass --allow-pickle (allow_pickle=True) to load it with weights_only=True"
+        )
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a broken or unsafe pickle
+        raise AdapterFormatError(f"{str(path)!r} is not a readable torch state dict ({exc})") from exc
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise AdapterFormatError(f"{str(path)!r} does not hold a flat dict of tensors")
+    return state
+
+
+def read_tensor_file(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors or (allowed) pickle file, chosen by suffix."""
+    path = Path(path)
+    if path.suffix in PICKLE_SUFFIXES:
+        return read_pickle(path, allow_pickle), {}
+    return read_safetensors(path)
+
+
+def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """Write contiguous CPU copies of `tensors` with `{"format": "pt"}` metadata (what transformers and PEFT expect)."""
+    prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    save_file(prepared, str(path), metadata={"format": "pt", **(metadata or {})})

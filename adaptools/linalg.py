@@ -1,0 +1,459 @@
+"""Factored and randomized SVD, rank policies and truncation errors, batched over leading dimensions.
+
+Everything here is a pure function on tensors. Matrices may carry any number of leading batch
+dimensions (`...`): stack same-shape modules (see `group_by_shape` / `map_by_shape`) and every
+`torch.linalg` call runs once for the whole stack. Heavy work runs on `device` ("auto" picks CUDA
+when available) in float32 (float64 for float64 inputs); the small core SVDs run in float64.
+Results come back on the input's device, in the dtype documented per function.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, NamedTuple, get_args
+
+import torch
+from torch import Tensor
+
+from .device import resolve_device
+from .errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
+
+__all__ = [
+    "SVD",
+    "factored_svd",
+    "balanced_factors",
+    "PolicyKind",
+    "RankPolicy",
+    "choose_ranks",
+    "budget_ranks",
+    "select_ranks",
+    "truncation_error",
+    "LinearOperator",
+    "randomized_svd",
+    "exact_svd_dense",
+    "EXACT_SVD_MAX_DIM",
+    "group_by",
+    "group_by_shape",
+    "map_by_shape",
+]
+
+
+class SVD(NamedTuple):
+    """Thin SVD `M = U @ diag(S) @ Vh` of a (..., m, n) matrix, truncated to k columns.
+
+    U (..., m, k) with orthonormal columns, S (..., k) non-negative and descending, Vh (..., k, n)
+    with orthonormal rows.
+    """
+
+    U: Tensor
+    S: Tensor
+    Vh: Tensor
+
+
+# --------------------------------------------------------------------------- factored SVD
+
+
+def _compute_dtype(*tensors: Tensor) -> torch.dtype:
+    """float32, or float64 when an input is float64."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _check_finite(name: str, t: Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise NonFiniteError(f"{name} holds NaN or Inf; cannot take its SVD")
+
+
+def factored_svd(B: Tensor, A: Tensor, *, device: str | torch.device = "auto",
+                 dtype: torch.dtype | None = None) -> SVD:
+    """Exact thin SVD of ΔW = B @ A without forming ΔW: B = Q_b R_b, Aᵀ = Q_a R_a, R_b R_aᵀ = U S Vᵀ.
+
+    Then ΔW = (Q_b U) S (Q_a V)ᵀ. Cost O((m+n)·r² + r³) instead of O(m·n·min(m, n)).
+
+    Args:
+        B: (..., m, r); A: (..., r, n), with the same leading (batch) dimensions.
+        device: where to compute ("auto", "cpu", "cuda", ...).
+        dtype: dtype of the results; None means the inputs' promoted dtype. Pass torch.float32 to
+            choose ranks from S of half-precision adapters without rounding it to 8 mantissa bits.
+
+    Returns:
+        SVD(U (..., m, k), S (..., k), Vh (..., k, n)) with k = min(m, n, r), on B's device.
+        The QRs run in float32 (float64 for float64 inputs), the k x k core SVD in float64.
+        Rank-deficient inputs give exact zeros at the end of S (U, Vh stay orthonormal).
+
+    Raises:
+        ShapeMismatchError: inner sizes or batch dimensions disagree, or an input is not a matrix.
+        NonFiniteError: B or A holds NaN or Inf.
+    """
+    if B.ndim < 2 or A.ndim < 2:
+        raise ShapeMismatchError(f"factored_svd needs matrices, got B {tuple(B.shape)} and A {tuple(A.shape)}")
+    if B.shape[-1] != A.shape[-2] or B.shape[:-2] != A.shape[:-2]:
+        raise ShapeMismatchError(
+            f"B {tuple(B.shape)} and A {tuple(A.shape)} do not form B @ A (need (..., m, r) and (..., r, n))")
+    _check_finite("B", B)
+    _check_finite("A", A)
+    out_device = B.device
+    out_dtype = dtype or torch.promote_types(B.dtype, A.dtype)
+    work = _compute_dtype(B, A)
+    dev = resolve_device(device)
+    Qb, Rb = torch.linalg.qr(B.to(dev, work))          # (..., m, p), (..., p, r), p = min(m, r)
+    Qa, Ra = torch.linalg.qr(A.to(dev, work).mT)       # (..., n, q), (..., q, r), q = min(n, r)
+    core = Rb.double() @ Ra.double().mT                # (..., p, q)
+    Uc, S, Vhc = torch.linalg.svd(core, full_matrices=False)
+    U = Qb @ Uc.to(work)                               # (..., m, k)
+    Vh = Vhc.to(work) @ Qa.mT                          # (..., k, n)
+    return SVD(U.to(out_device, out_dtype), S.to(out_device, out_dtype), Vh.to(out_device, out_dtype))
+
+
+def balanced_factors(U: Tensor, S: Tensor, Vh: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Rank-k factors with the singular values split evenly: B' = U_k √S_k, A' = √S_k Vh_k.
+
+    B' @ A' is the best rank-k approximation (Eckart–Young) of U diag(S) Vh.
+
+    Args:
+        U (..., m, r), S (..., r), Vh (..., r, n): a (thin) SVD, e.g. from `factored_svd`.
+        k: the rank to keep, 1 <= k <= r; one k for the whole batch (for per-module ranks, index
+            the batch first: `balanced_factors(U[i], S[i], Vh[i], int(ks[i]))`).
+
+    Returns:
+        (B' (..., m, k), A' (..., k, n)) in U's dtype and device.
+    """
+    r = S.shape[-1]
+    if not 1 <= int(k) <= r:
+        raise InvalidArgumentError(f"rank {k} is out of range [1, {r}]")
+    root = S[..., :k].clamp_min(0).sqrt()
+    return U[..., :, :k] * root.unsqueeze(-2), root.unsqueeze(-1) * Vh[..., :k, :]
+
+
+# --------------------------------------------------------------------------- rank policies
+
+PolicyKind = Literal["rank", "energy", "ratio", "threshold", "budget"]
+_KINDS: tuple[str, ...] = get_args(PolicyKind)
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """How many singular values to keep (s_0 >= s_1 >= ... >= 0, r of them, 1 <= k <= r always).
+
+    kind / value:
+        rank k        keep min(k, r) (k integer >= 1).
+        energy τ      smallest k with Σ_{i<k} s_i² >= τ·Σ_i s_i², 0 < τ <= 1 (PEFT `convert_to_lora`'s
+                      convention; kohya's `sv_fro` p is energy p²). Evaluated as the equivalent tail
+                      test Σ_{i>=k} s_i² <= (1-τ)·Σ_i s_i² in float64, so τ = 1 keeps exactly the
+                      nonzero singular values (no round-off), i.e. relative error² <= 1-τ.
+        ratio ρ       keep s_i >= s_0/ρ (and s_i > 0), ρ >= 1.
+        threshold t   keep s_i >= t, t > 0.
+        budget N      global: total parameters Σ_j k_j·(m_j + n_j) <= N over all modules, see
+                      `budget_ranks` (N integer >= 1).
+    A result of 0 (all-zero spectrum, or nothing above the threshold) is raised to 1.
+    """
+
+    kind: PolicyKind
+    value: float
+
+    def __post_init__(self) -> None:
+        kind, v = self.kind, self.value
+        if kind not in _KINDS:
+            raise InvalidArgumentError(f"unknown rank policy {kind!r} (choose from {', '.join(_KINDS)})")
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+            raise InvalidArgumentError(f"{kind} needs a finite number, got {v!r}")
+        if kind in ("rank", "budget") and (v < 1 or v != int(v)):
+            raise InvalidArgumentError(f"{kind} must be an integer >= 1, got {v}")
+        if kind == "energy" and not 0 < v <= 1:
+            raise InvalidArgumentError(f"energy must be in (0, 1], got {v}")
+        if kind == "ratio" and v < 1:
+            raise InvalidArgumentError(f"ratio must be >= 1, got {v}")
+        if kind == "threshold" and v <= 0:
+            raise InvalidArgumentError(f"threshold must be > 0, got {v}")
+
+    @classmethod
+    def parse(cls, spec: str) -> RankPolicy:
+        """Read `KIND=VALUE` (e.g. `energy=0.99`, `budget=2e6`) or a bare integer (fixed rank)."""
+        kind, sep, value = spec.strip().partition("=")
+        if not sep:
+            kind, value = "rank", spec
+        try:
+            number = float(value)
+        except ValueError:
+            raise InvalidArgumentError(f"bad rank policy {spec!r}: expected KIND=NUMBER or an integer") from None
+        return cls(kind.strip().lower(), number)  # type: ignore[arg-type]
+
+    @classmethod
+    def from_options(cls, **options: float | None) -> RankPolicy:
+        """The one policy among CLI options such as `rank=8, energy=None, ...` that is not None."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if len(given) != 1:
+            names = ", ".join(f"--{k}" for k in options) or "a rank policy option"
+            raise InvalidArgumentError(f"give exactly one of {names} (got {len(given)})")
+        ((kind, value),) = given.items()
+        return cls(kind, float(value))  # type: ignore[arg-type]
+
+
+def _check_spectrum(S: Tensor) -> None:
+    if S.ndim < 1 or S.shape[-1] < 1:
+        raise ShapeMismatchError(f"a spectrum needs at least one singular value, got shape {tuple(S.shape)}")
+    if not bool(torch.isfinite(S).all()) or bool((S < 0).any()) or bool((S[..., 1:] > S[..., :-1]).any()):
+        raise InvalidArgumentError("singular values must be finite, non-negative and descending")
+
+
+def _tail_energy(S: Tensor) -> Tensor:
+    """tail[..., k] = Σ_{i>=k} s_i² in float64, for k = 0..r (shape (..., r+1))."""
+    sq = S.double().square()
+    tail = sq.flip(-1).cumsum(-1).flip(-1)
+    return torch.cat([tail, torch.zeros_like(tail[..., :1])], dim=-1)
+
+
+def choose_ranks(S: Tensor, policy: RankPolicy) -> Tensor:
+    """Rank per module from its singular values S (..., r) (descending) under a per-module policy.
+
+    Returns a LongTensor (...) with values in [1, r]; see `RankPolicy` for the exact rules. The
+    global `budget` policy needs shapes: use `budget_ranks` or `select_ranks`.
+    """
+    _check_spectrum(S)
+    r = S.shape[-1]
+    kind, v = policy.kind, policy.value
+    s = S.double()
+    if kind == "rank":
+        k = torch.full(S.shape[:-1], min(int(v), r), dtype=torch.long, device=S.device)
+    elif kind == "energy":
+        tail = _tail_energy(S)
+        # tail is non-increasing in k, so the count of k in 0..r failing the test is the smallest passing k
+        k = (tail > (1.0 - v) * tail[..., :1]).sum(-1)
+    elif kind == "ratio":
+        k = ((s >= s[..., :1] / v) & (s > 0)).sum(-1)
+    elif kind == "threshold":
+        k = (s >= v).sum(-1)
+    else:
+        raise InvalidArgumentError("the budget policy is global over modules: use budget_ranks / select_ranks")
+    return k.clamp(1, r).long()
+
+
+def budget_ranks(spectra: Sequence[Tensor], shapes: Sequence[tuple[int, int]], budget: int) -> list[int]:
+    """Global ranks under a parameter budget: keep the largest s_i² per parameter spent.
+
+    Module j (ΔW_j of shape (m_j, n_j), singular values s_j descending) costs c_j = m_j + n_j
+    parameters per kept singular value. Rule:
+      1. every module keeps rank 1 (cost Σ_j c_j; a budget below that is an error);
+      2. the other singular values with s > 0 are visited by decreasing s_{j,i}² / c_j (ties: lower
+         module index, then lower i); each is kept if its c_j still fits in what is left of the
+         budget, else skipped (the visit goes on, so cheaper modules may still fill the rest).
+    Within a module the visiting order is by i, so kept values are always a prefix (a rank).
+    This is the greedy (density) rule of the knapsack problem max Σ kept s² s.t. Σ_j k_j c_j <= N:
+    optimal when all c_j are equal, and otherwise within one skipped item's s² of the optimum.
+
+    Returns:
+        k_j per module, 1 <= k_j <= len(s_j), with Σ_j k_j·c_j <= budget.
+    """
+    if len(spectra) != len(shapes):
+        raise ShapeMismatchError(f"{len(spectra)} spectra but {len(shapes)} shapes")
+    costs = [int(m) + int(n) for m, n in shapes]
+    minimum = sum(costs)
+    if budget < minimum:
+        raise InvalidArgumentError(
+            f"parameter budget {budget} is below {minimum}, the cost of rank 1 for all {len(costs)} modules")
+    ranks = [1] * len(spectra)
+    values, owners = [], []
+    for j, s in enumerate(spectra):
+        if s.ndim != 1:
+            raise ShapeMismatchError(f"budget_ranks takes one 1-D spectrum per module, got {tuple(s.shape)}")
+        _check_spectrum(s)
+        tail = s[1:].double().cpu()
+        tail = tail[tail > 0]
+        values.append(tail.square() / costs[j])
+        owners.append(torch.full((len(tail),), j, dtype=torch.long))
+    if not values:
+        return ranks
+    density = torch.cat(values)
+    owner = torch.cat(owners)
+    order = torch.argsort(density, descending=True, stable=True)  # stable: ties keep (j, i) order
+    left = budget - minimum
+    for j in owner[order].tolist():
+        if costs[j] <= left:
+            ranks[j] += 1
+            left -= costs[j]
+    return ranks
+
+
+def select_ranks(spectra: Mapping[str, Tensor], shapes: Mapping[str, tuple[int, int]],
+                 policy: RankPolicy) -> dict[str, int]:
+    """Rank per named module for any policy: `choose_ranks` per module, or `budget_ranks` globally.
+
+    spectra[name] is the 1-D descending spectrum of module `name`, shapes[name] its ΔW's (m, n)
+    (only read by the budget policy).
+    """
+    names = list(spectra)
+    if policy.kind == "budget":
+        ranks = budget_ranks([spectra[n] for n in names], [shapes[n] for n in names], int(policy.value))
+        return dict(zip(names, ranks))
+    return {n: int(choose_ranks(spectra[n], policy)) for n in names}
+
+
+def truncation_error(S: Tensor, k: int | Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Exact error of the best rank-k approximation, from the singular values alone.
+
+    abs_err = ‖ΔW − ΔW_k‖_F = sqrt(Σ_{i>=k} s_i²); rel_err = abs_err / ‖ΔW‖_F with ‖ΔW‖_F = sqrt(Σ s_i²)
+    (0 when ΔW = 0); retained_energy = Σ_{i<k} s_i² / Σ s_i² (1 when ΔW = 0), so rel_err² = 1 − retained.
+
+    Args:
+        S: (..., r) singular values; k: an int or a LongTensor broadcastable to S.shape[:-1], 0 <= k.
+
+    Returns:
+        (abs_err, rel_err, retained_energy), each (...), in S's dtype (computed in float64).
+    """
+    tail = _tail_energy(S)
+    r = S.shape[-1]
+    kk = torch.broadcast_to(torch.as_tensor(k, device=S.device).long().clamp(0, r), S.shape[:-1])
+    tail_k = tail.gather(-1, kk.unsqueeze(-1)).squeeze(-1)
+    total = tail[..., 0]
+    nonzero = total > 0
+    safe = torch.where(nonzero, total, torch.ones_like(total))
+    rel = torch.where(nonzero, (tail_k / safe).sqrt(), torch.zeros_like(total))
+    retained = torch.where(nonzero, 1.0 - tail_k / safe, torch.ones_like(total))
+    return tail_k.sqrt().to(S.dtype), rel.to(S.dtype), retained.to(S.dtype)
+
+
+# --------------------------------------------------------------------------- dense / implicit SVD
+
+
+@dataclass(frozen=True)
+class LinearOperator:
+    """An implicit (..., m, n) matrix M given by its products, for `randomized_svd`.
+
+    matmul(X) = M @ X for X (..., n, p); rmatmul(Y) = Mᵀ @ Y for Y (..., m, p). Both must accept
+    and return tensors on `device` in `dtype`. batch_shape are M's leading dimensions.
+    """
+
+    shape: tuple[int, int]
+    matmul: Callable[[Tensor], Tensor]
+    rmatmul: Callable[[Tensor], Tensor]
+    device: torch.device
+    dtype: torch.dtype = torch.float32
+    batch_shape: tuple[int, ...] = ()
+
+    @classmethod
+    def dense(cls, M: Tensor) -> LinearOperator:
+        """The operator of a dense (..., m, n) matrix."""
+        return cls(tuple(M.shape[-2:]), M.__matmul__, M.mT.__matmul__, M.device, M.dtype, tuple(M.shape[:-2]))
+
+
+def randomized_svd(M: Tensor | LinearOperator, k: int, *, oversample: int = 10, power_iters: int = 2,
+                   seed: int = 0, device: str | torch.device = "auto") -> SVD:
+    """Truncated rank-k SVD of a dense or implicit matrix by Halko, Martinsson & Tropp (2011), alg. 4.4.
+
+    Range finder: Y = (M Mᵀ)^q M Ω with Gaussian Ω (n x (k+oversample)), re-orthonormalised by QR
+    after every product; Q = orth(Y); then M ≈ Q (Qᵀ M), whose SVD is the factored SVD of Q and
+    Qᵀ M (`factored_svd`, float64 core). Error ≈ σ_{k+1} for decaying spectra; more power_iters
+    sharpen it for slowly decaying ones. Use it where ΔW is genuinely dense (DoRA → LoRA,
+    TIES/DARE results) and too large for `exact_svd_dense`.
+
+    Args:
+        M: dense (..., m, n) tensor (moved to `device`, float32) or a `LinearOperator` (used as is,
+            on its own device; `device` is then ignored).
+        k: rank, 1 <= k <= min(m, n).
+        seed: seeds Ω (drawn on the CPU, so results agree across devices).
+
+    Returns:
+        SVD(U (..., m, k), S (..., k), Vh (..., k, n)): on M's device, in float32 (float64 for a
+        float64 M), for a dense M; on the operator's device and dtype for a LinearOperator.
+    """
+    if isinstance(M, Tensor):
+        if M.ndim < 2:
+            raise ShapeMismatchError(f"randomized_svd needs a matrix, got shape {tuple(M.shape)}")
+        _check_finite("the matrix", M)
+        out_device = M.device
+        op = LinearOperator.dense(M.to(resolve_device(device), _compute_dtype(M)))
+    else:
+        op, out_device = M, M.device
+    m, n = op.shape
+    if not 1 <= k <= min(m, n):
+        raise InvalidArgumentError(f"rank {k} is out of range [1, {min(m, n)}]")
+    if oversample < 0 or power_iters < 0:
+        raise InvalidArgumentError("oversample and power_iters must be >= 0")
+    width = min(k + oversample, m, n)
+    gen = torch.Generator().manual_seed(seed)
+    omega = torch.randn(*op.batch_shape, n, width, generator=gen, dtype=op.dtype).to(op.device)
+    Q = torch.linalg.qr(op.matmul(omega)).Q                       # (..., m, width)
+    for _ in range(power_iters):
+        Z = torch.linalg.qr(op.rmatmul(Q)).Q                      # (..., n, width)
+        Q = torch.linalg.qr(op.matmul(Z)).Q
+    small = op.rmatmul(Q).mT                                      # Qᵀ M, (..., width, n)
+    U, S, Vh = factored_svd(Q, small, device=op.device)
+    return SVD(U[..., :k].to(out_device), S[..., :k].to(out_device), Vh[..., :k, :].to(out_device))
+
+
+EXACT_SVD_MAX_DIM = 4096
+"""Largest min(m, n) that `exact_svd_dense` accepts (a 4096 x 4096 CPU SVD already takes tens of seconds)."""
+
+
+def exact_svd_dense(M: Tensor, k: int, *, device: str | torch.device = "auto",
+                    max_dim: int = EXACT_SVD_MAX_DIM) -> SVD:
+    """Rank-k truncation of the exact SVD of a dense (..., m, n) matrix: one torch.linalg.svd call.
+
+    This is the one place a dense SVD is allowed: for matrices that are genuinely dense (DoRA →
+    LoRA's ΔW, TIES/DARE results), where no B @ A factorisation exists, and small enough
+    (min(m, n) <= max_dim) that LAPACK/cuSOLVER is fast; it gives the exact Eckart–Young optimum
+    and serves as the reference for `randomized_svd`. Low-rank products must use `factored_svd`.
+
+    Returns:
+        SVD(U (..., m, k), S (..., k), Vh (..., k, n)) on M's device, float32 (float64 for float64 M).
+    """
+    if M.ndim < 2:
+        raise ShapeMismatchError(f"exact_svd_dense needs a matrix, got shape {tuple(M.shape)}")
+    m, n = M.shape[-2:]
+    if min(m, n) > max_dim:
+        raise InvalidArgumentError(
+            f"a dense SVD of a {m} x {n} matrix is too slow (limit {max_dim}); use randomized_svd")
+    if not 1 <= k <= min(m, n):
+        raise InvalidArgumentError(f"rank {k} is out of range [1, {min(m, n)}]")
+    _check_finite("the matrix", M)
+    U, S, Vh = torch.linalg.svd(M.to(resolve_device(device), _compute_dtype(M)), full_matrices=False)
+    return SVD(U[..., :k].to(M.device), S[..., :k].to(M.device), Vh[..., :k, :].to(M.device))
+
+
+# --------------------------------------------------------------------------- batching by shape
+
+
+def group_by(keys: Mapping[str, Hashable]) -> dict[Hashable, list[str]]:
+    """Names grouped by their key, {key: [names]}; groups and names keep the mapping's order."""
+    groups: dict[Hashable, list[str]] = {}
+    for name, key in keys.items():
+        groups.setdefault(key, []).append(name)
+    return groups
+
+
+def group_by_shape(items: Mapping[str, Sequence[Tensor]]) -> dict[tuple[tuple[int, ...], ...], list[str]]:
+    """Names grouped by the shapes of their tensors: {((m, r), (r, n)): [names]} for items (B, A)."""
+    return group_by({name: tuple(tuple(t.shape) for t in ts) for name, ts in items.items()})
+
+
+def map_by_shape(items: Mapping[str, Sequence[Tensor]], fn: Callable[..., Tensor | tuple[Tensor, ...]], *,
+                 max_batch: int | None = None) -> dict[str, tuple[Tensor, ...]]:
+    """Apply a batched `fn` once per group of same-shape items and split its results back by name.
+
+    For each group (`group_by_shape`), the i-th tensors of all items are stacked on a new leading
+    dimension (at most `max_batch` items per call, to bound memory), `fn(*stacked)` is called, and
+    each returned tensor (or the one tensor) is unbound along dimension 0. A NamedTuple result
+    (e.g. `SVD`) keeps its type per item.
+
+    Example: `map_by_shape({n: (m.B, m.A) for n, m in modules.items()}, factored_svd)`.
+
+    Returns:
+        {name: fn's results for that item}, in the order of `items`.
+    """
+    if max_batch is not None and max_batch < 1:
+        raise InvalidArgumentError(f"max_batch must be >= 1, got {max_batch}")
+    results: dict[str, tuple[Tensor, ...]] = {}
+    for names in group_by_shape(items).values():
+        step = max_batch or len(names)
+        for start in range(0, len(names), step):
+            chunk = names[start:start + step]
+            stacked = [torch.stack(ts) for ts in zip(*(items[n] for n in chunk))]
+            out = fn(*stacked)
+            parts = (out,) if isinstance(out, Tensor) else out
+            make = type(out)._make if hasattr(type(out), "_make") else tuple
+            for i, name in enumerate(chunk):
+                results[name] = make(p[i] for p in parts)
+    return {name: results[name] for name in items}

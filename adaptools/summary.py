@@ -1,0 +1,29 @@
+"""Plain-data summaries of adapters (what `info --json` prints)."""
+from __future__ import annotations
+
+from .adapter import Adapter
+
+
+def adapter_summary(adapter: Adapter) -> dict:
+    """Format, base model, DoRA flag, parameter count and per-module rank/scale/shape/params, as JSON-ready data."""
+    return {
+        "format": adapter.source_format,
+        "base_model": adapter.base_model,
+        "dora": adapter.is_dora,
+        "num_params": adapter.num_params,
+        "extra": sorted(adapter.extra),
+        "modules": {
+            name: {
+                "kind": m.kind,
+                "rank": m.rank,
+                "scale": m.scale,
+                "out_features": m.out_features,
+                "in_features": m.in_features,
+                "weight_shape": list(m.weight_shape),
+                "params": m.num_params,
+                "dora": m.is_dora,
+                "dtype": str(m.dtype).removeprefix("torch."),
+            }
+            for name, m in adapter.items()
+        },
+    }

@@ -1,0 +1,4 @@
+"""`python -m adaptools_cli` runs the CLI."""
+from .main import main
+
+main()

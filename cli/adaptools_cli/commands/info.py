@@ -1,0 +1,36 @@
+"""`adaptools info`: what an adapter holds, per module."""
+from __future__ import annotations
+
+import json
+
+import click
+
+import adaptools
+from adaptools.summary import adapter_summary
+
+from ..options import allow_pickle
+from ..render import echo_table
+
+
+@click.command()
+@click.argument("adapter", type=click.Path())
+@click.option("--base", type=click.Path(), help="Base checkpoint, to map kohya names to module paths.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (modules keyed by module path).")
+@allow_pickle
+def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool) -> None:
+    """Show format, base model, DoRA or not, and per module rank, scale, shape and parameters."""
+    summary = adapter_summary(adaptools.load(adapter, allow_pickle=allow_pickle, base=base))
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"format: {summary['format']}")
+    click.echo(f"base model: {summary['base_model'] or '(not recorded)'}")
+    click.echo(f"dora: {'yes' if summary['dora'] else 'no'}")
+    click.echo(f"modules: {len(summary['modules'])}, parameters: {summary['num_params']:,}")
+    if summary["extra"]:
+        click.echo(f"full tensors: {', '.join(summary['extra'])}")
+    rows = [
+        (name, m["kind"], m["rank"], m["scale"], m["out_features"], m["in_features"], m["params"])
+        for name, m in summary["modules"].items()
+    ]
+    echo_table(["module", "kind", "rank", "scale", "out", "in", "params"], rows)

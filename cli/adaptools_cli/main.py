@@ -1,0 +1,57 @@
+"""The `adaptools` command: a click group whose errors end as one `error: ...` line with exit status 2."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from adaptools import AdaptoolsError, __version__
+
+from .commands import convert, info
+
+
+class AdaptoolsGroup(click.Group):
+    """A click group that renders user errors as one line (`--debug` shows the traceback)."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        argv = list(sys.argv[1:] if args is None else args)
+        debug = "--debug" in argv
+        try:
+            rv = super().main(args=argv, prog_name=prog_name or "adaptools", complete_var=complete_var, standalone_mode=False, **extra)
+        except AdaptoolsError as exc:
+            if debug:
+                raise
+            fail(str(exc), 2)
+        except click.ClickException as exc:
+            fail(f"{exc.format_message()} (see --help)", exc.exit_code)
+        except click.Abort:
+            fail("aborted", 1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+def fail(message: str, code: int) -> None:
+    """Print `error: <message>` on one line of stderr and exit with `code`."""
+    click.echo("error: " + " ".join(message.split()), err=True)
+    sys.exit(code)
+
+
+@click.group(cls=AdaptoolsGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="adaptools")
+@click.option("--debug", is_flag=True, help="Show the full traceback of an error.")
+def cli(debug: bool) -> None:
+    """Adapter arithmetic and merging for LoRA/DoRA adapters, on saved files.
+
+    Reads PEFT folders and kohya files, combines and re-ranks adapters exactly, and merges them
+    into fp16/bf16/fp32 or NF4 checkpoints shard by shard.
+    """
+
+
+for command in (info.info, convert.convert):
+    cli.add_command(command)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli.main()
