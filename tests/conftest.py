@@ -1,0 +1,50 @@
+"""Shared pytest fixtures; the factories themselves live in tests/factories.py."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session")
+def shared_fixtures() -> Path:
+    """../shared/fixtures beside the checkout (skips when a checkout has none)."""
+    if not SHARED_FIXTURES.exists():
+        pytest.skip("../shared/fixtures is not beside this checkout")
+    return SHARED_FIXTURES
+
+
+@pytest.fixture(scope="session")
+def llama_base(tmp_path_factory) -> Path:
+    """A tiny random Llama (GQA) saved with save_pretrained, fp32."""
+    from factories import make_base
+
+    return make_base(tmp_path_factory.mktemp("llama") / "base", "llama")
+
+
+@pytest.fixture(scope="session")
+def gpt2_base(tmp_path_factory) -> Path:
+    """A tiny random GPT-2 (Conv1D, fan_in_fan_out) saved with save_pretrained, fp32."""
+    from factories import make_base
+
+    return make_base(tmp_path_factory.mktemp("gpt2") / "base", "gpt2")
+
+
+@pytest.fixture()
+def runner():
+    """click's CliRunner (stderr kept apart from stdout)."""
+    from click.testing import CliRunner
+
+    return CliRunner()
+
+
+def run_cli(runner, *args: str):
+    """Invoke the adaptools CLI in-process; returns click's Result."""
+    from adaptools_cli.main import cli
+
+    return runner.invoke(cli, [str(a) for a in args])

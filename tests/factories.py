@@ -1,0 +1,109 @@
+"""Test fixtures made by code: tiny random transformers models saved as HF folders, and PEFT adapters on them.
+
+Every helper returns paths of real files written with transformers / PEFT, so tests compare adaptools
+against the ecosystem on the same bytes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def tiny_llama_config(**overrides):
+    """A LlamaConfig small enough for fast tests, with grouped-query attention (4 heads, 2 KV heads)."""
+    from transformers import LlamaConfig
+
+    params = dict(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+    params.update(overrides)
+    return LlamaConfig(**params)
+
+
+def tiny_gpt2_config(**overrides):
+    """A GPT2Config small enough for fast tests (Conv1D layers: fan_in_fan_out)."""
+    from transformers import GPT2Config
+
+    params = dict(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    params.update(overrides)
+    return GPT2Config(**params)
+
+
+def make_base(path: Path, arch: str = "llama", dtype: torch.dtype = torch.float32, seed: int = 0,
+              max_shard_size: str | None = None, **overrides) -> Path:
+    """Save a random tiny causal LM ("llama" or "gpt2") with save_pretrained; returns the folder."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_llama_config(**overrides) if arch == "llama" else tiny_gpt2_config(**overrides)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    return Path(path)
+
+
+def load_base(path: Path, dtype: torch.dtype = torch.float32):
+    """AutoModelForCausalLM.from_pretrained in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+
+
+def make_peft_adapter(base: Path, path: Path, seed: int = 1, randomize: bool = True,
+                      save_embedding_layers: bool | str = "auto", **lora_kwargs) -> Path:
+    """Create a PEFT LoRA on the base with LoraConfig(**lora_kwargs), give every adapter tensor random values, save it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = load_base(base)
+    peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
+    if randomize:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "lora_" in name:
+                    noise = torch.randn(param.shape, generator=generator) * 0.1
+                    param.copy_(noise + (1.0 if "magnitude" in name else 0.0) * param)
+                elif "modules_to_save" in name:
+                    param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+    peft_model.save_pretrained(path, save_embedding_layers=save_embedding_layers)
+    return Path(path)
+
+
+def input_ids(vocab_size: int = 96, batch: int = 2, length: int = 7, seed: int = 3) -> torch.Tensor:
+    """Random token ids for logits comparisons."""
+    return torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def peft_logits(base: Path, adapter: Path, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of base + adapter through PeftModel.from_pretrained (PEFT's own forward)."""
+    from peft import PeftModel
+
+    ids = input_ids() if ids is None else ids
+    model = PeftModel.from_pretrained(load_base(base), adapter).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def peft_merged_logits(base: Path, adapter: Path, ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits of PEFT's own merge_and_unload of base + adapter."""
+    from peft import PeftModel
+
+    ids = input_ids() if ids is None else ids
+    model = PeftModel.from_pretrained(load_base(base), adapter).merge_and_unload().eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def model_logits(path: Path, ids: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Logits of a saved model folder loaded with AutoModelForCausalLM.from_pretrained."""
+    ids = input_ids() if ids is None else ids
+    with torch.no_grad():
+        return load_base(path, dtype)(ids).logits
