@@ -435,8 +435,8 @@ def map_by_shape(items: Mapping[str, Sequence[Tensor]], fn: Callable[..., Tensor
 
     For each group (`group_by_shape`), the i-th tensors of all items are stacked on a new leading
     dimension (at most `max_batch` items per call, to bound memory), `fn(*stacked)` is called, and
-    each returned tensor (or the one tensor) is unbound along dimension 0. A NamedTuple result
-    (e.g. `SVD`) keeps its type per item.
+    each returned tensor is unbound along dimension 0. fn may return one tensor (each item then
+    gets a 1-tuple) or a tuple of tensors; a NamedTuple result (e.g. `SVD`) keeps its type per item.
 
     Example: `map_by_shape({n: (m.B, m.A) for n, m in modules.items()}, factored_svd)`.
 

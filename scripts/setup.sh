@@ -10,5 +10,5 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install -q "torch==2.13.0"
 fi
-"$PY" -m pip install -q -e ".${ADAPTOOLS_EXTRAS:+[$ADAPTOOLS_EXTRAS]}" 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
-"$PY" -c "import adaptools, adaptools_cli" 
+"$PY" -m pip install -q -e ".${ADAPTOOLS_EXTRAS:+[$ADAPTOOLS_EXTRAS]}"
+"$PY" -c "import adaptools, adaptools_cli"
