@@ -55,3 +55,7 @@ class DoraError(AdaptoolsError):
 
 class HubError(AdaptoolsError):
     """Pushing to the Hub failed (authentication, missing repo, network)."""
+
+
+class RecipeError(AdaptoolsError):
+    """A recipe file is unreadable, or an input changed since the recipe was recorded."""

@@ -15,3 +15,21 @@ overwrite = click.option("--overwrite", is_flag=True, help="Replace an existing 
 def output_options(func: Callable) -> Callable:
     """-o/--output and --overwrite."""
     return output(overwrite(func))
+
+
+push_to = click.option(
+    "--push-to", "push_to", metavar="ORG/NAME",
+    help="Then push the output, with its model card and recipe, to this Hub repo (token: HF_TOKEN or `hf auth login`).",
+)
+private = click.option("--private", is_flag=True, help="Create the Hub repo private (an existing repo keeps its visibility).")
+revision = click.option("--revision", metavar="BRANCH", help="Push to this branch of the Hub repo (created from main if missing).")
+
+
+def hub_options(func: Callable) -> Callable:
+    """--private and --revision (where a push goes)."""
+    return private(revision(func))
+
+
+def push_options(func: Callable) -> Callable:
+    """--push-to ORG/NAME, --private and --revision."""
+    return push_to(hub_options(func))
