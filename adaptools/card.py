@@ -29,9 +29,9 @@ LIBRARY = {"adapter": "peft", "model": "transformers"}
 LICENSE_KEYS = ("license", "license_name", "license_link")
 
 
-def hub_model_id(name: str | None) -> str | None:
-    """`name` when it can be a Hub model id and is not a local path, else None."""
-    if not name or Path(name).exists():
+def hub_model_id(name: object) -> str | None:
+    """`name` when it is a string that can be a Hub model id and is not a local path, else None."""
+    if not isinstance(name, str) or not name or Path(name).exists():
         return None
     try:
         validate_repo_id(name)

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import huggingface_hub
 from huggingface_hub import constants as hub_constants
 import pytest
@@ -23,6 +24,8 @@ import adaptools
 from adaptools import hub as adaptools_hub
 from adaptools.card import model_card
 from adaptools.recipe import RECIPE_NAME
+from adaptools_cli.options import output_options
+from adaptools_cli.provenance import provenance
 
 TOKEN = "hf_adaptoolsTestToken0123456789"
 OUTPUT_FILES = {"README.md", "adapter_config.json", "adapter_model.safetensors", RECIPE_NAME}
@@ -234,3 +237,43 @@ def test_card_front_matter_license_and_base_model_rules():
         {"license": "other", "license_name": "llama3"}]))
     assert agreed.data.license == "other" and agreed.data.license_name == "llama3"
     assert agreed.data.base_model == "meta-llama/Meta-Llama-3-8B"
+
+
+@click.group()
+def toy() -> None:
+    """A group holding a command that follows the provenance protocol."""
+
+
+@toy.command()
+@click.argument("source", type=click.Path())
+@click.option("--report", "report_path", type=click.Path())
+@output_options
+@provenance("copy", kind="model")
+def copy(source: str, report_path: str | None, output: str, overwrite: bool) -> dict:
+    """Copy SOURCE into OUTPUT/a and OUTPUT/b; report one row per copy."""
+    rows = []
+    for name in ("a", "b"):
+        (Path(output) / name).mkdir(parents=True)
+        (Path(output) / name / "x.bin").write_bytes(Path(source).read_bytes())
+        rows.append({"module": name, "bytes": Path(source).stat().st_size, "error": 0.25})
+    Path(report_path).write_text(json.dumps(rows))
+    return {"summary": rows, "base_model": "org/base", "license": "mit", "folders": [Path(output) / "a", Path(output) / "b"]}
+
+
+def test_protocol_summary_base_model_license_folders_and_output_params(runner, tmp_path):
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"abc")
+    out = tmp_path / "out"
+    result = runner.invoke(toy, ["copy", str(source), "--report", str(tmp_path / "report.json"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+
+    recipe = json.loads((out / RECIPE_NAME).read_text())
+    assert recipe["command"] == ["copy"] and recipe["kind"] == "model" and recipe["output_params"] == ["report_path"]
+    assert recipe["inputs"] == [{"param": "source", "path": str(source), "sha256": hashlib.sha256(b"abc").hexdigest()}]
+    assert recipe["report"] == json.loads((tmp_path / "report.json").read_text())
+    assert not (out / "README.md").exists()
+    for name in ("a", "b"):
+        card = ModelCard.load(out / name / "README.md")
+        assert card.data.library_name == "transformers" and card.data.base_model == "org/base"
+        assert card.data.license == "mit" and card.data.tags == ["adaptools", "copy"]
+        assert "| a | 3 | 0.25 |" in card.text and "| b | 3 | 0.25 |" in card.text

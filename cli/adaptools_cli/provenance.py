@@ -19,8 +19,8 @@ its recipe beside it as `<file>.adaptools_recipe.json` and no card (there is no 
 
 Parameters, by convention:
 - the output is the parameter named `output` (-o/--output);
-- inputs are the other click.Path parameters, except those named in `outputs` (further outputs such as a
-  JSON report, default `report_path`), which replay leaves out. Inputs are hashed after the command ran.
+- inputs are the other click.Path parameters, except those named in `output_params` (further outputs such
+  as a JSON report, default `report_path`), which replay leaves out. Inputs are hashed after the command ran.
 
 What the command may return (its return value is otherwise ignored):
     None, or a dict with any of
@@ -28,7 +28,9 @@ What the command may return (its return value is otherwise ignored):
                   per-module table (first 100 rows) and the recipe's "report";
     "base_model": str, the base model for the card (default: the output's adapter_config.json, else what
                   the inputs' README.md agree on; put in the front matter only when it is a Hub id);
-    "license":    str, the card's license (default: what the inputs' README.md agree on).
+    "license":    str, the card's license (default: what the inputs' README.md agree on);
+    "folders":    list of folders inside the output that each hold one result (merge --each): each gets
+                  the card instead of the output itself; the recipe stays at the top.
 """
 from __future__ import annotations
 
@@ -50,7 +52,7 @@ PUSH_PARAMS = ("push_to", "private", "revision")
 NOT_RECORDED = ("output", "overwrite", *PUSH_PARAMS)
 
 
-def provenance(operation: str, kind: str = "adapter", outputs: Sequence[str] = ("report_path",)) -> Callable:
+def provenance(operation: str, kind: str = "adapter", output_params: Sequence[str] = ("report_path",)) -> Callable:
     """Decorate a click command callback: add the push options; after it ran, write card + recipe, then push."""
     if kind not in LIBRARY:
         raise ValueError(f"kind must be one of {sorted(LIBRARY)}, not {kind!r}")
@@ -61,7 +63,7 @@ def provenance(operation: str, kind: str = "adapter", outputs: Sequence[str] = (
         def command(*args, push_to: str | None = None, private: bool = False, revision: str | None = None,
                     **kwargs) -> None:
             result = func(*args, **kwargs)
-            output = record(click.get_current_context(), operation, kind, outputs, result or {})
+            output = record(click.get_current_context(), operation, kind, output_params, result or {})
             if push_to:
                 url = push(output, push_to, private=private, revision=revision,
                            commit_message=f"adaptools {operation}: {output.name}")
@@ -72,22 +74,23 @@ def provenance(operation: str, kind: str = "adapter", outputs: Sequence[str] = (
     return decorate
 
 
-def record(ctx: click.Context, operation: str, kind: str, outputs: Sequence[str], result: Mapping) -> Path:
+def record(ctx: click.Context, operation: str, kind: str, output_params: Sequence[str], result: Mapping) -> Path:
     """Write the recipe (and, for a folder, the card) of the finished output of `ctx`; return the output path."""
     output = Path(ctx.params["output"])
     inputs = [p.name for p in ctx.command.params
-              if isinstance(p.type, click.Path) and p.name not in ("output", *outputs)]
+              if isinstance(p.type, click.Path) and p.name not in ("output", *output_params)]
     params = {name: jsonable(value) for name, value in ctx.params.items() if name not in NOT_RECORDED}
     for name in inputs:
         params[name] = absolute(params[name])
     pairs = [(name, path) for name in inputs for path in listed(params[name])]
     recipe = make_recipe(command_path(ctx), operation, kind, params, pairs,
-                         [name for name in outputs if name in params], result.get("summary", ()))
+                         [name for name in output_params if name in params], result.get("summary", ()))
     write_recipe(recipe, output)
-    if output.is_dir():
-        base_model = result.get("base_model") or adapter_base_model(output)
-        meta = input_metadata(path for _, path in pairs)
-        write_card(model_card(recipe, output.name, base_model, result.get("license"), meta), output)
+    meta = input_metadata(path for _, path in pairs)
+    folders = [Path(p) for p in result.get("folders", ())] or ([output] if output.is_dir() else [])
+    for folder in folders:
+        base_model = result.get("base_model") or adapter_base_model(folder)
+        write_card(model_card(recipe, folder.name, base_model, result.get("license"), meta), folder)
     return output
 
 
