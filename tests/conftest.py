@@ -35,6 +35,25 @@ def gpt2_base(tmp_path_factory) -> Path:
     return make_base(tmp_path_factory.mktemp("gpt2") / "base", "gpt2")
 
 
+@pytest.fixture(scope="session")
+def vit_base(tmp_path_factory) -> Path:
+    """A tiny random ViT image classifier (Conv2d patch embedding) saved with save_pretrained, fp32."""
+    from factories import make_vit_base
+
+    return make_vit_base(tmp_path_factory.mktemp("vit") / "base")
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """torch on one thread for a module of tiny-model tests (intra-op threads only slow tiny forwards, badly on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture()
 def runner():
     """click's CliRunner (stderr kept apart from stdout)."""

@@ -62,19 +62,25 @@ def make_peft_adapter(base: Path, path: Path, seed: int = 1, randomize: bool = T
     """Create a PEFT LoRA on the base with LoraConfig(**lora_kwargs), give every adapter tensor random values, save it."""
     from peft import LoraConfig, get_peft_model
 
-    model = load_base(base)
+    model = load_model(base)
     peft_model = get_peft_model(model, LoraConfig(**lora_kwargs))
     if randomize:
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for name, param in peft_model.named_parameters():
-                if "lora_" in name:
-                    noise = torch.randn(param.shape, generator=generator) * 0.1
-                    param.copy_(noise + (1.0 if "magnitude" in name else 0.0) * param)
-                elif "modules_to_save" in name:
-                    param.add_(torch.randn(param.shape, generator=generator) * 0.05)
+        randomize_adapter(peft_model, seed)
     peft_model.save_pretrained(path, save_embedding_layers=save_embedding_layers)
     return Path(path)
+
+
+def randomize_adapter(peft_model, seed: int = 1) -> None:
+    """Random values for every adapter tensor (DoRA magnitudes perturbed around PEFT's init), trained biases and
+    modules_to_save copies, so that every saved tensor matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                noise = torch.randn(param.shape, generator=generator) * 0.1
+                param.copy_(noise + (1.0 if "magnitude" in name else 0.0) * param)
+            elif "modules_to_save" in name or (name.endswith(".bias") and param.requires_grad):  # bias="all"/"lora_only"
+                param.add_(torch.randn(param.shape, generator=generator) * 0.05)
 
 
 def input_ids(vocab_size: int = 96, batch: int = 2, length: int = 7, seed: int = 3) -> torch.Tensor:
@@ -107,3 +113,69 @@ def model_logits(path: Path, ids: torch.Tensor | None = None, dtype: torch.dtype
     ids = input_ids() if ids is None else ids
     with torch.no_grad():
         return load_base(path, dtype)(ids).logits
+
+
+def make_vit_base(path: Path, seed: int = 0) -> Path:
+    """Save a random tiny ViT image classifier (its patch embedding is a Conv2d, 4x4 kernel) with save_pretrained."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                       image_size=8, patch_size=4, num_labels=3)
+    ViTForImageClassification(config).save_pretrained(path)
+    return Path(path)
+
+
+def load_vit(path: Path):
+    """ViTForImageClassification.from_pretrained in eval mode."""
+    from transformers import ViTForImageClassification
+
+    return ViTForImageClassification.from_pretrained(path).eval()
+
+
+def load_model(path: Path):
+    """A saved tiny base as its transformers class: the ViT classifier, or a causal LM (load_base)."""
+    import json
+
+    is_vit = json.loads((Path(path) / "config.json").read_text()).get("model_type") == "vit"
+    return load_vit(path) if is_vit else load_base(path)
+
+
+def logits(model) -> torch.Tensor:
+    """Logits of a causal LM on input_ids(), or of a ViT classifier on fixed random pixels."""
+    if model.config.model_type == "vit":
+        inputs = {"pixel_values": torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))}
+    else:
+        inputs = {"input_ids": input_ids()}
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def peft_model(base: Path, adapter: Path):
+    """PeftModel.from_pretrained of the adapter on its base, in eval mode."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_model(base), adapter).eval()
+
+
+def merge_by_hand(model: torch.nn.Module, adapter) -> torch.nn.Module:
+    """Reference merge into a torch model, dense: extra tensors replace the model's, then W += ΔW per module.
+
+    DoRA modules follow PEFT: V = W + ΔW (canonical orientation), W' = (m / ‖V‖_row) ⊙ V; a LoRA bias adds scale·bias.
+    """
+    state = model.state_dict()
+    for key, tensor in adapter.extra.items():
+        state[key] = tensor.to(state[key].dtype)
+    for name, module in adapter.items():
+        weight = state[f"{name}.weight"].float()
+        if module.is_dora:
+            V = module.from_base_layout(weight) + module.scale * module.B.float() @ module.A.float()
+            merged = module.to_base_layout(V * (module.magnitude.float() / V.norm(dim=1)).unsqueeze(1))
+        else:
+            merged = weight + module.delta()
+        state[f"{name}.weight"] = merged
+        if module.bias is not None:
+            state[f"{name}.bias"] = state[f"{name}.bias"] + module.scale * module.bias
+    model.load_state_dict(state)
+    return model
+

@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
-from ..errors import AdapterFormatError, RankMismatchError, ShapeMismatchError, UnknownModuleError
-from .tensors import read_tensor_file, write_safetensors
+from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
+from .tensors import check_factors, read_tensor_file, write_safetensors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
 DEFAULT_PREFIX = "lora_unet_"
@@ -32,13 +32,12 @@ def kohya_module(name: str, parts: dict[str, Tensor]) -> LoraModule:
     if "down" not in parts or "up" not in parts:
         raise AdapterFormatError(f"kohya module {name!r} lacks lora_down or lora_up")
     down, up = parts["down"], parts["up"]
+    check_factors(name, down, up, ("lora_down", "lora_up"))
     kernel: tuple[int, ...] = tuple(down.shape[2:])
     kind = "conv" if down.ndim > 2 else "linear"
-    if down.shape[0] != up.shape[1]:
-        raise RankMismatchError(f"kohya module {name!r}: lora_down has rank {down.shape[0]} but lora_up has rank {up.shape[1]}")
-    if any(s != 1 for s in up.shape[2:]):
-        raise ShapeMismatchError(f"kohya module {name!r}: lora_up must have a 1x1 kernel, got {tuple(up.shape)}")
     rank = down.shape[0]
+    if "alpha" in parts and parts["alpha"].numel() != 1:
+        raise ShapeMismatchError(f"kohya module {name!r}: alpha must be one number, got shape {tuple(parts['alpha'].shape)}")
     alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
     magnitude = parts.get("dora_scale")
     if magnitude is not None:
@@ -107,14 +106,24 @@ def remap_to_base(adapter: Adapter, base_keys: Iterable[str]) -> Adapter:
     return adapter.with_modules(renamed)
 
 
+def unstorable(m: LoraModule) -> str | None:
+    """What of `m` a kohya file cannot hold (an embedding, a transposed fan_in_fan_out layer, a LoRA bias), or None."""
+    if m.kind == "embedding":
+        return "an embedding LoRA"
+    if m.fan_in_fan_out:
+        return "a fan_in_fan_out (transposed weight) layer"
+    if m.bias is not None:
+        return "a LoRA bias"
+    return None
+
+
 def kohya_state_dict(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> dict[str, Tensor]:
     """kohya keys for `adapter`: lora_down = A, lora_up = B, alpha = scale·r (so alpha/r is the scale)."""
     state: dict[str, Tensor] = {}
     for module, m in adapter.modules.items():
-        if m.kind == "embedding" or m.fan_in_fan_out or m.bias is not None:
-            raise AdapterFormatError(
-                f"module {module!r}: kohya files have no way to store an embedding, fan_in_fan_out or LoRA-bias module"
-            )
+        reason = unstorable(m)
+        if reason:
+            raise AdapterFormatError(f"module {module!r}: kohya files cannot hold {reason}; use --to peft")
         name = module if module.startswith(PREFIXES) else kohya_name(module, prefix)
         down = m.A.reshape(m.rank, -1, *m.kernel) if m.kind == "conv" else m.A
         up = m.B.reshape(*m.B.shape, *([1] * len(m.kernel)))

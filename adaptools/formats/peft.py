@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
-from ..errors import AdapterFormatError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
-from .tensors import read_tensor_file, require_exists, write_safetensors
+from ..errors import AdapterFormatError, DoraError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
+from .tensors import check_factors, read_tensor_file, require_exists, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -93,15 +93,32 @@ def base_key(key: str) -> str:
     return key.replace(".base_layer.", ".")
 
 
+def adalora_mask(config: dict, module: str) -> list[bool] | None:
+    """AdaLoRA's kept-rank mask for `module`: rank_pattern keys are `<module>.lora_E[.<adapter>]`."""
+    for key, mask in (config.get("rank_pattern") or {}).items():
+        if key.removeprefix(PREFIX).split(".lora_E")[0] == module:
+            return mask
+    return None
+
+
 def adalora_factors(parts: dict[str, Tensor], module: str, config: dict) -> tuple[Tensor, Tensor, float]:
-    """AdaLoRA as LoRA: ΔW = B · (A ⊙ E) · alpha / (ranknum + 1e-5), masked by the config's rank_pattern."""
-    A, B, E = parts["A"], parts["B"], parts["E"]
-    mask = pattern_value(config.get("rank_pattern") or {}, module, None)
-    if mask is not None and len(mask) == A.shape[0]:
+    """AdaLoRA as LoRA: ΔW = B · (A ⊙ E) · alpha / (ranknum + 1e-5), with ranknum = init_r (kept by PEFT's pruning)."""
+    missing = [name for role, name in (("A", "lora_A"), ("B", "lora_B"), ("E", "lora_E")) if role not in parts]
+    if missing:
+        raise AdapterFormatError(f"AdaLoRA module {module!r} lacks {', '.join(missing)}")
+    A, B, E = parts["A"], parts["B"], parts["E"].reshape(-1)
+    check_factors(module, A, B)
+    if E.shape[0] != A.shape[0]:
+        raise RankMismatchError(f"AdaLoRA module {module!r}: lora_A has rank {A.shape[0]} but lora_E has {E.shape[0]} values")
+    mask = adalora_mask(config, module)
+    if mask is not None and len(mask) == A.shape[0] != sum(mask):  # saved before pruning: apply the mask
         keep = torch.tensor(mask, dtype=torch.bool)
         A, B, E = A[keep], B[:, keep], E[keep]
-    ranknum = float(parts["ranknum"].item()) if "ranknum" in parts else float(A.shape[0])
-    alpha = config.get("lora_alpha") or ranknum
+    elif mask is not None and sum(mask) != A.shape[0]:
+        raise ShapeMismatchError(f"AdaLoRA module {module!r} has rank {A.shape[0]} but its rank_pattern keeps {sum(mask)}")
+    init_r = config.get("init_r") or A.shape[0]
+    ranknum = float(parts["ranknum"].item()) if "ranknum" in parts else float(init_r)
+    alpha = config.get("lora_alpha") or init_r  # PEFT: lora_alpha if > 0 else r
     return A * E.reshape(-1, 1), B, float(alpha) / (ranknum + 1e-5)
 
 
@@ -117,14 +134,11 @@ def lora_module(module: str, parts: dict[str, Tensor], config: dict) -> LoraModu
         A, B = parts.get("A"), parts.get("B")
     if A is None or B is None:
         raise AdapterFormatError(f"module {module!r} has only one of its LoRA factors")
+    check_factors(module, A, B)
     kernel: tuple[int, ...] = ()
     if A.ndim > 2:
         kind, kernel = "conv", tuple(A.shape[2:])
-        if any(s != 1 for s in B.shape[2:]):
-            raise ShapeMismatchError(f"module {module!r}: conv lora_B must have a 1x1 kernel, got {tuple(B.shape)}")
         A, B = A.reshape(A.shape[0], -1), B.reshape(B.shape[0], B.shape[1])
-    if A.shape[0] != B.shape[1]:
-        raise RankMismatchError(f"module {module!r}: lora_A has rank {A.shape[0]} but lora_B has rank {B.shape[1]}")
     rank = A.shape[0]
     expected = pattern_value(config.get("rank_pattern") or {}, module, config.get("r", rank))
     if int(expected) != rank:
@@ -132,6 +146,11 @@ def lora_module(module: str, parts: dict[str, Tensor], config: dict) -> LoraModu
     alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
     scale = lora_scale(float(alpha), rank, bool(config.get("use_rslora")))
     magnitude = parts.get("magnitude")
+    if (magnitude is None) == bool(config.get("use_dora")):
+        raise AdapterFormatError(
+            f"module {module!r}: the config has use_dora={bool(config.get('use_dora'))} but the module "
+            f"{'has no' if magnitude is None else 'has a'} lora_magnitude_vector"
+        )
     return LoraModule(
         A=A,
         B=B,
@@ -181,6 +200,12 @@ def peft_config(adapter: Adapter) -> dict:
 
     Keys of the source config that still apply are passed through; target_modules lists full module paths.
     """
+    dora = [m.is_dora for m in adapter.modules.values()]
+    if any(dora) and not all(dora):
+        raise DoraError(
+            f"PEFT's use_dora applies to every module, but {dora.count(False)} of {len(dora)} modules have no DoRA "
+            "magnitude; convert the adapter to DoRA (or to LoRA) first"
+        )
     ranks = adapter.ranks
     default_rank = Counter(ranks.values()).most_common(1)[0][0]
     odd = {re.escape(name): r for name, r in ranks.items() if r != default_rank}
@@ -211,19 +236,18 @@ def peft_state_dict(adapter: Adapter) -> dict[str, Tensor]:
     state: dict[str, Tensor] = {}
     for name, m in adapter.modules.items():
         p = PREFIX + name
-        B = m.B * m.scale
+        A, B, ones = m.A, m.B * m.scale, [1] * len(m.kernel)
         if m.kind == "embedding":
-            state[f"{p}.lora_embedding_A"], state[f"{p}.lora_embedding_B"] = m.A, B
-            continue
-        A = m.A
-        if m.kind == "conv":
-            A = A.reshape(m.rank, -1, *m.kernel)
-            B = B.reshape(*B.shape, *([1] * len(m.kernel)))
-        state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"] = A, B
+            state[f"{p}.lora_embedding_A"], state[f"{p}.lora_embedding_B"] = A, B
+        else:
+            if m.kind == "conv":
+                A, B = A.reshape(m.rank, -1, *m.kernel), B.reshape(*B.shape, *ones)
+            state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"] = A, B
         if m.bias is not None:
             state[f"{p}.lora_B.bias"] = m.bias * m.scale
-        if m.magnitude is not None:
-            state[f"{p}.lora_magnitude_vector"] = m.magnitude
+        if m.magnitude is not None:  # PEFT keeps a conv magnitude as (1, out, 1, ...)
+            magnitude = m.magnitude.reshape(1, -1, *ones) if m.kind == "conv" else m.magnitude
+            state[f"{p}.lora_magnitude_vector"] = magnitude
     for key, tensor in adapter.extra.items():
         module, param = key.rsplit(".", 1)
         stored = f"{module}.base_layer.{param}" if module in adapter.modules else key

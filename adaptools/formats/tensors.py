@@ -9,7 +9,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..errors import AdapterFormatError, InputNotFoundError, PickleNotAllowedError
+from ..errors import AdapterFormatError, InputNotFoundError, PickleNotAllowedError, RankMismatchError, ShapeMismatchError
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -31,6 +31,18 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
             return {key: f.get_tensor(key) for key in f.keys()}, metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise AdapterFormatError(f"{str(path)!r} is not a readable safetensors file ({exc})") from exc
+
+
+def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("lora_A", "lora_B")) -> None:
+    """Raise unless A (r, in[, k...]) and B (out, r[, 1...]) are LoRA factors: same number of dims, one rank, 1x1 kernel in B."""
+    if A.ndim < 2 or B.ndim != A.ndim:
+        raise ShapeMismatchError(
+            f"module {module!r}: {names[0]} of shape {tuple(A.shape)} and {names[1]} of shape {tuple(B.shape)} are not LoRA factors"
+        )
+    if A.shape[0] != B.shape[1]:
+        raise RankMismatchError(f"module {module!r}: {names[0]} has rank {A.shape[0]} but {names[1]} has rank {B.shape[1]}")
+    if any(s != 1 for s in B.shape[2:]):
+        raise ShapeMismatchError(f"module {module!r}: {names[1]} must have a 1x1 kernel, got {tuple(B.shape)}")
 
 
 def read_pickle(path: str | os.PathLike, allow_pickle: bool) -> dict[str, Tensor]:
