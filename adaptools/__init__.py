@@ -5,6 +5,7 @@ from importlib.metadata import PackageNotFoundError, version
 
 from .adapter import Adapter, LoraModule
 from .device import resolve_device
+from .dora import LoraFitReport, ModuleFit, to_dora, to_lora
 from .errors import (
     AdapterFormatError,
     AdaptoolsError,
@@ -39,7 +40,9 @@ __all__ = [
     "HubError",
     "InputNotFoundError",
     "InvalidArgumentError",
+    "LoraFitReport",
     "LoraModule",
+    "ModuleFit",
     "NonFiniteError",
     "OutputExistsError",
     "PickleNotAllowedError",
@@ -52,4 +55,6 @@ __all__ = [
     "load",
     "resolve_device",
     "save_adapter",
+    "to_dora",
+    "to_lora",
 ]

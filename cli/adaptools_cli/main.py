@@ -7,7 +7,7 @@ import click
 
 from adaptools import AdaptoolsError, __version__
 
-from .commands import convert, info
+from .commands import convert, dora, info
 
 
 class AdaptoolsGroup(click.Group):
@@ -48,7 +48,7 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in (info.info, convert.convert):
+for command in (info.info, convert.convert, dora.dora):
     cli.add_command(command)
 
 
