@@ -22,8 +22,10 @@ from .errors import (
     UnknownModuleError,
     UnsupportedAdapterError,
 )
+from .combine import combine, interpolate, negate
 from .formats import BaseCheckpoint, detect_format, save_adapter
 from .formats import load_adapter as load
+from .rerank import ModuleRerank, RerankReport, rerank
 
 try:
     __version__ = version("adaptools")
@@ -42,17 +44,23 @@ __all__ = [
     "InvalidArgumentError",
     "LoraFitReport",
     "LoraModule",
+    "ModuleRerank",
     "ModuleFit",
     "NonFiniteError",
     "OutputExistsError",
     "PickleNotAllowedError",
     "RankMismatchError",
+    "RerankReport",
     "ShapeMismatchError",
     "UnknownModuleError",
     "UnsupportedAdapterError",
     "__version__",
+    "combine",
     "detect_format",
+    "interpolate",
     "load",
+    "negate",
+    "rerank",
     "resolve_device",
     "save_adapter",
     "to_dora",

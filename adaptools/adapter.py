@@ -200,6 +200,30 @@ class Adapter:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise NonFiniteError(f"tensor {key!r} holds NaN or Inf")
 
+    # Exact arithmetic by concatenating factors (DESIGN §2); see adaptools.combine.
+    def __add__(self, other: object) -> Adapter:
+        from .combine import combine
+
+        return combine([self, other], [1.0, 1.0]) if isinstance(other, Adapter) else NotImplemented
+
+    def __sub__(self, other: object) -> Adapter:
+        from .combine import combine
+
+        return combine([self, other], [1.0, -1.0]) if isinstance(other, Adapter) else NotImplemented
+
+    def __mul__(self, weight: object) -> Adapter:
+        from .combine import scale
+
+        is_number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        return scale(self, float(weight)) if is_number else NotImplemented
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> Adapter:
+        from .combine import negate
+
+        return negate(self)
+
     def save(self, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
         """Write the adapter as a PEFT folder (`format="peft"`) or a kohya safetensors file (`"kohya"`)."""
         from .formats import save_adapter

@@ -179,3 +179,14 @@ def merge_by_hand(model: torch.nn.Module, adapter) -> torch.nn.Module:
     model.load_state_dict(state)
     return model
 
+
+def peft_delta_weights(peft_model, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """PEFT's own ΔW (`get_delta_weight`, base weight layout) of `adapter_name`, per module path."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, layer in peft_model.named_modules():
+        if isinstance(layer, LoraLayer) and (adapter_name in layer.lora_A or adapter_name in layer.lora_embedding_A):
+            with torch.no_grad():
+                deltas[name.removeprefix("base_model.model.")] = layer.get_delta_weight(adapter_name).float()
+    return deltas

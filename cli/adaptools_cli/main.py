@@ -7,7 +7,7 @@ import click
 
 from adaptools import AdaptoolsError, __version__
 
-from .commands import convert, dora, info
+from .commands import combine, convert, dora, info, rerank
 
 
 class AdaptoolsGroup(click.Group):
@@ -48,7 +48,7 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in (info.info, convert.convert, dora.dora):
+for command in (info.info, convert.convert, dora.dora, combine.combine, combine.interpolate, combine.negate, rerank.rerank):
     cli.add_command(command)
 
 

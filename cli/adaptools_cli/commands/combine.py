@@ -1,0 +1,100 @@
+"""`adaptools combine`, `interpolate`, `negate`: exact adapter arithmetic (optionally re-ranked)."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import click
+
+import adaptools
+from adaptools.adapter import Adapter
+from adaptools.atomic import check_output
+from adaptools.combine import FULL_TENSOR_MODES
+from adaptools.errors import InvalidArgumentError
+
+from .rerank import DTYPES, common_options, echo_report, echo_summary, optional_policy, policy_options, progress_bar, save, span
+
+
+def parse_weights(text: str | None) -> list[float] | None:
+    """"0.7,-0.3" → [0.7, -0.3]."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidArgumentError(f"--weights must be comma-separated numbers, got {text!r}") from None
+
+
+def full_tensors_option(func: Callable) -> Callable:
+    return click.option(
+        "--full-tensors", type=click.Choice(FULL_TENSOR_MODES), default="average", show_default=True,
+        help="Full tensors (modules_to_save): weighted average (needs them in every input, weights >= 0), or drop.",
+    )(func)
+
+
+def run(paths: Sequence[str], weights: list[float] | None, policy_values: dict, *, full_tensors: str, fmt: str,
+        base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
+    """Load, combine (re-rank when a policy is given), save and print the summary."""
+    policy = optional_policy(**policy_values)
+    check_output(output, overwrite)
+    adapters = [adaptools.load(p, allow_pickle=allow_pickle, base=base) for p in paths]
+    options = dict(dtype=DTYPES.get(dtype or ""), full_tensors=full_tensors)
+    if policy is None:
+        result, report = adaptools.combine(adapters, weights, **options), None
+    else:
+        names = {name for a in adapters for name in a.modules}
+        with progress_bar(len(names), "combine") as update:
+            result, report = adaptools.combine(adapters, weights, policy=policy, device=device, progress=update, **options)
+    for path, adapter, weight in zip(paths, adapters, weights or [1.0] * len(paths)):
+        click.echo(f"{weight:g} x {path} ({len(adapter)} modules, rank {span(adapter.ranks.values())})")
+    save(result, output, fmt, overwrite)
+    if report is None:
+        echo_exact(result)
+    else:
+        echo_report(report)
+
+
+def echo_exact(result: Adapter) -> None:
+    """The summary of an exact result: ranks as computed, zero error."""
+    entries = [(m.out_features, m.in_features, m.rank, m.rank, 0.0) for _, m in result.items()]
+    echo_summary(entries, f"{len(entries)} modules (exact): parameters {result.num_params:,}, relative error 0")
+
+
+@click.command()
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", help="Comma-separated weights, one per adapter (default 1 each), e.g. 0.7,0.3.")
+@policy_options
+@full_tensors_option
+@common_options
+def combine(adapters: tuple[str, ...], weights: str | None, rank, energy, ratio, threshold, budget, full_tensors: str,
+            fmt: str, base: str | None, dtype: str | None, device: str, output: str, overwrite: bool,
+            allow_pickle: bool) -> None:
+    """Weighted sum of ADAPTERS, exact (rank Σ r_i); with a rank option, re-ranked by SVD."""
+    policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
+    run(adapters, parse_weights(weights), policy_values, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype,
+        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle)
+
+
+@click.command()
+@click.argument("a", type=click.Path())
+@click.argument("b", type=click.Path())
+@click.option("-t", "--t", "t", type=float, required=True, help="Position t: the result is (1 − t)·A + t·B.")
+@policy_options
+@full_tensors_option
+@common_options
+def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str,
+                base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
+    """(1 − t)·A + t·B, exact (rank r_A + r_B); with a rank option, re-ranked by SVD."""
+    policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
+    run((a, b), [1.0 - t, t], policy_values, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype,
+        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle)
+
+
+@click.command()
+@click.argument("adapter", type=click.Path())
+@full_tensors_option
+@common_options
+def negate(adapter: str, full_tensors: str, fmt: str, base: str | None, dtype: str | None, device: str, output: str,
+           overwrite: bool, allow_pickle: bool) -> None:
+    """−ADAPTER, exact at the same rank (undoes ADAPTER when both are applied)."""
+    run((adapter,), [-1.0], {}, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype, device=device,
+        output=output, overwrite=overwrite, allow_pickle=allow_pickle)

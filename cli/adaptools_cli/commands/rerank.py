@@ -1,0 +1,131 @@
+"""`adaptools rerank`: best rank-k approximation of every module by factored SVD; also the options and summary shared with `combine`."""
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from collections.abc import Callable, Iterable, Iterator
+
+import click
+import torch
+from tqdm import tqdm
+
+import adaptools
+from adaptools.adapter import Adapter
+from adaptools.atomic import atomic_output, check_output
+from adaptools.formats import FORMATS
+from adaptools.linalg import RankPolicy
+from adaptools.rerank import RerankReport
+
+from ..options import allow_pickle, output_options
+from ..render import table
+
+PROGRESS_MIN_MODULES = 64
+"""Show a progress bar from this many modules on (below that the work takes a blink)."""
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+POLICY_OPTIONS = ("rank", "energy", "ratio", "threshold", "budget")
+
+
+def policy_options(func: Callable) -> Callable:
+    """--rank K | --energy T | --ratio R | --threshold S | --budget N (at most one)."""
+    options = [
+        click.option("--rank", type=int, help="Keep k singular values per module."),
+        click.option("--energy", type=float, help="Smallest k keeping this fraction τ of Σ s² (0 < τ <= 1)."),
+        click.option("--ratio", type=float, help="Keep s_i >= s_0 / R (R >= 1)."),
+        click.option("--threshold", type=float, help="Keep s_i >= S (S > 0)."),
+        click.option("--budget", type=float, help="Total LoRA parameters N over all modules (largest s² per parameter kept)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def optional_policy(**options: float | None) -> RankPolicy | None:
+    """The policy of the rank options, None when none is given (two or more: InvalidArgumentError)."""
+    return RankPolicy.from_options(**options) if any(v is not None for v in options.values()) else None
+
+
+def common_options(func: Callable) -> Callable:
+    """--format, --base, --dtype, --device, -o/--overwrite and --allow-pickle."""
+    for option in (
+        click.option("--format", "fmt", type=click.Choice(FORMATS), default="peft", show_default=True, help="Output format."),
+        click.option("--base", type=click.Path(), help="Base checkpoint folder, to map kohya module names to module paths."),
+        click.option("--dtype", type=click.Choice(list(DTYPES)), help="dtype of the result (default: the inputs')."),
+        click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu or cuda."),
+        output_options,
+        allow_pickle,
+    ):
+        func = option(func)
+    return func
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
+    """A tqdm bar on stderr (only for many modules), yielded as its update(n)."""
+    with tqdm(total=total, desc=desc, unit="module", file=sys.stderr, leave=False,
+              disable=total < PROGRESS_MIN_MODULES) as bar:
+        yield bar.update
+
+
+def save(adapter: Adapter, output: str, fmt: str, overwrite: bool) -> None:
+    adapter.save(output, format=fmt, overwrite=overwrite)
+    click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}")
+
+
+def span(values: Iterable[int]) -> str:
+    """"4" or "4-8": the range of some ranks."""
+    values = list(values)
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+Entry = tuple[int, int, int, int, float]
+"""(out_features, in_features, rank before, rank after, relative error) of one module."""
+
+
+def echo_summary(entries: list[Entry], footer: str) -> None:
+    """A table per module shape: modules, rank before → after, worst relative error; then `footer`."""
+    groups: dict[tuple[int, int], list[Entry]] = {}
+    for entry in entries:
+        groups.setdefault(entry[:2], []).append(entry)
+
+    rows = [
+        (f"{out}x{inp}", len(es), span([e[2] for e in es]), span([e[3] for e in es]), max(e[4] for e in es))
+        for (out, inp), es in groups.items()
+    ]
+    headers = ["shape (out x in)", "modules", "rank before", "rank after", "worst rel. error"]
+    click.echo(table(headers, rows, right=[False, True, True, True, True]))
+    click.echo(footer)
+
+
+def echo_report(report: RerankReport) -> None:
+    """The summary of a re-rank."""
+    entries = [(m.out_features, m.in_features, m.old_rank, m.new_rank, m.rel_error) for m in report.modules.values()]
+    echo_summary(entries, f"{len(entries)} modules ({report.policy}): parameters {report.params_before:,} -> "
+                          f"{report.params_after:,}, worst relative error {report.worst_rel_error:.4g}")
+
+
+@click.command()
+@click.argument("adapter", type=click.Path())
+@policy_options
+@click.option("--report", "report_path", type=click.Path(), help="Write the per-module report as JSON.")
+@common_options
+def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | None, threshold: float | None,
+           budget: float | None, report_path: str | None, fmt: str, base: str | None, dtype: str | None, device: str,
+           output: str, overwrite: bool, allow_pickle: bool) -> None:
+    """Re-rank ADAPTER: best rank-k approximation of each ΔW (factored SVD), k chosen by exactly one option."""
+    policy = RankPolicy.from_options(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
+    check_output(output, overwrite)
+    if report_path:
+        check_output(report_path, overwrite)
+    loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base)
+    with progress_bar(len(loaded), "rerank") as update:
+        result, report = adaptools.rerank(loaded, policy=policy, device=device,
+                                          dtype=DTYPES.get(dtype or ""), progress=update)
+    save(result, output, fmt, overwrite)
+    if report_path:
+        with atomic_output(report_path, overwrite=overwrite, is_file=True) as path:
+            path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        click.echo(f"wrote report to {report_path}")
+    echo_report(report)
