@@ -179,23 +179,34 @@ def combined_stacks(plan: dict[str, list[Term]]) -> Callable[[], Iterator[Factor
 
 
 @overload
-def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = ..., *, policy: None = ...,
-            dtype: torch.dtype | None = ..., full_tensors: FullTensors = ..., device: str | torch.device = ...,
-            progress: Progress | None = ...) -> Adapter: ...
+def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = ..., *, method: Literal["sum"] = ...,
+            policy: None = ..., dtype: torch.dtype | None = ..., full_tensors: FullTensors = ...,
+            device: str | torch.device = ..., progress: Progress | None = ...) -> Adapter: ...
 
 
 @overload
-def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = ..., *, policy: RankPolicy | str,
+def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = ..., *, method: Literal["sum"] = ...,
+            policy: RankPolicy | str, dtype: torch.dtype | None = ..., full_tensors: FullTensors = ...,
+            device: str | torch.device = ..., progress: Progress | None = ...) -> tuple[Adapter, RerankReport]: ...
+
+
+@overload
+def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = ..., *, method: str,
+            density: float | None = ..., majority_sign: str = ..., seed: int = ..., policy: RankPolicy | str | None = ...,
             dtype: torch.dtype | None = ..., full_tensors: FullTensors = ..., device: str | torch.device = ...,
             progress: Progress | None = ...) -> tuple[Adapter, RerankReport]: ...
 
 
-def combine(adapters, weights=None, *, policy=None, dtype=None, full_tensors="average", device="auto", progress=None):
+def combine(adapters, weights=None, *, method="sum", density=None, majority_sign="total", seed=0, policy=None,
+            dtype=None, full_tensors="average", device="auto", progress=None):
     """Σ_i w_i·a_i, exact: per module B = [w_1·s_1·B_1 | w_2·s_2·B_2 | ...], A = [A_1; A_2; ...], scale 1, rank Σ r_i.
 
     Args:
         adapters: LoRA adapters over the same base (any mix of ranks, alphas, rsLoRA, patterns, target sets).
         weights: one number per adapter (default 1 each); negative weights subtract.
+        method: "sum" (this exact sum), or "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties",
+            "knots_dare" with density, majority_sign ("total"/"frequency") and seed: see `adaptools.methods`
+            (a dense merge per module refactored to rank Σ r_i or `policy`; always returns a report).
         policy: a RankPolicy or "kind=value" spec (e.g. "rank=16", "energy=0.99"): re-rank the result,
             one chunk of same-shape modules at a time (the exact, rank-Σr adapter is never held whole).
         dtype: dtype of the result (default: the inputs' promoted dtype); the arithmetic runs in float32.
@@ -209,6 +220,12 @@ def combine(adapters, weights=None, *, policy=None, dtype=None, full_tensors="av
         InvalidArgumentError (weights, full tensors, policy), ShapeMismatchError (a module's layout
         differs between adapters), DoraError (a DoRA input: a sum of DoRA adapters is not defined by their factors).
     """
+    from .methods import check_options, merge_with_method
+
+    check_options(method, density, majority_sign)
+    if method != "sum":
+        return merge_with_method(adapters, weights, method, density=density, majority_sign=majority_sign, seed=seed,
+                                 policy=policy, dtype=dtype, full_tensors=full_tensors, device=device, progress=progress)
     adapters = list(adapters)
     weights = check_weights(adapters, weights)
     chosen = None if policy is None else resolve_policy(policy)

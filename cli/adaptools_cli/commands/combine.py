@@ -10,6 +10,7 @@ from adaptools.adapter import Adapter
 from adaptools.atomic import check_output
 from adaptools.combine import FULL_TENSOR_MODES
 from adaptools.errors import InvalidArgumentError
+from adaptools.methods import MAJORITY_SIGNS, METHODS
 
 from .rerank import DTYPES, common_options, echo_report, echo_summary, optional_policy, policy_options, progress_bar, save, span
 
@@ -32,13 +33,14 @@ def full_tensors_option(func: Callable) -> Callable:
 
 
 def run(paths: Sequence[str], weights: list[float] | None, policy_values: dict, *, full_tensors: str, fmt: str,
-        base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
-    """Load, combine (re-rank when a policy is given), save and print the summary."""
+        base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool,
+        merge_method: dict | None = None) -> None:
+    """Load, combine (re-rank when a policy is given, merge by `merge_method`'s options), save and print the summary."""
     policy = optional_policy(**policy_values)
     check_output(output, overwrite)
     adapters = [adaptools.load(p, allow_pickle=allow_pickle, base=base) for p in paths]
-    options = dict(dtype=DTYPES.get(dtype or ""), full_tensors=full_tensors)
-    if policy is None:
+    options = dict(dtype=DTYPES.get(dtype or ""), full_tensors=full_tensors, **(merge_method or {}))
+    if policy is None and options.get("method", "sum") == "sum":
         result, report = adaptools.combine(adapters, weights, **options), None
     else:
         names = {name for a in adapters for name in a.modules}
@@ -62,16 +64,23 @@ def echo_exact(result: Adapter) -> None:
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--weights", help="Comma-separated weights, one per adapter (default 1 each), e.g. 0.7,0.3.")
+@click.option("--method", type=click.Choice(METHODS), default="sum", show_default=True,
+              help="sum: exact; the others merge each ΔW (TIES, DARE, magnitude pruning, KnOTS) and refit it by SVD.")
+@click.option("--density", type=float, help="Fraction of entries kept by the trim / DARE (0 < D <= 1).")
+@click.option("--majority-sign", type=click.Choice(MAJORITY_SIGNS), default="total", show_default=True,
+              help="Sign election: sign of the sum, or the most frequent sign.")
+@click.option("--seed", type=int, default=0, show_default=True, help="DARE's seed (one generator per module).")
 @policy_options
 @full_tensors_option
 @common_options
-def combine(adapters: tuple[str, ...], weights: str | None, rank, energy, ratio, threshold, budget, full_tensors: str,
-            fmt: str, base: str | None, dtype: str | None, device: str, output: str, overwrite: bool,
-            allow_pickle: bool) -> None:
-    """Weighted sum of ADAPTERS, exact (rank Σ r_i); with a rank option, re-ranked by SVD."""
+def combine(adapters: tuple[str, ...], weights: str | None, method: str, density: float | None, majority_sign: str,
+            seed: int, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str, base: str | None,
+            dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
+    """Weighted sum of ADAPTERS, exact (rank Σ r_i); with a rank option, re-ranked by SVD; or merged by --method."""
     policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
+    merge_method = dict(method=method, density=density, majority_sign=majority_sign, seed=seed)
     run(adapters, parse_weights(weights), policy_values, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype,
-        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle)
+        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle, merge_method=merge_method)
 
 
 @click.command()
