@@ -8,7 +8,7 @@ wall-clock of the merge call alone (one run each; PEFT's `*_svd` variants run a 
 Weights are 1 for both adapters, where PEFT's and mergekit's TIES conventions coincide.
 
 Errors are ‖ΔW − ΔW_def‖_F / ‖ΔW_def‖_F over all layers, with ΔW_def the method's dense definition
-computed here from PEFT's own `merge_utils` primitives (and a dense SVD for KnOTS). "floor" is the
+computed here from PEFT's own `merge_utils` primitives (and a dense float64 SVD for KnOTS). "floor" is the
 Eckart–Young error of the best rank-k approximation of ΔW_def (k = the result's rank): no rank-k
 result can do better. DARE masks: ours come from `module_generator(seed, name)`; PEFT's `*_svd` masks
 are recorded from its torch.bernoulli calls; PEFT's factor-level `dare_ties` masks live on A and B, so
@@ -197,12 +197,12 @@ def main() -> None:
                  rel_error(peft_deltas(model, "dare_ties", targets), dare_ref(args.seed + 2, normalise=True)), None))
     del model
 
-    # KnOTS: dense SVD of [ΔW_a ΔW_b], TIES / DARE-TIES on the coefficient blocks S·V_iᵀ
+    # KnOTS: dense float64 SVD of [ΔW_a ΔW_b], TIES / DARE-TIES on the coefficient blocks S·V_iᵀ
     bases = []
     for tau in taus:
-        U, S, Vh = torch.linalg.svd(torch.cat(list(tau), dim=1), full_matrices=False)
+        U, S, Vh = torch.linalg.svd(torch.cat(list(tau), dim=1).double(), full_matrices=False)
         bases.append((U[:, :k], (S[:k, None] * Vh[:k]).unflatten(1, (2, args.dim)).transpose(0, 1)))
-    ref = [U @ ties(list(C), ones, d) for U, C in bases]
+    ref = [U @ ties(list(C), ones.double(), d) for U, C in bases]
     t, res = ours("knots_ties", density=d)
     rows.append(("knots_ties", "adaptools knots_ties", t, rel_error(res, ref), None))
     ref = []
