@@ -277,3 +277,31 @@ def test_protocol_summary_base_model_license_folders_and_output_params(runner, t
         assert card.data.library_name == "transformers" and card.data.base_model == "org/base"
         assert card.data.license == "mit" and card.data.tags == ["adaptools", "copy"]
         assert "| a | 3 | 0.25 |" in card.text and "| b | 3 | 0.25 |" in card.text
+
+
+def test_combine_and_rerank_record_replay_and_push(adapter, llama_base, hub, runner, tmp_path):
+    other = make_peft_adapter(llama_base, tmp_path / "other", seed=2, r=2, lora_alpha=4,
+                              target_modules=["q_proj", "v_proj"])
+    combined = tmp_path / "combined"
+    assert run_cli(runner, "combine", adapter, other, "--weights", "0.7,0.3", "-o", combined).exit_code == 0
+    result = run_cli(runner, "replay", combined, "-o", tmp_path / "combined again")
+    assert result.exit_code == 0, result.output
+    assert_same_tensors(combined, tmp_path / "combined again")
+
+    reranked, report = tmp_path / "reranked", tmp_path / "report.json"
+    result = run_cli(runner, "rerank", combined, "--rank", "2", "--report", report, "-o", reranked,
+                     "--push-to", "org/reranked")
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((reranked / RECIPE_NAME).read_text())
+    assert [e["param"] for e in recipe["inputs"]] == ["adapter"] and recipe["output_params"] == ["report_path"]
+    modules = json.loads(report.read_text())["modules"]
+    assert recipe["report"] == [{"module": name, **row} for name, row in modules.items()]
+    card = ModelCard.load(reranked / "README.md")
+    assert {"adaptools", "rerank", "lora"} <= set(card.data.tags) and card.data.license == "apache-2.0"
+    assert all(f"| {name} |" in card.text for name in modules)
+    assert hub.commits[0].files == {p.name: p.read_bytes() for p in reranked.iterdir()}
+
+    result = run_cli(runner, "replay", reranked, "-o", tmp_path / "reranked again")
+    assert result.exit_code == 0, result.output
+    assert "--report" not in result.stdout and len(hub.commits) == 1  # further outputs and pushes are not replayed
+    assert_same_tensors(reranked, tmp_path / "reranked again")

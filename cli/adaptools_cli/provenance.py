@@ -24,7 +24,8 @@ Parameters, by convention:
 
 What the command may return (its return value is otherwise ignored):
     None, or a dict with any of
-    "summary":    list of dicts, one row per module with the same keys (numbers or strings): the card's
+    "summary":    one row per module, as a list of dicts with the same keys (numbers or strings), or as a
+                  {module name: dataclass or dict} mapping (e.g. a report's `.modules`): the card's
                   per-module table (first 100 rows) and the recipe's "report";
     "base_model": str, the base model for the card (default: the output's adapter_config.json, else what
                   the inputs' README.md agree on; put in the front matter only when it is a Hub id);
@@ -34,6 +35,7 @@ What the command may return (its return value is otherwise ignored):
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -84,7 +86,7 @@ def record(ctx: click.Context, operation: str, kind: str, output_params: Sequenc
         params[name] = absolute(params[name])
     pairs = [(name, path) for name in inputs for path in listed(params[name])]
     recipe = make_recipe(command_path(ctx), operation, kind, params, pairs,
-                         [name for name in output_params if name in params], result.get("summary", ()))
+                         [name for name in output_params if name in params], summary_rows(result.get("summary", ())))
     write_recipe(recipe, output)
     meta = input_metadata(path for _, path in pairs)
     folders = [Path(p) for p in result.get("folders", ())] or ([output] if output.is_dir() else [])
@@ -92,6 +94,14 @@ def record(ctx: click.Context, operation: str, kind: str, output_params: Sequenc
         base_model = result.get("base_model") or adapter_base_model(folder)
         write_card(model_card(recipe, folder.name, base_model, result.get("license"), meta), folder)
     return output
+
+
+def summary_rows(summary: Sequence[Mapping] | Mapping[str, object]) -> list[dict]:
+    """JSON rows from a list of dicts, or from {module name: dataclass or dict} (a "module" column first)."""
+    if isinstance(summary, Mapping):
+        summary = [{"module": name, **(dataclasses.asdict(row) if dataclasses.is_dataclass(row) else row)}
+                   for name, row in summary.items()]
+    return [{key: jsonable(value) for key, value in row.items()} for row in summary]
 
 
 def command_path(ctx: click.Context) -> list[str]:

@@ -12,6 +12,7 @@ from adaptools.combine import FULL_TENSOR_MODES
 from adaptools.errors import InvalidArgumentError
 from adaptools.methods import MAJORITY_SIGNS, METHODS
 
+from ..provenance import provenance
 from .rerank import DTYPES, common_options, echo_report, echo_summary, optional_policy, policy_options, progress_bar, save, span
 
 
@@ -73,6 +74,7 @@ def echo_exact(result: Adapter) -> None:
 @policy_options
 @full_tensors_option
 @common_options
+@provenance("combine")
 def combine(adapters: tuple[str, ...], weights: str | None, method: str, density: float | None, majority_sign: str,
             seed: int, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str, base: str | None,
             dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
@@ -90,6 +92,7 @@ def combine(adapters: tuple[str, ...], weights: str | None, method: str, density
 @policy_options
 @full_tensors_option
 @common_options
+@provenance("interpolate")
 def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str,
                 base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
     """(1 − t)·A + t·B, exact (rank r_A + r_B); with a rank option, re-ranked by SVD."""
@@ -102,6 +105,7 @@ def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget
 @click.argument("adapter", type=click.Path())
 @full_tensors_option
 @common_options
+@provenance("negate")
 def negate(adapter: str, full_tensors: str, fmt: str, base: str | None, dtype: str | None, device: str, output: str,
            overwrite: bool, allow_pickle: bool) -> None:
     """−ADAPTER, exact at the same rank (undoes ADAPTER when both are applied)."""

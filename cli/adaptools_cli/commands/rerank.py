@@ -18,6 +18,7 @@ from adaptools.linalg import RankPolicy
 from adaptools.rerank import RerankReport
 
 from ..options import allow_pickle, output_options
+from ..provenance import provenance
 from ..render import table
 
 PROGRESS_MIN_MODULES = 64
@@ -111,9 +112,10 @@ def echo_report(report: RerankReport) -> None:
 @policy_options
 @click.option("--report", "report_path", type=click.Path(), help="Write the per-module report as JSON.")
 @common_options
+@provenance("rerank")
 def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | None, threshold: float | None,
            budget: float | None, report_path: str | None, fmt: str, base: str | None, dtype: str | None, device: str,
-           output: str, overwrite: bool, allow_pickle: bool) -> None:
+           output: str, overwrite: bool, allow_pickle: bool) -> dict:
     """Re-rank ADAPTER: best rank-k approximation of each ΔW (factored SVD), k chosen by exactly one option."""
     policy = RankPolicy.from_options(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
     check_output(output, overwrite)
@@ -129,3 +131,4 @@ def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | 
             path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
         click.echo(f"wrote report to {report_path}")
     echo_report(report)
+    return {"summary": report.modules}
