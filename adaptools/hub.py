@@ -28,6 +28,14 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
+def check_repo_id(repo_id: str) -> None:
+    """Raise InvalidArgumentError unless `repo_id` is a valid Hub repo id (checked before any work is done)."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise InvalidArgumentError(f"{repo_id!r} is not a Hub repo id (ORG/NAME): {exc}") from None
+
+
 def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revision: str | None = None,
          commit_message: str | None = None, create_pr: bool = False, endpoint: str | None = None) -> str:
     """Create `repo_id` if needed (private if asked), upload `path` in one commit, return the commit or PR URL.
@@ -40,10 +48,7 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
         raise InputNotFoundError(f"{str(path)!r} does not exist")
     if create_pr and revision:
         raise InvalidArgumentError("--create-pr opens a pull request against main; it cannot be combined with --revision")
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as exc:
-        raise InvalidArgumentError(f"{repo_id!r} is not a Hub repo id (ORG/NAME): {exc}") from None
+    check_repo_id(repo_id)
     api = HfApi(endpoint=endpoint)
     message = commit_message or f"Upload {path.name} with adaptools"
     try:

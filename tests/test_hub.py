@@ -122,6 +122,8 @@ def test_push_command_private_branch_message_and_pull_request(adapter, hub, runn
 
     result = run_cli(runner, "push", out, "--repo-id", "org/private", "--create-pr", "--revision", "dev")
     assert result.exit_code == 2 and result.stderr.startswith("error: --create-pr")
+    result = run_cli(runner, "convert", out, "--to", "peft", "-o", tmp_path / "never", "--push-to", "org/a/b")
+    assert result.exit_code == 2 and "not a Hub repo id" in result.stderr and not (tmp_path / "never").exists()
 
 
 def test_single_file_output_has_recipe_beside_it_and_pushes_both(adapter, hub, runner, tmp_path):

@@ -45,7 +45,7 @@ import click
 from adaptools import __version__
 from adaptools.card import LIBRARY, adapter_base_model, input_metadata, model_card, write_card
 from adaptools.errors import RecipeError
-from adaptools.hub import push
+from adaptools.hub import check_repo_id, push
 from adaptools.recipe import make_recipe, write_recipe
 
 from .options import push_options
@@ -64,6 +64,8 @@ def provenance(operation: str, kind: str = "adapter", output_params: Sequence[st
         @functools.wraps(func)
         def command(*args, push_to: str | None = None, private: bool = False, revision: str | None = None,
                     **kwargs) -> None:
+            if push_to:
+                check_repo_id(push_to)
             result = func(*args, **kwargs)
             output = record(click.get_current_context(), operation, kind, output_params, result or {})
             if push_to:
