@@ -25,6 +25,7 @@ from .errors import (
 from .combine import combine, interpolate, negate
 from .formats import BaseCheckpoint, detect_format, save_adapter
 from .formats import load_adapter as load
+from .merge import MergeReport, merge
 from .rerank import ModuleRerank, RerankReport, rerank
 
 try:
@@ -44,6 +45,7 @@ __all__ = [
     "InvalidArgumentError",
     "LoraFitReport",
     "LoraModule",
+    "MergeReport",
     "ModuleRerank",
     "ModuleFit",
     "NonFiniteError",
@@ -59,6 +61,7 @@ __all__ = [
     "detect_format",
     "interpolate",
     "load",
+    "merge",
     "negate",
     "rerank",
     "resolve_device",

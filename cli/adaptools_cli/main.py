@@ -7,7 +7,7 @@ import click
 
 from adaptools import AdaptoolsError, __version__
 
-from .commands import combine, convert, dora, info, rerank
+from .commands import combine, convert, dora, info, merge, rerank
 
 
 class AdaptoolsGroup(click.Group):
@@ -48,7 +48,7 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in (info.info, convert.convert, dora.dora, combine.combine, combine.interpolate, combine.negate, rerank.rerank):
+for command in (info.info, convert.convert, dora.dora, combine.combine, combine.interpolate, combine.negate, rerank.rerank, merge.merge):
     cli.add_command(command)
 
 

@@ -1,0 +1,209 @@
+"""Streaming merge (adaptools merge) against transformers + PEFT merge_and_unload + save_pretrained, and against a
+plain copy of the shard files (the I/O floor), on a random fp16 base with TinyLlama-1.1B shapes in 4 shards.
+
+    python benchmarks/bench_merge.py [--layers 22] [--rank 16] [--device auto|cpu|cuda] [--cpus N] [--skip-peft]
+
+Each contender runs in its own subprocess; its wall time and peak RSS are measured (see `run`). The base is
+written with safetensors directly (no model is instantiated); the adapter is an r=16 all-linear PEFT LoRA with
+random factors. The base files are read once before timing, so every contender reads them from the page cache.
+Everything lives under a temporary folder that is deleted at the end. `--cpus 2` pins every contender to two
+CPUs (the project's machines have two). Python and torch start-up is part of adaptools' wall time; its own
+merge time (printed by the CLI) is shown beside it.
+Targets: wall time <= 1.5x the plain copy; peak RSS <= 1.25x (largest shard + adapter) and >= 3x below PEFT's.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SHARDS = 4
+
+
+def llama_shapes(layers: int) -> dict[str, tuple[int, ...]]:
+    """Checkpoint keys and shapes of a Llama with TinyLlama-1.1B's sizes and `layers` decoder layers."""
+    kv = HIDDEN // HEADS * KV_HEADS
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (VOCAB, HIDDEN)}
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        shapes.update({
+            f"{p}.input_layernorm.weight": (HIDDEN,),
+            f"{p}.self_attn.q_proj.weight": (HIDDEN, HIDDEN),
+            f"{p}.self_attn.k_proj.weight": (kv, HIDDEN),
+            f"{p}.self_attn.v_proj.weight": (kv, HIDDEN),
+            f"{p}.self_attn.o_proj.weight": (HIDDEN, HIDDEN),
+            f"{p}.post_attention_layernorm.weight": (HIDDEN,),
+            f"{p}.mlp.gate_proj.weight": (INTERMEDIATE, HIDDEN),
+            f"{p}.mlp.up_proj.weight": (INTERMEDIATE, HIDDEN),
+            f"{p}.mlp.down_proj.weight": (HIDDEN, INTERMEDIATE),
+        })
+    shapes["model.norm.weight"] = (HIDDEN,)
+    shapes["lm_head.weight"] = (VOCAB, HIDDEN)
+    return shapes
+
+
+def write_base(folder: Path, layers: int) -> list[Path]:
+    """A random fp16 base in SHARDS shards of about equal size, with index and a transformers config.json."""
+    from transformers import LlamaConfig
+
+    folder.mkdir(parents=True)
+    shapes = llama_shapes(layers)
+    total = sum(2 * math.prod(s) for s in shapes.values())
+    generator = torch.Generator().manual_seed(0)
+    weight_map: dict[str, str] = {}
+    shard: dict[str, torch.Tensor] = {}
+    size, files = 0, []
+
+    def flush() -> None:
+        name = f"model-{len(files) + 1:05d}-of-{SHARDS:05d}.safetensors"
+        save_file(shard, str(folder / name), metadata={"format": "pt"})
+        weight_map.update({k: name for k in shard})
+        files.append(folder / name)
+        shard.clear()
+
+    for key, shape in shapes.items():
+        if size >= total * (len(files) + 1) / SHARDS and len(files) < SHARDS - 1:
+            flush()
+        std = 1.0 if len(shape) == 1 else 1 / math.sqrt(shape[-1])
+        shard[key] = (torch.randn(shape, generator=generator) * std).half()
+        size += 2 * math.prod(shape)
+    flush()
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTERMEDIATE, num_hidden_layers=layers,
+                num_attention_heads=HEADS, num_key_value_heads=KV_HEADS, max_position_embeddings=2048,
+                tie_word_embeddings=False, dtype="float16").save_pretrained(folder)
+    return files
+
+
+def write_adapter(folder: Path, base: Path, layers: int, rank: int) -> Path:
+    """An all-linear PEFT LoRA (rank `rank`, alpha 2·rank) with random factors, saved with PEFT's config class."""
+    from peft import LoraConfig
+
+    generator = torch.Generator().manual_seed(1)
+    tensors = {}
+    for key, shape in llama_shapes(layers).items():
+        module = key.removesuffix(".weight")
+        if module.rsplit(".", 1)[-1] in TARGETS:
+            out, inp = shape
+            tensors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(rank, inp, generator=generator) / inp**0.5
+            tensors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out, rank, generator=generator) * 0.01
+    folder.mkdir(parents=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(TARGETS), task_type="CAUSAL_LM",
+               base_model_name_or_path=str(base)).save_pretrained(folder)
+    return folder / "adapter_model.safetensors"
+
+
+COPY = """
+import shutil, sys
+from pathlib import Path
+src, out = Path(sys.argv[1]), Path(sys.argv[2])
+out.mkdir()
+for f in sorted(src.iterdir()):
+    shutil.copyfile(f, out / f.name)
+"""
+
+PEFT = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:4]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float16)
+model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
+model.save_pretrained(out)
+"""
+
+
+LAUNCH = """
+import os, resource, subprocess, sys, time
+if int(sys.argv[1]):
+    os.sched_setaffinity(0, range(int(sys.argv[1])))
+start = time.perf_counter()
+child = subprocess.run(sys.argv[2:], stdout=subprocess.PIPE, text=True)
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, child.returncode)
+print(child.stdout, end="")
+"""
+
+
+def run(argv: list[str], cpus: int = 0) -> tuple[float, int, str]:
+    """(wall seconds, peak RSS bytes, stdout) of one command, started from a small launcher process.
+
+    The peak RSS of a child counts the memory of the process it was forked from, so the command is forked
+    from a fresh interpreter rather than from this one (which holds torch and the generated base). Dirty pages
+    of earlier steps are flushed first (untimed), so each contender starts from the same state.
+    """
+    os.sync()
+    proc = subprocess.run([sys.executable, "-c", LAUNCH, str(cpus), *argv], capture_output=True, text=True)
+    head, _, stdout = proc.stdout.partition("\n")
+    wall, rss, code = head.split()
+    if int(code) != 0:
+        raise RuntimeError(f"{' '.join(argv[:4])} failed (exit {code}):\n{proc.stderr[-3000:]}")
+    return float(wall), int(rss), stdout
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=22, help="decoder layers (22 = TinyLlama-1.1B; fewer: quick run)")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--device", default="auto", help="where adaptools merges: auto, cpu or cuda")
+    parser.add_argument("--skip-peft", action="store_true", help="skip the transformers + PEFT reference")
+    parser.add_argument("--repeats", type=int, default=1, help="runs of the copy and of adaptools (best is kept)")
+    parser.add_argument("--cpus", type=int, default=0, help="pin every contender to this many CPUs (0: all)")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="bench_merge_") as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        shards = write_base(tmp / "base", args.layers)
+        adapter_file = write_adapter(tmp / "adapter", tmp / "base", args.layers, args.rank)
+        largest = max(f.stat().st_size for f in shards)
+        adapter_bytes = adapter_file.stat().st_size
+        base_bytes = sum(f.stat().st_size for f in shards)
+        print(f"base: {args.layers} layers, {base_bytes / 1e9:.2f} GB fp16 in {len(shards)} shards (largest "
+              f"{largest / 1e6:.0f} MB); adapter r={args.rank}, {adapter_bytes / 1e6:.1f} MB "
+              f"(written in {time.perf_counter() - t:.0f} s)")
+        cpus = args.cpus or len(os.sched_getaffinity(0))
+        print(f"torch {torch.__version__}, {cpus} CPUs, adaptools device {args.device}")
+
+        def timed(name: str, argv: list[str], out: Path) -> tuple[float, int, str]:
+            best = None
+            for _ in range(args.repeats if name != "peft" else 1):
+                result = run(argv, args.cpus)
+                shutil.rmtree(out)
+                best = result if best is None or result[0] < best[0] else best
+            print(f"{name:>10}: {best[0]:7.2f} s, peak RSS {best[1] / 1e6:7.0f} MB")
+            return best
+
+        run([sys.executable, "-c", COPY, str(tmp / "base"), str(tmp / "warm")], args.cpus)  # page cache warm-up
+        shutil.rmtree(tmp / "warm")
+        copy = timed("copy", [sys.executable, "-c", COPY, str(tmp / "base"), str(tmp / "out")], tmp / "out")
+        ours = timed("adaptools", [sys.executable, "-m", "adaptools_cli", "merge", str(tmp / "base"),
+                                   str(tmp / "adapter"), "--device", args.device, "-o", str(tmp / "out")], tmp / "out")
+        inside = float(re.search(r" in ([0-9.]+) s on", ours[2]).group(1))
+        print(f"  (adaptools' own time inside the process, without Python and torch start-up: {inside:.2f} s)")
+        print(f"wall time vs plain copy: {ours[0] / copy[0]:.2f}x (target <= 1.5x); "
+              f"without start-up {inside / copy[0]:.2f}x")
+        print(f"peak RSS vs largest shard + adapter: {ours[1] / (largest + adapter_bytes):.2f}x (target <= 1.25x)")
+        if not args.skip_peft:
+            peft = timed("peft", [sys.executable, "-c", PEFT, str(tmp / "base"), str(tmp / "adapter"),
+                                  str(tmp / "out")], tmp / "out")
+            print(f"peak RSS, transformers + PEFT / adaptools: {peft[1] / ours[1]:.1f}x (target >= 3x); "
+                  f"wall time {peft[0] / ours[0]:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""`adaptools merge`: adapters into a base checkpoint, shard by shard."""
+from __future__ import annotations
+
+import warnings
+
+import click
+
+import adaptools
+from adaptools.merge import MergeReport
+
+from ..options import allow_pickle, output_options
+from .combine import parse_weights
+
+DTYPE_CHOICES = ("fp16", "bf16", "fp32")
+
+
+def _size(nbytes: float) -> str:
+    """"1.2 GiB"-style size."""
+    units = ("B", "KiB", "MiB", "GiB", "TiB")
+    i = 0
+    while nbytes >= 1024 and i < len(units) - 1:
+        nbytes, i = nbytes / 1024, i + 1
+    return f"{nbytes:.1f} {units[i]}"
+
+
+def _warn(message: Warning | str, *_details: object) -> None:
+    """warnings.showwarning as one `warning: ...` line on stderr."""
+    click.echo(f"warning: {message}", err=True)
+
+
+def echo_report(report: MergeReport) -> None:
+    """One line per output folder, then time, sizes and peak memory."""
+    for name, folder in report.outputs.items():
+        click.echo(f"merged {report.modules[name]} modules into {folder}")
+    memory = f"peak memory {_size(report.peak_rss)} (RSS)"
+    if report.peak_device_memory is not None:
+        memory += f", {_size(report.peak_device_memory)} on {report.device}"
+    click.echo(f"{report.tensors} tensors, {report.dtype or 'dtype of the base'}; read {_size(report.bytes_read)}, "
+               f"wrote {_size(report.bytes_written)} in {report.seconds:.1f} s on {report.device}; {memory}")
+
+
+@click.command()
+@click.argument("base", type=click.Path())
+@click.argument("adapters", nargs=-1, required=True, type=click.Path())
+@click.option("--weights", help="One factor per adapter, comma-separated (e.g. 0.7,0.3); default 1 each.")
+@click.option("--dtype", type=click.Choice(DTYPE_CHOICES),
+              help="dtype of the output's floating tensors (default: the base's).")
+@click.option("--device", default="auto", show_default=True, help="Where the merge math runs: auto, cpu or cuda.")
+@click.option("--max-shard-size", help="Re-shard the output, e.g. 5GB or 200MB (default: the base's own shards).")
+@click.option("--each", is_flag=True,
+              help="One merged model per adapter, OUTPUT/<adapter name>/, from one read of the base.")
+@output_options
+@allow_pickle
+def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str | None, device: str,
+          max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> None:
+    """Merge ADAPTERS (PEFT folders or kohya files) into the checkpoint folder BASE, streaming shard by shard.
+
+    All adapters go into one model (W + Σ w·ΔW), or with --each into one model each. Config, tokenizer and
+    generation files are copied; the shard layout is kept unless --max-shard-size is given.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _warn
+        report = adaptools.merge(base, list(adapters), parse_weights(weights), out=output, dtype=dtype, device=device,
+                                 overwrite=overwrite, each=each, max_shard_size=max_shard_size,
+                                 allow_pickle=allow_pickle, progress=True)
+    echo_report(report)
