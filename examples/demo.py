@@ -25,6 +25,7 @@ HEAD_DIM = HIDDEN // HEADS
 def llama_config() -> dict:
     """config.json of a tiny Llama (grouped-query attention), as transformers writes it."""
     return {
+        "_name_or_path": "demo/tiny-llama",
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "hidden_size": HIDDEN,
@@ -107,9 +108,19 @@ def main() -> None:
     random_adapter(4, 4, ("q_proj", "k_proj", "down_proj"), seed=2).save(out / "domain")
     print(f"adaptools {adaptools.__version__}: wrote a tiny fp16 Llama base and two LoRA adapters under {out}/")
 
-    run("What is in an adapter", "info", str(out / "style"))
-    run("Convert to a kohya file and back", "convert", str(out / "domain"), "--to", "kohya", "-o", str(out / "domain.safetensors"))
-    run("... back to PEFT, names mapped with the base", "convert", str(out / "domain.safetensors"), "--to", "peft", "--base", str(out / "base"), "-o", str(out / "domain_roundtrip"))
+    base, style, domain = str(out / "base"), str(out / "style"), str(out / "domain")
+    run("What is in an adapter", "info", style)
+    run("Convert to a kohya file", "convert", domain, "--to", "kohya", "-o", str(out / "domain.safetensors"))
+    run("... and back to PEFT, names mapped with the base", "convert", str(out / "domain.safetensors"), "--to", "peft", "--base", base, "-o", str(out / "domain_roundtrip"))
+    run("Exact weighted sum (rank 8 + 4 where both adapt a module)", "combine", style, domain, "--weights", "0.7,0.3", "-o", str(out / "blend"))
+    run("Re-rank the blend to 99% of its energy, error known per module", "rerank", str(out / "blend"), "--energy", "0.99", "--report", str(out / "rerank_report.json"), "-o", str(out / "blend_small"))
+    run("TIES merge on each module's ΔW, refactored to rank 8", "combine", style, domain, "--method", "ties", "--density", "0.3", "--rank", "8", "-o", str(out / "ties"))
+    run("Rank spectrum of the two adapters: do they fight over the same directions?", "spectrum", style, domain, "--plot", str(out / "spectrum.png"), "--json", str(out / "spectrum.json"))
+    run("Merge the blend into the base, bf16, streamed shard by shard", "merge", base, str(out / "blend"), "--dtype", "bf16", "-o", str(out / "merged_bf16"))
+    run("One merged model per adapter from one read of the base", "merge", base, "--each", style, domain, "-o", str(out / "per_adapter"))
+    run("LoRA to DoRA (magnitudes from the base; same outputs)", "dora", "to-dora", style, "--base", base, "-o", str(out / "style_dora"))
+    run("... and DoRA back to a rank-8 LoRA, fit error reported", "dora", "to-lora", str(out / "style_dora"), "--base", base, "--rank", "8", "-o", str(out / "style_lora_again"))
+    run("Redo a recorded result from its recipe", "replay", str(out / "blend" / "adaptools_recipe.json"), "-o", str(out / "blend_replayed"))
     print("\nDone. Everything the tour wrote is under", out)
 
 
