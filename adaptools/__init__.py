@@ -27,6 +27,7 @@ from .formats import BaseCheckpoint, detect_format, save_adapter
 from .formats import load_adapter as load
 from .merge import MergeReport, merge
 from .rerank import ModuleRerank, RerankReport, rerank
+from .spectrum import compare_spectra, spectrum
 
 try:
     __version__ = version("adaptools")
@@ -46,8 +47,8 @@ __all__ = [
     "LoraFitReport",
     "LoraModule",
     "MergeReport",
-    "ModuleRerank",
     "ModuleFit",
+    "ModuleRerank",
     "NonFiniteError",
     "OutputExistsError",
     "PickleNotAllowedError",
@@ -58,6 +59,7 @@ __all__ = [
     "UnsupportedAdapterError",
     "__version__",
     "combine",
+    "compare_spectra",
     "detect_format",
     "interpolate",
     "load",
@@ -66,6 +68,7 @@ __all__ = [
     "rerank",
     "resolve_device",
     "save_adapter",
+    "spectrum",
     "to_dora",
     "to_lora",
 ]

@@ -7,7 +7,7 @@ import click
 
 from adaptools import AdaptoolsError, __version__
 
-from .commands import combine, convert, dora, info, merge, rerank
+from .commands import combine, convert, dora, info, merge, push, rerank, spectrum
 
 
 class AdaptoolsGroup(click.Group):
@@ -48,7 +48,20 @@ def cli(debug: bool) -> None:
     """
 
 
-for command in (info.info, convert.convert, dora.dora, combine.combine, combine.interpolate, combine.negate, rerank.rerank, merge.merge):
+COMMANDS = (
+    info.info,
+    convert.convert,
+    combine.combine,
+    combine.interpolate,
+    combine.negate,
+    rerank.rerank,
+    merge.merge,
+    dora.dora,
+    spectrum.spectrum,
+    push.push,
+    push.replay,
+)
+for command in COMMANDS:
     cli.add_command(command)
 
 
