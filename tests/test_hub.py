@@ -307,3 +307,28 @@ def test_combine_and_rerank_record_replay_and_push(adapter, llama_base, hub, run
     assert result.exit_code == 0, result.output
     assert "--report" not in result.stdout and len(hub.commits) == 1  # further outputs and pushes are not replayed
     assert_same_tensors(reranked, tmp_path / "reranked again")
+
+
+def test_merge_each_cards_per_model_replay_and_push(adapter, llama_base, hub, runner, tmp_path):
+    import shutil
+
+    base = Path(shutil.copytree(llama_base, tmp_path / "base"))
+    ModelCard("---\nlicense: apache-2.0\nlibrary_name: transformers\n---\n# base\n").save(base / "README.md")
+    other = make_peft_adapter(llama_base, tmp_path / "other", seed=2, r=2, lora_alpha=4, target_modules=["v_proj"])
+    merged = tmp_path / "merged"
+    result = run_cli(runner, "merge", base, adapter, other, "--each", "-o", merged, "--push-to", "org/merged")
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((merged / RECIPE_NAME).read_text())
+    assert [e["param"] for e in recipe["inputs"]] == ["base", "adapters", "adapters"] and recipe["kind"] == "model"
+    for name in (adapter.name, other.name):
+        card = ModelCard.load(merged / name / "README.md")
+        assert card.data.library_name == "transformers" and card.data.license == "apache-2.0"
+        assert card.text.lstrip().startswith(f"# {name}\n")
+    files = {p.relative_to(merged).as_posix(): p.read_bytes() for p in merged.rglob("*") if p.is_file()}
+    assert hub.commits[0].files == files
+
+    result = run_cli(runner, "replay", merged, "-o", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    for name in (adapter.name, other.name):
+        first, again = (load_file(m / name / "model.safetensors") for m in (merged, tmp_path / "again"))
+        assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)

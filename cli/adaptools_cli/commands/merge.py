@@ -9,6 +9,7 @@ import adaptools
 from adaptools.merge import MergeReport
 
 from ..options import allow_pickle, output_options
+from ..provenance import provenance
 from .combine import parse_weights
 
 DTYPE_CHOICES = ("fp16", "bf16", "fp32")
@@ -51,8 +52,9 @@ def echo_report(report: MergeReport) -> None:
               help="One merged model per adapter, OUTPUT/<adapter name>/, from one read of the base.")
 @output_options
 @allow_pickle
+@provenance("merge", kind="model")
 def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str | None, device: str,
-          max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> None:
+          max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> dict:
     """Merge ADAPTERS (PEFT folders or kohya files) into the checkpoint folder BASE, streaming shard by shard.
 
     All adapters go into one model (W + Σ w·ΔW), or with --each into one model each. Config, tokenizer and
@@ -65,3 +67,4 @@ def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str 
                                  overwrite=overwrite, each=each, max_shard_size=max_shard_size,
                                  allow_pickle=allow_pickle, progress=True)
     echo_report(report)
+    return {"folders": list(report.outputs.values())}
