@@ -18,7 +18,6 @@ import argparse
 import resource
 import sys
 import threading
-import time
 from contextlib import contextmanager
 
 import torch
@@ -26,6 +25,7 @@ import torch
 import adaptools
 from adaptools import Adapter, LoraModule
 from adaptools.device import resolve_device
+from timing import timed
 
 HIDDEN, INTERMEDIATE = 4096, 11008
 SHAPES = {  # module -> (out, in)
@@ -82,16 +82,6 @@ def peak_rss():
         stop.set()
         thread.join()
         result["peak"] = max(peak[0], rss_mib())
-
-
-def timed(fn, device: torch.device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def peft_one_layer(a: LoraModule, b: LoraModule, rank: int, device: torch.device) -> tuple[float, torch.Tensor]:

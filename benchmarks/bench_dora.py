@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import tempfile
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from safetensors.torch import save_file
 import adaptools
 from adaptools import Adapter, LoraModule
 from adaptools.device import resolve_device
+from timing import timed
 from adaptools.merge import dora_merge_rows
 
 SHAPES = {  # module: (out, in)
@@ -62,12 +62,6 @@ def random_lora(layers: int, r: int, gen: torch.Generator) -> Adapter:
     return Adapter(modules=modules, base_model="random-tinyllama-shapes")
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - start, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=22)
@@ -89,7 +83,7 @@ def main() -> None:
         print(f"wrote fp16 base ({args.layers * sum(o * i for o, i in SHAPES.values()) / 1e6:.0f} M params) "
               f"in {t_write:.1f} s")
 
-        t_dora, exact_dora = timed(lambda: adaptools.to_dora(lora, base, device=device))
+        t_dora, exact_dora = timed(lambda: adaptools.to_dora(lora, base, device=device), device)
         print(f"to_dora (row norms by A·Wᵀ, {len(lora)} modules): {t_dora:.2f} s")
         dora = exact_dora.with_modules({
             n: replace(m, magnitude=m.magnitude * (1 + 0.02 * torch.randn(m.out_features, generator=gen)))
@@ -97,11 +91,11 @@ def main() -> None:
         })
 
         rows = []
-        t_exact, (_, exact) = timed(lambda: adaptools.to_lora(dora, base, rank=args.rank, svd="exact", device=device))
+        t_exact, (_, exact) = timed(lambda: adaptools.to_lora(dora, base, rank=args.rank, svd="exact", device=device), device)
         rows.append(("exact", t_exact, exact))
         for q in args.power_iters:
             t, (_, rand) = timed(lambda: adaptools.to_lora(dora, base, rank=args.rank, svd="randomized",
-                                                            power_iters=q, device=device))
+                                                            power_iters=q, device=device), device)
             rows.append((f"randomized, {q} power iters", t, rand))
 
         # dense check on layer 0: reported error vs ‖ΔW − ΔW_k‖ formed densely (float64: torch's float32 norm

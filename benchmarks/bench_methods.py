@@ -20,8 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -31,6 +30,7 @@ import adaptools
 from adaptools.combine import combine
 from adaptools.device import resolve_device
 from adaptools.methods import merge_with_method, module_generator, random_keep
+from timing import timed
 
 
 class Stack(nn.Module):
@@ -80,16 +80,6 @@ def recorded_bernoulli() -> Iterator[list[torch.Tensor]]:
         yield masks
     finally:
         torch.bernoulli = original
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def warm_up(device: torch.device) -> None:

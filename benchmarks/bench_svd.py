@@ -10,23 +10,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
-from collections.abc import Callable
 
 import torch
 
 from adaptools.device import resolve_device
+from timing import timed
 from adaptools.linalg import factored_svd
-
-
-def _timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter() - start, out
 
 
 def main() -> None:
@@ -50,7 +39,7 @@ def main() -> None:
     factored_svd(B, A, device=device)  # warm-up (kernel / library initialisation)
     times = []
     for _ in range(args.repeats):
-        t, fact = _timed(lambda: factored_svd(B, A, device=device), device)
+        t, fact = timed(lambda: factored_svd(B, A, device=device), device)
         times.append(t)
     t_batch = statistics.median(times)
     print(f"factored SVD, batch of {args.batch}: {t_batch * 1e3:.2f} ms "
@@ -58,7 +47,7 @@ def main() -> None:
 
     torch.linalg.svd(torch.randn(64, 64, device=device), full_matrices=False)  # initialise the solver
     dW = B[0] @ A[0]
-    t_dense, (U, S, Vh) = _timed(lambda: torch.linalg.svd(dW, full_matrices=False), device)
+    t_dense, (U, S, Vh) = timed(lambda: torch.linalg.svd(dW, full_matrices=False), device)
     print(f"dense torch.linalg.svd of one {args.m}x{args.n} ΔW (timed once): {t_dense:.2f} s")
 
     k = min(args.m, args.n, args.r)
