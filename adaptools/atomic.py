@@ -19,6 +19,17 @@ def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
     return target
 
 
+def umask_permissions(root: Path) -> None:
+    """Give `root` and everything below it the modes a plain create would (0o777 / 0o666 less the umask).
+
+    mkdtemp makes 0700 folders and safetensors writes 0600 files; outputs should be as readable as any other.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 @contextlib.contextmanager
 def atomic_output(target: str | os.PathLike, overwrite: bool = False, is_file: bool = False) -> Iterator[Path]:
     """Yield a temporary path beside `target` that replaces `target` on success and is removed on failure.
@@ -33,6 +44,7 @@ def atomic_output(target: str | os.PathLike, overwrite: bool = False, is_file: b
         source = tmp / target.name if is_file else tmp
         yield source
         check_output(target, overwrite)
+        umask_permissions(source)
         if target.exists() or target.is_symlink():
             backup = target.with_name(f".{target.name}.old")
             os.replace(target, backup)
