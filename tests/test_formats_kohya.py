@@ -159,3 +159,17 @@ def test_kohya_errors_are_typed(llama_base, tmp_path):
     save_file({**state, f"{name}.lora_down.weight": torch.full((4, 32), float("nan"))}, tmp_path / "nan.safetensors")
     with pytest.raises(adaptools.NonFiniteError):
         adaptools.load(tmp_path / "nan.safetensors")
+
+
+def test_ambiguous_kohya_names_are_an_error(tmp_path):
+    """Two base weights that spell the same kohya name (`a.b_c` and `a_b.c`) cannot be told apart."""
+    import torch
+
+    import adaptools
+    from adaptools.formats.kohya import remap_to_base
+
+    module = adaptools.LoraModule(A=torch.ones(1, 4), B=torch.ones(4, 1))
+    adapter = adaptools.Adapter({"lora_unet_a_b_c": module}, source_format="kohya")
+    with pytest.raises(adaptools.UnknownModuleError, match="several weights"):
+        remap_to_base(adapter, ["a.b_c.weight", "a_b.c.weight"])
+    assert list(remap_to_base(adapter, ["a.b_c.weight", "x.weight"]).modules) == ["a.b_c"]

@@ -84,25 +84,27 @@ def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
 
 def remap_to_base(adapter: Adapter, base_keys: Iterable[str]) -> Adapter:
     """Rename kohya modules to the base checkpoint's module paths (`lora_unet_a_b_c` → `a.b_c` as the base spells it)."""
-    lookup: dict[str, str] = {}
+    candidates: dict[str, set[str]] = {}
     for key in base_keys:
         if key.endswith(".weight"):
             module = key[: -len(".weight")]
             for prefix in PREFIXES:
-                lookup.setdefault(kohya_name(module, prefix), module)
+                candidates.setdefault(kohya_name(module, prefix), set()).add(module)
+    paths = {m for found in candidates.values() for m in found}
     renamed: dict[str, LoraModule] = {}
-    missing = []
+    missing, ambiguous = [], []
     for name, module in adapter.modules.items():
-        target = lookup.get(name)
-        if target is None and name in lookup.values():
-            target = name
-        if target is None:
+        found = {name} if name in paths else candidates.get(name, set())
+        if not found:
             missing.append(name)
+        elif len(found) > 1:
+            ambiguous.append(f"{name} ({' or '.join(sorted(found))})")
         else:
-            renamed[target] = module
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise UnknownModuleError(f"{len(missing)} kohya module(s) match no weight of the base: {shown}")
+            renamed[found.pop()] = module
+    for problems, what in ((missing, "match no weight of the base"), (ambiguous, "match several weights of the base")):
+        if problems:
+            shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise UnknownModuleError(f"{len(problems)} kohya module(s) {what}: {shown}")
     return adapter.with_modules(renamed)
 
 
