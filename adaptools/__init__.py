@@ -26,6 +26,7 @@ from .combine import combine, interpolate, negate
 from .formats import BaseCheckpoint, detect_format, save_adapter
 from .formats import load_adapter as load
 from .merge import MergeReport, merge
+from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
 from .spectrum import compare_spectra, spectrum
 
@@ -65,6 +66,7 @@ __all__ = [
     "load",
     "merge",
     "negate",
+    "quantize",
     "rerank",
     "resolve_device",
     "save_adapter",

@@ -32,7 +32,7 @@ from .device import resolve_device
 from .errors import BaseMismatchError, DoraError, InvalidArgumentError, UnknownModuleError
 from .formats.checkpoint import BaseCheckpoint
 from .formats.kohya import PREFIXES, remap_to_base
-from .formats.nf4 import dequantize_nf4, is_nf4_weight, nf4_from_state_dict, nf4_state_keys, quantize_nf4
+from .formats.nf4 import dequantize_nf4, is_nf4_weight, quantize_nf4
 from .linalg import (
     EXACT_SVD_MAX_DIM,
     SVD,
@@ -45,6 +45,7 @@ from .linalg import (
     truncation_error,
 )
 from .merge import dora_merge_rows
+from .nf4_checkpoint import NF4Decoder
 
 __all__ = [
     "BaseWeights",
@@ -192,11 +193,10 @@ def _check_shape(name: str, module: LoraModule, found: tuple[int, ...]) -> None:
         )
 
 
-def _base_weight(base: BaseCheckpoint, key: str, base_weights: BaseWeights) -> Tensor:
+def _base_weight(base: BaseCheckpoint, key: str, base_weights: BaseWeights, decoder: NF4Decoder) -> Tensor:
     """The base weight `key` in its stored layout: NF4 dequantized, or rounded through NF4 when asked."""
     if is_nf4_weight(key, base.weight_map):
-        stats = {k: base.get(k) for k in (key, *nf4_state_keys(key)) if k in base}
-        return dequantize_nf4(*nf4_from_state_dict(key, stats))
+        return decoder.read(base, key)
     W = base.get(key)
     if base_weights == "stored":
         return W
@@ -210,13 +210,14 @@ def _weight_chunks(adapter: Adapter, names: Sequence[str], base: BaseCheckpoint,
 
     A full weight stored in the adapter (`extra`, e.g. a saved embedding) replaces the base's, as in PEFT.
     """
+    decoder = NF4Decoder(base)
     shard_rank = {shard: i for i, shard in enumerate(base.shards)}
     order = sorted(names, key=lambda n: shard_rank.get(base.weight_map.get(f"{n}.weight"), -1))
     chunk: dict[str, Tensor] = {}
     size = 0
     for name in order:
         key, module = f"{name}.weight", adapter[name]
-        stored = adapter.extra[key] if key in adapter.extra else _base_weight(base, key, base_weights)
+        stored = adapter.extra[key] if key in adapter.extra else _base_weight(base, key, base_weights, decoder)
         _check_shape(name, module, tuple(stored.shape))
         chunk[name] = module.from_base_layout(stored).to(device, dtype)
         size += chunk[name].numel() * chunk[name].element_size()

@@ -11,7 +11,8 @@
 
 Hooks: a decoder turns stored base tensors into the tensors that are merged (`StoredDecoder`: as stored) and an
 encoder turns results into stored output tensors (`CastEncoder`: a cast). An NF4 base or output plugs in there
-(dequantize → merge in float32 → requantize).
+(adaptools.nf4_checkpoint: dequantize → merge in float32 → requantize), and `write_outputs` also serves
+`adaptools.quantize` (no adapters, an NF4 encoder).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import time
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -66,6 +67,7 @@ __all__ = [
     "lora_merge",
     "merge",
     "parse_dtype",
+    "write_outputs",
 ]
 
 DTYPES = {
@@ -137,22 +139,31 @@ class StoredDecoder:
         """The tensor to merge, read into `out` (a reusable uint8 buffer of >= spec.nbytes) when given."""
         return ckpt.get(key, out)
 
-    def source(self, ckpt: BaseCheckpoint, key: str) -> tuple[Path, TensorInfo]:
-        """Where the stored bytes of `key` lie, for outputs that keep it unchanged (copied file to file)."""
-        return ckpt.path(key), ckpt.info(key)
+    def sources(self, ckpt: BaseCheckpoint, key: str) -> dict[str, tuple[Path, TensorInfo]]:
+        """Where the stored bytes of `key` lie, per output key, for outputs that keep it unchanged (copied file to
+        file)."""
+        return {key: (ckpt.path(key), ckpt.info(key))}
 
 
 class CastEncoder:
     """Output tensors written as plain entries, floating ones in `dtype` (None keeps each base tensor's dtype)."""
 
+    quantized = 0
+    """Weights each output stores quantized."""
+
     def __init__(self, dtype: torch.dtype | None = None):
         self.dtype = dtype
 
+    @property
+    def label(self) -> str | None:
+        """The output's dtype for reports (None: each base tensor's own)."""
+        return None if self.dtype is None else str(self.dtype).removeprefix("torch.")
+
     def dtype_for(self, spec: TensorSpec) -> torch.dtype:
-        """The dtype the executor hands `encode` for a tensor of this spec."""
+        """The dtype the executor hands `encode` for a tensor of this spec (the same for equal shape and dtype)."""
         return self.dtype if self.dtype is not None and spec.dtype.is_floating_point else spec.dtype
 
-    def keeps(self, spec: TensorSpec) -> bool:
+    def keeps(self, key: str, spec: TensorSpec) -> bool:
         """True when an unchanged tensor is written exactly as stored (its bytes are then copied, never loaded)."""
         return self.dtype_for(spec) == spec.dtype
 
@@ -162,6 +173,10 @@ class CastEncoder:
 
     def encode(self, key: str, tensor: Tensor) -> dict[str, Tensor]:
         return {key: tensor}
+
+    def survival(self, key: str, base: Tensor, merged: Tensor, encoded: dict[str, Tensor]) -> float | None:
+        """The fraction of the change merged − base that the encoded tensors keep; None when not measured."""
+        return None
 
     def update_config(self, config: dict) -> dict:
         return config if self.dtype is None else config_with_dtype(config, self.dtype)
@@ -323,12 +338,14 @@ def plan_steps(specs: dict[str, TensorSpec], batch_bytes: int) -> list[Step]:
 
 def plan_layout(ckpt: BaseCheckpoint, steps: Sequence[Step], specs: dict[str, TensorSpec], encoder: CastEncoder,
                 max_shard_bytes: int | None) -> Layout:
-    """The base's own shard files (default), or new shards of at most `max_shard_bytes` in write order."""
+    """The base's own shard files (default: an output key stays in its base shard, a new one goes to its tensor's),
+    or new shards of at most `max_shard_bytes` in write order."""
     units = [(encoder.entries(key, specs[key]), specs[key].shard) for step in steps for key in step.keys]
     if max_shard_bytes is None:
         files: dict[str, list[str]] = {shard: [] for shard in ckpt.shards}
         for entries, shard in units:
-            files[shard].extend(entries)
+            for key in entries:
+                files[ckpt.weight_map.get(key, shard)].append(key)
         files = {name: keys for name, keys in files.items() if keys}
         return Layout(files, ckpt.indexed or len(files) > 1)
     groups = plan_shards([(list(entries), sum(entries.values())) for entries, _ in units], max_shard_bytes)
@@ -474,26 +491,32 @@ def merge_step(step: Step, stored: dict[str, Tensor], specs: dict[str, TensorSpe
     updates = {k: plan.updates[k] for k in step.keys if k in plan.updates}
     yield from merge_weights(updates, current, dtype, device, workspace)
     for key in step.keys:
-        if key not in updates and (key in changed or not encoder.keeps(specs[key])):
+        if key not in updates and (key in changed or not encoder.keeps(key, specs[key])):
             check_range([key], current[key].unsqueeze(0), dtype)
             yield key, current[key].to(dtype)
 
 
 def run_step(step: Step, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
              sinks: Sequence[OutputSink], decoder: StoredDecoder, encoder: CastEncoder, device: torch.device,
-             workspace: Workspace) -> None:
-    """Read the step's tensors that some output changes or casts (once), merge them per output, write everything."""
-    needed = [k for k in step.keys if not encoder.keeps(specs[k]) or any(plan.changes(k) for plan in plans)]
+             workspace: Workspace, survival: Sequence[dict[str, float]]) -> None:
+    """Read the step's tensors that some output changes or casts (once), merge them per output, write everything;
+    the encoder's survival of each merged weight goes into `survival` (one dict per output)."""
+    needed = [k for k in step.keys if not encoder.keeps(k, specs[k]) or any(plan.changes(k) for plan in plans)]
     buffers = workspace.take_packed("stored", [specs[k].nbytes for k in needed])
     stored = {k: decoder.read(ckpt, k, buffer) for k, buffer in zip(needed, buffers)}
-    for plan, sink in zip(plans, sinks):
+    for plan, sink, kept in zip(plans, sinks, survival):
         written = set()
         for key, tensor in merge_step(step, stored, specs, plan, encoder, device, workspace):
-            sink.write(encoder.encode(key, tensor))
+            encoded = encoder.encode(key, tensor)
+            sink.write(encoded)
             written.add(key)
+            fraction = encoder.survival(key, stored[key], tensor, encoded) if key in plan.updates else None
+            if fraction is not None:
+                kept[key.removesuffix(".weight")] = fraction
         for key in step.keys:
             if key not in written:
-                sink.copy(key, *decoder.source(ckpt, key))
+                for out_key, (path, info) in decoder.sources(ckpt, key).items():
+                    sink.copy(out_key, path, info)
 
 
 def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout: Layout,
@@ -515,7 +538,9 @@ def _peak_rss() -> int:
 
 @dataclass
 class MergeReport:
-    """What a merge wrote: output folders, modules merged per output, sizes, time and peak memory."""
+    """What a merge wrote: output folders, modules merged per output, sizes, time and peak memory; for NF4
+    outputs the weights stored quantized and, from an NF4 base, per output and module the fraction of ΔW that
+    survives requantization (⟨deq(Q(W + ΔW)) − W, ΔW⟩ / ‖ΔW‖², W the dequantized base)."""
 
     outputs: dict[str, Path]
     modules: dict[str, int]
@@ -527,6 +552,14 @@ class MergeReport:
     peak_device_memory: int | None
     device: str
     dtype: str | None
+    quantized: int = 0
+    survival: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The report as JSON-able data (paths as strings)."""
+        data = asdict(self)
+        data["outputs"] = {name: str(path) for name, path in self.outputs.items()}
+        return data
 
 
 AdapterLike = Adapter | str | os.PathLike
@@ -572,18 +605,23 @@ def output_names(adapters: Sequence[Adapter]) -> list[str]:
 
 def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iterable[AdapterLike],
           weights: Sequence[float] | None = None, *, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
-          device: str | torch.device = "auto", overwrite: bool = False, each: bool = False,
-          max_shard_size: str | int | None = None, allow_pickle: bool = False, batch_bytes: int | None = None,
-          progress: bool = False) -> MergeReport:
+          double_quant: bool | None = None, device: str | torch.device = "auto", overwrite: bool = False,
+          each: bool = False, max_shard_size: str | int | None = None, allow_pickle: bool = False,
+          batch_bytes: int | None = None, progress: bool = False) -> MergeReport:
     """Merge adapters into a base checkpoint folder, streaming shard by shard: W' = W + Σ_i w_i·s_i·B_i@A_i.
 
     Args:
-        base: a Hugging Face folder (model.safetensors, or shards + index) of fp16/bf16/fp32 weights.
+        base: a Hugging Face folder (model.safetensors, or shards + index) of fp16/bf16/fp32 weights, or a
+            bitsandbytes NF4 checkpoint (its weights are dequantized, merged in float32 and requantized).
         adapters: PEFT folders, kohya files or Adapter objects (LoRA, rsLoRA, DoRA; linear, Conv1D, embedding, conv).
         weights: one factor per adapter (default 1): w·s·B@A for LoRA, V = W + w·s·B@A for DoRA (magnitudes
             kept); a full tensor T (modules_to_save) becomes W + w·(T − W).
         out: the output folder; with `each`, a folder holding one `<adapter name>/` per adapter.
-        dtype: "fp16", "bf16" or "fp32" for every floating tensor (default: keep each tensor's dtype).
+        dtype: "fp16", "bf16" or "fp32" for every floating tensor (an NF4 base is then written dequantized);
+            "nf4" quantizes the merged linear weights (adaptools.quantize's defaults; an NF4 base stays NF4 with
+            each weight's own settings); default: keep each tensor's dtype (and an NF4 base's quantization).
+        double_quant: for NF4 outputs of an unquantized base, quantize the block scales too (default True);
+            with an NF4 base it must agree with the base's own setting.
         device: where the merge math runs ("auto": CUDA when available); the math is float32.
         overwrite: replace an existing output.
         each: one merged model per adapter from a single read of the base, instead of one with all adapters.
@@ -594,18 +632,20 @@ def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iter
 
     Raises UnknownModuleError / ShapeMismatchError before writing anything when the adapters do not fit the base,
     NonFiniteError (nothing left behind) when a merged tensor holds NaN/Inf or overflows the output dtype.
-    A base other than the adapter's `base_model_name_or_path` gives a warning.
+    A base other than the adapter's `base_model_name_or_path` gives a warning, and so does an NF4 base whose
+    requantization erases most of some modules' updates (MergeReport.survival).
     """
+    from .nf4_checkpoint import checkpoint_codecs, survival_warnings  # nf4_checkpoint builds on this module
+
     start = time.perf_counter()
     target = check_output(out, overwrite)
     device = resolve_device(device)
-    out_dtype = parse_dtype(dtype)
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     ckpt = base if isinstance(base, BaseCheckpoint) else BaseCheckpoint(base)
     config = ckpt.config
+    decoder, encoder = checkpoint_codecs(ckpt, dtype, double_quant=double_quant, device=device)
     loaded = load_adapters(adapters, ckpt, allow_pickle)
     factors = check_weights(loaded, weights)
-    decoder, encoder = StoredDecoder(), CastEncoder(out_dtype)
     specs = decoder.specs(ckpt)
     fitted = fit_adapters(loaded, specs, config.get("model_type"))
     for message in filter(None, (base_mismatch(a, ckpt, config) for a in loaded)):
@@ -616,21 +656,37 @@ def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iter
     else:
         plans = [plan_output(target.name, fitted, factors, device)]
     del loaded, fitted  # the plans hold the factors they need (float32, scale folded in)
+    report = write_outputs(ckpt, specs, plans, decoder, encoder, target, each=each, device=device,
+                           overwrite=overwrite, shard_bytes=shard_bytes, batch_bytes=batch_bytes, progress=progress)
+    report.seconds = time.perf_counter() - start
+    for message in survival_warnings(report):
+        warnings.warn(message, stacklevel=2)
+    return report
+
+
+def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
+                  decoder: StoredDecoder, encoder: CastEncoder, target: Path, *, each: bool, device: torch.device,
+                  overwrite: bool, shard_bytes: int | None, batch_bytes: int | None, progress: bool,
+                  desc: str = "merging") -> MergeReport:
+    """One pass over the base: every output plan (no updates: the base re-encoded) written atomically to `target`
+    (with `each`, to `target/<plan name>`), read through `decoder`, written through `encoder`."""
+    start = time.perf_counter()
     batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
     steps = plan_steps(specs, batch_bytes)
     layout = plan_layout(ckpt, steps, specs, encoder, shard_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     total = sum(s.nbytes for s in specs.values())
+    survival: list[dict[str, float]] = [{} for _ in plans]
     with atomic_output(target, overwrite=overwrite) as tmp:
         queue = WriteQueue(max_pending=2 * batch_bytes)
         sinks = [open_output(tmp / plan.name if each else tmp, ckpt, encoder, layout, queue) for plan in plans]
         workspace = Workspace(queue, pin=device.type == "cuda")
         try:
-            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="merging",
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                       disable=not progress, file=sys.stderr) as bar:
                 for step in steps:
-                    run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, workspace)
+                    run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, workspace, survival)
                     bar.update(sum(specs[k].nbytes for k in step.keys))
             for sink in sinks:
                 sink.close(total_parameters=sum(s.numel for s in specs.values()))
@@ -648,5 +704,7 @@ def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iter
         peak_rss=_peak_rss(),
         peak_device_memory=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
         device=str(device),
-        dtype=None if out_dtype is None else str(out_dtype).removeprefix("torch."),
+        dtype=encoder.label,
+        quantized=encoder.quantized,
+        survival={plan.name: kept for plan, kept in zip(plans, survival) if kept},
     )

@@ -7,7 +7,7 @@ import click
 
 from adaptools import AdaptoolsError, __version__
 
-from .commands import combine, convert, dora, info, merge, push, rerank, spectrum
+from .commands import combine, convert, dora, info, merge, push, quantize, rerank, spectrum
 
 
 class AdaptoolsGroup(click.Group):
@@ -56,6 +56,7 @@ COMMANDS = (
     combine.negate,
     rerank.rerank,
     merge.merge,
+    quantize.quantize,
     dora.dora,
     spectrum.spectrum,
     push.push,

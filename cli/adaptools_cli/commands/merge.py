@@ -12,7 +12,7 @@ from ..options import allow_pickle, output_options
 from ..provenance import provenance
 from .combine import parse_weights
 
-DTYPE_CHOICES = ("fp16", "bf16", "fp32")
+DTYPE_CHOICES = ("fp16", "bf16", "fp32", "nf4")
 
 
 def _size(nbytes: float) -> str:
@@ -29,15 +29,30 @@ def _warn(message: Warning | str, *_details: object) -> None:
     click.echo(f"warning: {message}", err=True)
 
 
-def echo_report(report: MergeReport) -> None:
-    """One line per output folder, then time, sizes and peak memory."""
+def echo_report(report: MergeReport, verb: str = "merged {modules} modules into") -> None:
+    """One line per output folder (with the NF4 survival of ΔW when measured), then time, sizes and peak memory."""
     for name, folder in report.outputs.items():
-        click.echo(f"merged {report.modules[name]} modules into {folder}")
+        click.echo(f"{verb.format(modules=report.modules[name], quantized=report.quantized)} {folder}")
+        kept = report.survival.get(name)
+        if kept:
+            worst = min(kept, key=kept.get)
+            click.echo(f"  ΔW surviving NF4 requantization: mean {sum(kept.values()) / len(kept):.1%} over "
+                       f"{len(kept)} modules, min {kept[worst]:.1%} ({worst})")
     memory = f"peak memory {_size(report.peak_rss)} (RSS)"
     if report.peak_device_memory is not None:
         memory += f", {_size(report.peak_device_memory)} on {report.device}"
-    click.echo(f"{report.tensors} tensors, {report.dtype or 'dtype of the base'}; read {_size(report.bytes_read)}, "
+    dtype = report.dtype or "dtype of the base"
+    if report.quantized:
+        dtype += f" ({report.quantized} weights quantized)"
+    click.echo(f"{report.tensors} tensors, {dtype}; read {_size(report.bytes_read)}, "
                f"wrote {_size(report.bytes_written)} in {report.seconds:.1f} s on {report.device}; {memory}")
+
+
+def survival_rows(report: MergeReport) -> list[dict]:
+    """The card's per-module table: the fraction of ΔW surviving NF4 requantization (output column with --each)."""
+    several = len(report.outputs) > 1
+    return [{**({"output": name} if several else {}), "module": module, "survival": value}
+            for name, kept in report.survival.items() for module, value in kept.items()]
 
 
 @click.command()
@@ -45,7 +60,10 @@ def echo_report(report: MergeReport) -> None:
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--weights", help="One factor per adapter, comma-separated (e.g. 0.7,0.3); default 1 each.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES),
-              help="dtype of the output's floating tensors (default: the base's).")
+              help="dtype of the output's floating tensors (default: the base's, NF4 for an NF4 base); nf4 quantizes "
+                   "the merged linear weights (as `adaptools quantize`), fp16/bf16/fp32 write an NF4 base dequantized.")
+@click.option("--double-quant/--no-double-quant", default=None,
+              help="NF4 output of an unquantized base: quantize the block scales too (default: on).")
 @click.option("--device", default="auto", show_default=True, help="Where the merge math runs: auto, cpu or cuda.")
 @click.option("--max-shard-size", help="Re-shard the output, e.g. 5GB or 200MB (default: the base's own shards).")
 @click.option("--each", is_flag=True,
@@ -53,18 +71,20 @@ def echo_report(report: MergeReport) -> None:
 @output_options
 @allow_pickle
 @provenance("merge", kind="model")
-def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str | None, device: str,
-          max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> dict:
+def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str | None, double_quant: bool | None,
+          device: str, max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> dict:
     """Merge ADAPTERS (PEFT folders or kohya files) into the checkpoint folder BASE, streaming shard by shard.
 
     All adapters go into one model (W + Σ w·ΔW), or with --each into one model each. Config, tokenizer and
-    generation files are copied; the shard layout is kept unless --max-shard-size is given.
+    generation files are copied; the shard layout is kept unless --max-shard-size is given. An NF4 base
+    (bitsandbytes 4-bit) is dequantized, merged in float32 and requantized with its own settings; the
+    summary then shows how much of each ΔW survives requantization.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = _warn
-        report = adaptools.merge(base, list(adapters), parse_weights(weights), out=output, dtype=dtype, device=device,
-                                 overwrite=overwrite, each=each, max_shard_size=max_shard_size,
-                                 allow_pickle=allow_pickle, progress=True)
+        report = adaptools.merge(base, list(adapters), parse_weights(weights), out=output, dtype=dtype,
+                                 double_quant=double_quant, device=device, overwrite=overwrite, each=each,
+                                 max_shard_size=max_shard_size, allow_pickle=allow_pickle, progress=True)
     echo_report(report)
-    return {"folders": list(report.outputs.values())}
+    return {"folders": list(report.outputs.values()), "summary": survival_rows(report)}
