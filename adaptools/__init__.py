@@ -18,6 +18,7 @@ from .errors import (
     OutputExistsError,
     PickleNotAllowedError,
     RankMismatchError,
+    RecipeError,
     ShapeMismatchError,
     UnknownModuleError,
     UnsupportedAdapterError,
@@ -25,6 +26,7 @@ from .errors import (
 from .combine import combine, interpolate, negate
 from .formats import BaseCheckpoint, detect_format, save_adapter
 from .formats import load_adapter as load
+from .hub import push
 from .merge import MergeReport, merge
 from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
@@ -54,6 +56,7 @@ __all__ = [
     "OutputExistsError",
     "PickleNotAllowedError",
     "RankMismatchError",
+    "RecipeError",
     "RerankReport",
     "ShapeMismatchError",
     "UnknownModuleError",
@@ -66,6 +69,7 @@ __all__ = [
     "load",
     "merge",
     "negate",
+    "push",
     "quantize",
     "rerank",
     "resolve_device",
