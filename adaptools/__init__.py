@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+try:
+    __version__ = version("adaptools")
+except PackageNotFoundError:  # running from a source tree without an install
+    __version__ = "0.0.0+source"
+
+# The version is set first: modules below (recipe.py) record it.
 from .adapter import Adapter, LoraModule
 from .device import resolve_device
 from .dora import LoraFitReport, ModuleFit, to_dora, to_lora
@@ -31,11 +37,6 @@ from .merge import MergeReport, merge
 from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
 from .spectrum import compare_spectra, spectrum
-
-try:
-    __version__ = version("adaptools")
-except PackageNotFoundError:  # running from a source tree without an install
-    __version__ = "0.0.0+source"
 
 __all__ = [
     "Adapter",
