@@ -17,7 +17,6 @@ fp16 base agrees to fp16 rounding.
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -46,6 +45,7 @@ from .linalg import (
 )
 from .merge import dora_merge_rows
 from .nf4_checkpoint import NF4Decoder
+from .report import ErrorSummary
 
 __all__ = [
     "BaseWeights",
@@ -286,24 +286,13 @@ class ModuleFit:
 
 
 @dataclass
-class LoraFitReport:
+class LoraFitReport(ErrorSummary):
     """Per-module fit of a DoRA → LoRA conversion: retained energy Σ_{i<k} s_i²/‖ΔW‖², relative error ‖ΔW−ΔW_k‖/‖ΔW‖."""
 
     policy: str
     svd: str
     base_weights: str
     modules: dict[str, ModuleFit] = field(default_factory=dict)
-
-    @property
-    def worst_rel_error(self) -> float:
-        """Largest relative error over modules (0 for an empty report)."""
-        return max((f.rel_error for f in self.modules.values()), default=0.0)
-
-    @property
-    def rel_error(self) -> float:
-        """Relative error over all converted modules together: sqrt(Σ error² / Σ ‖ΔW‖²)."""
-        total = sum(f.norm**2 for f in self.modules.values())
-        return math.sqrt(sum(f.error**2 for f in self.modules.values()) / total) if total > 0 else 0.0
 
     def to_dict(self) -> dict:
         """JSON-ready data: settings, SVD methods that ran, overall and worst relative error, one entry per module."""

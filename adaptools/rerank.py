@@ -15,6 +15,7 @@ from torch import Tensor
 from .adapter import Adapter, LoraModule
 from .errors import DoraError, InvalidArgumentError
 from .linalg import RankPolicy, balanced_factors, choose_ranks, factored_svd, group_by, select_ranks, truncation_error
+from .report import ErrorSummary
 
 MAX_STACK_ELEMENTS = 2**23
 """Most elements of the stacked B and A of one batched SVD call (32 MiB in float32): bounds the working memory."""
@@ -45,16 +46,11 @@ class ModuleRerank:
 
 
 @dataclass(frozen=True)
-class RerankReport:
+class RerankReport(ErrorSummary):
     """Per-module results of a re-rank under one policy (`to_dict()` gives JSON-ready data)."""
 
     policy: str
     modules: dict[str, ModuleRerank] = field(default_factory=dict)
-
-    @property
-    def worst_rel_error(self) -> float:
-        """Largest ‖ΔW − ΔW_k‖_F / ‖ΔW‖_F over modules (0 for an empty report)."""
-        return max((m.rel_error for m in self.modules.values()), default=0.0)
 
     @property
     def params_before(self) -> int:
