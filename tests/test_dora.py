@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from factories import input_ids, load_base, make_base, make_peft_adapter, peft_logits, peft_merged_logits
+from factories import load_base, make_base, make_peft_adapter, peft_logits, peft_merged_logits
 from safetensors.torch import load_file, save_file
 
 import adaptools
