@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 LayerKind = Literal["linear", "embedding", "conv"]
 
 
-@dataclass
+@dataclass(repr=False)
 class LoraModule:
     """One low-rank update ΔW = scale · B @ A, in the canonical (out_features, in_features) orientation.
 
@@ -47,6 +47,10 @@ class LoraModule:
             )
         if self.bias is not None and self.bias.shape != (self.out_features,):
             raise ShapeMismatchError(f"LoRA bias has shape {tuple(self.bias.shape)}, expected ({self.out_features},)")
+
+    def __repr__(self) -> str:
+        dora = ", dora" if self.is_dora else ""
+        return f"LoraModule({self.kind}, {self.out_features}x{self.in_features}, rank {self.rank}, scale {self.scale:g}{dora})"
 
     @property
     def rank(self) -> int:
@@ -130,7 +134,7 @@ class LoraModule:
             yield "bias", self.bias
 
 
-@dataclass
+@dataclass(repr=False)
 class Adapter:
     """An ordered mapping from base module path (checkpoint key without `.weight`) to `LoraModule`.
 
@@ -145,6 +149,12 @@ class Adapter:
     config: dict = field(default_factory=dict)
     source_format: str = "peft"
     name: str | None = None
+
+    def __repr__(self) -> str:
+        ranks = sorted(set(self.ranks.values()))
+        shown = f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else (str(ranks[0]) if ranks else "-")
+        return (f"Adapter({self.name or 'unnamed'}, {self.source_format}, {len(self)} modules, rank {shown}, "
+                f"{self.num_params:,} parameters{', dora' if self.is_dora else ''})")
 
     def __len__(self) -> int:
         return len(self.modules)

@@ -5,10 +5,10 @@ import contextlib
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import InvalidArgumentError, OutputExistsError
 
 
 def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -17,6 +17,21 @@ def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
     if (target.exists() or target.is_symlink()) and not overwrite:
         raise OutputExistsError(f"output {str(target)!r} already exists (pass --overwrite to replace it)")
     return target
+
+
+def check_output_paths(outputs: Iterable[str | os.PathLike], inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """InvalidArgumentError when two outputs are one path, or an output is, holds or lies inside an input or
+    holds the current folder (replacing it would destroy what the command reads, or the folder the user is in)."""
+    outs = [Path(p).resolve() for p in outputs]
+    if len(set(outs)) < len(outs):
+        raise InvalidArgumentError("the same path is given for two outputs")
+    cwd = Path.cwd().resolve()
+    for out in outs:
+        if out == cwd or out in cwd.parents:
+            raise InvalidArgumentError(f"output {str(out)!r} is or holds the current folder")
+        for inp in (Path(p).resolve() for p in inputs):
+            if out == inp or out in inp.parents or inp in out.parents:
+                raise InvalidArgumentError(f"output {str(out)!r} overlaps the input {str(inp)!r}: write it elsewhere")
 
 
 def umask_permissions(root: Path) -> None:
@@ -38,8 +53,12 @@ def atomic_output(target: str | os.PathLike, overwrite: bool = False, is_file: b
     it is a file path (inside a temporary folder) to write.
     """
     target = check_output(target, overwrite).absolute()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    check_output_paths([target])
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    except OSError as exc:
+        raise InvalidArgumentError(f"cannot write the output {str(target)!r}: {exc.strerror or exc}") from exc
     try:
         source = tmp / target.name if is_file else tmp
         yield source

@@ -153,14 +153,16 @@ def combine_full_tensors(adapters: Sequence[Adapter], weights: Sequence[float], 
 
 
 def result_adapter(adapters: Sequence[Adapter], modules: dict[str, LoraModule], extra: dict[str, Tensor]) -> Adapter:
-    """The combination's Adapter: the first input's metadata, without config keys that restrict its targets."""
+    """The combination's Adapter: the first input's metadata, without config keys that restrict its targets;
+    its format is the inputs' common format (PEFT for a mix)."""
     first = adapters[0]
     config = {k: v for k, v in first.config.items() if k not in TARGETING_KEYS}
     if not extra and "modules_to_save" in config:
         config["modules_to_save"] = None
     base_model = next((a.base_model for a in adapters if a.base_model), None)
+    formats = {a.source_format for a in adapters}
     return Adapter(modules=modules, extra=extra, base_model=base_model, config=config,
-                   source_format=first.source_format, name=None)
+                   source_format=formats.pop() if len(formats) == 1 else "peft", name=None)
 
 
 def combined_stacks(plan: dict[str, list[Term]]) -> Callable[[], Iterator[FactorStack]]:

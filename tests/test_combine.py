@@ -343,3 +343,15 @@ def test_cli_refuses_existing_output(runner, two, tmp_path):
     assert res.exit_code == 2 and "already exists" in res.stderr
     res = run_cli(runner, "combine", a, b, "-o", tmp_path / "out", "--overwrite")
     assert res.exit_code == 0 and (tmp_path / "out" / "adapter_config.json").exists()
+
+
+def test_cli_kohya_inputs_give_kohya_output_by_default(runner, two, tmp_path):
+    """A kohya file re-ranked or negated stays a kohya file unless --format says otherwise."""
+    a, _ = two
+    adaptools.load(a).save(tmp_path / "a.safetensors", format="kohya")
+    res = run_cli(runner, "negate", tmp_path / "a.safetensors", "-o", tmp_path / "neg.safetensors")
+    assert res.exit_code == 0, res.output + res.stderr
+    negated = adaptools.load(tmp_path / "neg.safetensors")
+    original = adaptools.load(tmp_path / "a.safetensors")
+    assert negated.source_format == "kohya"
+    assert all(rel_err(negated.delta(n), -original.delta(n)) <= TOL for n in original)

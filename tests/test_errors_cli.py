@@ -79,6 +79,12 @@ BROKEN = {
     "inf": (edit_tensors(set_value(f"{Q}.lora_B.weight", float("-inf"))), adaptools.NonFiniteError, "NaN or Inf"),
     "unsupported_type": (edit_config(lambda c: c.update(peft_type="LOHA")), adaptools.UnsupportedAdapterError,
                          "unsupported adapter type 'LOHA'"),
+    "alpha_not_a_number": (edit_config(lambda c: c.update(lora_alpha="x")), adaptools.AdapterFormatError,
+                           "invalid LoRA settings"),
+    "pattern_not_a_regex": (edit_config(lambda c: c.update(rank_pattern={"(": 2})), adaptools.AdapterFormatError,
+                            "invalid LoRA settings"),
+    "pattern_not_a_dict": (edit_config(lambda c: c.update(alpha_pattern=["q_proj"])), adaptools.AdapterFormatError,
+                           "invalid LoRA settings"),
     "pickle_not_allowed": (lambda f: (torch.save(load_file(f / WEIGHTS), f / "adapter_model.bin"), (f / WEIGHTS).unlink()),
                            adaptools.PickleNotAllowedError, "--allow-pickle"),
 }
@@ -183,3 +189,37 @@ def test_real_process_exit_status_and_stderr(tmp_path):
     assert done.returncode == 2
     assert done.stderr == f"error: {str(missing)!r} does not exist\n"
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "holds", "cwd"])
+def test_output_that_overlaps_an_input_is_refused(where, good, tmp_path, runner, monkeypatch):
+    """-o equal to an input, inside it, holding it, or holding the current folder would destroy what is read."""
+    src = tmp_path / "work" / "adapter"
+    shutil.copytree(good, src)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    monkeypatch.chdir(src if where == "cwd" else tmp_path)
+    output = {"same": src, "inside": src / "sub", "holds": tmp_path / "work", "cwd": tmp_path / "work"}[where]
+    result = run_cli(runner, "rerank", src, "--rank", "2", "-o", output, "--overwrite")
+    assert_one_line_error(result, "output")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+
+
+def test_two_outputs_on_one_path_are_refused(good, tmp_path, runner):
+    result = run_cli(runner, "rerank", good, "--rank", "2", "-o", tmp_path / "x", "--report", tmp_path / "x")
+    assert_one_line_error(result, "the same path is given for two outputs")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_output_below_a_file_is_one_error_line(good, tmp_path, runner):
+    (tmp_path / "file").write_text("not a folder")
+    result = run_cli(runner, "convert", good, "--to", "peft", "-o", tmp_path / "file" / "sub")
+    assert_one_line_error(result, "cannot write the output")
+
+
+def test_base_config_that_is_not_json_is_one_error_line(good, llama_base, tmp_path, runner):
+    base = tmp_path / "base"
+    shutil.copytree(llama_base, base)
+    (base / "config.json").write_text("{not json")
+    result = run_cli(runner, "merge", base, good, "-o", tmp_path / "out")
+    assert_one_line_error(result, "not valid JSON")
+    assert not (tmp_path / "out").exists()

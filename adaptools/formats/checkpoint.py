@@ -10,7 +10,6 @@ import json
 import math
 import os
 import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,7 +127,15 @@ class BaseCheckpoint:
     def config(self) -> dict:
         """config.json of the base folder, or {} when there is none."""
         cfg = self.root / "config.json"
-        return json.loads(cfg.read_text()) if cfg.exists() else {}
+        if not cfg.exists():
+            return {}
+        try:
+            config = json.loads(cfg.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BaseMismatchError(f"{str(cfg)!r} is not valid JSON ({exc})") from exc
+        if not isinstance(config, dict):
+            raise BaseMismatchError(f"{str(cfg)!r} does not hold a JSON object")
+        return config
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -166,9 +173,3 @@ class BaseCheckpoint:
         """Load one tensor (one positioned read of its bytes), into `out` (a uint8 buffer) when given."""
         with open(self.path(key), "rb", buffering=0) as f:
             return read_tensor(f, self._info[key], out)
-
-    def iter_shard(self, shard: str) -> Iterator[tuple[str, Tensor]]:
-        """(key, tensor) for each tensor of one shard, loaded one at a time."""
-        with open(self.root / shard, "rb", buffering=0) as f:
-            for key in self.shard_keys(shard):
-                yield key, read_tensor(f, self._info[key])

@@ -179,7 +179,10 @@ def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
             grouped.setdefault(module, {})[role] = tensor
     if not grouped:
         raise AdapterFormatError(f"{str(weights_path)!r} holds no LoRA tensors")
-    modules = {module: lora_module(module, parts, config) for module, parts in grouped.items()}
+    try:
+        modules = {module: lora_module(module, parts, config) for module, parts in grouped.items()}
+    except (TypeError, ValueError, AttributeError, re.error) as exc:  # r, lora_alpha or a pattern of the wrong kind
+        raise AdapterFormatError(f"{str(config_path)!r} has invalid LoRA settings ({type(exc).__name__}: {exc})") from exc
     adapter = Adapter(
         modules=modules,
         extra=extra,

@@ -43,6 +43,7 @@ from pathlib import Path
 import click
 
 from adaptools import __version__
+from adaptools.atomic import check_output_paths
 from adaptools.card import LIBRARY, adapter_base_model, input_metadata, model_card, write_card
 from adaptools.errors import RecipeError
 from adaptools.hub import check_repo_id, push
@@ -66,6 +67,9 @@ def provenance(operation: str, kind: str = "adapter", output_params: Sequence[st
                     **kwargs) -> None:
             if push_to:
                 check_repo_id(push_to)
+            ctx = click.get_current_context()
+            outputs = [ctx.params[name] for name in ("output", *output_params) if ctx.params.get(name)]
+            check_output_paths(outputs, [p for name in input_names(ctx, output_params) for p in listed(jsonable(ctx.params[name]))])
             result = func(*args, **kwargs)
             output = record(click.get_current_context(), operation, kind, output_params, result or {})
             if push_to:
@@ -81,8 +85,7 @@ def provenance(operation: str, kind: str = "adapter", output_params: Sequence[st
 def record(ctx: click.Context, operation: str, kind: str, output_params: Sequence[str], result: Mapping) -> Path:
     """Write the recipe (and, for a folder, the card) of the finished output of `ctx`; return the output path."""
     output = Path(ctx.params["output"])
-    inputs = [p.name for p in ctx.command.params
-              if isinstance(p.type, click.Path) and p.name not in ("output", *output_params)]
+    inputs = input_names(ctx, output_params)
     params = {name: jsonable(value) for name, value in ctx.params.items() if name not in NOT_RECORDED}
     for name in inputs:
         params[name] = absolute(params[name])
@@ -96,6 +99,12 @@ def record(ctx: click.Context, operation: str, kind: str, output_params: Sequenc
         base_model = result.get("base_model") or adapter_base_model(folder)
         write_card(model_card(recipe, folder.name, base_model, result.get("license"), meta), folder)
     return output
+
+
+def input_names(ctx: click.Context, output_params: Sequence[str]) -> list[str]:
+    """Names of the command's input parameters: its click.Path parameters other than the outputs."""
+    return [p.name for p in ctx.command.params
+            if isinstance(p.type, click.Path) and p.name not in ("output", *output_params)]
 
 
 def summary_rows(summary: Sequence[Mapping] | Mapping[str, object]) -> list[dict]:

@@ -33,7 +33,7 @@ def full_tensors_option(func: Callable) -> Callable:
     )(func)
 
 
-def run(paths: Sequence[str], weights: list[float] | None, policy_values: dict, *, full_tensors: str, fmt: str,
+def run(paths: Sequence[str], weights: list[float] | None, policy_values: dict, *, full_tensors: str, fmt: str | None,
         base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool,
         merge_method: dict | None = None) -> None:
     """Load, combine (re-rank when a policy is given, merge by `merge_method`'s options), save and print the summary."""
@@ -76,7 +76,7 @@ def echo_exact(result: Adapter) -> None:
 @common_options
 @provenance("combine")
 def combine(adapters: tuple[str, ...], weights: str | None, method: str, density: float | None, majority_sign: str,
-            seed: int, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str, base: str | None,
+            seed: int, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str | None, base: str | None,
             dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
     """Weighted sum of ADAPTERS, exact (rank Σ r_i); with a rank option, re-ranked by SVD; or merged by --method."""
     policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
@@ -93,7 +93,7 @@ def combine(adapters: tuple[str, ...], weights: str | None, method: str, density
 @full_tensors_option
 @common_options
 @provenance("interpolate")
-def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str,
+def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str | None,
                 base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
     """(1 − t)·A + t·B, exact (rank r_A + r_B); with a rank option, re-ranked by SVD."""
     policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
@@ -106,7 +106,7 @@ def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget
 @full_tensors_option
 @common_options
 @provenance("negate")
-def negate(adapter: str, full_tensors: str, fmt: str, base: str | None, dtype: str | None, device: str, output: str,
+def negate(adapter: str, full_tensors: str, fmt: str | None, base: str | None, dtype: str | None, device: str, output: str,
            overwrite: bool, allow_pickle: bool) -> None:
     """−ADAPTER, exact at the same rank (undoes ADAPTER when both are applied)."""
     run((adapter,), [-1.0], {}, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype, device=device,

@@ -51,7 +51,8 @@ def optional_policy(**options: float | None) -> RankPolicy | None:
 def common_options(func: Callable) -> Callable:
     """--format, --base, --dtype, --device, -o/--overwrite and --allow-pickle."""
     for option in (
-        click.option("--format", "fmt", type=click.Choice(FORMATS), default="peft", show_default=True, help="Output format."),
+        click.option("--format", "fmt", type=click.Choice(FORMATS),
+                     help="Output format (default: the inputs' format; peft for a mix)."),
         click.option("--base", type=click.Path(), help="Base checkpoint folder, to map kohya module names to module paths."),
         click.option("--dtype", type=click.Choice(list(DTYPES)), help="dtype of the result (default: the inputs')."),
         click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu or cuda."),
@@ -70,7 +71,9 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
         yield bar.update
 
 
-def save(adapter: Adapter, output: str, fmt: str, overwrite: bool) -> None:
+def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool) -> None:
+    """Write `adapter` in `fmt`, by default in the format it was read from (kohya stays kohya)."""
+    fmt = fmt or ("kohya" if adapter.source_format == "kohya" else "peft")
     adapter.save(output, format=fmt, overwrite=overwrite)
     click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}")
 
@@ -114,7 +117,7 @@ def echo_report(report: RerankReport) -> None:
 @common_options
 @provenance("rerank")
 def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | None, threshold: float | None,
-           budget: float | None, report_path: str | None, fmt: str, base: str | None, dtype: str | None, device: str,
+           budget: float | None, report_path: str | None, fmt: str | None, base: str | None, dtype: str | None, device: str,
            output: str, overwrite: bool, allow_pickle: bool) -> dict:
     """Re-rank ADAPTER: best rank-k approximation of each ΔW (factored SVD), k chosen by exactly one option."""
     policy = RankPolicy.from_options(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 import adaptools
-from adaptools.atomic import atomic_output, check_output
+from adaptools.atomic import atomic_output, check_output, check_output_paths
 from adaptools.spectrum import ENERGY_LEVELS, energy_key, module_grid
 
 from ..options import allow_pickle, overwrite
@@ -145,6 +145,7 @@ def spectrum(adapters: tuple[str, ...], base: str | None, json_path: str | None,
     Metrics come from the exact factored SVD of each ΔW = scale·B@A (no dense ΔW): effective rank, stable rank,
     the ranks keeping 90% / 99% of the energy, numerical rank; it ends with a suggested --energy policy.
     """
+    check_output_paths([p for p in (json_path, plot_path) if p and p != "-"], [*adapters, *([base] if base else [])])
     for path in (json_path, plot_path):
         if path and path != "-":
             check_output(path, overwrite)
