@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BaseMismatchError, InputNotFoundError
+from .tensors import read_json_object
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -129,13 +130,7 @@ class BaseCheckpoint:
         cfg = self.root / "config.json"
         if not cfg.exists():
             return {}
-        try:
-            config = json.loads(cfg.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise BaseMismatchError(f"{str(cfg)!r} is not valid JSON ({exc})") from exc
-        if not isinstance(config, dict):
-            raise BaseMismatchError(f"{str(cfg)!r} does not hold a JSON object")
-        return config
+        return read_json_object(cfg, BaseMismatchError)
 
     def keys(self) -> list[str]:
         return list(self.weight_map)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, DoraError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
-from .tensors import check_factors, read_tensor_file, require_exists, write_safetensors
+from .tensors import check_factors, read_json_object, read_tensor_file, require_exists, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -66,12 +66,7 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path]:
 
 def read_config(path: Path) -> dict:
     """adapter_config.json as a dict, with a typed error for bad JSON or an unsupported adapter type."""
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AdapterFormatError(f"{str(path)!r} is not valid JSON ({exc})") from exc
-    if not isinstance(config, dict):
-        raise AdapterFormatError(f"{str(path)!r} does not hold a JSON object")
+    config = read_json_object(path, AdapterFormatError)
     peft_type = str(config.get("peft_type", "LORA")).upper()
     if peft_type not in SUPPORTED_TYPES:
         raise UnsupportedAdapterError(

@@ -1,6 +1,7 @@
 """Tensor files at the edge: read safetensors (or, only when allowed, pickle) into tensors, with typed errors."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -9,7 +10,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from ..errors import AdapterFormatError, InputNotFoundError, PickleNotAllowedError, RankMismatchError, ShapeMismatchError
+from ..errors import (
+    AdapterFormatError,
+    AdaptoolsError,
+    InputNotFoundError,
+    PickleNotAllowedError,
+    RankMismatchError,
+    ShapeMismatchError,
+)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -20,6 +28,17 @@ def require_exists(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise InputNotFoundError(f"{str(path)!r} does not exist")
     return path
+
+
+def read_json_object(path: Path, error: type[AdaptoolsError]) -> dict:
+    """The JSON object in `path`; `error` (an AdaptoolsError subclass) when it is not valid JSON or not an object."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{str(path)!r} is not valid JSON ({exc})") from exc
+    if not isinstance(value, dict):
+        raise error(f"{str(path)!r} does not hold a JSON object")
+    return value
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
