@@ -45,7 +45,7 @@ from .linalg import (
 )
 from .merge import dora_merge_rows
 from .nf4_checkpoint import NF4Decoder
-from .report import ErrorSummary
+from .report import ErrorSummary, ModuleFitError, relative
 
 __all__ = [
     "BaseWeights",
@@ -271,18 +271,13 @@ def to_dora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *
 # --------------------------------------------------------------------------- DoRA → LoRA
 
 
-@dataclass(frozen=True)
-class ModuleFit:
-    """How a rank-`rank` LoRA fits one module's DoRA update ΔW = W' − W: ‖ΔW‖_F, ‖ΔW − ΔW_k‖_F, relative error."""
+@dataclass(frozen=True, kw_only=True)
+class ModuleFit(ModuleFitError):
+    """How a rank-`rank` LoRA fits one module's DoRA update ΔW = W' − W: ‖ΔW‖_F, ‖ΔW − ΔW_k‖_F, relative error;
+    `method` is the SVD that ran ("exact" or "randomized")."""
 
     rank: int
     method: str
-    out_features: int
-    in_features: int
-    norm: float
-    error: float
-    rel_error: float
-    retained_energy: float
 
 
 @dataclass
@@ -430,7 +425,8 @@ def to_lora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *
                 m, k, norm, err = adapter[name], int(k), float(norm), float(err)
                 B, A = balanced_factors(U, S, Vh, k)
                 modules[name] = replace(m, B=B.to("cpu", m.dtype), A=A.to("cpu", m.dtype), scale=1.0, magnitude=None)
-                rel = err / norm if norm > 0 else 0.0
-                fits[name] = ModuleFit(k, method, m.out_features, m.in_features, norm, err, rel, 1.0 - rel**2)
+                rel = relative(err, norm)
+                fits[name] = ModuleFit(rank=k, method=method, out_features=m.out_features, in_features=m.in_features,
+                                       norm=norm, error=err, rel_error=rel, retained_energy=1.0 - rel**2)
     report = LoraFitReport(f"{policy.kind}={policy.value:g}", svd, base_weights, {n: fits[n] for n in names})
     return adapter.with_modules(modules), report

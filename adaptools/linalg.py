@@ -68,7 +68,11 @@ def _check_finite(name: str, t: Tensor) -> None:
 
 
 def accurate_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Thin SVD M = U·diag(S)·Vh; on CUDA with the QR-based `gesvd` driver (the default `gesvdj` is ~1e-4 off in fp32)."""
+    """Thin SVD M = U·diag(S)·Vh; on CUDA with the QR-based `gesvd` driver (the default `gesvdj` is ~1e-4 off in fp32).
+
+    The one dense SVD of the package, called only on bounded inputs: the r × r core of `factored_svd` and the
+    small dense ΔW of `exact_svd_dense` (min(m, n) <= EXACT_SVD_MAX_DIM).
+    """
     driver = "gesvd" if M.is_cuda else None
     return torch.linalg.svd(M, full_matrices=False, driver=driver)
 

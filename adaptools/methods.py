@@ -68,6 +68,7 @@ from .linalg import (
     select_ranks,
     truncation_error,
 )
+from .report import relative
 from .rerank import ModuleRerank, Progress, RerankReport, policy_text, refuse_dora, resolve_policy
 
 Method = Literal["sum", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties", "knots_dare"]
@@ -301,9 +302,10 @@ def _report(result: _Merged, k: int) -> ModuleRerank:
     """The module's report: error² = residual² + Σ_{i>=k} s_i² (orthogonal parts), relative to ‖merged‖_F."""
     tail = float(truncation_error(result.svd.S.double(), k)[0])
     error = (result.residual**2 + tail**2) ** 0.5
-    rel = error / result.norm if result.norm > 0 else 0.0
+    rel = relative(error, result.norm)
     m, n = result.svd.U.shape[-2], result.svd.Vh.shape[-1]
-    return ModuleRerank(result.rank, k, m, n, result.norm, error, rel, 1.0 - rel**2)
+    return ModuleRerank(old_rank=result.rank, new_rank=k, out_features=m, in_features=n, norm=result.norm,
+                        error=error, rel_error=rel, retained_energy=1.0 - rel**2)
 
 
 def merge_with_method(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, method: str = "ties", *,

@@ -15,7 +15,7 @@ from torch import Tensor
 from .adapter import Adapter, LoraModule
 from .errors import DoraError, InvalidArgumentError
 from .linalg import RankPolicy, balanced_factors, choose_ranks, factored_svd, group_by, select_ranks, truncation_error
-from .report import ErrorSummary
+from .report import ErrorSummary, ModuleFitError
 
 MAX_STACK_ELEMENTS = 2**23
 """Most elements of the stacked B and A of one batched SVD call (32 MiB in float32): bounds the working memory."""
@@ -23,18 +23,12 @@ MAX_STACK_ELEMENTS = 2**23
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class ModuleRerank:
+@dataclass(frozen=True, kw_only=True)
+class ModuleRerank(ModuleFitError):
     """What re-ranking did to one module: ranks, ‖ΔW‖_F, the exact error ‖ΔW − ΔW_k‖_F and its relative value."""
 
     old_rank: int
     new_rank: int
-    out_features: int
-    in_features: int
-    norm: float
-    error: float
-    rel_error: float
-    retained_energy: float
 
     @property
     def params_before(self) -> int:
@@ -155,7 +149,8 @@ def truncate_stacks(stacks: Callable[[], Iterable[FactorStack]], policy: RankPol
         for j, name in enumerate(stack.names):
             k = int(ks[j])
             B, A = balanced_factors(U[j], S[j], Vh[j], k)
-            results[name] = (B, A, ModuleRerank(r, k, m, n, norms[j], error[j], rel[j], kept[j]))
+            results[name] = (B, A, ModuleRerank(old_rank=r, new_rank=k, out_features=m, in_features=n, norm=norms[j],
+                                                error=error[j], rel_error=rel[j], retained_energy=kept[j]))
         if progress is not None:
             progress(len(stack.names))
     return results
