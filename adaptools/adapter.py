@@ -107,6 +107,11 @@ class LoraModule:
             return weight.reshape(*lead, self.out_features, self.in_features)
         return weight.transpose(-1, -2) if self.transposed else weight
 
+    def base_factors(self, B: Tensor, A: Tensor) -> tuple[Tensor, Tensor]:
+        """(L, R) with L @ R the update B @ A on the base weight's 2-D view (first dimension by the rest
+        flattened): (B, A), or (Aᵀ, Bᵀ) where the base stores ΔWᵀ."""
+        return (A.T, B.T) if self.transposed else (B, A)
+
     def delta(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """Dense ΔW = scale · B @ A in the base weight's layout (built only on request)."""
         dense = (self.B.to(dtype) @ self.A.to(dtype)) * self.scale

@@ -3,28 +3,35 @@
 1. Validate before writing: every adapter module needs a base weight it fits (fan_in_fan_out resolved by shape),
    every LoRA bias a base bias, every full tensor a base tensor of its shape; all offenders are listed at once.
 2. Steps: the base's tensors, shard by shard, grouped by (shape, dtype) into chunks of at most `batch_bytes`
-   (as float32). Each step is read once and feeds every output (several adapters → several merged models).
-3. Per output and step: the targeted weights, canonical (out, in), float32, on `device`, are stacked and merged
-   with one `baddbmm`: W' = W + B·A with each module's scale and weight folded into B (several adapters: factors
-   concatenated, rank Σr; ranks zero-padded to the largest of the batch); DoRA rows are then scaled by m/‖W'‖.
-   Results are cast to the output dtype, checked finite and streamed into the output shards.
+   (as float32). Each step is read once (memory-mapped) and feeds every output (several adapters → several
+   merged models). Steps run on worker threads; every output tensor has a byte range planned up front, so
+   results are written where they belong in whatever order they are done.
+3. Per output and step: the targeted weights, as 2-D views of their stored layout, float32, on `device`, are
+   stacked and merged with one `baddbmm` per tile of rows: W' = W + L·R with (L, R) = (B, A), or (Aᵀ, Bᵀ) where
+   the base stores ΔWᵀ, each module's scale and weight folded in (several adapters: factors concatenated, rank
+   Σr; ranks zero-padded to the largest of the batch); DoRA rows are then scaled by m/‖W'‖. On the CPU a tile
+   is a cache-sized slice of rows, so a weight is read, merged, cast and written without leaving the cache; on
+   an accelerator a tile is the whole step. Results are cast to the output dtype, checked finite and written.
 
 Hooks: a decoder turns stored base tensors into the tensors that are merged (`StoredDecoder`: as stored) and an
-encoder turns results into stored output tensors (`CastEncoder`: a cast). An NF4 base or output plugs in there
-(adaptools.nf4_checkpoint: dequantize → merge in float32 → requantize), and `write_outputs` also serves
-`adaptools.quantize` (no adapters, an NF4 encoder).
+encoder turns results into stored output tensors (`CastEncoder`: a cast, row by row). An NF4 base or output
+plugs in there (adaptools.nf4_checkpoint: dequantize → merge in float32 → requantize, whole tensors), and
+`write_outputs` also serves `adaptools.quantize` (no adapters, an NF4 encoder).
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 import math
 import os
+import queue
 import resource
 import sys
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -48,7 +55,6 @@ from .formats.checkpoint import BaseCheckpoint, TensorInfo
 from .formats.checkpoint_writer import (
     Layout,
     OutputSink,
-    WriteQueue,
     config_with_dtype,
     copy_side_files,
     parse_size,
@@ -79,6 +85,10 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tran
 """Architectures whose projections are transformers' Conv1D (weight stored (in, out)): a square weight is transposed."""
 BATCH_BYTES = {"cpu": 2**25, "cuda": 2**28}
 """Default float32 bytes of base weights merged in one step, per device type."""
+TILE_BYTES = {"cpu": 2**21}
+"""Float32 bytes of rows merged at once on the CPU (cache-sized); other devices merge whole steps."""
+MAX_WORKERS = 8
+"""At most this many steps run at once on the CPU (each holds its step's tensors)."""
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -100,15 +110,17 @@ def lora_merge(W: Tensor, B: Tensor, A: Tensor, *, inplace: bool = False) -> Ten
     return W.baddbmm_(B, A) if inplace else torch.baddbmm(W, B, A)
 
 
-def dora_merge_rows(W: Tensor, B: Tensor, A: Tensor, magnitude: Tensor, *, inplace: bool = False) -> Tensor:
+def dora_merge_rows(W: Tensor, B: Tensor, A: Tensor, magnitude: Tensor, *, inplace: bool = False,
+                    columns: bool = False) -> Tensor:
     """PEFT's DoRA merge W' = (m / ‖V‖_row) ⊙ V with V = W + B @ A, canonical (out, in) or (b, out, in), scale in B.
 
-    `magnitude` is (out,) or (b, out); a row with ‖V‖ = 0 stays 0. With `inplace`, W is overwritten by W'.
+    `magnitude` is (out,) or (b, out); a row with ‖V‖ = 0 stays 0. With `columns`, W holds Vᵀ's layout (the
+    base stores ΔWᵀ): norms and scaling run over columns. With `inplace`, W is overwritten by W'.
     """
     V = lora_merge(W, B, A, inplace=inplace)
-    norms = torch.linalg.vector_norm(V, dim=-1)
+    norms = torch.linalg.vector_norm(V, dim=-2 if columns else -1)
     gain = torch.where(norms > 0, magnitude / norms.clamp_min(torch.finfo(norms.dtype).tiny), 0.0)
-    return V.mul_(gain.unsqueeze(-1))
+    return V.mul_(gain.unsqueeze(-2 if columns else -1))
 
 
 # --------------------------------------------------------------------------- hooks: reading and writing tensors
@@ -135,9 +147,9 @@ class StoredDecoder:
         """{key: spec} for every tensor, in shard order."""
         return {k: TensorSpec(ckpt.shape(k), ckpt.dtype(k), ckpt.weight_map[k], ckpt.nbytes(k)) for k in ckpt.keys()}
 
-    def read(self, ckpt: BaseCheckpoint, key: str, out: Tensor | None = None) -> Tensor:
-        """The tensor to merge, read into `out` (a reusable uint8 buffer of >= spec.nbytes) when given."""
-        return ckpt.get(key, out)
+    def read(self, ckpt: BaseCheckpoint, key: str) -> Tensor:
+        """The tensor to merge (memory-mapped: its pages are read as they are used and released with it)."""
+        return ckpt.mapped(key)
 
     def sources(self, ckpt: BaseCheckpoint, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """Where the stored bytes of `key` lie, per output key, for outputs that keep it unchanged (copied file to
@@ -150,6 +162,8 @@ class CastEncoder:
 
     quantized = 0
     """Weights each output stores quantized."""
+    row_wise = True
+    """`encode` works on any rows of a tensor (so merged weights may arrive in tiles of rows)."""
 
     def __init__(self, dtype: torch.dtype | None = None):
         self.dtype = dtype
@@ -187,12 +201,13 @@ class CastEncoder:
 
 @dataclass
 class Update:
-    """One output's change to one base weight, canonical (out, in): W' = W + B @ A, then DoRA's row scaling."""
+    """One output's change to one base weight, on its 2-D view (first dimension by the rest flattened):
+    W' = W + L @ R, then DoRA's scaling of each canonical row (a row of the view, or a column when `columns`)."""
 
-    layout: LoraModule
-    B: Tensor
-    A: Tensor
+    L: Tensor
+    R: Tensor
     magnitude: Tensor | None = None
+    columns: bool = False
 
 
 @dataclass
@@ -304,7 +319,8 @@ def fit_adapters(adapters: Sequence[Adapter], specs: dict[str, TensorSpec], mode
 
 
 def plan_output(name: str, adapters: Sequence[Adapter], weights: Sequence[float], device: torch.device) -> OutputPlan:
-    """One output's updates: per module the weighted terms concatenated (rank Σr), factors on `device` in float32."""
+    """One output's updates: per module the weighted terms concatenated (rank Σr), laid out for the base weight's
+    2-D view, factors on `device` in float32."""
     updates: dict[str, Update] = {}
     biases: dict[str, Tensor] = {}
     for module_name, terms in plan_terms(adapters, weights).items():
@@ -314,9 +330,9 @@ def plan_output(name: str, adapters: Sequence[Adapter], weights: Sequence[float]
                 f"module {module_name!r} gets a DoRA update and others in one output; merge them one after another "
                 "or use --each"
             )
-        B, A = concat_factors(terms)
+        L, R = first.base_factors(*concat_factors(terms))
         magnitude = None if first.magnitude is None else first.magnitude.float().to(device)
-        updates[f"{module_name}.weight"] = Update(first, B.to(device), A.to(device), magnitude)
+        updates[f"{module_name}.weight"] = Update(L.to(device), R.to(device), magnitude, first.transposed)
         bias = combined_bias(terms, torch.float32)
         if bias is not None:
             biases[f"{module_name}.bias"] = bias
@@ -336,81 +352,77 @@ def plan_steps(specs: dict[str, TensorSpec], batch_bytes: int) -> list[Step]:
     return steps
 
 
+def interleave_shards(steps: Sequence[Step], specs: dict[str, TensorSpec]) -> list[Step]:
+    """The steps taken from each shard in turn (each shard's in order), so that steps running at once mostly
+    write different output files: a file takes one write at a time."""
+    per_shard = group_by({step: specs[step.keys[0]].shard for step in steps})
+    return [step for turn in itertools.zip_longest(*per_shard.values()) for step in turn if step is not None]
+
+
 def plan_layout(ckpt: BaseCheckpoint, steps: Sequence[Step], specs: dict[str, TensorSpec], encoder: CastEncoder,
                 max_shard_bytes: int | None) -> Layout:
     """The base's own shard files (default: an output key stays in its base shard, a new one goes to its tensor's),
     or new shards of at most `max_shard_bytes` in write order."""
     units = [(encoder.entries(key, specs[key]), specs[key].shard) for step in steps for key in step.keys]
     if max_shard_bytes is None:
-        files: dict[str, list[str]] = {shard: [] for shard in ckpt.shards}
+        files: dict[str, dict[str, int]] = {shard: {} for shard in ckpt.shards}
         for entries, shard in units:
-            for key in entries:
-                files[ckpt.weight_map.get(key, shard)].append(key)
-        files = {name: keys for name, keys in files.items() if keys}
+            for key, nbytes in entries.items():
+                files[ckpt.weight_map.get(key, shard)][key] = nbytes
+        files = {name: sizes for name, sizes in files.items() if sizes}
         return Layout(files, ckpt.indexed or len(files) > 1)
-    groups = plan_shards([(list(entries), sum(entries.values())) for entries, _ in units], max_shard_bytes)
+    groups = plan_shards([entries for entries, _ in units], max_shard_bytes)
     return Layout(dict(zip(shard_names(len(groups)), groups)), len(groups) > 1)
 
 
 # --------------------------------------------------------------------------- execution
 
 
-class Workspace:
-    """Buffers reused from step to step (a fresh large allocation faults in every page again), two slots per role
-    used in turn: while the writer thread still reads one slot's results, the next step fills the other.
-    With `pin`, CPU buffers are page-locked (faster copies to and from a CUDA device).
+class Buffers:
+    """One worker's scratch tensors by role, reused from tile to tile (a fresh large allocation faults in every
+    page again)."""
 
-    A slot is handed out again only once the writes queued while it was last in use are done.
-    """
-
-    SLOTS = 2
-
-    def __init__(self, queue: WriteQueue | None = None, pin: bool = False) -> None:
-        self.queue = queue
-        self.pin = pin
-        self._buffers: dict[tuple[str, torch.device, int], Tensor] = {}
-        self._busy: dict[tuple[str, torch.device, int], Future | None] = {}
-        self._turn: dict[tuple[str, torch.device], int] = {}
+    def __init__(self) -> None:
+        self._buffers: dict[tuple[str, torch.device], Tensor] = {}
 
     def take(self, role: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
-        """An uninitialised tensor of `shape` and `dtype` in the next slot of `role`."""
+        """An uninitialised tensor of `shape` and `dtype` in the buffer of `role` (valid until the next take)."""
         device = torch.device(device)
-        previous = self._turn.get((role, device))
-        if previous is not None and self.queue is not None:
-            self._busy[(role, device, previous)] = self.queue.last
-        slot = 0 if previous is None else (previous + 1) % self.SLOTS
-        self._turn[(role, device)] = slot
-        key = (role, device, slot)
-        if self.queue is not None:
-            self.queue.wait(self._busy.pop(key, None))
         nbytes = math.prod(shape) * dtype.itemsize
-        buffer = self._buffers.get(key)
+        buffer = self._buffers.get((role, device))
         if buffer is None or buffer.numel() < nbytes:
-            self._buffers.pop(key, None)
-            pin = self.pin and device.type == "cpu"
-            buffer = self._buffers[key] = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pin)
+            buffer = self._buffers[(role, device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
         return buffer[:nbytes].view(dtype).view(tuple(shape))
 
-    def take_packed(self, role: str, sizes: Sequence[int]) -> list[Tensor]:
-        """CPU uint8 slices of `sizes` bytes in one `role` buffer, each starting 64-byte aligned."""
-        starts = [0]
-        for size in sizes:
-            starts.append(starts[-1] + -(-size // 64) * 64)
-        buffer = self.take(role, (starts[-1],), torch.uint8)
-        return [buffer[start:start + size] for start, size in zip(starts, sizes)]
+
+def stack_padded(matrices: Sequence[Tensor], dim: int) -> Tensor:
+    """The matrices stacked (b, ...), zero-padded along `dim` to the largest of them."""
+    size = max(m.shape[dim] for m in matrices)
+    if all(m.shape[dim] == size for m in matrices):
+        return torch.stack(list(matrices))
+    shape = list(matrices[0].shape)
+    shape[dim] = size
+    stacked = matrices[0].new_zeros(len(matrices), *shape)
+    for j, m in enumerate(matrices):
+        stacked[j].narrow(dim, 0, m.shape[dim]).copy_(m)
+    return stacked
 
 
 def check_range(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> None:
     """NonFiniteError naming the stacked tensors (b, ...) that hold NaN/Inf or values beyond the range of `dtype`.
 
-    Fast pass: ‖x‖_F per tensor; when it is finite and below the dtype's largest value, so is every |x_i|.
-    Tensors failing it get the exact test: max |x| cast to `dtype` overflows exactly when some element does.
+    Fast pass: ‖x‖_F of all of them, then per tensor; when it is finite and below the dtype's largest value, so
+    is every |x_i|. Tensors failing it get the exact test: max |x| cast to `dtype` overflows exactly when some
+    element does.
     """
     if values.numel() == 0 or not values.is_floating_point():
         return
+    limit = torch.finfo(dtype).max
+    if torch.linalg.vector_norm(values, dtype=torch.float32).item() < limit:
+        return
     flat = values.reshape(len(names), -1)
     norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float32)
-    suspects = (~(norms < torch.finfo(dtype).max)).nonzero().flatten().tolist()
+    suspects = (~(norms < limit)).nonzero().flatten().tolist()
     if not suspects:
         return
     low, high = torch.aminmax(flat[suspects].float(), dim=1)
@@ -429,35 +441,36 @@ def check_range(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> Non
 
 
 def merge_weights(updates: dict[str, Update], bases: dict[str, Tensor], dtype: torch.dtype, device: torch.device,
-                  workspace: Workspace) -> Iterator[tuple[str, Tensor]]:
-    """(key, merged weight in its stored layout, `dtype`, CPU), one baddbmm per canonical shape.
+                  buffers: Buffers, tile_elems: int | None) -> Iterator[tuple[str, int, Tensor]]:
+    """(key, first row, merged rows in the stored layout, `dtype`, CPU): per group of same-kind updates one
+    baddbmm per tile of about `tile_elems` elements (None, or DoRA over columns: all rows at once).
 
-    The results live in `workspace` buffers: consume each before asking for the next group's.
+    The results live in `buffers`: consume each before asking for the next.
     """
-    groups = group_by({k: (u.B.shape[0], u.A.shape[1], u.magnitude is not None) for k, u in updates.items()})
-    for (out, inp, dora), keys in groups.items():
-        ranks = {updates[k].A.shape[0] for k in keys}
-        W = workspace.take("merge", (len(keys), out, inp), torch.float32, device)
-        B = workspace.take("B", (len(keys), out, max(ranks)), torch.float32, device)
-        A = workspace.take("A", (len(keys), max(ranks), inp), torch.float32, device)
-        if len(ranks) > 1:  # zero-pad the smaller ranks
-            B.zero_()
-            A.zero_()
-        for j, key in enumerate(keys):
-            u = updates[key]
-            W[j].copy_(u.layout.from_base_layout(bases[key]))
-            B[j, :, : u.A.shape[0]] = u.B
-            A[j, : u.A.shape[0]] = u.A
-        if dora:
-            dora_merge_rows(W, B, A, torch.stack([updates[k].magnitude for k in keys]), inplace=True)
-        else:
-            lora_merge(W, B, A, inplace=True)
-        check_range(keys, W, dtype)
-        cast = W if dtype == torch.float32 else workspace.take("cast", W.shape, dtype, device).copy_(W)
-        if cast.device.type != "cpu":
-            cast = workspace.take("host", cast.shape, dtype).copy_(cast)
-        for j, key in enumerate(keys):
-            yield key, updates[key].layout.to_base_layout(cast[j])
+    groups = group_by({k: (u.magnitude is not None, u.magnitude is not None and u.columns) for k, u in updates.items()})
+    for (dora, columns), keys in groups.items():
+        shape = bases[keys[0]].shape
+        rows, cols = shape[0], math.prod(shape[1:])
+        L = stack_padded([updates[k].L for k in keys], dim=1)
+        R = stack_padded([updates[k].R for k in keys], dim=0)
+        magnitude = torch.stack([updates[k].magnitude for k in keys]) if dora else None
+        step = rows if tile_elems is None or columns else max(1, tile_elems // (len(keys) * cols))
+        for first in range(0, rows, step):
+            last = min(rows, first + step)
+            W = buffers.take("merge", (len(keys), last - first, cols), torch.float32, device)
+            for j, key in enumerate(keys):
+                W[j].copy_(bases[key][first:last].reshape(last - first, cols))
+            if dora:
+                gains = magnitude if columns else magnitude[:, first:last]
+                dora_merge_rows(W, L[:, first:last], R, gains, inplace=True, columns=columns)
+            else:
+                lora_merge(W, L[:, first:last], R, inplace=True)
+            check_range(keys, W, dtype)
+            cast = W if dtype == torch.float32 else buffers.take("cast", W.shape, dtype, device).copy_(W)
+            if cast.device.type != "cpu":
+                cast = buffers.take("host", cast.shape, dtype).copy_(cast)
+            for j, key in enumerate(keys):
+                yield key, first, cast[j].view(last - first, *shape[1:])
 
 
 def changed_value(key: str, stored: Tensor, plan: OutputPlan) -> Tensor | None:
@@ -476,58 +489,106 @@ def changed_value(key: str, stored: Tensor, plan: OutputPlan) -> Tensor | None:
 
 
 def merge_step(step: Step, stored: dict[str, Tensor], specs: dict[str, TensorSpec], plan: OutputPlan,
-               encoder: CastEncoder, device: torch.device, workspace: Workspace) -> Iterator[tuple[str, Tensor]]:
-    """(key, tensor in the encoder's dtype) for the step's tensors that this output changes or casts.
+               encoder: CastEncoder, device: torch.device, buffers: Buffers,
+               tile_elems: int | None) -> Iterator[tuple[str, int, Tensor]]:
+    """(key, first row, rows in the encoder's dtype) for the step's tensors that this output changes or casts:
+    merged weights in tiles of rows when the encoder is row-wise, other tensors whole.
 
     The others are kept as stored. Each yielded tensor must be written before the next is asked for.
     """
     dtype = encoder.dtype_for(specs[step.keys[0]])
-    current = {k: t for k, t in stored.items() if k in step.keys}
+    current = dict(stored)
     changed = {}
     for key in current:
         value = changed_value(key, stored[key], plan)
         if value is not None:
             current[key] = changed[key] = value
     updates = {k: plan.updates[k] for k in step.keys if k in plan.updates}
-    yield from merge_weights(updates, current, dtype, device, workspace)
+    yield from merge_weights(updates, current, dtype, device, buffers, tile_elems if encoder.row_wise else None)
     for key in step.keys:
         if key not in updates and (key in changed or not encoder.keeps(key, specs[key])):
             check_range([key], current[key].unsqueeze(0), dtype)
-            yield key, current[key].to(dtype)
+            yield key, 0, current[key].to(dtype)
 
 
 def run_step(step: Step, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
              sinks: Sequence[OutputSink], decoder: StoredDecoder, encoder: CastEncoder, device: torch.device,
-             workspace: Workspace, survival: Sequence[dict[str, float]]) -> None:
+             buffers: Buffers, tile_elems: int | None, survival: Sequence[dict[str, float]]) -> int:
     """Read the step's tensors that some output changes or casts (once), merge them per output, write everything;
-    the encoder's survival of each merged weight goes into `survival` (one dict per output)."""
+    the encoder's survival of each merged weight goes into `survival` (one dict per output). Returns the step's
+    stored bytes."""
     needed = [k for k in step.keys if not encoder.keeps(k, specs[k]) or any(plan.changes(k) for plan in plans)]
-    buffers = workspace.take_packed("stored", [specs[k].nbytes for k in needed])
-    stored = {k: decoder.read(ckpt, k, buffer) for k, buffer in zip(needed, buffers)}
+    stored = {k: decoder.read(ckpt, k) for k in needed}
     for plan, sink, kept in zip(plans, sinks, survival):
         written = set()
-        for key, tensor in merge_step(step, stored, specs, plan, encoder, device, workspace):
+        for key, row, tensor in merge_step(step, stored, specs, plan, encoder, device, buffers, tile_elems):
+            whole = row == 0 and tuple(tensor.shape) == specs[key].shape
             encoded = encoder.encode(key, tensor)
-            sink.write(encoded)
+            for out_key, value in encoded.items():
+                sink.write(out_key, value, row, None if whole else specs[key].shape[0])
             written.add(key)
-            fraction = encoder.survival(key, stored[key], tensor, encoded) if key in plan.updates else None
+            fraction = encoder.survival(key, stored[key], tensor, encoded) if whole and key in plan.updates else None
             if fraction is not None:
                 kept[key.removesuffix(".weight")] = fraction
         for key in step.keys:
             if key not in written:
                 for out_key, (path, info) in decoder.sources(ckpt, key).items():
                     sink.copy(out_key, path, info)
+    return sum(specs[k].nbytes for k in step.keys)
 
 
-def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout: Layout,
-                queue: WriteQueue) -> OutputSink:
+def worker_count(device: torch.device) -> int:
+    """Steps run at once: on the CPU one per torch thread (up to MAX_WORKERS), each running its torch ops
+    single-threaded; on an accelerator two (one reads and writes while the other computes)."""
+    return max(1, min(torch.get_num_threads(), MAX_WORKERS)) if device.type == "cpu" else 2
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` (None: unchanged) inside the block, restored after."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)
+
+
+def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], workers: int, progress: tqdm) -> None:
+    """`run(step, buffers)` for every step on `workers` threads (each with its own Buffers), advancing `progress`
+    by what each returns; the first failure cancels the steps not yet started and is raised here."""
+    free: queue.SimpleQueue[Buffers] = queue.SimpleQueue()
+    for _ in range(workers):
+        free.put(Buffers())
+
+    def task(step: Step) -> int:
+        buffers = free.get()
+        try:
+            return run(step, buffers)
+        finally:
+            free.put(buffers)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="adaptools-merge") as pool:
+        futures = [pool.submit(task, step) for step in steps]
+        try:
+            for future in as_completed(futures):
+                progress.update(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout: Layout) -> OutputSink:
     """An output folder with the base's side files and its config.json (dtype set by the encoder), ready for shards."""
     folder.mkdir(parents=True, exist_ok=True)
     copy_side_files(ckpt.root, folder, skip=("config.json",))
     if (ckpt.root / "config.json").exists():
         config = json.dumps(encoder.update_config(ckpt.config), indent=2, sort_keys=True)
         (folder / "config.json").write_text(config + "\n")
-    return OutputSink(folder, layout, queue)
+    return OutputSink(folder, layout)
 
 
 def _peak_rss() -> int:
@@ -678,20 +739,22 @@ def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Seq
         torch.cuda.reset_peak_memory_stats(device)
     total = sum(s.nbytes for s in specs.values())
     survival: list[dict[str, float]] = [{} for _ in plans]
+    workers = worker_count(device)
+    tile_elems = TILE_BYTES[device.type] // 4 if device.type in TILE_BYTES else None
+
+    def run(step: Step, buffers: Buffers) -> int:
+        return run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, buffers, tile_elems, survival)
+
     with atomic_output(target, overwrite=overwrite) as tmp:
-        queue = WriteQueue(max_pending=2 * batch_bytes)
-        sinks = [open_output(tmp / plan.name if each else tmp, ckpt, encoder, layout, queue) for plan in plans]
-        workspace = Workspace(queue, pin=device.type == "cuda")
+        sinks = [open_output(tmp / plan.name if each else tmp, ckpt, encoder, layout) for plan in plans]
         try:
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                      disable=not progress, file=sys.stderr) as bar:
-                for step in steps:
-                    run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, workspace, survival)
-                    bar.update(sum(specs[k].nbytes for k in step.keys))
+                      disable=not progress, file=sys.stderr) as bar, \
+                    torch_threads(1 if device.type == "cpu" and workers > 1 else None):
+                run_steps(interleave_shards(steps, specs), run, workers, bar)
             for sink in sinks:
                 sink.close(total_parameters=sum(s.numel for s in specs.values()))
         finally:
-            queue.close()
             for sink in sinks:
                 sink.abort()
     return MergeReport(

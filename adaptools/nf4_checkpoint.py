@@ -177,10 +177,6 @@ def is_nf4_checkpoint(ckpt: BaseCheckpoint) -> bool:
 # --------------------------------------------------------------------------- reading an NF4 base
 
 
-def _aligned(nbytes: int) -> int:
-    return -(-nbytes // 64) * 64
-
-
 class NF4Decoder(StoredDecoder):
     """An NF4 checkpoint's weights dequantized (one tensor per weight, its stats folded in); other tensors as stored."""
 
@@ -216,17 +212,13 @@ class NF4Decoder(StoredDecoder):
         fmt = NF4Format(state.blocksize, state.double_quant, state.dtype, is_conv1d(self.model_type, key),
                         ckpt.dtype(key))
         shape = state.shape[::-1] if fmt.transposed else state.shape
-        return NF4Spec(shape, fmt.dtype, ckpt.weight_map[key], sum(_aligned(ckpt.nbytes(k)) for k in group), fmt)
+        return NF4Spec(shape, fmt.dtype, ckpt.weight_map[key], sum(ckpt.nbytes(k) for k in group), fmt)
 
-    def read(self, ckpt: BaseCheckpoint, key: str, out: Tensor | None = None) -> Tensor:
-        """The weight dequantized, in the unquantized checkpoint layout; its stored tensors are read into `out`."""
+    def read(self, ckpt: BaseCheckpoint, key: str) -> Tensor:
+        """The weight dequantized, in the unquantized checkpoint layout (its stored tensors memory-mapped)."""
         if not is_nf4_weight(key, ckpt.weight_map):
-            return ckpt.get(key, out)
-        tensors, offset = {}, 0
-        for k in self.group(ckpt, key):
-            tensors[k] = ckpt.get(k, None if out is None else out[offset:])
-            offset += _aligned(ckpt.nbytes(k))
-        weight = dequantize_nf4(*nf4_from_state_dict(key, tensors))
+            return ckpt.mapped(key)
+        weight = dequantize_nf4(*nf4_from_state_dict(key, {k: ckpt.mapped(k) for k in self.group(ckpt, key)}))
         return weight.T if is_conv1d(self.model_type, key) else weight
 
     def sources(self, ckpt: BaseCheckpoint, key: str) -> dict[str, tuple[Path, TensorInfo]]:

@@ -2,12 +2,14 @@
 
 A safetensors file is an 8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets}}
 and the raw tensor bytes. The header is parsed once; each tensor is then read with one positioned read into
-its own buffer, so nothing else of the file is held in memory (no memory map stays resident).
+its own buffer, or memory-mapped on its own (`mapped`): nothing else of the file is held in memory, and a
+mapping goes with its tensor.
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -163,6 +165,19 @@ class BaseCheckpoint:
     def path(self, key: str) -> Path:
         """The shard file holding `key`."""
         return self.root / self.weight_map[key]
+
+    def mapped(self, key: str) -> Tensor:
+        """`key` as a view of its stored bytes, memory-mapped copy-on-write (the file is never changed): pages are
+        read as they are touched, and the mapping is released with the last view of it."""
+        info = self._info[key]
+        dtype = DTYPES[info.dtype]
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
+        with open(self.path(key), "rb") as f:
+            mapping = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+        count = info.nbytes // dtype.itemsize
+        return torch.frombuffer(mapping, dtype=dtype, count=count, offset=info.start - start).reshape(info.shape)
 
     def get(self, key: str, out: Tensor | None = None) -> Tensor:
         """Load one tensor (one positioned read of its bytes), into `out` (a uint8 buffer) when given."""

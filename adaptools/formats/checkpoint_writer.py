@@ -1,9 +1,9 @@
 """Writing checkpoints: safetensors shards streamed tensor by tensor, the shard index, side files, config.json.
 
-A shard is written data first: its header space is reserved from the key names, tensors are appended as they
-arrive, and the header (padded with spaces, as the format allows) is written last. So a merge holds one
-tensor (or one batch) at a time, never a whole shard. Writes run on a background thread (`WriteQueue`), so the
-next tensors are computed while the last ones are written.
+A shard's byte layout is planned before anything is written: its header space is reserved from the key names and
+each tensor gets its byte range. Tensors (or row ranges of them) are then written into their ranges as they are
+computed, in any order and from several threads at once, and the header (padded with spaces, as the format
+allows) is written last. So a merge holds a few tiles at a time, never a whole shard.
 """
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ import os
 import re
 import shutil
 import struct
-from collections import deque
-from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgp
 """Files of these kinds are weights (or their index) and are not copied beside a merged checkpoint."""
 DTYPE_CONFIG_KEYS = ("dtype", "torch_dtype")
 COPY_CHUNK = 16 * 2**20
+SMALL_BYTES = 2**16
+"""Tensors up to this size are gathered in memory and written together when their shard closes."""
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
@@ -58,101 +59,153 @@ def header_reserve(keys: Sequence[str], metadata: dict[str, str]) -> int:
 
 
 class ShardWriter:
-    """One safetensors file filled as tensors arrive, in any order, each exactly once; `close` writes the header."""
+    """One safetensors file whose tensors go to byte ranges planned up front: written in any order, whole or in
+    row ranges, from any thread; `close` writes the header (entries in planned order) once every tensor is there.
 
-    def __init__(self, path: Path, keys: Sequence[str], metadata: dict[str, str] | None = None):
+    Tensors of at most SMALL_BYTES are kept in memory and written after the others at `close`, in planned order:
+    their planned size may be an estimate (an NF4 quant-state JSON's length is known only once quantized).
+    """
+
+    def __init__(self, path: Path, sizes: dict[str, int], metadata: dict[str, str] | None = None):
         self.path = Path(path)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._pending = set(keys)
-        self._entries: dict[str, dict] = {}
-        self._reserve = header_reserve(keys, self.metadata)
-        self._file = open(self.path, "wb", buffering=0)
-        self._file.seek(8 + self._reserve)
+        self._reserve = header_reserve(list(sizes), self.metadata)
+        self._ranges: dict[str, tuple[int, int]] = {}
         self.nbytes = 0
+        for key, size in sizes.items():
+            if size > SMALL_BYTES:
+                self._ranges[key] = (self.nbytes, self.nbytes + size)
+                self.nbytes += size
+        self._small: dict[str, bytes | bytearray] = {}
+        self._order = list(sizes)
+        self._missing = dict(sizes)
+        self._entries: dict[str, tuple[str, list[int]]] = {}
+        self._lock = threading.Lock()
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
 
     @property
     def done(self) -> bool:
         """True when every planned tensor has been written."""
-        return not self._pending
+        return not self._missing
 
-    def _add(self, key: str, dtype: str, shape: Sequence[int], nbytes: int) -> None:
-        if key not in self._pending:
-            raise KeyError(f"{key!r} is not planned for {self.path.name} or was written already")
-        self._entries[key] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self.nbytes, self.nbytes + nbytes]}
-        self.nbytes += nbytes
-        self._pending.discard(key)
+    def _position(self, key: str, at: int, nbytes: int) -> int:
+        """File offset of byte `at` of `key`'s data, checked to hold `nbytes` more."""
+        if key not in self._ranges:
+            raise KeyError(f"{key!r} is not planned for {self.path.name}")
+        begin, end = self._ranges[key]
+        if at < 0 or begin + at + nbytes > end:
+            raise RuntimeError(f"{key!r}: bytes {at}..{at + nbytes} exceed its {end - begin} planned bytes")
+        return 8 + self._reserve + begin + at
 
-    def write(self, key: str, tensor: Tensor) -> None:
-        """Append one tensor's bytes (moved to the CPU, made contiguous)."""
+    def _received(self, key: str, dtype: str, shape: Sequence[int], nbytes: int, whole: bool = False) -> bool:
+        """Count `nbytes` of `key` as written (all of it when `whole`); True when every tensor is there."""
+        with self._lock:
+            if key not in self._missing:
+                raise KeyError(f"{key!r} is not planned for {self.path.name} or was written already")
+            left = 0 if whole else self._missing[key] - nbytes
+            if left < 0:
+                raise RuntimeError(f"{key!r} was written to {self.path.name} more than once")
+            self._entries[key] = (dtype, list(shape))
+            if left:
+                self._missing[key] = left
+            else:
+                del self._missing[key]
+            return not self._missing
+
+    def write(self, key: str, tensor: Tensor, row: int = 0, rows: int | None = None) -> bool:
+        """Write a tensor (moved to the CPU), or its rows row.. of a tensor of `rows` rows; True when the file is
+        complete."""
         data = tensor.detach().to("cpu").contiguous()
-        raw = data.reshape(-1).view(torch.uint8)
-        _write_all(self._file, raw.numpy().data)
-        self._add(key, DTYPE_NAMES[data.dtype], data.shape, raw.numel())
+        raw = data.reshape(-1).view(torch.uint8).numpy()
+        shape = data.shape if rows is None else (rows, *data.shape[1:])
+        at = row * (raw.size // len(data)) if row else 0
+        if key in self._ranges:
+            _pwrite_all(self._fd, raw, self._position(key, at, raw.size))
+        elif rows is None:
+            self._small[key] = raw.tobytes()
+        else:
+            self._small.setdefault(key, bytearray(self._missing.get(key, 0)))[at:at + raw.size] = raw.data
+        return self._received(key, DTYPE_NAMES[data.dtype], shape, raw.size, whole=key in self._small and rows is None)
 
-    def copy(self, key: str, source: Path, info: TensorInfo) -> None:
-        """Append a tensor's stored bytes straight from another safetensors file (in the kernel where possible)."""
+    def copy(self, key: str, source: Path, info: TensorInfo) -> bool:
+        """Write a tensor's stored bytes straight from another safetensors file (in the kernel where possible);
+        True when the file is complete."""
         with open(source, "rb", buffering=0) as src:
-            _copy_range(src, self._file, info.start, info.nbytes)
-        self._add(key, info.dtype, info.shape, info.nbytes)
+            if key in self._ranges:
+                _copy_range(src.fileno(), self._fd, info.start, self._position(key, 0, info.nbytes), info.nbytes)
+            else:
+                self._small[key] = os.pread(src.fileno(), info.nbytes, info.start)
+        return self._received(key, info.dtype, info.shape, info.nbytes, whole=key in self._small)
 
     def close(self) -> None:
-        """Write the header into the reserved space and close the file."""
-        if self._pending:
-            raise RuntimeError(f"{self.path.name}: {len(self._pending)} planned tensor(s) were never written")
-        header = json.dumps({"__metadata__": self.metadata, **self._entries}, separators=(",", ":")).encode()
+        """Write the small tensors after the others, the header into the reserved space, and close the file."""
+        if self._missing:
+            raise RuntimeError(f"{self.path.name}: {len(self._missing)} planned tensor(s) were never written")
+        ranges = dict(self._ranges)
+        small = b"".join(self._small[key] for key in self._order if key in self._small)
+        _pwrite_all(self._fd, small, 8 + self._reserve + self.nbytes)
+        for key in self._order:
+            if key in self._small:
+                ranges[key] = (self.nbytes, self.nbytes + len(self._small[key]))
+                self.nbytes += len(self._small[key])
+        entries = {key: {"dtype": self._entries[key][0], "shape": self._entries[key][1], "data_offsets": list(ranges[key])}
+                   for key in self._order}
+        header = json.dumps({"__metadata__": self.metadata, **entries}, separators=(",", ":")).encode()
         if len(header) > self._reserve:
             raise RuntimeError(f"{self.path.name}: header of {len(header)} bytes exceeds the {self._reserve} reserved")
-        self._file.seek(0)
-        _write_all(self._file, struct.pack("<Q", self._reserve) + header.ljust(self._reserve, b" "))
-        self._file.close()
+        _pwrite_all(self._fd, struct.pack("<Q", self._reserve) + header.ljust(self._reserve, b" "), 0)
+        self.abort()
 
     def abort(self) -> None:
-        """Close the file without a header (the caller discards it)."""
-        self._file.close()
+        """Close the file (without a header when incomplete: the caller discards it)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
-def _write_all(f, data) -> None:
-    """Write every byte of `data` to an unbuffered file (a raw write may take only part)."""
+def _pwrite_all(fd: int, data, offset: int) -> None:
+    """Write every byte of `data` at `offset` of `fd` (a positioned write may take only part)."""
     view = memoryview(data).cast("B")
     while view:
-        view = view[f.write(view):]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
-def _copy_range(src, dst, offset: int, count: int) -> None:
-    """Copy `count` bytes of `src` from `offset` to the current position of `dst` (copy_file_range where available)."""
+def _copy_range(src: int, dst: int, offset: int, position: int, count: int) -> None:
+    """Copy `count` bytes at `offset` of file `src` to `position` of file `dst` (copy_file_range where available)."""
     if hasattr(os, "copy_file_range"):
         try:
             while count:
-                n = os.copy_file_range(src.fileno(), dst.fileno(), count, offset)
+                n = os.copy_file_range(src, dst, count, offset, position)
                 if n == 0:
-                    raise OSError(f"{src.name!r} ends before byte {offset + count}")
-                offset, count = offset + n, count - n
+                    raise OSError(f"the source ends before byte {offset + count}")
+                offset, position, count = offset + n, position + n, count - n
             return
         except OSError as exc:  # e.g. unsupported by the file system: copy through memory from where it stopped
             if exc.errno is None:
                 raise
-    src.seek(offset)
     while count:
-        chunk = src.read(min(count, COPY_CHUNK))
+        chunk = os.pread(src, min(count, COPY_CHUNK), offset)
         if not chunk:
-            raise OSError(f"{src.name!r} ends before byte {offset + count}")
-        _write_all(dst, chunk)
-        count -= len(chunk)
-        offset += len(chunk)
+            raise OSError(f"the source ends before byte {offset + count}")
+        _pwrite_all(dst, chunk, position)
+        offset, position, count = offset + len(chunk), position + len(chunk), count - len(chunk)
 
 
-def plan_shards(units: Sequence[tuple[Sequence[str], int]], max_bytes: int) -> list[list[str]]:
-    """Keys per shard: units (keys written together, their bytes) filled in order up to `max_bytes` per shard.
+def plan_shards(units: Sequence[dict[str, int]], max_bytes: int) -> list[dict[str, int]]:
+    """Keys and bytes per shard: units (keys written together → their bytes) filled in order up to `max_bytes`
+    per shard.
 
     A unit larger than `max_bytes` gets a shard of its own, as transformers does.
     """
-    shards: list[list[str]] = []
+    shards: list[dict[str, int]] = []
     size = max_bytes
-    for keys, nbytes in units:
+    for unit in units:
+        nbytes = sum(unit.values())
         if size + nbytes > max_bytes and (not shards or shards[-1]):
-            shards.append([])
+            shards.append({})
             size = 0
-        shards[-1].extend(keys)
+        shards[-1].update(unit)
         size += nbytes
     return shards
 
@@ -194,115 +247,62 @@ def config_with_dtype(config: dict, dtype: torch.dtype) -> dict:
 
 @dataclass
 class Layout:
-    """Output files → their keys; `indexed` when a model.safetensors.index.json is written."""
+    """Output files → their keys and bytes, in write order; `indexed` when a model.safetensors.index.json is
+    written."""
 
-    files: dict[str, list[str]]
+    files: dict[str, dict[str, int]]
     indexed: bool
 
 
-class WriteQueue:
-    """File operations on one background thread, in submission order, so that computing overlaps with writing.
-
-    At most `max_pending` bytes of tensors wait in the queue (`submit` blocks beyond that). The first failing
-    operation cancels the later ones; its exception is raised in the caller's thread by the next `submit`,
-    `wait` or `drain`.
-    """
-
-    def __init__(self, max_pending: int = 2**28) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="adaptools-writer")
-        self._pending: deque[tuple[Future, int]] = deque()
-        self._pending_bytes = 0
-        self._max_pending = max_pending
-        self._error: BaseException | None = None
-        self.last: Future | None = None
-
-    def _run(self, fn: Callable[..., None], args: tuple) -> None:
-        if self._error is None:
-            try:
-                fn(*args)
-            except BaseException as exc:  # handed to the caller's thread
-                self._error = exc
-
-    def _check(self) -> None:
-        if self._error is not None:
-            raise self._error
-
-    def submit(self, fn: Callable[..., None], *args: object, nbytes: int = 0) -> None:
-        """Queue `fn(*args)`; `nbytes` is the memory the queued arguments hold until it has run."""
-        while self._pending and (self._pending[0][0].done() or self._pending_bytes + nbytes > self._max_pending):
-            future, size = self._pending.popleft()
-            future.result()
-            self._pending_bytes -= size
-        self._check()
-        self.last = self._pool.submit(self._run, fn, args)
-        self._pending.append((self.last, nbytes))
-        self._pending_bytes += nbytes
-
-    def wait(self, future: Future | None) -> None:
-        """Block until `future` (an operation of this queue) has run."""
-        if future is not None:
-            future.result()
-        self._check()
-
-    def drain(self) -> None:
-        """Block until every queued operation has run."""
-        self.wait(self.last)
-
-    def close(self) -> None:
-        """Stop the thread: the running operation finishes, queued ones are dropped."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
 class OutputSink:
-    """One output folder's shards, filled through a WriteQueue (each file open only while it is filled)."""
+    """One output folder's shards, written from any thread (each file open only while it is filled)."""
 
-    def __init__(self, folder: Path, layout: Layout, queue: WriteQueue):
-        self.folder, self.layout, self.queue = folder, layout, queue
-        self._file_of = {key: name for name, keys in layout.files.items() for key in keys}
+    def __init__(self, folder: Path, layout: Layout):
+        self.folder, self.layout = folder, layout
+        self._file_of = {key: name for name, sizes in layout.files.items() for key in sizes}
         self._open: dict[str, ShardWriter] = {}
+        self._closed: set[str] = set()
+        self._lock = threading.Lock()
         self.total_size = 0
 
     def _writer(self, key: str) -> ShardWriter:
         name = self._file_of[key]
-        if name not in self._open:
-            self._open[name] = ShardWriter(self.folder / name, self.layout.files[name])
-        return self._open[name]
+        with self._lock:
+            if name in self._closed:
+                raise RuntimeError(f"{key!r} arrived after {name} was complete")
+            if name not in self._open:
+                self._open[name] = ShardWriter(self.folder / name, self.layout.files[name])
+            return self._open[name]
 
-    def _done(self, writer: ShardWriter) -> None:
-        if writer.done:
-            writer.close()
-            self.total_size += writer.nbytes
+    def _finish(self, writer: ShardWriter) -> None:
+        writer.close()
+        with self._lock:
             del self._open[writer.path.name]
+            self._closed.add(writer.path.name)
+            self.total_size += writer.nbytes
 
-    def _write(self, tensors: dict[str, Tensor]) -> None:
-        for key, tensor in tensors.items():
-            writer = self._writer(key)
-            writer.write(key, tensor)
-            self._done(writer)
-
-    def _copy(self, key: str, source: Path, info: TensorInfo) -> None:
+    def write(self, key: str, tensor: Tensor, row: int = 0, rows: int | None = None) -> None:
+        """Write a tensor, or rows row.. of a tensor of `rows` rows (see ShardWriter.write)."""
         writer = self._writer(key)
-        writer.copy(key, source, info)
-        self._done(writer)
-
-    def write(self, tensors: dict[str, Tensor]) -> None:
-        """Queue tensors for writing (they must stay unchanged until written: see WriteQueue)."""
-        self.queue.submit(self._write, tensors, nbytes=sum(t.numel() * t.element_size() for t in tensors.values()))
+        if writer.write(key, tensor, row, rows):
+            self._finish(writer)
 
     def copy(self, key: str, source: Path, info: TensorInfo) -> None:
-        """Queue a tensor kept as stored in another safetensors file, copied file to file."""
-        self.queue.submit(self._copy, key, source, info)
+        """Write a tensor kept as stored in another safetensors file, copied file to file."""
+        writer = self._writer(key)
+        if writer.copy(key, source, info):
+            self._finish(writer)
 
     def close(self, total_parameters: int) -> None:
-        """Wait for the queued writes, check every shard is complete, write the index."""
-        self.queue.drain()
-        if self._open:
-            raise RuntimeError(f"output shards left incomplete: {', '.join(self._open)}")
+        """Check that every shard is complete and write the index."""
+        missing = sorted(set(self.layout.files) - self._closed)
+        if missing:
+            raise RuntimeError(f"output shards left incomplete: {', '.join(missing)}")
         if self.layout.indexed:
-            weight_map = {key: name for name, keys in self.layout.files.items() for key in keys}
+            weight_map = {key: name for name, sizes in self.layout.files.items() for key in sizes}
             write_index(self.folder, weight_map, self.total_size, total_parameters)
 
     def abort(self) -> None:
-        """Close the files still open (after the queue was closed); the caller discards the folder."""
+        """Close the files still open; the caller discards the folder."""
         for writer in self._open.values():
             writer.abort()
