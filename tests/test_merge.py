@@ -3,6 +3,7 @@ regression fixtures, and the CLI's errors (nothing written)."""
 from __future__ import annotations
 
 import filecmp
+import importlib
 import json
 import math
 import shutil
@@ -155,6 +156,40 @@ def test_max_shard_size_reshards_with_a_correct_index(llama_base, tmp_path):
     single = folder_tensors(tmp_path / "single")
     assert tensors.keys() == single.keys() and all(torch.equal(tensors[k], single[k]) for k in tensors)
     assert torch.equal(model_logits(tmp_path / "sharded"), model_logits(tmp_path / "single"))
+
+
+TILED_CASES = {
+    "llama-lora-dora-embedding": ("llama", [dict(r=4, lora_alpha=8, target_modules="all-linear"),
+                                            dict(r=2, lora_alpha=4, use_dora=True,
+                                                 target_modules=["embed_tokens", "q_proj", "gate_proj"])]),
+    "gpt2-conv1d-dora": ("gpt2", [dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True,
+                                       use_dora=True)]),
+}
+
+
+@pytest.mark.parametrize("small_bytes", [0, None], ids=["ranged", "gathered"])
+@pytest.mark.parametrize("case", list(TILED_CASES))
+def test_row_tiles_write_what_whole_steps_write(case, small_bytes, llama_base, gpt2_base, tmp_path, monkeypatch):
+    """Merging in tiles of one row (written into planned byte ranges, or gathered in memory for small tensors)
+    gives the tensors a merge of whole steps gives, for LoRA, DoRA (rows, and columns of Conv1D weights) and
+    embeddings, several outputs at once."""
+    from adaptools.formats import checkpoint_writer
+
+    merge_module = importlib.import_module("adaptools.merge")
+    arch, configs = TILED_CASES[case]
+    base = llama_base if arch == "llama" else gpt2_base
+    adapters = [make_peft_adapter(base, tmp_path / f"adapter{i}", seed=i + 1, **kw) for i, kw in enumerate(configs)]
+    if small_bytes is not None:
+        monkeypatch.setattr(checkpoint_writer, "SMALL_BYTES", small_bytes)
+    monkeypatch.setattr(merge_module, "TILE_BYTES", {})
+    adaptools.merge(base, adapters, out=tmp_path / "whole", each=True, dtype="fp32", device="cpu")
+    monkeypatch.setattr(merge_module, "TILE_BYTES", {"cpu": 4})
+    adaptools.merge(base, adapters, out=tmp_path / "tiled", each=True, dtype="fp32", device="cpu")
+    for adapter in adapters:
+        whole, tiled = folder_tensors(tmp_path / "whole" / adapter.name), folder_tensors(tmp_path / "tiled" / adapter.name)
+        assert whole.keys() == tiled.keys()
+        for key in whole:
+            torch.testing.assert_close(tiled[key], whole[key], rtol=1e-6, atol=1e-7)  # one float32 rounding
 
 
 def test_each_writes_the_same_bytes_as_separate_merges(llama_base, tmp_path, runner):

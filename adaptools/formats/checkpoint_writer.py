@@ -77,7 +77,8 @@ class ShardWriter:
                 self._ranges[key] = (self.nbytes, self.nbytes + size)
                 self.nbytes += size
         self._small: dict[str, bytes | bytearray] = {}
-        self._order = list(sizes)
+        self._sizes = dict(sizes)
+        self._claimed = dict.fromkeys(sizes, 0)
         self._missing = dict(sizes)
         self._entries: dict[str, tuple[str, list[int]]] = {}
         self._lock = threading.Lock()
@@ -97,18 +98,22 @@ class ShardWriter:
             raise RuntimeError(f"{key!r}: bytes {at}..{at + nbytes} exceed its {end - begin} planned bytes")
         return 8 + self._reserve + begin + at
 
-    def _received(self, key: str, dtype: str, shape: Sequence[int], nbytes: int, whole: bool = False) -> bool:
+    def _claim(self, key: str, nbytes: int, whole: bool) -> None:
+        """Reserve `nbytes` of `key` before writing them (all of it when `whole`): a tensor is written once."""
+        with self._lock:
+            if key not in self._claimed:
+                raise KeyError(f"{key!r} is not planned for {self.path.name}")
+            claimed = self._claimed[key] + nbytes
+            if (whole and self._claimed[key]) or (not whole and claimed > self._sizes[key]):
+                raise RuntimeError(f"{key!r} was written to {self.path.name} more than once")
+            self._claimed[key] = claimed
+
+    def _received(self, key: str, dtype: str, shape: Sequence[int], nbytes: int, whole: bool) -> bool:
         """Count `nbytes` of `key` as written (all of it when `whole`); True when every tensor is there."""
         with self._lock:
-            if key not in self._missing:
-                raise KeyError(f"{key!r} is not planned for {self.path.name} or was written already")
-            left = 0 if whole else self._missing[key] - nbytes
-            if left < 0:
-                raise RuntimeError(f"{key!r} was written to {self.path.name} more than once")
             self._entries[key] = (dtype, list(shape))
-            if left:
-                self._missing[key] = left
-            else:
+            self._missing[key] = 0 if whole else self._missing[key] - nbytes
+            if not self._missing[key]:
                 del self._missing[key]
             return not self._missing
 
@@ -119,37 +124,43 @@ class ShardWriter:
         raw = data.reshape(-1).view(torch.uint8).numpy()
         shape = data.shape if rows is None else (rows, *data.shape[1:])
         at = row * (raw.size // len(data)) if row else 0
-        if key in self._ranges:
-            _pwrite_all(self._fd, raw, self._position(key, at, raw.size))
-        elif rows is None:
+        whole = rows is None and key not in self._ranges
+        position = self._position(key, at, raw.size) if key in self._ranges else None
+        self._claim(key, raw.size, whole)
+        if position is not None:
+            _pwrite_all(self._fd, raw, position)
+        elif whole:
             self._small[key] = raw.tobytes()
         else:
-            self._small.setdefault(key, bytearray(self._missing.get(key, 0)))[at:at + raw.size] = raw.data
-        return self._received(key, DTYPE_NAMES[data.dtype], shape, raw.size, whole=key in self._small and rows is None)
+            self._small.setdefault(key, bytearray(self._sizes[key]))[at:at + raw.size] = raw.data
+        return self._received(key, DTYPE_NAMES[data.dtype], shape, raw.size, whole)
 
     def copy(self, key: str, source: Path, info: TensorInfo) -> bool:
         """Write a tensor's stored bytes straight from another safetensors file (in the kernel where possible);
         True when the file is complete."""
+        whole = key not in self._ranges
+        position = None if whole else self._position(key, 0, info.nbytes)
+        self._claim(key, info.nbytes, whole)
         with open(source, "rb", buffering=0) as src:
-            if key in self._ranges:
-                _copy_range(src.fileno(), self._fd, info.start, self._position(key, 0, info.nbytes), info.nbytes)
-            else:
+            if whole:
                 self._small[key] = os.pread(src.fileno(), info.nbytes, info.start)
-        return self._received(key, info.dtype, info.shape, info.nbytes, whole=key in self._small)
+            else:
+                _copy_range(src.fileno(), self._fd, info.start, position, info.nbytes)
+        return self._received(key, info.dtype, info.shape, info.nbytes, whole)
 
     def close(self) -> None:
         """Write the small tensors after the others, the header into the reserved space, and close the file."""
         if self._missing:
             raise RuntimeError(f"{self.path.name}: {len(self._missing)} planned tensor(s) were never written")
         ranges = dict(self._ranges)
-        small = b"".join(self._small[key] for key in self._order if key in self._small)
+        small = b"".join(self._small[key] for key in self._sizes if key in self._small)
         _pwrite_all(self._fd, small, 8 + self._reserve + self.nbytes)
-        for key in self._order:
+        for key in self._sizes:
             if key in self._small:
                 ranges[key] = (self.nbytes, self.nbytes + len(self._small[key]))
                 self.nbytes += len(self._small[key])
         entries = {key: {"dtype": self._entries[key][0], "shape": self._entries[key][1], "data_offsets": list(ranges[key])}
-                   for key in self._order}
+                   for key in self._sizes}
         header = json.dumps({"__metadata__": self.metadata, **entries}, separators=(",", ":")).encode()
         if len(header) > self._reserve:
             raise RuntimeError(f"{self.path.name}: header of {len(header)} bytes exceeds the {self._reserve} reserved")
