@@ -537,9 +537,12 @@ def run_step(step: Step, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], pla
     return sum(specs[k].nbytes for k in step.keys)
 
 
-def worker_count(device: torch.device) -> int:
+def worker_count(device: torch.device, encoder: CastEncoder) -> int:
     """Steps run at once: on the CPU one per torch thread (up to MAX_WORKERS), each running its torch ops
-    single-threaded; on an accelerator two (one reads and writes while the other computes)."""
+    single-threaded; on an accelerator two (one reads and writes while the other computes). An encoder of whole
+    tensors (NF4) gets one, with every torch thread: its temporaries are several times a weight's size."""
+    if not encoder.row_wise:
+        return 1
     return max(1, min(torch.get_num_threads(), MAX_WORKERS)) if device.type == "cpu" else 2
 
 
@@ -739,7 +742,7 @@ def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Seq
         torch.cuda.reset_peak_memory_stats(device)
     total = sum(s.nbytes for s in specs.values())
     survival: list[dict[str, float]] = [{} for _ in plans]
-    workers = worker_count(device)
+    workers = worker_count(device, encoder)
     tile_elems = TILE_BYTES[device.type] // 4 if device.type in TILE_BYTES else None
 
     def run(step: Step, buffers: Buffers) -> int:

@@ -249,6 +249,9 @@ class NF4Encoder(CastEncoder):
     and `quantization_config` is added to config.json.
     """
 
+    row_wise = False
+    """Blocks and their scales span rows: a weight is quantized whole."""
+
     def __init__(self, formats: dict[str, NF4Format], specs: dict[str, TensorSpec], device: torch.device,
                  requantize: bool, config: dict | None = None):
         super().__init__(None)

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import __version__
@@ -47,13 +48,16 @@ def folder_digest(files: Mapping[str, str]) -> str:
 
 
 def hash_input(path: str | os.PathLike) -> dict:
-    """{"path", "sha256"} of a file, plus "files" {relative path: sha256} for a folder (every file in it)."""
+    """{"path", "sha256"} of a file, plus "files" {relative path: sha256} for a folder (every file in it, hashed
+    on one thread per CPU)."""
     path = Path(path).absolute()
     if not path.exists():
         raise InputNotFoundError(f"input {str(path)!r} does not exist")
     if path.is_file():
         return {"path": str(path), "sha256": sha256_file(path)}
-    files = {p.relative_to(path).as_posix(): sha256_file(p) for p in sorted(path.rglob("*")) if p.is_file()}
+    paths = [p for p in sorted(path.rglob("*")) if p.is_file()]
+    with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1) or 1) as pool:  # hashlib releases the GIL
+        files = dict(zip((p.relative_to(path).as_posix() for p in paths), pool.map(sha256_file, paths)))
     return {"path": str(path), "sha256": folder_digest(files), "files": files}
 
 

@@ -167,12 +167,14 @@ TILED_CASES = {
 }
 
 
-@pytest.mark.parametrize("small_bytes", [0, None], ids=["ranged", "gathered"])
+@pytest.mark.parametrize(("dtype", "small_bytes"), [("fp32", 0), ("fp32", None), ("nf4", None)],
+                         ids=["ranged", "gathered", "nf4"])  # an NF4 quant state's size is an estimate: gathered
 @pytest.mark.parametrize("case", list(TILED_CASES))
-def test_row_tiles_write_what_whole_steps_write(case, small_bytes, llama_base, gpt2_base, tmp_path, monkeypatch):
+def test_row_tiles_write_what_whole_steps_write(case, dtype, small_bytes, llama_base, gpt2_base, tmp_path,
+                                                monkeypatch):
     """Merging in tiles of one row (written into planned byte ranges, or gathered in memory for small tensors)
     gives the tensors a merge of whole steps gives, for LoRA, DoRA (rows, and columns of Conv1D weights) and
-    embeddings, several outputs at once."""
+    embeddings, several outputs at once; NF4 outputs are quantized from whole weights either way."""
     from adaptools.formats import checkpoint_writer
 
     merge_module = importlib.import_module("adaptools.merge")
@@ -182,14 +184,17 @@ def test_row_tiles_write_what_whole_steps_write(case, small_bytes, llama_base, g
     if small_bytes is not None:
         monkeypatch.setattr(checkpoint_writer, "SMALL_BYTES", small_bytes)
     monkeypatch.setattr(merge_module, "TILE_BYTES", {})
-    adaptools.merge(base, adapters, out=tmp_path / "whole", each=True, dtype="fp32", device="cpu")
+    adaptools.merge(base, adapters, out=tmp_path / "whole", each=True, dtype=dtype, device="cpu")
     monkeypatch.setattr(merge_module, "TILE_BYTES", {"cpu": 4})
-    adaptools.merge(base, adapters, out=tmp_path / "tiled", each=True, dtype="fp32", device="cpu")
+    adaptools.merge(base, adapters, out=tmp_path / "tiled", each=True, dtype=dtype, device="cpu")
     for adapter in adapters:
         whole, tiled = folder_tensors(tmp_path / "whole" / adapter.name), folder_tensors(tmp_path / "tiled" / adapter.name)
         assert whole.keys() == tiled.keys()
         for key in whole:
-            torch.testing.assert_close(tiled[key], whole[key], rtol=1e-6, atol=1e-7)  # one float32 rounding
+            if dtype == "nf4":
+                assert torch.equal(tiled[key], whole[key]), key
+            else:  # one float32 rounding
+                torch.testing.assert_close(tiled[key], whole[key], rtol=1e-6, atol=1e-7)
 
 
 def test_each_writes_the_same_bytes_as_separate_merges(llama_base, tmp_path, runner):
