@@ -82,7 +82,8 @@ class ShardWriter:
         self._missing = dict(sizes)
         self._entries: dict[str, tuple[str, list[int]]] = {}
         self._lock = threading.Lock()
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
+                                        0o666)
 
     @property
     def done(self) -> bool:
@@ -143,7 +144,9 @@ class ShardWriter:
         self._claim(key, info.nbytes, whole)
         with open(source, "rb", buffering=0) as src:
             if whole:
-                self._small[key] = os.pread(src.fileno(), info.nbytes, info.start)
+                self._small[key] = _pread(src.fileno(), info.nbytes, info.start)
+                if len(self._small[key]) != info.nbytes:
+                    raise OSError(f"{str(source)!r} ends before byte {info.end}")
             else:
                 _copy_range(src.fileno(), self._fd, info.start, position, info.nbytes)
         return self._received(key, info.dtype, info.shape, info.nbytes, whole)
@@ -174,11 +177,32 @@ class ShardWriter:
             self._fd = None
 
 
+_SEEK_LOCK = threading.Lock()
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> int:
+    """os.pwrite, or seek + write under a lock where there is none (Windows)."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.write(fd, data)
+
+
+def _pread(fd: int, count: int, offset: int) -> bytes:
+    """os.pread, or seek + read under a lock where there is none (Windows)."""
+    if hasattr(os, "pread"):
+        return os.pread(fd, count, offset)
+    with _SEEK_LOCK:
+        os.lseek(fd, offset, os.SEEK_SET)
+        return os.read(fd, count)
+
+
 def _pwrite_all(fd: int, data, offset: int) -> None:
     """Write every byte of `data` at `offset` of `fd` (a positioned write may take only part)."""
     view = memoryview(data).cast("B")
     while view:
-        written = os.pwrite(fd, view, offset)
+        written = _pwrite(fd, view, offset)
         view, offset = view[written:], offset + written
 
 
@@ -196,7 +220,7 @@ def _copy_range(src: int, dst: int, offset: int, position: int, count: int) -> N
             if exc.errno is None:
                 raise
     while count:
-        chunk = os.pread(src, min(count, COPY_CHUNK), offset)
+        chunk = _pread(src, min(count, COPY_CHUNK), offset)
         if not chunk:
             raise OSError(f"the source ends before byte {offset + count}")
         _pwrite_all(dst, chunk, position)
