@@ -8,6 +8,8 @@ A recipe is JSON written beside every output: `adaptools_recipe.json` inside an 
 - `params`: every command parameter as JSON (input paths absolute; the output and push options left out);
 - `inputs`: per input path, `{"param", "path", "sha256"}` plus, for a folder, `files` = {relative path: sha256}
   (the folder's sha256 is that of the lines "<relative path>\\0<sha256>\\n" in sorted order);
+  a file of a Hugging Face cache snapshot that links to a blob named by its sha256 (LFS files: the weights) is
+  not read again: the blob's name is its sha256;
 - `output_params`: parameters naming further outputs (a JSON report), dropped on replay;
 - `report`: the per-module summary rows the command returned (may be empty).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -34,7 +37,11 @@ REQUIRED_KEYS = ("adaptools_recipe", "command", "params", "inputs")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
+    """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
+    LFS file: weights) is not read, its blob's name is taken."""
+    blob = Path(path).resolve()
+    if blob.parent.name == "blobs" and Path(path).is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+        return blob.name
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):

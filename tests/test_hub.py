@@ -332,3 +332,30 @@ def test_merge_each_cards_per_model_replay_and_push(adapter, llama_base, hub, ru
     for name in (adapter.name, other.name):
         first, again = (load_file(m / name / "model.safetensors") for m in (merged, tmp_path / "again"))
         assert first.keys() == again.keys() and all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_recipe_takes_the_sha256_of_hugging_face_cache_blobs_by_name(tmp_path, monkeypatch):
+    """A file of a Hugging Face cache snapshot that links to a blob named by its sha256 (LFS) is not read again;
+    other files (a git blob is named by its sha1) are hashed, and the folder digest is the same either way."""
+    from adaptools import recipe
+
+    weights, config = b"\x00weights" * 1000, b'{"model_type": "llama"}'
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "model.safetensors").write_bytes(weights)
+    (plain / "config.json").write_bytes(config)
+    repo = tmp_path / "hub" / "models--org--base"
+    (repo / "blobs").mkdir(parents=True)
+    snapshot = repo / "snapshots" / "0123abc"
+    snapshot.mkdir(parents=True)
+    for name, data, blob in [("model.safetensors", weights, hashlib.sha256(weights).hexdigest()),
+                             ("config.json", config, hashlib.sha1(config).hexdigest())]:
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / name).symlink_to(Path("..", "..", "blobs", blob))
+    expected = recipe.hash_input(plain)
+    read = []
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: read.append(Path(path).name) or real_open(path, *a, **k))
+    cached = recipe.hash_input(snapshot)
+    assert cached["files"] == expected["files"] and cached["sha256"] == expected["sha256"]
+    assert read == ["config.json"]  # the weights' blob was not read

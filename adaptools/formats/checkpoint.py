@@ -174,8 +174,11 @@ class BaseCheckpoint:
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=dtype)
         start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-        with open(self.path(key), "rb") as f:
-            mapping = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+        try:
+            with open(self.path(key), "rb") as f:
+                mapping = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
+        except (OSError, ValueError):  # a file system without memory maps: read it
+            return self.get(key)
         count = info.nbytes // dtype.itemsize
         return torch.frombuffer(mapping, dtype=dtype, count=count, offset=info.start - start).reshape(info.shape)
 
