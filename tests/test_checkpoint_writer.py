@@ -79,3 +79,20 @@ def test_unplanned_repeated_and_missing_tensors_are_refused(tmp_path):
         writer.write("b", torch.zeros(2))
     writer.close()
     assert load_file(str(tmp_path / "shard.safetensors"))["b"].shape == (2,)
+
+
+def test_without_positioned_io_writes_seek_under_a_lock(tmp_path, monkeypatch):
+    """Where os has no pread/pwrite (Windows), the writer seeks and writes under a lock, from several threads."""
+    import os
+
+    monkeypatch.delattr(os, "pwrite")
+    monkeypatch.delattr(os, "pread", raising=False)
+    tensors = {f"t{i}": torch.randn(SMALL_BYTES // 32 + i, 16) for i in range(4)}
+    path = tmp_path / "shard.safetensors"
+    writer = ShardWriter(path, {k: nbytes(t) for k, t in tensors.items()})
+    parts = [(key, t[i:i + 3], i, len(t)) for key, t in tensors.items() for i in range(0, len(t), 3)]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(lambda part: writer.write(*part), parts))
+    writer.close()
+    back = load_file(str(path))
+    assert all(torch.equal(back[k], t) for k, t in tensors.items())

@@ -144,7 +144,7 @@ class ShardWriter:
         self._claim(key, info.nbytes, whole)
         with open(source, "rb", buffering=0) as src:
             if whole:
-                self._small[key] = _pread(src.fileno(), info.nbytes, info.start)
+                self._small[key] = _positioned("read", src.fileno(), info.nbytes, info.start)
                 if len(self._small[key]) != info.nbytes:
                     raise OSError(f"{str(source)!r} ends before byte {info.end}")
             else:
@@ -180,29 +180,22 @@ class ShardWriter:
 _SEEK_LOCK = threading.Lock()
 
 
-def _pwrite(fd: int, data: memoryview, offset: int) -> int:
-    """os.pwrite, or seek + write under a lock where there is none (Windows)."""
-    if hasattr(os, "pwrite"):
-        return os.pwrite(fd, data, offset)
+def _positioned(op: str, fd: int, arg, offset: int):
+    """os.pread / os.pwrite (`op` "read" / "write": arg is a count / the data), or seek + read / write under a lock
+    where there is none (Windows)."""
+    native = getattr(os, "p" + op, None)
+    if native is not None:
+        return native(fd, arg, offset)
     with _SEEK_LOCK:
         os.lseek(fd, offset, os.SEEK_SET)
-        return os.write(fd, data)
-
-
-def _pread(fd: int, count: int, offset: int) -> bytes:
-    """os.pread, or seek + read under a lock where there is none (Windows)."""
-    if hasattr(os, "pread"):
-        return os.pread(fd, count, offset)
-    with _SEEK_LOCK:
-        os.lseek(fd, offset, os.SEEK_SET)
-        return os.read(fd, count)
+        return getattr(os, op)(fd, arg)
 
 
 def _pwrite_all(fd: int, data, offset: int) -> None:
     """Write every byte of `data` at `offset` of `fd` (a positioned write may take only part)."""
     view = memoryview(data).cast("B")
     while view:
-        written = _pwrite(fd, view, offset)
+        written = _positioned("write", fd, view, offset)
         view, offset = view[written:], offset + written
 
 
@@ -220,7 +213,7 @@ def _copy_range(src: int, dst: int, offset: int, position: int, count: int) -> N
             if exc.errno is None:
                 raise
     while count:
-        chunk = _pread(src, min(count, COPY_CHUNK), offset)
+        chunk = _positioned("read", src, min(count, COPY_CHUNK), offset)
         if not chunk:
             raise OSError(f"the source ends before byte {offset + count}")
         _pwrite_all(dst, chunk, position)
