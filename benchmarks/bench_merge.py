@@ -12,6 +12,8 @@ CPUs (the project's machines have two).
 adaptools runs twice: `adaptools.merge` in a fresh process (its own time, without Python and torch start-up,
 is what is compared with the copy), and the `adaptools merge` CLI, whose wall time adds Python + torch
 start-up (timed on its own) and the recipe (sha256 of every input file) and model card.
+First it prints the merge's batched GEMM time per shape group on the device (one step's baddbmm, as many
+same-shape weights as a step holds).
 Targets: merge time <= 1.5x the plain copy; peak RSS <= 1.25x (largest shard + adapter) and >= 3x below PEFT's.
 """
 from __future__ import annotations
@@ -30,6 +32,10 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from timing import timed as timed_call
+
+from adaptools.device import resolve_device
+from adaptools.merge import BATCH_BYTES, lora_merge
 
 HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 32, 4, 32000
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -111,6 +117,28 @@ def write_adapter(folder: Path, base: Path, layers: int, rank: int) -> Path:
     return folder / "adapter_model.safetensors"
 
 
+def gemm_per_group(layers: int, rank: int, device: torch.device) -> None:
+    """Print the time of the merge's batched GEMM per shape group on `device`: W + B·A (float32) for as many
+    same-shape weights as one step holds (BATCH_BYTES of the device), one baddbmm, best of 3 after a warm-up."""
+    shapes = [s for k, s in llama_shapes(layers).items() if k.removesuffix(".weight").rsplit(".", 1)[-1] in TARGETS]
+    total = 0.0
+    print(f"batched GEMM per shape group on {device} (r={rank}, float32):")
+    for shape in sorted(set(shapes)):
+        count = shapes.count(shape)
+        per = max(1, min(count, BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"]) // (4 * math.prod(shape))))
+        W = torch.randn(per, *shape, device=device)
+        B, A = torch.randn(per, shape[0], rank, device=device), torch.randn(per, rank, shape[1], device=device)
+        lora_merge(W, B, A, inplace=True)
+        seconds = min(timed_call(lambda: lora_merge(W, B, A, inplace=True), device)[0] for _ in range(3))
+        steps = math.ceil(count / per)
+        total += seconds * steps
+        flops = 2 * per * math.prod(shape) * rank
+        print(f"  {shape[0]:>5} x {shape[1]:<5} {per:>2} per step x {steps:>2} steps: {seconds * 1e3:7.2f} ms per "
+              f"step ({flops / seconds / 1e9:6.1f} GFLOP/s)")
+        del W, B, A
+    print(f"  all {len(shapes)} weights: {total:.2f} s of GEMM")
+
+
 COPY = """
 import shutil, sys
 from pathlib import Path
@@ -188,6 +216,10 @@ def main() -> None:
               f"(written in {time.perf_counter() - t:.0f} s)")
         cpus = args.cpus or len(os.sched_getaffinity(0))
         print(f"torch {torch.__version__}, {cpus} CPUs, adaptools device {args.device}")
+        if args.cpus:
+            os.sched_setaffinity(0, range(args.cpus))
+            torch.set_num_threads(args.cpus)
+        gemm_per_group(args.layers, args.rank, resolve_device(args.device))
 
         def timed(name: str, argv: list[str], out: Path | None) -> tuple[float, int, str, float | None]:
             """Best wall time (and its peak RSS and stdout) over the repeats, and the best time the command
