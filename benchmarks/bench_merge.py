@@ -135,7 +135,6 @@ def gemm_per_group(layers: int, rank: int, device: torch.device) -> None:
         flops = 2 * per * math.prod(shape) * rank
         print(f"  {shape[0]:>5} x {shape[1]:<5} {per:>2} per step x {steps:>2} steps: {seconds * 1e3:7.2f} ms per "
               f"step ({flops / seconds / 1e9:6.1f} GFLOP/s)")
-        del W, B, A
     print(f"  all {len(shapes)} weights: {total:.2f} s of GEMM")
 
 
