@@ -327,9 +327,11 @@ def test_nan_in_the_base_is_an_error_naming_the_tensor(tmp_path):
     (tmp_path / "base").mkdir()
     save_file({"a.weight": weight, "b.weight": torch.randn(6, 4)}, str(tmp_path / "base" / "model.safetensors"))
     adapter = adaptools.Adapter({name: adaptools.LoraModule(A=torch.randn(2, 4), B=torch.randn(6, 2)) for name in "ab"})
+    threads = torch.get_num_threads()
     with pytest.raises(NonFiniteError, match=r"NaN or Inf in 1 tensor\(s\): a\.weight$"):
         adaptools.merge(tmp_path / "base", adapter, out=tmp_path / "out")
     assert not (tmp_path / "out").exists() and sorted(p.name for p in tmp_path.iterdir()) == ["base"]
+    assert torch.get_num_threads() == threads  # the workers' single-threaded torch ops end with the merge
 
 
 def test_other_base_name_warns_and_existing_output_needs_overwrite(llama_base, tmp_path, runner):
