@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from .errors import InvalidArgumentError, OutputExistsError
+from .errors import InvalidArgumentError, OutputExistsError, OutputWriteError
 
 
 def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -61,7 +61,11 @@ def atomic_output(target: str | os.PathLike, overwrite: bool = False, is_file: b
         raise InvalidArgumentError(f"cannot write the output {str(target)!r}: {exc.strerror or exc}") from exc
     try:
         source = tmp / target.name if is_file else tmp
-        yield source
+        try:
+            yield source
+        except OSError as exc:  # a full disk, a lost permission: the output is dropped below
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise OutputWriteError(f"{str(target)!r} was not written: {exc.strerror or exc}{where}") from exc
         check_output(target, overwrite)
         umask_permissions(source)
         if target.exists() or target.is_symlink():

@@ -45,6 +45,10 @@ class OutputExistsError(AdaptoolsError):
     """The output path exists and overwriting was not asked for."""
 
 
+class OutputWriteError(AdaptoolsError):
+    """The output could not be written (a full disk, a lost permission); nothing of it is left behind."""
+
+
 class InvalidArgumentError(AdaptoolsError):
     """An option value is out of range or options contradict each other."""
 

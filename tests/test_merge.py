@@ -334,6 +334,30 @@ def test_nan_in_the_base_is_an_error_naming_the_tensor(tmp_path):
     assert torch.get_num_threads() == threads  # the workers' single-threaded torch ops end with the merge
 
 
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(llama_base, tmp_path, runner, monkeypatch):
+    """A write failing half way (ENOSPC from a worker thread) ends in one `error:` line, exit 2, no output."""
+    import errno
+
+    from adaptools.formats import checkpoint_writer
+
+    adapter = make_peft_adapter(llama_base, tmp_path / "adapter", r=2, target_modules=["q_proj", "v_proj"])
+    real = checkpoint_writer._positioned
+    writes = []
+
+    def fill_up(op, fd, arg, offset):
+        if op == "write" and len(writes) > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        writes.append(offset)
+        return real(op, fd, arg, offset)
+
+    monkeypatch.setattr(checkpoint_writer, "_positioned", fill_up)
+    result = run_cli(runner, "merge", llama_base, adapter, "--max-shard-size", "30KB", "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "No space left on device" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists() and not leftovers(tmp_path)
+
+
 def test_other_base_name_warns_and_existing_output_needs_overwrite(llama_base, tmp_path, runner):
     adapter = make_peft_adapter(llama_base, tmp_path / "adapter", r=2, target_modules=["q_proj"])
     other = shutil.copytree(llama_base, tmp_path / "renamed-base")
@@ -363,3 +387,14 @@ def test_side_files_are_copied_and_weights_are_not(llama_base, tmp_path):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
     assert json.loads((tmp_path / "out" / "config.json").read_text()) == json.loads((base / "config.json").read_text())
+
+
+def test_steps_alternate_between_shards_and_keep_each_shards_order():
+    """Steps running at once should write different files: the execution order takes the shards in turn."""
+    from adaptools.merge import Step, TensorSpec, interleave_shards
+
+    specs = {f"{shard}.{i}": TensorSpec((4, 4), torch.float16, shard, 32) for shard, n in [("a", 3), ("b", 1), ("c", 2)]
+             for i in range(n)}
+    steps = [Step((key,)) for key in specs]
+    order = [step.keys[0] for step in interleave_shards(steps, specs)]
+    assert order == ["a.0", "b.0", "c.0", "a.1", "c.1", "a.2"]
