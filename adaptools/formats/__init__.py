@@ -15,14 +15,16 @@ from types import ModuleType
 from ..adapter import Adapter, has_kohya_names, register_writer
 from ..atomic import atomic_output
 from ..errors import InvalidArgumentError
-from . import kohya, peft
+from . import diffusers, kohya, mlx, peft
 from .checkpoint import BaseCheckpoint
 from .kohya import remap_to_base
 from .tensors import require_exists
 from .unsupported import unsupported_error
 
 FAMILIES: tuple[ModuleType, ...] = (
+    mlx,
     peft,
+    diffusers,
     kohya,
 )
 """Adapter families, most specific first: the first whose `detect` accepts a path reads it."""

@@ -306,23 +306,29 @@ def peft_config(adapter: Adapter) -> dict:
     return config
 
 
+def module_state(key: str, m: LoraModule) -> dict[str, Tensor]:
+    """PEFT's tensors of one module under `key` (its full key prefix), with the scale folded into B."""
+    state: dict[str, Tensor] = {}
+    A, B, ones = m.A, m.B * m.scale, [1] * len(m.kernel)
+    if m.kind == "embedding":
+        state[f"{key}.lora_embedding_A"], state[f"{key}.lora_embedding_B"] = A, B
+    else:
+        if m.kind == "conv":
+            A, B = A.reshape(m.rank, -1, *m.kernel), B.reshape(*B.shape, *ones)
+        state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = A, B
+    if m.bias is not None:
+        state[f"{key}.lora_B.bias"] = m.bias * m.scale
+    if m.magnitude is not None:  # PEFT keeps a conv magnitude as (1, out, 1, ...)
+        magnitude = m.magnitude.reshape(1, -1, *ones) if m.kind == "conv" else m.magnitude
+        state[f"{key}.lora_magnitude_vector"] = magnitude
+    return state
+
+
 def peft_state_dict(adapter: Adapter) -> dict[str, Tensor]:
     """PEFT's state-dict keys for `adapter` with each module's scale folded into B (written scale is 1)."""
     state: dict[str, Tensor] = {}
     for name, m in adapter.modules.items():
-        p = PREFIX + name
-        A, B, ones = m.A, m.B * m.scale, [1] * len(m.kernel)
-        if m.kind == "embedding":
-            state[f"{p}.lora_embedding_A"], state[f"{p}.lora_embedding_B"] = A, B
-        else:
-            if m.kind == "conv":
-                A, B = A.reshape(m.rank, -1, *m.kernel), B.reshape(*B.shape, *ones)
-            state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"] = A, B
-        if m.bias is not None:
-            state[f"{p}.lora_B.bias"] = m.bias * m.scale
-        if m.magnitude is not None:  # PEFT keeps a conv magnitude as (1, out, 1, ...)
-            magnitude = m.magnitude.reshape(1, -1, *ones) if m.kind == "conv" else m.magnitude
-            state[f"{p}.lora_magnitude_vector"] = magnitude
+        state.update(module_state(PREFIX + name, m))
     for key, tensor in adapter.extra.items():
         module, param = key.rsplit(".", 1)
         stored = f"{module}.base_layer.{param}" if module in adapter.modules else key
