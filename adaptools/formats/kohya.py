@@ -111,16 +111,21 @@ def remap_to_base(adapter: Adapter, base_keys: Iterable[str]) -> Adapter:
                 candidates.setdefault(kohya_name(module, prefix), set()).add(module)
     paths = {m for found in candidates.values() for m in found}
     renamed: dict[str, LoraModule] = {}
-    missing, ambiguous = [], []
+    sources: dict[str, str] = {}
+    missing, ambiguous, shared = [], [], []
     for name, module in adapter.modules.items():
         found = {name} if name in paths else candidates.get(name, set())
         if not found:
             missing.append(name)
         elif len(found) > 1:
             ambiguous.append(f"{name} ({' or '.join(sorted(found))})")
+        elif (path := found.pop()) in sources:  # SDXL: lora_te1_x and lora_te2_x on one text-encoder base
+            shared.append(f"{sources[path]} and {name} ({path})")
         else:
-            renamed[found.pop()] = module
-    for problems, what in ((missing, "match no weight of the base"), (ambiguous, "match several weights of the base")):
+            renamed[path], sources[path] = module, name
+    for problems, what in ((missing, "match no weight of the base"), (ambiguous, "match several weights of the base"),
+                           (shared, "map to the same weight of the base (one text encoder per base: merge lora_te1_ "
+                                    "and lora_te2_ modules into their own encoders)")):
         if problems:
             shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise UnknownModuleError(f"{len(problems)} kohya module(s) {what}: {shown}")
