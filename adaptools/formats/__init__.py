@@ -63,6 +63,12 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
     return adapter
 
 
+def default_format(adapter: Adapter) -> str:
+    """The format an adapter is written in by default: the family it was read from where adaptools writes that
+    family (kohya stays kohya, mlx stays mlx), else "peft"."""
+    return adapter.source_format if adapter.source_format in WRITERS else "peft"
+
+
 def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
     """Write `adapter` atomically in `format` (one of FORMATS): a folder or a file, as the family writes it."""
     family = WRITERS.get(format)
@@ -79,4 +85,4 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft"
 
 register_writer(save_adapter)
 
-__all__ = ["BaseCheckpoint", "FAMILIES", "FORMATS", "detect_family", "detect_format", "load_adapter", "save_adapter"]
+__all__ = ["BaseCheckpoint", "FAMILIES", "FORMATS", "default_format", "detect_family", "detect_format", "load_adapter", "save_adapter"]

@@ -152,8 +152,7 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
             f"{str(folder / CONFIG_NAME)!r} says fine_tune_type {config.get('fine_tune_type', 'lora')!r} but the "
             f"weights {'have' if any(dora) else 'lack'} DoRA magnitudes (.m)"
         )
-    adapter = Adapter(modules=modules, config=config, source_format=NAME, name=folder.name if path.is_file() else path.name,
-                      base_model=config.get("model"))
+    adapter = Adapter(modules=modules, config=config, source_format=NAME, name=folder.name, base_model=config.get("model"))
     adapter.check_finite()
     return adapter
 

@@ -13,7 +13,7 @@ from tqdm import tqdm
 import adaptools
 from adaptools.adapter import Adapter
 from adaptools.atomic import atomic_output, check_output
-from adaptools.formats import FORMATS
+from adaptools.formats import FORMATS, default_format
 from adaptools.linalg import RankPolicy
 from adaptools.rerank import RerankReport
 
@@ -72,8 +72,8 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 
 
 def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool) -> None:
-    """Write `adapter` in `fmt`, by default in the format it was read from (kohya stays kohya)."""
-    fmt = fmt or ("kohya" if adapter.source_format == "kohya" else "peft")
+    """Write `adapter` in `fmt`, by default in the format it was read from (kohya stays kohya; see default_format)."""
+    fmt = fmt or default_format(adapter)
     adapter.save(output, format=fmt, overwrite=overwrite)
     click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}")
 
