@@ -68,7 +68,10 @@ def parse_key(key: str) -> tuple[str | None, str, str] | None:
         return component, module, "A" if direction == "down" else "B"
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if path.endswith(suffix) and len(path) > len(suffix):
-            return component, path[: -len(suffix)], SUFFIXES[suffix]
+            module, role = path[: -len(suffix)], SUFFIXES[suffix]
+            if role == "magnitude" and module.endswith(".to_out"):  # diffusers: `.to_out.lora_magnitude_vector`
+                module += ".0"
+            return component, module, role
     return None
 
 
