@@ -93,7 +93,7 @@ def detect(path: Path) -> bool:
     weights = weights_of(path)
     if weights is None:
         return False
-    if path.is_dir() and weights.suffix == ".bin":
+    if weights.name == WEIGHT_NAMES[1]:  # a pickle: its keys are read only if allowed
         return True
     header = safetensors_header(weights)
     return header is not None and any(is_diffusers_key(k) for k in header[0])

@@ -106,6 +106,8 @@ def detect(path: Path) -> bool:
     if has_config and path.is_dir():
         return True
     weights = weights_file(path)
+    if weights is not None and weights.name == WEIGHTS_NAMES[1]:  # a pickle: its keys are read only if allowed
+        return True
     header = safetensors_header(weights) if weights is not None else None
     peft_keys = header is not None and any(is_peft_key(k) for k in header[0])
     return peft_keys or (has_config and header is None)
