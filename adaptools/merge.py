@@ -39,9 +39,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from .adapter import Adapter, LoraModule
+from .adapter import Adapter, LoraModule, check_weights, combined_bias, concat_factors, plan_terms
 from .atomic import atomic_output, check_output
-from .combine import check_weights, combined_bias, concat_factors, plan_terms
 from .device import resolve_device
 from .errors import (
     DoraError,

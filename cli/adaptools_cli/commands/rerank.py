@@ -13,11 +13,11 @@ from tqdm import tqdm
 import adaptools
 from adaptools.adapter import Adapter
 from adaptools.atomic import atomic_output, check_output
-from adaptools.formats import FORMATS
+from adaptools.formats import FORMATS, default_format
 from adaptools.linalg import RankPolicy
 from adaptools.rerank import RerankReport
 
-from ..options import allow_pickle, output_options
+from ..options import output_options, reading_options
 from ..provenance import provenance
 from ..render import table
 
@@ -49,7 +49,7 @@ def optional_policy(**options: float | None) -> RankPolicy | None:
 
 
 def common_options(func: Callable) -> Callable:
-    """--format, --base, --dtype, --device, -o/--overwrite and --allow-pickle."""
+    """--format, --base, --dtype, --device, -o/--overwrite, --allow-pickle, --scale and --alpha."""
     for option in (
         click.option("--format", "fmt", type=click.Choice(FORMATS),
                      help="Output format (default: the inputs' format; peft for a mix)."),
@@ -57,7 +57,7 @@ def common_options(func: Callable) -> Callable:
         click.option("--dtype", type=click.Choice(list(DTYPES)), help="dtype of the result (default: the inputs')."),
         click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu or cuda."),
         output_options,
-        allow_pickle,
+        reading_options,
     ):
         func = option(func)
     return func
@@ -72,8 +72,8 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 
 
 def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool) -> None:
-    """Write `adapter` in `fmt`, by default in the format it was read from (kohya stays kohya)."""
-    fmt = fmt or ("kohya" if adapter.source_format == "kohya" else "peft")
+    """Write `adapter` in `fmt`, by default in the format it was read from (kohya stays kohya; see default_format)."""
+    fmt = fmt or default_format(adapter)
     adapter.save(output, format=fmt, overwrite=overwrite)
     click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}")
 
@@ -118,13 +118,13 @@ def echo_report(report: RerankReport) -> None:
 @provenance("rerank")
 def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | None, threshold: float | None,
            budget: float | None, report_path: str | None, fmt: str | None, base: str | None, dtype: str | None, device: str,
-           output: str, overwrite: bool, allow_pickle: bool) -> dict:
+           output: str, overwrite: bool, allow_pickle: bool, scale: float | None, alpha: float | None) -> dict:
     """Re-rank ADAPTER: best rank-k approximation of each ΔW (factored SVD), k chosen by exactly one option."""
     policy = RankPolicy.from_options(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
     check_output(output, overwrite)
     if report_path:
         check_output(report_path, overwrite)
-    loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base)
+    loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha)
     with progress_bar(len(loaded), "rerank") as update:
         result, report = adaptools.rerank(loaded, policy=policy, device=device,
                                           dtype=DTYPES.get(dtype or ""), progress=update)
