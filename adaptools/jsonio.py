@@ -19,9 +19,10 @@ import os
 import re
 import stat
 from collections.abc import Callable, Mapping
-from itertools import accumulate
 from pathlib import Path
 from typing import BinaryIO
+
+import numpy as np
 
 from .errors import AdaptoolsError
 from .names import shown
@@ -36,7 +37,8 @@ Error = type[AdaptoolsError]
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 _STRING = re.compile(r'"[^"]*"')
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
-_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+_STEP = np.zeros(256, dtype=np.int8)
+_STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
 
 
 class _Refused(ValueError):
@@ -74,10 +76,8 @@ def json_depth(text: str) -> int:
     """Deepest nesting of [] and {} outside JSON strings, without recursion: escaped backslashes and quotes
     are dropped first, so every remaining quote delimits a string."""
     plain = _STRING.sub("", text.replace("\\\\", "").replace('\\"', ""))
-    brackets = _NOT_BRACKET.sub("", plain)
-    if len(brackets) <= MAX_JSON_DEPTH:
-        return len(brackets)
-    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
+    brackets = np.frombuffer(_NOT_BRACKET.sub("", plain).encode("ascii"), dtype=np.uint8)
+    return int(np.cumsum(_STEP[brackets], dtype=np.int64).max(initial=0))
 
 
 def _finite_float(text: str) -> float:
