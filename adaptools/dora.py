@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .adapter import Adapter, LoraModule
 from .device import resolve_device
-from .errors import BaseMismatchError, DoraError, InvalidArgumentError, UnknownModuleError
+from .errors import BaseMismatchError, DoraError, InvalidArgumentError, NonFiniteError, UnknownModuleError
 from .formats.checkpoint import BaseCheckpoint
 from .formats.kohya import PREFIXES, remap_to_base
 from .formats.nf4 import dequantize_nf4, is_nf4_weight, quantize_nf4
@@ -428,7 +428,11 @@ def to_lora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *
         for method, items in by_method.items():
             fit = partial(_fit_group, policy=policy, method=method, oversample=oversample,
                           power_iters=power_iters, seed=seed)
-            for name, (U, S, Vh, k, norm, err) in map_by_shape(items, fit).items():
+            try:
+                fitted = map_by_shape(items, fit)
+            except NonFiniteError as exc:  # W' − W overflowed (magnitudes or scales too large for the dtype)
+                raise NonFiniteError(f"DoRA → LoRA of module(s) {listed([repr(n) for n in items])}: {exc}") from None
+            for name, (U, S, Vh, k, norm, err) in fitted.items():
                 m, k, norm, err = adapter[name], int(k), float(norm), float(err)
                 B, A = balanced_factors(U, S, Vh, k)
                 modules[name] = replace(m, B=B.to("cpu", m.dtype), A=A.to("cpu", m.dtype), scale=1.0, magnitude=None)

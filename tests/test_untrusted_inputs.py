@@ -442,3 +442,29 @@ def test_to_dora_that_overflows(llama_base, adapter, tmp_path, runner):
     big = edit_adapter(adapter, tmp_path / "big", config={"lora_alpha": 1e38})
     assert_refused(runner, ["dora", "to-dora", big, "--base", llama_base, "-o", tmp_path / "out"],
                    "the result of LoRA → DoRA would hold NaN or Inf", tmp_path)
+
+
+def test_to_lora_that_overflows_names_the_modules(llama_base, dora_adapter, tmp_path, runner):
+    folder = tmp_path / "dora"
+    shutil.copytree(dora_adapter, folder)
+    state = load_file(folder / "adapter_model.safetensors")
+    for key in state:
+        if key.endswith("lora_magnitude_vector"):
+            state[key][:] = 3e38
+    save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    assert_refused(runner, ["dora", "to-lora", folder, "--base", llama_base, "--rank", "2", "-o", tmp_path / "out"],
+                   f"DoRA → LoRA of module(s) '{Q}'", tmp_path)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ('{"adaptools_recipe": NaN}', "NaN is not a JSON number"),
+    ('{"a": ' + "[" * 10_000 + "]" * 10_000 + "}", "nested more than 64 levels deep"),
+    ("[1]", "does not hold a JSON object"),
+])
+def test_recipe_json_is_read_by_the_strict_reader(text, fragment, tmp_path):
+    from adaptools.errors import RecipeError
+    from adaptools.recipe import read_recipe
+
+    (tmp_path / "recipe.json").write_text(text)
+    with pytest.raises(RecipeError, match=fragment):
+        read_recipe(tmp_path / "recipe.json")
