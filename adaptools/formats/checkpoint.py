@@ -1,9 +1,10 @@
 """Base model checkpoints: a Hugging Face folder (model.safetensors or shards + index), read tensor by tensor.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets}}
-and the raw tensor bytes. The header is parsed once; each tensor is then read with one positioned read into
-its own buffer, or memory-mapped on its own (`mapped`): nothing else of the file is held in memory, and a
-mapping goes with its tensor.
+and the raw tensor bytes. The header is parsed once and validated by the format's rules (`read_header`, DESIGN
+§10); each tensor is then read with one positioned read into its own buffer, or memory-mapped on its own
+(`mapped`): nothing else of the file is held in memory, and a mapping goes with its tensor. Shard names from the
+index are plain file names inside the folder (`read_index`).
 """
 from __future__ import annotations
 
