@@ -60,15 +60,32 @@ HEADER_FIELDS = ("dtype", "shape", "data_offsets")
 
 def _ints(value: object, count: int | None = None) -> bool:
     """True for a list of non-negative ints (bools and floats are not), of `count` items when given."""
-    return (isinstance(value, list) and (count is None or len(value) == count)
-            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+    return (type(value) is list and (count is None or len(value) == count)
+            and set(map(type, value)) <= {int} and min(value, default=0) >= 0)
+
+
+def _entry_problem(entry: object) -> str | None:
+    """What is wrong with one tensor's header entry (a phrase following "tensor NAME"), or None."""
+    if type(entry) is not dict or any(field not in entry for field in HEADER_FIELDS):
+        return f"needs an object with {', '.join(HEADER_FIELDS)}, got {shown(entry)}"
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if type(dtype) is not str or dtype not in DTYPES:
+        return f"has an unknown or unsupported dtype {shown(dtype)}"
+    if not _ints(shape):
+        return f"has shape {shown(shape)}: a shape is a list of non-negative integers"
+    if not _ints(offsets, 2) or offsets[0] > offsets[1]:
+        return f"has data_offsets {shown(offsets)}: they must be two integers begin <= end"
+    needed = math.prod(shape) * DTYPES[dtype].itemsize
+    if offsets[1] - offsets[0] != needed:
+        return f"has data_offsets {offsets} holding {offsets[1] - offsets[0]} bytes, but {dtype} {shape} needs {needed}"
+    return None
 
 
 def validate_header(header: object, data_start: int, data_bytes: int, source: str,
                     error: type[AdaptoolsError]) -> dict[str, TensorInfo]:
     """Tensor infos (header order) of a parsed safetensors header whose data region is the `data_bytes` bytes from
-    file offset `data_start` (8 + N), checked by
-    the format's rules (safetensors' Rust `Metadata::validate`); `error` naming `source` and the tensor otherwise.
+    file offset `data_start` (8 + N), checked by the format's rules (safetensors' Rust `Metadata::validate`); `error`
+    naming `source` and the tensor otherwise.
 
     An object; `__metadata__` absent, null or a map of strings to strings; per tensor an object with a known
     `dtype`, `shape` a list of non-negative ints and `data_offsets` [begin, end] ints with end - begin =
@@ -84,20 +101,10 @@ def validate_header(header: object, data_start: int, data_bytes: int, source: st
     for key, entry in header.items():
         if key == "__metadata__":
             continue
-        where = f"{source!r}: tensor {shown(key)}"
-        if not isinstance(entry, dict) or any(field not in entry for field in HEADER_FIELDS):
-            raise error(f"{where} needs an object with {', '.join(HEADER_FIELDS)}, got {shown(entry)}")
-        dtype, shape, offsets = (entry[field] for field in HEADER_FIELDS)
-        if not isinstance(dtype, str) or dtype not in DTYPES:
-            raise error(f"{where} has an unknown or unsupported dtype {shown(dtype)}")
-        if not _ints(shape):
-            raise error(f"{where} has shape {shown(shape)}: a shape is a list of non-negative integers")
-        if not _ints(offsets, 2) or offsets[0] > offsets[1]:
-            raise error(f"{where} has data_offsets {shown(offsets)}: they must be two integers begin <= end")
-        if offsets[1] - offsets[0] != math.prod(shape) * DTYPES[dtype].itemsize:
-            raise error(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, but {dtype} of shape "
-                        f"{shape} needs {math.prod(shape) * DTYPES[dtype].itemsize}")
-        spans.append((offsets[0], offsets[1], key))
+        problem = _entry_problem(entry)
+        if problem:
+            raise error(f"{source!r}: tensor {shown(key)} {problem}")
+        spans.append((*entry["data_offsets"], key))
     end = 0
     for begin, stop, key in sorted(spans):
         if begin != end:
