@@ -367,6 +367,16 @@ def test_dora_magnitude_must_be_positive_and_finite(value, dora_adapter, tmp_pat
     assert_refused(runner, ["info", folder], "must be positive and finite", tmp_path)
 
 
+def test_merge_refuses_a_dora_magnitude_of_zero(llama_base, dora_adapter, tmp_path, runner):
+    """The issue's "DoRA magnitudes <= 0 merge silently"."""
+    folder = tmp_path / "dora"
+    shutil.copytree(dora_adapter, folder)
+    state = load_file(folder / "adapter_model.safetensors")
+    state[f"base_model.model.{Q}.lora_magnitude_vector"][0] = 0.0
+    save_file(state, folder / "adapter_model.safetensors", metadata={"format": "pt"})
+    assert_refused(runner, ["merge", llama_base, folder, "-o", tmp_path / "out"], f"module '{Q}': DoRA", tmp_path)
+
+
 def test_kohya_dora_scale_must_be_positive(dora_adapter, tmp_path):
     adaptools.load(dora_adapter).save(tmp_path / "k.safetensors", format="kohya")
     state = load_file(tmp_path / "k.safetensors")
