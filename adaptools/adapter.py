@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .errors import DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError, ShapeMismatchError
+from .names import listed
 
 LayerKind = Literal["linear", "embedding", "conv"]
 
@@ -208,15 +209,20 @@ class Adapter:
         """A copy with other modules (and optionally other fields)."""
         return replace(self, modules=dict(modules), **changes)
 
-    def check_finite(self) -> None:
-        """Raise NonFiniteError naming the first tensor that holds NaN or Inf."""
-        for name, module in self.modules.items():
-            for role, tensor in module.tensors():
-                if not torch.isfinite(tensor).all():
-                    raise NonFiniteError(f"module {name!r}: {role} holds NaN or Inf")
-        for key, tensor in self.extra.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise NonFiniteError(f"tensor {key!r} holds NaN or Inf")
+    def check_finite(self, operation: str | None = None) -> None:
+        """Raise NonFiniteError naming every module and tensor that holds NaN or Inf: in an input (no `operation`),
+        or in the result of `operation` (its numbers overflowed)."""
+        bad = [f"module {name!r} ({', '.join(roles)})" for name, module in self.modules.items()
+               if (roles := [role for role, t in module.tensors() if not bool(torch.isfinite(t).all())])]
+        bad += [f"tensor {key!r}" for key, t in self.extra.items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if not bad:
+            return
+        if operation is None:
+            raise NonFiniteError(f"NaN or Inf in {listed(bad)}")
+        dtypes = "/".join(dict.fromkeys(str(m.dtype).removeprefix("torch.") for m in self.modules.values()))
+        raise NonFiniteError(f"the result of {operation} would hold NaN or Inf (its numbers overflow {dtypes}) in "
+                             f"{listed(bad)}")
 
     # Exact arithmetic by concatenating factors (DESIGN §2).
     def __add__(self, other: object) -> Adapter:
@@ -447,4 +453,6 @@ def weighted_sum(adapters: Sequence[Adapter], weights: Sequence[float] | None = 
     """Σ_i w_i·a_i, exact: per module B = [w_1·s_1·B_1 | ...], A = [A_1; ...], scale 1, rank Σ r_i."""
     plan = plan_combination(adapters, weights, "combine", dtype=dtype, full_tensors=full_tensors)
     modules = {name: combined_module(terms, *concat_factors(terms), plan.dtype) for name, terms in plan.terms.items()}
-    return result_adapter(plan.adapters, modules, plan.extra)
+    result = result_adapter(plan.adapters, modules, plan.extra)
+    result.check_finite("combine")
+    return result

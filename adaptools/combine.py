@@ -84,8 +84,11 @@ def combine(adapters, weights=None, *, method="sum", density=None, majority_sign
     """
     check_options(method, density, majority_sign)
     if method != "sum":
-        return merge_with_method(adapters, weights, method, density=density, majority_sign=majority_sign, seed=seed,
-                                 policy=policy, dtype=dtype, full_tensors=full_tensors, device=device, progress=progress)
+        result = merge_with_method(adapters, weights, method, density=density, majority_sign=majority_sign, seed=seed,
+                                   policy=policy, dtype=dtype, full_tensors=full_tensors, device=device,
+                                   progress=progress)
+        result[0].check_finite(f"combine ({method})")
+        return result
     if policy is None:
         return weighted_sum(adapters, weights, dtype=dtype, full_tensors=full_tensors)
     chosen = resolve_policy(policy)
@@ -93,7 +96,9 @@ def combine(adapters, weights=None, *, method="sum", density=None, majority_sign
     results = truncate_stacks(combined_stacks(plan.terms), chosen, device=device, progress=progress)
     modules = {name: combined_module(terms, *results[name][:2], plan.dtype) for name, terms in plan.terms.items()}
     report = RerankReport(policy_text(chosen), {name: results[name][2] for name in plan.terms})
-    return result_adapter(plan.adapters, modules, plan.extra), report
+    result = result_adapter(plan.adapters, modules, plan.extra)
+    result.check_finite("combine")
+    return result, report
 
 
 def interpolate(a: Adapter, b: Adapter, t: float, **options) -> Adapter:

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from .adapter import Adapter, LoraModule
 from .device import resolve_device
-from .errors import BaseMismatchError, DoraError, InvalidArgumentError, UnknownModuleError
+from .errors import BaseMismatchError, DoraError, InvalidArgumentError, NonFiniteError, UnknownModuleError
 from .formats.checkpoint import BaseCheckpoint
 from .formats.kohya import PREFIXES, remap_to_base
 from .formats.nf4 import dequantize_nf4, is_nf4_weight, quantize_nf4
@@ -44,6 +44,7 @@ from .linalg import (
     truncation_error,
 )
 from .merge import dora_merge_rows
+from .names import listed
 from .nf4_checkpoint import NF4Decoder
 from .report import ErrorSummary, ModuleFitError, relative
 
@@ -265,7 +266,13 @@ def to_dora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *
         items = {n: (W, *_factors(adapter[n], dev, work)) for n, W in chunk.items()}
         for name, (norms,) in map_by_shape(items, dora_row_norms).items():
             modules[name] = replace(adapter[name], magnitude=norms.to("cpu", adapter[name].dtype))
-    return adapter.with_modules(modules)
+    result = adapter.with_modules(modules)
+    result.check_finite("LoRA → DoRA")
+    zero = [repr(n) for n, m in result.items() if not bool((m.magnitude > 0).all())]
+    if zero:
+        raise DoraError(f"module(s) {listed(zero)} have a row where W + s·B·A is zero: its DoRA magnitude would be 0, "
+                        "and DoRA divides by that norm")
+    return result
 
 
 # --------------------------------------------------------------------------- DoRA → LoRA
@@ -421,7 +428,11 @@ def to_lora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *
         for method, items in by_method.items():
             fit = partial(_fit_group, policy=policy, method=method, oversample=oversample,
                           power_iters=power_iters, seed=seed)
-            for name, (U, S, Vh, k, norm, err) in map_by_shape(items, fit).items():
+            try:
+                fitted = map_by_shape(items, fit)
+            except NonFiniteError as exc:  # W' − W overflowed (magnitudes or scales too large for the dtype)
+                raise NonFiniteError(f"DoRA → LoRA of module(s) {listed([repr(n) for n in items])}: {exc}") from None
+            for name, (U, S, Vh, k, norm, err) in fitted.items():
                 m, k, norm, err = adapter[name], int(k), float(norm), float(err)
                 B, A = balanced_factors(U, S, Vh, k)
                 modules[name] = replace(m, B=B.to("cpu", m.dtype), A=A.to("cpu", m.dtype), scale=1.0, magnitude=None)
@@ -429,4 +440,6 @@ def to_lora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *
                 fits[name] = ModuleFit(rank=k, method=method, out_features=m.out_features, in_features=m.in_features,
                                        norm=norm, error=err, rel_error=rel, retained_energy=1.0 - rel**2)
     report = LoraFitReport(f"{policy.kind}={policy.value:g}", svd, base_weights, {n: fits[n] for n in names})
-    return adapter.with_modules(modules), report
+    result = adapter.with_modules(modules)
+    result.check_finite("DoRA → LoRA")
+    return result, report

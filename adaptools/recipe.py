@@ -29,6 +29,7 @@ from pathlib import Path
 from . import __version__
 from .atomic import atomic_output
 from .errors import InputNotFoundError, RecipeError
+from .jsonio import read_json_object
 
 RECIPE_NAME = "adaptools_recipe.json"
 RECIPE_VERSION = 1
@@ -104,11 +105,8 @@ def read_recipe(path: str | os.PathLike) -> dict:
     path = path / RECIPE_NAME if path.is_dir() else path
     if not path.is_file():
         raise InputNotFoundError(f"recipe {str(path)!r} does not exist")
-    try:
-        recipe = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecipeError(f"{str(path)!r} is not a recipe: {exc}") from None
-    if not isinstance(recipe, dict) or any(key not in recipe for key in REQUIRED_KEYS):
+    recipe = read_json_object(path, RecipeError)
+    if any(key not in recipe for key in REQUIRED_KEYS):
         raise RecipeError(f"{str(path)!r} is not an adaptools recipe (needs {', '.join(REQUIRED_KEYS)})")
     if recipe["adaptools_recipe"] != RECIPE_VERSION:
         raise RecipeError(f"{str(path)!r} has recipe version {recipe['adaptools_recipe']}; this adaptools reads {RECIPE_VERSION}")

@@ -15,7 +15,6 @@ adapter merges into that checkpoint; text-encoder modules keep their `text_encod
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError
+from ..jsonio import json_object, parse_json
 from .layout import uniform_rank
 from .peft import PREFIX as PEFT_PREFIX
 from .peft import lora_module, module_state
@@ -104,12 +104,8 @@ def component_configs(metadata: dict[str, str], source: Path) -> dict[str | None
     raw = metadata.get(METADATA_KEY)
     if not raw:
         return {}
-    try:
-        value = json.loads(raw)
-    except ValueError as exc:
-        raise AdapterFormatError(f"{str(source)!r}: {METADATA_KEY} in the metadata is not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise AdapterFormatError(f"{str(source)!r}: {METADATA_KEY} in the metadata is not a JSON object")
+    value = json_object(parse_json(raw, f"{source}: {METADATA_KEY}", AdapterFormatError), METADATA_KEY, str(source),
+                        AdapterFormatError)
     configs: dict[str | None, dict] = {}
     for key, item in value.items():
         head, _, rest = key.partition(".")

@@ -11,7 +11,7 @@ from torch import Tensor
 from ..adapter import KOHYA_PREFIXES as PREFIXES
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
-from .tensors import PICKLE_SUFFIXES, check_factors, read_tensor_file, safetensors_header, write_safetensors
+from .tensors import PICKLE_SUFFIXES, check_factors, check_magnitude, read_tensor_file, safetensors_header, write_safetensors
 
 NAME = "kohya"
 WRITES_FILE = True
@@ -66,6 +66,7 @@ def kohya_module(name: str, parts: dict[str, Tensor]) -> LoraModule:
                 f"kohya module {name!r}: dora_scale of shape {tuple(magnitude.shape)} is not one value per output row"
             )
         magnitude = magnitude.reshape(-1)
+        check_magnitude(name, magnitude, "dora_scale")
     return LoraModule(
         A=down.reshape(rank, -1),
         B=up.reshape(up.shape[0], rank),

@@ -19,8 +19,9 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, UnsupportedAdapterError
+from ..jsonio import check_fields, finite_number, json_object, positive_int, read_json_object
 from .layout import uniform_rank
-from .tensors import read_json_object, read_safetensors, safetensors_header, write_safetensors
+from .tensors import read_safetensors, safetensors_header, write_safetensors
 
 NAME = "mlx"
 WRITES_FILE = False
@@ -36,8 +37,8 @@ LAYER_PATH = re.compile(r"^(.*\.)?layers\.\d+\.(.+)$")
 def is_mlx_config(config: Path) -> bool:
     """True for mlx-lm's adapter_config.json (it has `lora_parameters` or `fine_tune_type`, no `peft_type`)."""
     try:
-        value = json.loads(config.read_text())
-    except (OSError, ValueError):
+        value = read_json_object(config, AdapterFormatError)
+    except AdapterFormatError:
         return False
     return isinstance(value, dict) and "peft_type" not in value and bool({"lora_parameters", "fine_tune_type"} & set(value))
 
@@ -107,16 +108,10 @@ def read_config(folder: Path) -> dict:
         raise UnsupportedAdapterError(
             f"{str(path)!r}: fine_tune_type {kind!r} is a full fine-tune (whole weights), not a LoRA adapter"
         )
-    if not isinstance(config.get("lora_parameters", {}), dict):
-        raise AdapterFormatError(f"{str(path)!r}: lora_parameters must be a JSON object")
+    json_object(config.get("lora_parameters", {}), "lora_parameters", str(path), AdapterFormatError)
+    check_fields(config["lora_parameters"] if "lora_parameters" in config else {},
+                 {"rank": positive_int, "scale": finite_number}, f"{path}: lora_parameters", AdapterFormatError)
     return config
-
-
-def number(value: object, what: str, source: Path) -> float:
-    """A config value as a float (AdapterFormatError naming it otherwise)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise AdapterFormatError(f"{str(source)!r}: {what} must be a number, got {value!r}")
-    return float(value)
 
 
 def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, alpha: float | None = None) -> Adapter:
@@ -128,7 +123,7 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
         raise AdapterFormatError(f"{str(folder)!r} has mlx-lm's {CONFIG_NAME} but no {WEIGHTS_NAME} or {NPZ_NAME}")
     params = config.get("lora_parameters", {})
     if config and "scale" in params:
-        scale = number(params["scale"], "lora_parameters.scale", folder / CONFIG_NAME)
+        scale = float(params["scale"])
     elif scale is None:
         what = "a numpy .npz archive" if weights.suffix == ".npz" else f"an mlx-lm {weights.name}"
         where = f"{CONFIG_NAME} has no lora_parameters.scale" if config else f"mlx records it in {CONFIG_NAME}, missing here"
@@ -136,7 +131,7 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
             f"{str(weights)!r} is {what} without a scale ({where}): pass --scale (scale=...) with the scale it was "
             "trained with"
         )
-    rank = int(number(params["rank"], "lora_parameters.rank", folder / CONFIG_NAME)) if "rank" in params else None
+    rank = params.get("rank")
     tensors = read_npz(weights) if weights.suffix == ".npz" else read_safetensors(weights)[0]
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():

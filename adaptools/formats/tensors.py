@@ -1,7 +1,6 @@
 """Tensor files at the edge: read safetensors (or, only when allowed, pickle) into tensors, with typed errors."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,15 +11,17 @@ from torch import Tensor
 
 from ..errors import (
     AdapterFormatError,
-    AdaptoolsError,
     InputNotFoundError,
+    NonFiniteError,
     PickleNotAllowedError,
     RankMismatchError,
     ShapeMismatchError,
 )
+from ..jsonio import parse_json
+from ..names import listed
+from .checkpoint import MAX_HEADER_BYTES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-MAX_HEADER_BYTES = 100_000_000  # the safetensors reference's limit on a header
 
 
 def require_exists(path: str | os.PathLike) -> Path:
@@ -29,17 +30,6 @@ def require_exists(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise InputNotFoundError(f"{str(path)!r} does not exist")
     return path
-
-
-def read_json_object(path: Path, error: type[AdaptoolsError]) -> dict:
-    """The JSON object in `path`; `error` (an AdaptoolsError subclass) when it is not valid JSON or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{str(path)!r} is not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise error(f"{str(path)!r} does not hold a JSON object")
-    return value
 
 
 def truncation(path: Path) -> str | None:
@@ -58,9 +48,9 @@ def truncation(path: Path) -> str | None:
     if len(header) < length:
         return f"this file is truncated: its header needs {8 + length:,} bytes and the file has {size:,}"
     try:
-        entries = json.loads(header)
+        entries = parse_json(header, str(path), AdapterFormatError)
         end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+    except (AdapterFormatError, ValueError, TypeError, KeyError, IndexError, AttributeError):
         return None
     if 8 + length + end > size:
         return f"this file is truncated: its tensors need {8 + length + end:,} bytes and the file has {size:,}"
@@ -109,6 +99,15 @@ def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("
         raise ShapeMismatchError(f"module {module!r}: {names[1]} must have a 1x1 kernel, got {tuple(B.shape)}")
 
 
+def check_magnitude(module: str, magnitude: Tensor, name: str = "lora_magnitude_vector") -> None:
+    """Raise AdapterFormatError unless every DoRA magnitude m (the norm of a row of W') is positive and finite."""
+    bad = ~(torch.isfinite(magnitude) & (magnitude > 0))
+    if bool(bad.any()):
+        value = float(magnitude.reshape(-1)[bad.reshape(-1)][0])
+        raise AdapterFormatError(f"module {module!r}: DoRA {name} must be positive and finite (it is a row norm), but "
+                                 f"{int(bad.sum())} of {magnitude.numel()} values are not (e.g. {value})")
+
+
 def read_pickle(path: str | os.PathLike, allow_pickle: bool) -> dict[str, Tensor]:
     """A pickled state dict, loaded with torch.load(weights_only=True) only when `allow_pickle` is set."""
     path = require_exists(path)
@@ -134,6 +133,11 @@ def read_tensor_file(path: str | os.PathLike, allow_pickle: bool = False) -> tup
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write contiguous CPU copies of `tensors` with `{"format": "pt"}` metadata (what transformers and PEFT expect)."""
+    """Write contiguous CPU copies of `tensors` with `{"format": "pt"}` metadata (what transformers and PEFT expect);
+    NonFiniteError, before anything is written, when a floating tensor holds NaN or Inf (its numbers overflowed)."""
     prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    bad = [repr(k) for k, v in prepared.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"cannot write {Path(path).name!r}: NaN or Inf (numbers that overflow their dtype) in "
+                             f"{listed(bad)}")
     save_file(prepared, str(path), metadata={"format": "pt", **(metadata or {})})
