@@ -163,6 +163,10 @@ class TargetLock:
             if same:
                 break
             os.close(fd)
+        if not re.fullmatch(rb"(\d+\n)?", os.pread(fd, 64, 0)):  # empty, or a pid: a lock (maybe of a dead run)
+            os.close(fd)
+            raise InvalidArgumentError(f"{str(self.path)!r} is in the way: adaptools keeps the lock of {target.name!r} "
+                                       "there, and this file is not one of its locks; move it elsewhere")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd

@@ -308,6 +308,17 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_nothing_else(job, runner
     assert (job / ".out.zzzzzzzz.tmp").is_symlink()
 
 
+def test_a_file_of_the_users_where_the_lock_goes_is_left_alone(job, runner):
+    lock = atomic.lock_path(job / "out")
+    lock.write_text("my notes\n")
+    one_error(run_cli(runner, "convert", job / "style", "--to", "peft", "-o", job / "out"), "in the way")
+    assert lock.read_text() == "my notes\n" and sorted(p.name for p in job.iterdir()) == [lock.name, "style"]
+    lock.unlink()
+    lock.symlink_to(job / "style" / "adapter_config.json")
+    one_error(run_cli(runner, "convert", job / "style", "--to", "peft", "-o", job / "out"), "cannot write the output")
+    assert lock.is_symlink() and not (job / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["folder", "file"])
 def test_overwrite_replaces_a_symlink_itself(kind, job, runner):
     real = job / ("real" if kind == "folder" else "real.safetensors")
