@@ -64,6 +64,8 @@ def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
     too long for the temporary and lock names beside it; return the target as a Path."""
     target = Path(target)
     absolute = target.absolute()
+    if not absolute.name:
+        raise InvalidArgumentError(f"output {str(target)!r} names no file or folder")
     limit = name_max(absolute.parent)
     if len(os.fsencode(absolute.name)) + TMP_EXTRA > limit:
         raise InvalidArgumentError(f"output name {absolute.name!r} is too long: at most {limit - TMP_EXTRA} bytes "
