@@ -239,8 +239,9 @@ class Adapter:
 
         return negate(self)
 
-    def save(self, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
-        """Write the adapter as a PEFT folder (`format="peft"`) or a kohya safetensors file (`"kohya"`)."""
+    def save(self, path: str | os.PathLike, format: str = "peft", overwrite: bool = False, layout: str = "portable",
+             pad_rank: int | None = None) -> None:
+        """Write the adapter as a PEFT folder (`format="peft"`, in `layout`, see save_adapter) or a kohya file (`"kohya"`)."""
         from .formats import save_adapter
 
-        save_adapter(self, path, format=format, overwrite=overwrite)
+        save_adapter(self, path, format=format, overwrite=overwrite, layout=layout, pad_rank=pad_rank)

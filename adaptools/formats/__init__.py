@@ -8,6 +8,7 @@ from ..atomic import atomic_output
 from ..errors import AdapterFormatError, InvalidArgumentError
 from .checkpoint import BaseCheckpoint
 from .kohya import PREFIXES, is_kohya, read_kohya, remap_to_base, write_kohya
+from .layout import written_layout
 from .peft import CONFIG_NAME, read_peft, write_peft
 from .tensors import PICKLE_SUFFIXES, read_safetensors, require_exists
 
@@ -40,14 +41,21 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
     return remap_to_base(adapter, BaseCheckpoint(base).keys()) if base is not None else adapter
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
-    """Write `adapter` atomically: a PEFT folder, or a kohya .safetensors file."""
+def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False,
+                 layout: str = "portable", pad_rank: int | None = None) -> None:
+    """Write `adapter` atomically: a PEFT folder, or a kohya .safetensors file.
+
+    PEFT folders are written in `layout` (adaptools.formats.layout): "portable" pads every module to one rank
+    (`pad_rank`, default the largest) so that every consumer reads it alike; "compact" keeps per-module ranks.
+    kohya files carry one alpha per module and are never padded: `layout="compact"` or `pad_rank` there is an error.
+    """
     if format not in FORMATS:
         raise InvalidArgumentError(f"unknown adapter format {format!r} (choose {' or '.join(FORMATS)})")
     if format == "peft" and any(name.startswith(PREFIXES) for name in adapter.modules):
         raise InvalidArgumentError(
             "kohya module names cannot be written as PEFT without the base checkpoint: pass --base (base=...) to map them"
         )
+    adapter = written_layout(adapter, format, layout, pad_rank)
     with atomic_output(path, overwrite=overwrite, is_file=format == "kohya") as out:
         if format == "peft":
             write_peft(adapter, out)
