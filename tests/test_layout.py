@@ -252,7 +252,8 @@ def test_padding_cost_is_said_when_notable(inputs, tmp_path, runner):
     cost = padding_cost(expected)
     portable = sum(t.numel() for t in load_file(tmp_path / "portable" / "adapter_model.safetensors").values())
     assert portable == expected.num_params + cost.params_added and cost.notable
-    assert f"padded to rank 24: +{cost.params_added:,} parameters (+{cost.bytes_added / 1e6:.2f} MB" in res.output
+    said = f"padded to rank 24: +{cost.params_added:,} parameters, +{cost.bytes_added / 1e6:.2f} MB"
+    assert f"{said} (+{100 * cost.fraction:.0f}%) for portability" in res.output
 
     res = run_cli(runner, "rerank", inputs["a"], "--rank", "8", "-o", tmp_path / "uniform")  # nothing to pad
     assert res.exit_code == 0 and "padded" not in res.output

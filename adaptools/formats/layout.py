@@ -115,8 +115,8 @@ class PaddingCost:
         return self.fraction > NOTABLE_PADDING
 
     def __str__(self) -> str:
-        return (f"padded to rank {self.rank}: +{self.params_added:,} parameters "
-                f"(+{self.bytes_added / 1e6:.2f} MB, +{100 * self.fraction:.0f}%)")
+        return (f"padded to rank {self.rank}: +{self.params_added:,} parameters, +{self.bytes_added / 1e6:.2f} MB "
+                f"(+{100 * self.fraction:.0f}%)")
 
 
 def padding_cost(adapter: Adapter, rank: int | None = None) -> PaddingCost:

@@ -82,7 +82,7 @@ def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool, layout
     rank = target_rank(adapter, pad_rank, serve)
     adapter.save(output, format=fmt, overwrite=overwrite, layout=layout, pad_rank=rank)
     cost = padding_cost(adapter, rank) if fmt == "peft" and layout == "portable" else None
-    padded = f" ({cost})" if cost is not None and cost.notable else ""
+    padded = f"; {cost} for portability (--layout compact keeps each module's rank)" if cost is not None and cost.notable else ""
     click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}{padded}")
 
 
