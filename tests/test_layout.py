@@ -284,6 +284,22 @@ def test_kohya_output_keeps_each_modules_rank_and_alpha(inputs, llama_base, tmp_
     assert same({m: back.delta(m) for m in back}, {m: expected.delta(m) for m in expected})
 
 
+def test_padding_keeps_dora_magnitudes_and_peft_outputs(inputs, llama_base, tmp_path, runner):
+    """to-dora of the mixed-rank sum c: the portable DoRA adapter (padded) gives PEFT the same logits as the compact one."""
+    from factories import peft_logits
+
+    for layout in ("portable", "compact"):
+        res = run_cli(runner, "dora", "to-dora", inputs["c"], "--base", llama_base, "--layout", layout,
+                      "-o", tmp_path / layout)
+        assert res.exit_code == 0, res.output + res.stderr
+    portable, compact = (load_file(tmp_path / name / "adapter_model.safetensors") for name in ("portable", "compact"))
+    magnitudes = [k for k in compact if k.endswith("lora_magnitude_vector")]
+    assert magnitudes and all(torch.equal(portable[k], compact[k]) for k in magnitudes)
+    assert {v.shape[0] for k, v in portable.items() if k.endswith("lora_A.weight")} == {24}
+    torch.testing.assert_close(peft_logits(llama_base, tmp_path / "portable"), peft_logits(llama_base, tmp_path / "compact"),
+                               rtol=1e-5, atol=1e-5)
+
+
 # --- the API: uniform_rank and friends -----------------------------------------------------------------------
 
 def module(rank: int, scale: float = 1.0, out: int = 6, inp: int = 5, seed: int = 0, **extra) -> LoraModule:
@@ -402,12 +418,14 @@ def gguf_deltas(converter: Path, base: Path, folder: Path, gguf_file: Path) -> d
     return deltas
 
 
-def test_llama_cpp_converter_reads_portable_right_and_compact_wrong(llama_cpp_converter, outputs, llama_base, tmp_path):
+@pytest.mark.parametrize("kind", ["combine", "rerank-energy"])
+def test_llama_cpp_converter_reads_portable_right_and_compact_wrong(kind, llama_cpp_converter, outputs, llama_base,
+                                                                   tmp_path):
     import gguf
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)  # no q/k_proj: llama.cpp permutes their rows
     for layout_args, right in (((), True), (("--layout", "compact"), False)):
-        folder, expected = outputs("combine", *layout_args)
+        folder, expected = outputs(kind, *layout_args)
         reference = peft_delta_weights(peft_model(llama_base, folder))
         got = gguf_deltas(llama_cpp_converter, llama_base, folder, tmp_path / f"{folder.name}.gguf")
         assert sorted(got) == sorted(names.get_name(m) for m in reference)
