@@ -249,6 +249,7 @@ def test_padding_cost_is_said_when_notable(inputs, tmp_path, runner):
     args, expected = command("combine", inputs, None)
     res = run_cli(runner, *args, "-o", tmp_path / "portable")
     assert res.exit_code == 0, res.output + res.stderr
+    assert "serve it with" not in res.output
     cost = padding_cost(expected)
     portable = sum(t.numel() for t in load_file(tmp_path / "portable" / "adapter_model.safetensors").values())
     assert portable == expected.num_params + cost.params_added and cost.notable
@@ -257,6 +258,9 @@ def test_padding_cost_is_said_when_notable(inputs, tmp_path, runner):
 
     res = run_cli(runner, "rerank", inputs["a"], "--rank", "8", "-o", tmp_path / "uniform")  # nothing to pad
     assert res.exit_code == 0 and "padded" not in res.output
+
+    res = run_cli(runner, "rerank", inputs["a"], "--rank", "8", "--serve", "vllm", "-o", tmp_path / "served")
+    assert res.exit_code == 0 and "padded" not in res.output and "serve it with vllm --max-lora-rank 8" in res.output
 
 
 @pytest.mark.parametrize(("args", "message"), [

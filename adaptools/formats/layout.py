@@ -20,6 +20,8 @@ LAYOUTS: tuple[str, ...] = get_args(Layout)
 
 SERVING_RANKS: dict[str, tuple[int, ...]] = {"vllm": (1, 8, 16, 32, 64, 128, 256, 320, 512)}
 """Ranks each server accepts for its largest adapter rank (vLLM: the choices of `--max-lora-rank`)."""
+SERVING_FLAGS: dict[str, str] = {"vllm": "--max-lora-rank"}
+"""The server option that takes that rank."""
 
 NOTABLE_PADDING = 0.05
 """Padding that costs more than this fraction of the parameters is worth telling the user about."""
