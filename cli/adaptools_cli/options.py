@@ -39,10 +39,11 @@ def push_options(func: Callable) -> Callable:
 
 layout = click.option(
     "--layout", type=click.Choice(LAYOUTS),
-    help="PEFT outputs (default portable): portable pads every module to one rank with r = lora_alpha, read alike by PEFT, vLLM, TGI, "
-    "LoRAX, llama.cpp, diffusers and mlx-lm; compact keeps per-module ranks in rank_pattern/alpha_pattern, for PEFT and "
-    "vLLM >= 0.32 only: llama.cpp (alpha / tensor rank), diffusers < 0.40 and mlx-lm misread or reject mixed ranks, "
-    "and TGI, LoRAX and vLLM <= 0.31 ignore the patterns. kohya outputs keep one alpha per module and take no layout.",
+    help="PEFT outputs (default portable): portable pads every module to one rank with r = lora_alpha, read alike "
+    "by PEFT, vLLM, TGI, LoRAX, llama.cpp, diffusers and mlx-lm; compact keeps per-module ranks in "
+    "rank_pattern/alpha_pattern, for PEFT and vLLM >= 0.32 only: llama.cpp (alpha / tensor rank), diffusers < 0.40 "
+    "and mlx-lm misread or reject mixed ranks, and TGI, LoRAX and vLLM <= 0.31 ignore the patterns. kohya outputs "
+    "keep one alpha per module and take no layout.",
 )
 pad_rank = click.option(
     "--pad-rank", type=click.IntRange(min=1), metavar="N",
