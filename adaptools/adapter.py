@@ -240,18 +240,21 @@ class Adapter:
     def __neg__(self) -> Adapter:
         return weighted_sum([self], [-1.0])
 
-    def save(self, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
-        """Write the adapter in a registered format (`adaptools.save_adapter`: "peft", "kohya", "mlx", ...)."""
+    def save(self, path: str | os.PathLike, format: str = "peft", overwrite: bool = False, layout: str = "portable",
+             pad_rank: int | None = None) -> None:
+        """Write the adapter in a registered format (`adaptools.save_adapter`: "peft", "kohya", "mlx", ...); PEFT
+        folders in `layout` ("portable": one rank `pad_rank` for every module, or "compact")."""
         if _writer is None:
             raise InvalidArgumentError("no adapter writer is registered: import adaptools (or adaptools.formats) first")
-        _writer(self, path, format, overwrite)
+        _writer(self, path, format, overwrite, layout, pad_rank)
 
 
 class AdapterWriter(Protocol):
     """What `Adapter.save` calls: `adaptools.formats.save_adapter`, registered by that package (the data model
     does not import the formats)."""
 
-    def __call__(self, adapter: Adapter, path: str | os.PathLike, format: str, overwrite: bool) -> None: ...
+    def __call__(self, adapter: Adapter, path: str | os.PathLike, format: str, overwrite: bool, layout: str,
+                 pad_rank: int | None) -> None: ...
 
 
 _writer: AdapterWriter | None = None

@@ -275,7 +275,7 @@ def two(llama_base, tmp_path):
 
 def test_cli_combine_exact_and_reranked(runner, two, tmp_path):
     a, b = two
-    res = run_cli(runner, "combine", a, b, "--weights", "0.7,-0.3", "-o", tmp_path / "out")
+    res = run_cli(runner, "combine", a, b, "--weights", "0.7,-0.3", "--layout", "compact", "-o", tmp_path / "out")
     assert res.exit_code == 0, res.output + res.stderr
     expected = adaptools.combine([adaptools.load(a), adaptools.load(b)], [0.7, -0.3])
     written = adaptools.load(tmp_path / "out")

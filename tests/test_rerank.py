@@ -203,7 +203,7 @@ def test_cli_rerank_writes_adapter_report_and_summary(runner, adapter_path, tmp_
     from adaptools_cli.commands import rerank as command
 
     monkeypatch.setattr(command, "PROGRESS_MIN_MODULES", 1)
-    res = run_cli(runner, "rerank", adapter_path, "--energy", "0.9", "-o", tmp_path / "out",
+    res = run_cli(runner, "rerank", adapter_path, "--energy", "0.9", "-o", tmp_path / "out", "--layout", "compact",
                   "--report", tmp_path / "report.json", "--device", "cpu")
     assert res.exit_code == 0, res.output + res.stderr
     _, expected = adaptools.rerank(adaptools.load(adapter_path), energy=0.9)

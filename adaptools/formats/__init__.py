@@ -20,6 +20,7 @@ from .checkpoint import BaseCheckpoint
 from .kohya import remap_to_base
 from .tensors import require_exists
 from .unsupported import unsupported_error
+from .layout import written_layout
 
 FAMILIES: tuple[ModuleType, ...] = (
     mlx,
@@ -69,8 +70,14 @@ def default_format(adapter: Adapter) -> str:
     return adapter.source_format if adapter.source_format in WRITERS else "peft"
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
-    """Write `adapter` atomically in `format` (one of FORMATS): a folder or a file, as the family writes it."""
+def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False,
+                 layout: str = "portable", pad_rank: int | None = None) -> None:
+    """Write `adapter` atomically in `format` (one of FORMATS): a folder or a file, as the family writes it.
+
+    PEFT folders are written in `layout` (adaptools.formats.layout): "portable" pads every module to one rank
+    (`pad_rank`, default the largest) so that every consumer reads it alike; "compact" keeps per-module ranks.
+    kohya files carry one alpha per module and are never padded: `layout="compact"` or `pad_rank` there is an error.
+    """
     family = WRITERS.get(format)
     if family is None:
         raise InvalidArgumentError(f"unknown adapter format {format!r} (choose {', '.join(FORMATS)})")
@@ -79,6 +86,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft"
             f"kohya module names cannot be written as {format} without the base checkpoint: pass --base (base=...) "
             "to map them"
         )
+    adapter = written_layout(adapter, format, layout, pad_rank)
     with atomic_output(path, overwrite=overwrite, is_file=family.WRITES_FILE) as out:
         family.write(adapter, out)
 

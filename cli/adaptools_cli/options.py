@@ -5,6 +5,8 @@ from collections.abc import Callable
 
 import click
 
+from adaptools.formats.layout import LAYOUTS, SERVING_RANKS
+
 allow_pickle = click.option(
     "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) adapters, with torch.load(weights_only=True)."
 )
@@ -48,3 +50,27 @@ def hub_options(func: Callable) -> Callable:
 def push_options(func: Callable) -> Callable:
     """--push-to ORG/NAME, --private and --revision."""
     return push_to(hub_options(func))
+
+
+layout = click.option(
+    "--layout", type=click.Choice(LAYOUTS),
+    help="PEFT outputs (default portable): portable pads every module to one rank with r = lora_alpha, read alike "
+    "by PEFT, vLLM, TGI, LoRAX, llama.cpp, diffusers and mlx-lm; compact keeps per-module ranks in "
+    "rank_pattern/alpha_pattern, for PEFT and vLLM >= 0.32 only: llama.cpp (alpha / tensor rank), diffusers < 0.40 "
+    "and mlx-lm misread or reject mixed ranks, and TGI, LoRAX and vLLM <= 0.31 ignore the patterns. kohya outputs "
+    "keep one alpha per module and take no layout.",
+)
+pad_rank = click.option(
+    "--pad-rank", type=click.IntRange(min=1), metavar="N",
+    help="PEFT outputs: pad every module to rank N (a rank your server accepts); an adapter above N is an error.",
+)
+serve = click.option(
+    "--serve", type=click.Choice(list(SERVING_RANKS)),
+    help="PEFT outputs: pad to the smallest rank this server accepts (vllm: a --max-lora-rank value, "
+    f"{', '.join(map(str, SERVING_RANKS['vllm']))}).",
+)
+
+
+def layout_options(func: Callable) -> Callable:
+    """--layout portable|compact, --pad-rank N and --serve vllm (how a PEFT output is laid out)."""
+    return layout(pad_rank(serve(func)))

@@ -35,7 +35,8 @@ def full_tensors_option(func: Callable) -> Callable:
 
 def run(paths: Sequence[str], weights: list[float] | None, policy_values: dict, *, full_tensors: str, fmt: str | None,
         base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool,
-        scale: float | None = None, alpha: float | None = None, merge_method: dict | None = None) -> None:
+        layout_values: dict, scale: float | None = None, alpha: float | None = None,
+        merge_method: dict | None = None) -> None:
     """Load, combine (re-rank when a policy is given, merge by `merge_method`'s options), save and print the summary."""
     policy = optional_policy(**policy_values)
     check_output(output, overwrite)
@@ -49,7 +50,7 @@ def run(paths: Sequence[str], weights: list[float] | None, policy_values: dict, 
             result, report = adaptools.combine(adapters, weights, policy=policy, device=device, progress=update, **options)
     for path, adapter, weight in zip(paths, adapters, weights or [1.0] * len(paths)):
         click.echo(f"{weight:g} x {path} ({len(adapter)} modules, rank {span(adapter.ranks.values())})")
-    save(result, output, fmt, overwrite)
+    save(result, output, fmt, overwrite, **layout_values)
     if report is None:
         echo_exact(result)
     else:
@@ -77,14 +78,15 @@ def echo_exact(result: Adapter) -> None:
 @provenance("combine")
 def combine(adapters: tuple[str, ...], weights: str | None, method: str, density: float | None, majority_sign: str,
             seed: int, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str | None, base: str | None,
-            dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool, scale: float | None,
-            alpha: float | None) -> None:
+            dtype: str | None, device: str, output: str, overwrite: bool, layout: str | None, pad_rank: int | None,
+            serve: str | None, allow_pickle: bool,
+            scale: float | None, alpha: float | None) -> None:
     """Weighted sum of ADAPTERS, exact (rank Σ r_i); with a rank option, re-ranked by SVD; or merged by --method."""
     policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
     merge_method = dict(method=method, density=density, majority_sign=majority_sign, seed=seed)
     run(adapters, parse_weights(weights), policy_values, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype,
         device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle, scale=scale, alpha=alpha,
-        merge_method=merge_method)
+        layout_values=dict(layout=layout, pad_rank=pad_rank, serve=serve), merge_method=merge_method)
 
 
 @click.command()
@@ -96,12 +98,14 @@ def combine(adapters: tuple[str, ...], weights: str | None, method: str, density
 @common_options
 @provenance("interpolate")
 def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str | None,
-                base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool,
+                base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, layout: str | None,
+                pad_rank: int | None, serve: str | None, allow_pickle: bool,
                 scale: float | None, alpha: float | None) -> None:
     """(1 − t)·A + t·B, exact (rank r_A + r_B); with a rank option, re-ranked by SVD."""
     policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
     run((a, b), [1.0 - t, t], policy_values, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype,
-        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle, scale=scale, alpha=alpha)
+        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle, scale=scale, alpha=alpha,
+        layout_values=dict(layout=layout, pad_rank=pad_rank, serve=serve))
 
 
 @click.command()
@@ -110,7 +114,9 @@ def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget
 @common_options
 @provenance("negate")
 def negate(adapter: str, full_tensors: str, fmt: str | None, base: str | None, dtype: str | None, device: str, output: str,
-           overwrite: bool, allow_pickle: bool, scale: float | None, alpha: float | None) -> None:
+           overwrite: bool, layout: str | None, pad_rank: int | None, serve: str | None, allow_pickle: bool,
+           scale: float | None, alpha: float | None) -> None:
     """−ADAPTER, exact at the same rank (undoes ADAPTER when both are applied)."""
     run((adapter,), [-1.0], {}, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype, device=device,
-        output=output, overwrite=overwrite, allow_pickle=allow_pickle, scale=scale, alpha=alpha)
+        output=output, overwrite=overwrite, allow_pickle=allow_pickle, scale=scale, alpha=alpha,
+        layout_values=dict(layout=layout, pad_rank=pad_rank, serve=serve))

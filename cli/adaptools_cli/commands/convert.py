@@ -6,8 +6,9 @@ import click
 import adaptools
 from adaptools.formats import FORMATS
 
-from ..options import output_options, reading_options
+from ..options import layout_options, output_options, reading_options
 from ..provenance import provenance
+from .rerank import save
 
 
 @click.command()
@@ -15,12 +16,12 @@ from ..provenance import provenance
 @click.option("--to", "to", type=click.Choice(FORMATS), required=True, help="Output format.")
 @click.option("--base", type=click.Path(), help="Base checkpoint folder; needed to map kohya names to module paths.")
 @output_options
+@layout_options
 @reading_options
 @provenance("convert")
-def convert(adapter: str, to: str, base: str | None, output: str, overwrite: bool, allow_pickle: bool,
-            scale: float | None, alpha: float | None) -> None:
+def convert(adapter: str, to: str, base: str | None, output: str, overwrite: bool, layout: str | None, pad_rank: int | None,
+            serve: str | None, allow_pickle: bool, scale: float | None, alpha: float | None) -> None:
     """Convert ADAPTER to a PEFT folder, a kohya or diffusers .safetensors file, or an mlx-lm folder
     (scale written as 1 for PEFT, one rank and scale 1 for mlx-lm and diffusers; ΔW unchanged)."""
     loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha)
-    loaded.save(output, format=to, overwrite=overwrite)
-    click.echo(f"wrote {to} adapter with {len(loaded)} modules to {output}")
+    save(loaded, output, to, overwrite, layout, pad_rank, serve)

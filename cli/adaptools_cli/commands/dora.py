@@ -11,9 +11,10 @@ from adaptools.atomic import atomic_output, check_output
 from adaptools.dora import BaseWeights, SvdMethod
 from adaptools.formats import FORMATS, default_format
 
-from ..options import output_options, reading_options
+from ..options import layout_options, output_options, reading_options
 from ..provenance import provenance
 from ..render import echo_table
+from .rerank import save
 
 base_option = click.option(
     "--base", required=True, type=click.Path(), help="Base checkpoint folder (HF safetensors; NF4 is dequantized)."
@@ -47,24 +48,25 @@ def dora() -> None:
 @base_option
 @output_options
 @to_option
+@layout_options
 @base_weights_option
 @device_option
 @reading_options
 @provenance("to-dora")
-def to_dora(adapter: str, base: str, output: str, overwrite: bool, to: str | None, base_weights: str, device: str,
-            allow_pickle: bool, scale: float | None, alpha: float | None) -> dict:
+def to_dora(adapter: str, base: str, output: str, overwrite: bool, to: str | None, layout: str | None, pad_rank: int | None,
+            serve: str | None, base_weights: str, device: str, allow_pickle: bool,
+            scale: float | None, alpha: float | None) -> dict:
     """LoRA ADAPTER → DoRA with the same outputs: magnitude m = ‖W + s·B·A‖ per output row."""
     check_output(output, overwrite)
     lora = adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha)
     converted = adaptools.to_dora(lora, base, base_weights=base_weights, device=device)
-    converted.save(output, format=to or default_format(lora), overwrite=overwrite)
+    save(converted, output, to or default_format(lora), overwrite, layout, pad_rank, serve)
     rows = [
         {"module": name, "kind": m.kind, "shape": f"{m.out_features}x{m.in_features}", "rank": m.rank,
          "min m": float(m.magnitude.min()), "max m": float(m.magnitude.max())}
         for name, m in converted.items()
     ]
     echo_summary(rows)
-    click.echo(f"wrote DoRA adapter with {len(converted)} modules to {output}")
     return {"summary": rows}
 
 
@@ -75,6 +77,7 @@ def to_dora(adapter: str, base: str, output: str, overwrite: bool, to: str | Non
 @click.option("--energy", type=float, help="Keep the fewest values holding this fraction τ of ‖ΔW‖² (0 < τ <= 1).")
 @output_options
 @to_option
+@layout_options
 @click.option("--report", "report_path", type=click.Path(), help="Write the per-module fit report as JSON here.")
 @click.option(
     "--svd", type=click.Choice(typing.get_args(SvdMethod)), default="auto", show_default=True,
@@ -85,8 +88,9 @@ def to_dora(adapter: str, base: str, output: str, overwrite: bool, to: str | Non
 @reading_options
 @provenance("to-lora")
 def to_lora(adapter: str, base: str, rank: int | None, energy: float | None, output: str, overwrite: bool,
-            to: str | None, report_path: str | None, svd: str, base_weights: str, device: str,
-            allow_pickle: bool, scale: float | None, alpha: float | None) -> dict:
+            to: str | None, layout: str | None, pad_rank: int | None, serve: str | None, report_path: str | None, svd: str,
+            base_weights: str, device: str, allow_pickle: bool,
+            scale: float | None, alpha: float | None) -> dict:
     """DoRA ADAPTER → LoRA: ΔW = W' − W fitted by a truncated SVD (--rank K or --energy T)."""
     check_output(output, overwrite)
     if report_path is not None:
@@ -95,7 +99,7 @@ def to_lora(adapter: str, base: str, rank: int | None, energy: float | None, out
     lora, report = adaptools.to_lora(
         loaded, base, rank=rank, energy=energy, svd=svd, base_weights=base_weights, device=device
     )
-    lora.save(output, format=to or default_format(loaded), overwrite=overwrite)
+    save(lora, output, to or default_format(loaded), overwrite, layout, pad_rank, serve)
     if report_path is not None:
         with atomic_output(report_path, overwrite=overwrite, is_file=True) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
@@ -105,6 +109,5 @@ def to_lora(adapter: str, base: str, rank: int | None, energy: float | None, out
         for name, f in report.modules.items()
     ]
     echo_summary(rows)
-    click.echo(f"wrote LoRA adapter to {output}: overall relative error {report.rel_error:.4g}, "
-               f"worst {report.worst_rel_error:.4g}")
+    click.echo(f"overall relative error {report.rel_error:.4g}, worst {report.worst_rel_error:.4g}")
     return {"summary": rows}

@@ -14,10 +14,11 @@ import adaptools
 from adaptools.adapter import Adapter
 from adaptools.atomic import atomic_output, check_output
 from adaptools.formats import FORMATS, default_format
+from adaptools.formats.layout import SERVING_FLAGS, padding_cost, target_rank
 from adaptools.linalg import RankPolicy
 from adaptools.rerank import RerankReport
 
-from ..options import output_options, reading_options
+from ..options import layout_options, output_options, reading_options
 from ..provenance import provenance
 from ..render import table
 
@@ -49,7 +50,7 @@ def optional_policy(**options: float | None) -> RankPolicy | None:
 
 
 def common_options(func: Callable) -> Callable:
-    """--format, --base, --dtype, --device, -o/--overwrite, --allow-pickle, --scale and --alpha."""
+    """--format, --base, --dtype, --device, -o/--overwrite, the layout options, --allow-pickle, --scale and --alpha."""
     for option in (
         click.option("--format", "fmt", type=click.Choice(FORMATS),
                      help="Output format (default: the inputs' format; peft for a mix)."),
@@ -57,6 +58,7 @@ def common_options(func: Callable) -> Callable:
         click.option("--dtype", type=click.Choice(list(DTYPES)), help="dtype of the result (default: the inputs')."),
         click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu or cuda."),
         output_options,
+        layout_options,
         reading_options,
     ):
         func = option(func)
@@ -71,11 +73,18 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
         yield bar.update
 
 
-def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool) -> None:
-    """Write `adapter` in `fmt`, by default in the format it was read from (kohya stays kohya; see default_format)."""
+def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool, layout: str | None = None,
+         pad_rank: int | None = None, serve: str | None = None) -> None:
+    """Write `adapter` in `fmt` (by default the format it was read from: kohya stays kohya; see default_format) and `layout` (default
+    portable), padded to `pad_rank` or to the rank `serve` accepts; say what the padding cost when it is notable."""
     fmt = fmt or default_format(adapter)
-    adapter.save(output, format=fmt, overwrite=overwrite)
-    click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}")
+    layout = layout or "portable"
+    rank = target_rank(adapter, pad_rank, serve)
+    adapter.save(output, format=fmt, overwrite=overwrite, layout=layout, pad_rank=rank)
+    cost = padding_cost(adapter, rank) if fmt == "peft" and layout == "portable" else None
+    padded = f"; {cost} for portability (--layout compact keeps each module's rank)" if cost is not None and cost.notable else ""
+    served = f"; serve it with {serve} {SERVING_FLAGS[serve]} {rank}" if serve is not None else ""
+    click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}{padded}{served}")
 
 
 def span(values: Iterable[int]) -> str:
@@ -118,7 +127,8 @@ def echo_report(report: RerankReport) -> None:
 @provenance("rerank")
 def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | None, threshold: float | None,
            budget: float | None, report_path: str | None, fmt: str | None, base: str | None, dtype: str | None, device: str,
-           output: str, overwrite: bool, allow_pickle: bool, scale: float | None, alpha: float | None) -> dict:
+           output: str, overwrite: bool, layout: str | None, pad_rank: int | None, serve: str | None, allow_pickle: bool,
+           scale: float | None, alpha: float | None) -> dict:
     """Re-rank ADAPTER: best rank-k approximation of each ΔW (factored SVD), k chosen by exactly one option."""
     policy = RankPolicy.from_options(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
     check_output(output, overwrite)
@@ -128,7 +138,7 @@ def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | 
     with progress_bar(len(loaded), "rerank") as update:
         result, report = adaptools.rerank(loaded, policy=policy, device=device,
                                           dtype=DTYPES.get(dtype or ""), progress=update)
-    save(result, output, fmt, overwrite)
+    save(result, output, fmt, overwrite, layout, pad_rank, serve)
     if report_path:
         with atomic_output(report_path, overwrite=overwrite, is_file=True) as path:
             path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
