@@ -7,7 +7,10 @@ A recipe is JSON written beside every output: `adaptools_recipe.json` inside an 
 - `command`: the CLI command path, e.g. ["combine"] or ["dora", "to-lora"]; `operation`, `kind` ("adapter" | "model");
 - `params`: every command parameter as JSON (input paths absolute; the output and push options left out);
 - `inputs`: per input path, `{"param", "path", "sha256"}` plus, for a folder, `files` = {relative path: sha256}
-  (the folder's sha256 is that of the lines "<relative path>\\0<sha256>\\n" in sorted order);
+  (the folder's sha256 is that of the lines "<relative path>\\0<sha256>\\n" in sorted order); a Hub input
+  (adaptools.sources) is `{"param", "repo_id", "revision": <commit sha>, ["path_in_repo"], "sha256", "files"}`
+  with the repo files the command used (repo paths), and its parameter value is the ref pinned to that commit,
+  so a replay downloads exactly those files anywhere;
   a file of a Hugging Face cache snapshot that links to a blob named by its sha256 (LFS files: the weights) is
   not read again: the blob's name is its sha256;
 - `output_params`: parameters naming further outputs (a JSON report), dropped on replay;
@@ -29,6 +32,7 @@ from pathlib import Path
 from . import __version__
 from .atomic import atomic_output
 from .errors import InputNotFoundError, RecipeError
+from .sources import HubInput, fetch_files
 
 RECIPE_NAME = "adaptools_recipe.json"
 RECIPE_VERSION = 1
@@ -68,6 +72,18 @@ def hash_input(path: str | os.PathLike) -> dict:
     return {"path": str(path), "sha256": folder_digest(files), "files": files}
 
 
+def hash_files(root: Path, names: Iterable[str]) -> dict:
+    """{"sha256", "files"} of the files `names` (relative paths) under `root`."""
+    files = {name: sha256_file(root / name) for name in sorted(names)}
+    return {"sha256": folder_digest(files), "files": files}
+
+
+def hash_hub_input(found: HubInput) -> dict:
+    """The recipe entry of a Hub input: repo id, commit, path in the repo, and the sha256 of the files it used."""
+    where = {"path_in_repo": found.ref.path} if found.ref.path else {}
+    return {"repo_id": found.ref.repo_id, "revision": found.commit, **where, **hash_files(found.snapshot, found.files)}
+
+
 def recipe_path(output: str | os.PathLike) -> Path:
     """Where the recipe of `output` lives: inside a folder, or `<file>.adaptools_recipe.json` beside a file."""
     output = Path(output)
@@ -76,7 +92,7 @@ def recipe_path(output: str | os.PathLike) -> Path:
 
 def make_recipe(command: Iterable[str], operation: str, kind: str, params: Mapping, inputs: Iterable[tuple[str, str]],
                 output_params: Iterable[str] = (), report: Iterable[Mapping] = ()) -> dict:
-    """The recipe dict; `inputs` are (parameter name, path) pairs, hashed here."""
+    """The recipe dict; `inputs` are (parameter name, local path or resolved Hub input) pairs, hashed here."""
     return {
         "adaptools_recipe": RECIPE_VERSION,
         "adaptools_version": __version__,
@@ -84,7 +100,8 @@ def make_recipe(command: Iterable[str], operation: str, kind: str, params: Mappi
         "operation": operation,
         "kind": kind,
         "params": dict(params),
-        "inputs": [{"param": name, **hash_input(path)} for name, path in inputs],
+        "inputs": [{"param": name, **(hash_hub_input(path) if isinstance(path, HubInput) else hash_input(path))}
+                   for name, path in inputs],
         "output_params": list(output_params),
         "report": [dict(row) for row in report],
     }
@@ -118,13 +135,17 @@ def read_recipe(path: str | os.PathLike) -> dict:
 def verify_inputs(recipe: Mapping) -> None:
     """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone)."""
     for entry in recipe["inputs"]:
-        now = hash_input(entry["path"])
+        if "repo_id" in entry:
+            where = f"{entry['repo_id']}@{str(entry['revision'])[:12]}"
+            now = hash_files(fetch_files(entry["repo_id"], entry["revision"], list(entry["files"])), entry["files"])
+        else:
+            where, now = entry["path"], hash_input(entry["path"])
         if now["sha256"] == entry["sha256"]:
             continue
         recorded, current = entry.get("files", {}), now.get("files", {})
         changed = sorted(name for name in recorded.keys() | current.keys() if recorded.get(name) != current.get(name))
         detail = f" (files differing: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})" if changed else ""
         raise RecipeError(
-            f"input {entry['param']!r} at {entry['path']!r} changed since the recipe was recorded{detail}: "
+            f"input {entry['param']!r} at {where!r} changed since the recipe was recorded{detail}: "
             f"sha256 {now['sha256'][:12]}... != recorded {entry['sha256'][:12]}...; pass --ignore-hashes to replay anyway"
         )

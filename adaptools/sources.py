@@ -37,8 +37,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import constants, get_token, snapshot_download
+from huggingface_hub import constants, get_cached_repo_tree, get_token, snapshot_download
 from huggingface_hub.errors import (
+    CachedRepoTreeNotFoundError,
     GatedRepoError,
     HfHubHTTPError,
     LocalEntryNotFoundError,
@@ -229,8 +230,24 @@ def fetch(ref: HubRef, kind: Kind, *, allow_pickle: bool = False) -> HubInput:
             download(ref, commit, weights, ignore)
             allowed += weights
     files = used_files(snapshot, allowed, ignore)
-    check_found(ref, kind, commit, target, files)
+    check_found(ref, kind, commit, target, files, allow_pickle)
     return HubInput(ref, commit, snapshot, files)
+
+
+def fetch_files(repo_id: str, commit: str, files: list[str]) -> Path:
+    """The snapshot folder of `repo_id` at `commit` holding `files` (repo paths; downloaded when not cached): what
+    a recipe names, re-fetched to check and replay it. The names come from a file, so they are checked first."""
+    ref = parse_hub_ref(f"{repo_id}@{commit}")
+    if ref is None or ref.path or not re.fullmatch(r"[0-9a-f]{40}", commit):
+        raise InvalidArgumentError(f"{repo_id!r} at {commit!r} is not a Hub repo id at a commit sha")
+    unsafe = [f for f in files if not isinstance(f, str) or parse_hub_ref(f"{repo_id}/{f}") is None]
+    if unsafe:
+        raise InvalidArgumentError(f"{unsafe[0]!r} is not a file path inside a Hub repo")
+    snapshot = download(ref, commit, [glob.escape(f) for f in files], [])
+    missing = [f for f in files if not (snapshot / f).is_file()]
+    if missing:
+        raise HubNotFoundError(f"{repo_id} at commit {commit[:12]} has no file {missing[0]!r}")
+    return snapshot
 
 
 def shard_patterns(index: Path, folder: str) -> list[str]:
@@ -248,23 +265,36 @@ def used_files(snapshot: Path, allowed: list[str], ignore: list[str]) -> tuple[s
     return tuple(sorted(filter_repo_objects(present, allow_patterns=allowed, ignore_patterns=ignore)))
 
 
-def check_found(ref: HubRef, kind: Kind, commit: str, target: Path, files: tuple[str, ...]) -> None:
-    """HubNotFoundError when the ref's file or folder, or the weights the kind needs, are not in the repo."""
+def check_found(ref: HubRef, kind: Kind, commit: str, target: Path, files: tuple[str, ...], allow_pickle: bool) -> None:
+    """HubNotFoundError when the ref's file or folder, or the weights the kind needs, are not in the repo
+    (PickleNotAllowedError when the repo's listing shows pickled adapter weights only)."""
     at = f"{ref.repo_id} at commit {commit[:12]}"
+    where = f" in {ref.path!r}" if ref.path else ""
     if ref.path and not target.exists():
-        raise HubNotFoundError(f"{at} has no file or folder {ref.path!r} that adaptools reads (or the folder holds no "
-                               f"{'adapter' if kind == 'adapter' else 'model'} files)")
-    if target.is_file():
+        raise HubNotFoundError(f"{at} has no file {ref.path!r}, nor a folder of that name holding "
+                               f"{'adapter' if kind == 'adapter' else 'model'} files")
+    if target.is_file() or any(f.endswith((".safetensors", *PICKLE_SUFFIXES)) for f in files):
         return
-    weights = [f for f in files if f.endswith(".safetensors") or f.endswith(PICKLE_SUFFIXES)]
-    if not weights and kind == "adapter":
-        raise HubNotFoundError(f"{at} holds no adapter weights ({', '.join(ADAPTER_WEIGHTS)}"
-                               f"{'' if not ref.path else ' in ' + repr(ref.path)}); name one file of the repo "
-                               f"as {ref.repo_id}/<file>.safetensors" + ("" if ref.path else " or a folder as "
-                               f"{ref.repo_id}/<folder>"))
-    if not weights:
-        raise HubNotFoundError(f"{at} holds no safetensors weights{'' if not ref.path else ' in ' + repr(ref.path)} "
-                               "(base models are read from safetensors; pickled weights are never downloaded)")
+    folder = f"{ref.path}/" if ref.path else ""
+    pickles = sorted(f for f in repo_listing(ref, commit) if f.startswith(folder) and f.endswith(PICKLE_SUFFIXES)
+                     and "/" not in f[len(folder):])
+    if kind == "adapter":
+        if pickles and not allow_pickle:
+            raise PickleNotAllowedError(f"{at} holds pickled adapter weights only ({', '.join(pickles)}); pass "
+                                        "--allow-pickle (allow_pickle=True) to load them with weights_only=True")
+        raise HubNotFoundError(f"{at} holds no adapter weights{where} ({', '.join(ADAPTER_WEIGHTS)}); name one file "
+                               f"of the repo as {ref.repo_id}/<file>.safetensors or a folder as {ref.repo_id}/<folder>")
+    only = f" (only pickled weights: {', '.join(pickles)})" if pickles else ""
+    raise HubNotFoundError(f"{at} holds no safetensors weights{where}{only}; base models are read from safetensors, "
+                           "pickled weights are never downloaded")
+
+
+def repo_listing(ref: HubRef, commit: str) -> set[str]:
+    """The repo's files at `commit` from the tree listing that snapshot_download cached (empty when none is)."""
+    try:
+        return {f.path for f in get_cached_repo_tree(ref.repo_id, revision=commit)}
+    except (CachedRepoTreeNotFoundError, OSError, ValueError):
+        return set()
 
 
 def download(ref: HubRef, revision: str | None, allow: list[str], ignore: list[str]) -> Path:
@@ -296,6 +326,8 @@ def hub_failure(exc: Exception, ref: HubRef) -> Exception:
         error = HubNotFoundError(f"{repo} on {endpoint} has no revision {ref.revision!r} (a branch, tag or commit)")
     elif isinstance(exc, RemoteEntryNotFoundError):
         error = HubNotFoundError(f"a file of {ref} is no longer on {endpoint}{detail}")
+    elif isinstance(exc, LocalEntryNotFoundError) and isinstance(exc.__cause__, HfHubHTTPError):
+        return hub_failure(exc.__cause__, ref)  # the Hub answered; the cache had no copy to fall back on
     elif isinstance(exc, LocalEntryNotFoundError):
         if constants.is_offline_mode():
             error = HubError(f"{str(ref)!r} is not a local path, nor in the local Hub cache ({constants.HF_HUB_CACHE}), "

@@ -48,6 +48,7 @@ from adaptools.card import LIBRARY, adapter_base_model, input_metadata, model_ca
 from adaptools.errors import RecipeError
 from adaptools.hub import check_repo_id, push
 from adaptools.recipe import make_recipe, write_recipe
+from adaptools.sources import HubInput, hub_ref, recording
 
 from .options import push_options
 
@@ -69,9 +70,11 @@ def provenance(operation: str, kind: str = "adapter", output_params: Sequence[st
                 check_repo_id(push_to)
             ctx = click.get_current_context()
             outputs = [ctx.params[name] for name in ("output", *output_params) if ctx.params.get(name)]
-            check_output_paths(outputs, [p for name in input_names(ctx, output_params) for p in listed(jsonable(ctx.params[name]))])
-            result = func(*args, **kwargs)
-            output = record(click.get_current_context(), operation, kind, output_params, result or {})
+            check_output_paths(outputs, [p for name in input_names(ctx, output_params)
+                                         for p in listed(jsonable(ctx.params[name])) if hub_ref(p) is None])
+            with recording() as hub_inputs:
+                result = func(*args, **kwargs)
+            output = record(click.get_current_context(), operation, kind, output_params, result or {}, hub_inputs)
             if push_to:
                 url = push(output, push_to, private=private, revision=revision,
                            commit_message=f"adaptools {operation}: {output.name}")
@@ -82,21 +85,27 @@ def provenance(operation: str, kind: str = "adapter", output_params: Sequence[st
     return decorate
 
 
-def record(ctx: click.Context, operation: str, kind: str, output_params: Sequence[str], result: Mapping) -> Path:
-    """Write the recipe (and, for a folder, the card) of the finished output of `ctx`; return the output path."""
+def record(ctx: click.Context, operation: str, kind: str, output_params: Sequence[str], result: Mapping,
+           hub_inputs: Mapping[str, HubInput] = {}) -> Path:  # noqa: B006 - read only
+    """Write the recipe (and, for a folder, the card) of the finished output of `ctx`; return the output path.
+    Hub inputs (`hub_inputs`: as written -> resolved) are recorded pinned to their commit."""
     output = Path(ctx.params["output"])
     inputs = input_names(ctx, output_params)
     params = {name: jsonable(value) for name, value in ctx.params.items() if name not in NOT_RECORDED}
+    pairs: list[tuple[str, str | HubInput]] = []
     for name in inputs:
-        params[name] = absolute(params[name])
-    pairs = [(name, path) for name in inputs for path in listed(params[name])]
+        values = [hub_inputs[v] if v in hub_inputs else absolute(v) for v in listed(params[name])]
+        pairs += [(name, v) for v in values]
+        recorded = [v.pinned if isinstance(v, HubInput) else v for v in values]
+        params[name] = recorded if isinstance(params[name], list) else (recorded[0] if recorded else None)
     recipe = make_recipe(command_path(ctx), operation, kind, params, pairs,
                          [name for name in output_params if name in params], summary_rows(result.get("summary", ())))
     write_recipe(recipe, output)
-    meta = input_metadata(path for _, path in pairs)
+    meta = input_metadata(path.local if isinstance(path, HubInput) else path for _, path in pairs)
+    hub_base = next((v.ref.repo_id for name, v in pairs if name == "base" and isinstance(v, HubInput)), None)
     folders = [Path(p) for p in result.get("folders", ())] or ([output] if output.is_dir() else [])
     for folder in folders:
-        base_model = result.get("base_model") or adapter_base_model(folder)
+        base_model = result.get("base_model") or hub_base or adapter_base_model(folder)
         write_card(model_card(recipe, folder.name, base_model, result.get("license"), meta), folder)
     return output
 
