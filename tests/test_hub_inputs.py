@@ -3,6 +3,7 @@
 given as local folders."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -15,11 +16,12 @@ import pytest
 import torch
 from conftest import run_cli
 from factories import make_peft_adapter
-from huggingface_hub import constants
+from huggingface_hub import ModelCard, constants
 from hub_server import FakeHub
 from safetensors.torch import load_file
 
 import adaptools
+from adaptools.recipe import RECIPE_NAME
 
 TOKEN = "hf_adaptoolsReaderToken0123456789"
 PICKLE_OR_STATE = (".bin", ".pt", ".pth", "trainer_state.json")
@@ -278,3 +280,45 @@ def test_a_process_reads_hf_endpoint_hf_home_hf_hub_cache_hf_token_and_hf_hub_of
     offline = info(HF_HUB_OFFLINE="1")
     assert offline.returncode == 0, offline.stderr
     assert len(hub.requests) == before and offline.stdout == online.stdout
+
+
+def test_quantize_from_a_repo_id_equals_the_local_quantize(hub, local, runner, tmp_path):
+    result = run_cli(runner, "quantize", "org/base@main", "-o", tmp_path / "hub")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "quantize", local["base"], "-o", tmp_path / "local").exit_code == 0
+    assert_same_files(tmp_path / "hub", tmp_path / "local")
+
+
+def test_recipes_and_cards_name_hub_inputs_by_repo_id_and_commit_and_replay_anywhere(hub, local, runner, tmp_path,
+                                                                                     monkeypatch):
+    out = tmp_path / "merged"
+    result = run_cli(runner, "merge", "org/base", "org/lora@v1", "-o", out)
+    assert result.exit_code == 0, result.output
+    base_sha = hub.repos["org/base"].refs["main"]
+    text = (out / RECIPE_NAME).read_text()
+    recipe = json.loads(text)
+    assert recipe["params"]["base"] == f"org/base@{base_sha}"
+    assert recipe["params"]["adapters"] == [f"org/lora@{hub.v1}"]
+    base_entry, lora_entry = recipe["inputs"]
+    assert base_entry["repo_id"] == "org/base" and base_entry["revision"] == base_sha and "path" not in base_entry
+    assert base_entry["files"] == {name: hashlib.sha256((local["base"] / name).read_bytes()).hexdigest()
+                                   for name in files_of(local["base"])}
+    assert lora_entry["repo_id"] == "org/lora" and lora_entry["revision"] == hub.v1
+    assert set(lora_entry["files"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    assert str(tmp_path / "hf") not in text  # the cache's paths are nobody else's
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "org/base"
+    assert f"org/lora@{hub.v1[:12]} (Hub, 3 files)" in card.text
+
+    hub.add_commit("org/lora", files_of(local["other"]))  # main moves on: the recipe still names commit v1
+    point_client_at(monkeypatch, hub.url, tmp_path / "elsewhere")  # another machine: an empty cache
+    result = run_cli(runner, "replay", out, "-o", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    assert_same_files(tmp_path / "again", out)
+    assert json.loads((tmp_path / "again" / RECIPE_NAME).read_text()) == recipe
+    assert (tmp_path / "elsewhere" / "hub" / "models--org--lora").is_dir()
+
+    lora_blob = next((tmp_path / "elsewhere" / "hub" / "models--org--lora" / "snapshots").glob("*/adapter_config.json"))
+    lora_blob.resolve().write_text("{}")  # the cached copy no longer matches the recipe
+    result = run_cli(runner, "replay", out, "-o", tmp_path / "changed")
+    assert_one_error_line(result, "org/lora@", "changed since the recipe was recorded", "adapter_config.json")
