@@ -152,16 +152,19 @@ def hub_ref(source: str | os.PathLike) -> HubRef | None:
 
 def resolve(source: str | os.PathLike, kind: Kind = "adapter", *, allow_pickle: bool = False) -> Path:
     """The local path of `source`: itself when it exists or is no Hub ref, else the cached files of the ref
-    (downloaded as needed, only those `kind` needs); logged for `recording()`."""
+    (downloaded as needed, only those `kind` needs); logged for `recording()`, inside which a ref resolved
+    again stays at the commit it resolved to first."""
     ref = hub_ref(source)
     if ref is None:
         return Path(source)
-    found = fetch(ref, kind, allow_pickle=allow_pickle)
     log = _RECORDED.get()
+    earlier = None if log is None else log.get(str(source))
+    if earlier is None:
+        found = fetch(ref, kind, allow_pickle=allow_pickle)
+    else:  # again in one command: the same commit, even if the branch moved meanwhile (and no request when cached)
+        found = fetch(replace(ref, revision=earlier.commit), kind, allow_pickle=allow_pickle)
+        found = replace(found, ref=ref, files=tuple(sorted({*earlier.files, *found.files})))
     if log is not None:
-        earlier = log.get(str(source))
-        if earlier is not None and earlier.commit == found.commit:
-            found = replace(found, files=tuple(sorted({*earlier.files, *found.files})))
         log[str(source)] = found
     return found.local
 

@@ -192,8 +192,11 @@ def test_api_merge_and_folders_and_files_of_a_repo(hub, local, runner, tmp_path)
                    "-o", tmp_path / "kohya-local").exit_code == 0
     assert_same_files(tmp_path / "kohya-hub", tmp_path / "kohya-local")
 
+    before = len(hub.requests)
     result = run_cli(runner, "dora", "to-dora", "org/lora@v1", "--base", "org/base", "-o", tmp_path / "dora-hub")
     assert result.exit_code == 0, result.output
+    lookups = [r.path for r in hub.requests[before:] if r.path.startswith("/api/models/org/base/")]
+    assert lookups == ["/api/models/org/base/revision/main"]  # read twice (adapter names, norms), one commit
     assert run_cli(runner, "dora", "to-dora", local["lora"], "--base", local["base"],
                    "-o", tmp_path / "dora-local").exit_code == 0
     assert_same_files(tmp_path / "dora-hub", tmp_path / "dora-local")
