@@ -5,6 +5,9 @@ Front matter: `library_name` peft for adapters, transformers for models; `tags` 
 (and lora for adapters); `base_model` only when it is a Hub repo id (a local path is shown in the text
 instead, since the Hub rejects it); `license` (with `license_name`/`license_link`) passed through when
 the inputs' own README.md declare one and all that declare one agree.
+
+Privacy: a card holds no local path. Inputs are named by their file or folder name; a base model that is not a
+Hub id (a local folder) is named by its last path component only.
 """
 from __future__ import annotations
 
@@ -18,7 +21,6 @@ from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard import metadata_load
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-from .atomic import atomic_output
 from .formats.peft import CONFIG_NAME
 from .recipe import RECIPE_NAME
 
@@ -86,7 +88,7 @@ def model_card(recipe: Mapping, title: str, base_model: str | None = None, licen
         f"(adaptools {recipe['adaptools_version']}).", "",
     ]
     if base_model and not data.base_model:
-        lines += [f"Base model: `{base_model}`.", ""]
+        lines += [f"Base model: a local folder named `{local_name(base_model)}`.", ""]
     licenses = sorted({str(m["license"]) for m in inputs_meta if m.get("license")})
     if len(licenses) > 1 and not license:
         lines += [f"The inputs declare different licenses ({', '.join(licenses)}); none is set here.", ""]
@@ -110,8 +112,13 @@ def model_card(recipe: Mapping, title: str, base_model: str | None = None, licen
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"))
 
 
+def local_name(path: str) -> str:
+    """The last component of a local path (what a card may show of it)."""
+    return Path(path.replace("\\", "/")).name or path
+
+
 def input_label(entry: Mapping) -> str:
-    """How the card names a recipe input: ORG/NAME[/path]@<commit> for a Hub input, else the file or folder name."""
+    """How the card names a recipe input: ORG/NAME[/path]@<commit, 12 digits> for a Hub input, else its name."""
     if "repo_id" in entry:
         path = f"/{entry['path_in_repo']}" if entry.get("path_in_repo") else ""
         return cell(f"{entry['repo_id']}{path}@{str(entry['revision'])[:12]}")
@@ -136,8 +143,10 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence]) -> list[str]
 
 
 def write_card(text: str, folder: str | os.PathLike) -> Path:
-    """Write README.md into `folder` atomically (temp file + rename); returns its path."""
+    """Write README.md into the (staged) output `folder`, replacing one copied there (a base model's card) without
+    writing through it; returns its path."""
     target = Path(folder) / CARD_NAME
-    with atomic_output(target, overwrite=True, is_file=True) as tmp:
-        tmp.write_text(text, encoding="utf-8")
+    target.unlink(missing_ok=True)
+    with open(target, "x", encoding="utf-8") as f:
+        f.write(text)
     return target

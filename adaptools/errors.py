@@ -45,6 +45,10 @@ class OutputExistsError(AdaptoolsError):
     """The output path exists and overwriting was not asked for."""
 
 
+class OutputLockedError(OutputExistsError):
+    """Another adaptools run is writing the same output (it holds the lock beside the target)."""
+
+
 class OutputWriteError(AdaptoolsError):
     """The output could not be written (a full disk, a lost permission); nothing of it is left behind."""
 

@@ -1,4 +1,4 @@
-"""Push an output (a folder, or a single adapter file with its recipe) to the Hugging Face Hub.
+"""Push an output (a folder, or a single adapter file, its recipe inside) to the Hugging Face Hub: only what is in it.
 
 The token is whatever huggingface_hub finds (HF_TOKEN, then the login cache of `hf auth login`); it is
 never taken as an argument, printed or written, and it is masked in every error message. The endpoint is
@@ -14,7 +14,6 @@ from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, httpx, validate_repo_id
 
 from .errors import HubError, InputNotFoundError, InvalidArgumentError
-from .recipe import recipe_path
 
 LARGE_FOLDER_BYTES = 5 * 2**30
 """From this total size on, a folder goes through `HfApi.upload_large_folder` (resumable, several workers and
@@ -40,7 +39,7 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
          commit_message: str | None = None, create_pr: bool = False, endpoint: str | None = None) -> str:
     """Create `repo_id` if needed (private if asked), upload `path` in one commit, return the commit or PR URL.
 
-    A folder is uploaded whole; a single file goes with its `<file>.adaptools_recipe.json` when present.
+    A folder is uploaded whole; a single file alone (an adaptools output holds its recipe in its metadata).
     `revision` is a branch, created from main when missing. Failures raise HubError (token masked).
     """
     path = Path(path)
@@ -68,10 +67,9 @@ def push(path: str | os.PathLike, repo_id: str, *, private: bool = False, revisi
 
 
 def upload(api: HfApi, path: Path, repo_id: str, revision: str | None, message: str, create_pr: bool) -> str:
-    """One commit of `path` (a folder, or a file and its recipe); the URL of the commit or pull request."""
+    """One commit of `path` (a folder, or a file); the URL of the commit or pull request."""
     if path.is_file():
-        files = [p for p in (path, recipe_path(path)) if p.is_file()]
-        operations = [CommitOperationAdd(path_in_repo=p.name, path_or_fileobj=p) for p in files]
+        operations = [CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=path)]
         info = api.create_commit(repo_id, operations, commit_message=message, revision=revision, create_pr=create_pr)
     elif not create_pr and hasattr(api, "upload_large_folder") and folder_bytes(path) >= LARGE_FOLDER_BYTES:
         api.upload_large_folder(repo_id=repo_id, folder_path=path, repo_type="model", revision=revision)

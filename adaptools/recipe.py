@@ -1,23 +1,28 @@
 """Recipe files: which command made an output, with which parameters, from which inputs (by sha256).
 
-A recipe is JSON written beside every output: `adaptools_recipe.json` inside an output folder, or
-`<file>.adaptools_recipe.json` next to a single-file output (a kohya .safetensors). Its fields:
+A recipe is JSON stored with every output, inside it, so output and recipe appear together or not at all:
+`adaptools_recipe.json` inside an output folder, or, for a single-file output (a kohya .safetensors), the
+string under the key `adaptools_recipe` of that file's safetensors `__metadata__` (no file beside it).
+Its fields:
 
 - `adaptools_recipe`: format version (1); `adaptools_version`: the version that wrote it;
 - `command`: the CLI command path, e.g. ["combine"] or ["dora", "to-lora"]; `operation`, `kind` ("adapter" | "model");
-- `params`: every command parameter as JSON (input paths absolute; the output and push options left out);
+- `output_type`: "folder" or "file";
+- `params`: the command's parameters as JSON: inputs as their recorded paths (below), never the output, the
+  side-file paths, or the options that widen what a run does (overwrite, pickle, push);
 - `inputs`: per input path, `{"param", "path", "sha256"}` plus, for a folder, `files` = {relative path: sha256}
-  (the folder's sha256 is that of the lines "<relative path>\\0<sha256>\\n" in sorted order); a Hub input
-  (adaptools.sources) is `{"param", "repo_id", "revision": <commit sha>, ["path_in_repo"], "sha256", "files"}`
-  with the repo files the command used (repo paths), and its parameter value is the ref pinned to that commit,
-  so a replay downloads exactly those files anywhere;
-  a file of a Hugging Face cache snapshot that links to a blob named by its sha256 (LFS files: the weights) is
-  not read again: the blob's name is its sha256;
-- `output_params`: parameters naming further outputs (a JSON report), dropped on replay;
+  (the folder's sha256 is that of the lines "<relative path>\\0<sha256>\\n" in sorted order). `path` is relative
+  to the recipe's folder (the output folder, or the folder holding a single-file output), in POSIX form, e.g.
+  "../style": never an absolute local path. A Hub input (adaptools.sources) also has `repo_id`, `revision` (the
+  commit sha it resolved to) and, for a file or folder of the repo, `path_in_repo`; its `path` (and its value in
+  `params`) is the ref pinned to that commit, ORG/NAME[/path]@<sha>, and `files` lists the repo files the command
+  used, so a replay downloads exactly those files, anywhere. A file of a Hugging Face cache snapshot that links to a blob named by
+  its sha256 (LFS files: the weights) is not read again: the blob's name is its sha256;
+- `output_params`: the side files (a JSON report) the run wrote; a replay writes them inside its output under
+  names adaptools chooses;
 - `report`: the per-module summary rows the command returned (may be empty).
 
 No timestamps and no user or host data: the same inputs and parameters give the same recipe bytes.
-Input paths are recorded absolute, so a pushed recipe shows local folder names.
 """
 from __future__ import annotations
 
@@ -25,26 +30,36 @@ import hashlib
 import json
 import os
 import re
+import shutil
+import struct
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 from . import __version__
-from .atomic import atomic_output
 from .errors import InputNotFoundError, RecipeError
-from .sources import HubInput, fetch_files
+from .sources import HubInput, HubRef, fetch_files, parse_hub_ref
 
 RECIPE_NAME = "adaptools_recipe.json"
+RECIPE_KEY = "adaptools_recipe"
+"""The safetensors metadata key holding the recipe of a single-file output."""
 RECIPE_VERSION = 1
 CHUNK_BYTES = 2**20
+RECIPE_BYTES = 64 * 2**20
+"""Largest recipe read (a recipe holds one sha256 per input file and one row per module)."""
 REQUIRED_KEYS = ("adaptools_recipe", "command", "params", "inputs")
+OUTPUT_TYPES = ("folder", "file")
+SHA256 = re.compile(r"[0-9a-f]{64}")
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
     LFS file: weights) is not read, its blob's name is taken."""
     blob = Path(path).resolve()
-    if blob.parent.name == "blobs" and Path(path).is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob.name):
+    if blob.parent.name == "blobs" and Path(path).is_symlink() and SHA256.fullmatch(blob.name):
         return blob.name
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -59,93 +74,230 @@ def folder_digest(files: Mapping[str, str]) -> str:
 
 
 def hash_input(path: str | os.PathLike) -> dict:
-    """{"path", "sha256"} of a file, plus "files" {relative path: sha256} for a folder (every file in it, hashed
-    on one thread per CPU)."""
+    """{"sha256"} of a file, plus "files" {relative path: sha256} for a folder (every file in it, hashed on one
+    thread per CPU)."""
     path = Path(path).absolute()
     if not path.exists():
         raise InputNotFoundError(f"input {str(path)!r} does not exist")
     if path.is_file():
-        return {"path": str(path), "sha256": sha256_file(path)}
+        return {"sha256": sha256_file(path)}
     paths = [p for p in sorted(path.rglob("*")) if p.is_file()]
     with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1) or 1) as pool:  # hashlib releases the GIL
         files = dict(zip((p.relative_to(path).as_posix() for p in paths), pool.map(sha256_file, paths)))
-    return {"path": str(path), "sha256": folder_digest(files), "files": files}
+    return {"sha256": folder_digest(files), "files": files}
 
 
 def hash_files(root: Path, names: Iterable[str]) -> dict:
-    """{"sha256", "files"} of the files `names` (relative paths) under `root`."""
+    """{"sha256", "files"} of the files `names` (relative paths) under `root`, as hash_input gives for a folder."""
     files = {name: sha256_file(root / name) for name in sorted(names)}
     return {"sha256": folder_digest(files), "files": files}
 
 
-def hash_hub_input(found: HubInput) -> dict:
-    """The recipe entry of a Hub input: repo id, commit, path in the repo, and the sha256 of the files it used."""
-    where = {"path_in_repo": found.ref.path} if found.ref.path else {}
-    return {"repo_id": found.ref.repo_id, "revision": found.commit, **where, **hash_files(found.snapshot, found.files)}
+def input_entry(path: str | os.PathLike | HubInput, root: str | os.PathLike) -> dict:
+    """The recipe entry (less "param") of a local input (path relative to `root`) or of a resolved Hub input (the
+    pinned ref, repo id, commit, path in the repo, and the sha256 of the repo files it used)."""
+    if not isinstance(path, HubInput):
+        return {"path": relative_path(path, root), **hash_input(path)}
+    where = {"path_in_repo": path.ref.path} if path.ref.path else {}
+    return {"path": path.pinned, "repo_id": path.ref.repo_id, "revision": path.commit, **where,
+            **hash_files(path.snapshot, path.files)}
 
 
-def recipe_path(output: str | os.PathLike) -> Path:
-    """Where the recipe of `output` lives: inside a folder, or `<file>.adaptools_recipe.json` beside a file."""
-    output = Path(output)
-    return output / RECIPE_NAME if output.is_dir() else output.with_name(f"{output.name}.{RECIPE_NAME}")
+def hub_entry_ref(entry: Mapping) -> str:
+    """The pinned ref ORG/NAME[/path]@<commit> of a Hub input entry."""
+    return str(HubRef(entry["repo_id"], entry.get("path_in_repo"), entry["revision"]))
 
 
-def make_recipe(command: Iterable[str], operation: str, kind: str, params: Mapping, inputs: Iterable[tuple[str, str]],
-                output_params: Iterable[str] = (), report: Iterable[Mapping] = ()) -> dict:
-    """The recipe dict; `inputs` are (parameter name, local path or resolved Hub input) pairs, hashed here."""
+def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
+    """`path` relative to the folder `root`, in POSIX form (e.g. "../style"): what recipes and cards record."""
+    return Path(os.path.relpath(Path(path).absolute(), Path(root).absolute())).as_posix()
+
+
+def recipe_root(output: str | os.PathLike, is_file: bool) -> Path:
+    """The folder a recipe's relative paths start from: the output folder, or the folder of a single-file output."""
+    output = Path(output).absolute()
+    return output.parent if is_file else output
+
+
+def make_recipe(command: Iterable[str], operation: str, kind: str, params: Mapping,
+                inputs: Iterable[tuple[str, str | os.PathLike | HubInput]],
+                root: str | os.PathLike, output_type: str = "folder", output_params: Iterable[str] = (),
+                report: Iterable[Mapping] = ()) -> dict:
+    """The recipe dict; `inputs` are (parameter name, path or resolved Hub input) pairs, hashed here; local paths
+    are recorded relative to `root` (recipe_root of the output)."""
     return {
         "adaptools_recipe": RECIPE_VERSION,
         "adaptools_version": __version__,
         "command": list(command),
         "operation": operation,
         "kind": kind,
+        "output_type": output_type,
         "params": dict(params),
-        "inputs": [{"param": name, **(hash_hub_input(path) if isinstance(path, HubInput) else hash_input(path))}
-                   for name, path in inputs],
+        "inputs": [{"param": name, **input_entry(path, root)} for name, path in inputs],
         "output_params": list(output_params),
         "report": [dict(row) for row in report],
     }
 
 
-def write_recipe(recipe: Mapping, output: str | os.PathLike) -> Path:
-    """Write `recipe` for `output` atomically (temp file + rename); returns the recipe's path."""
-    target = recipe_path(output)
-    with atomic_output(target, overwrite=True, is_file=True) as tmp:
-        tmp.write_text(json.dumps(recipe, indent=2) + "\n", encoding="utf-8")
-    return target
+def recipe_text(recipe: Mapping) -> str:
+    """The recipe as the JSON text stored."""
+    return json.dumps(recipe, indent=2) + "\n"
 
 
-def read_recipe(path: str | os.PathLike) -> dict:
-    """Load and check a recipe file (a folder means its adaptools_recipe.json)."""
-    path = Path(path)
-    path = path / RECIPE_NAME if path.is_dir() else path
-    if not path.is_file():
-        raise InputNotFoundError(f"recipe {str(path)!r} does not exist")
+def write_recipe(recipe: Mapping, output: str | os.PathLike, is_file: bool) -> None:
+    """Store `recipe` in the (staged) `output`: `adaptools_recipe.json` inside a folder, or in a single
+    safetensors file's metadata (embed_recipe)."""
+    output = Path(output)
+    if is_file:
+        embed_recipe(recipe, output)
+    else:
+        with open(output / RECIPE_NAME, "x", encoding="utf-8") as f:
+            f.write(recipe_text(recipe))
+
+
+def embed_recipe(recipe: Mapping, file: Path) -> None:
+    """Put `recipe` under `__metadata__`[RECIPE_KEY] of the safetensors `file`: a new header (padded to 8 bytes,
+    as safetensors writes it; data offsets are relative to the data, so they stay) and the data copied after it."""
+    with open(file, "rb") as src:
+        (length,) = struct.unpack("<Q", src.read(8))
+        header = json.loads(src.read(length))
+        header["__metadata__"] = {**header.get("__metadata__", {}), RECIPE_KEY: json.dumps(recipe, indent=None)}
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)
+        rewritten = file.with_name(f".{file.name}.new")
+        with open(rewritten, "xb") as dst:
+            dst.write(struct.pack("<Q", len(text)) + text)
+            shutil.copyfileobj(src, dst, CHUNK_BYTES)
+    os.replace(rewritten, file)
+
+
+def parse_recipe(text: str, source: str) -> dict:
+    """The recipe object in `text` (RecipeError naming `source` when it is not JSON, too deep, or not an object)."""
     try:
-        recipe = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RecipeError(f"{str(path)!r} is not a recipe: {exc}") from None
-    if not isinstance(recipe, dict) or any(key not in recipe for key in REQUIRED_KEYS):
-        raise RecipeError(f"{str(path)!r} is not an adaptools recipe (needs {', '.join(REQUIRED_KEYS)})")
-    if recipe["adaptools_recipe"] != RECIPE_VERSION:
-        raise RecipeError(f"{str(path)!r} has recipe version {recipe['adaptools_recipe']}; this adaptools reads {RECIPE_VERSION}")
+        recipe = json.loads(text, parse_constant=lambda name: reject_constant(name, source))
+    except (ValueError, RecursionError) as exc:
+        raise RecipeError(f"{source} is not a recipe: {str(exc) or type(exc).__name__}") from None
+    if not isinstance(recipe, dict):
+        raise RecipeError(f"{source} is not an adaptools recipe (not a JSON object)")
     return recipe
 
 
-def verify_inputs(recipe: Mapping) -> None:
+def reject_constant(name: str, source: str) -> None:
+    """json's hook for NaN/Infinity: refused."""
+    raise RecipeError(f"{source} is not a recipe: it holds {name}, which is not JSON")
+
+
+def read_recipe(path: str | os.PathLike) -> tuple[dict, Path]:
+    """Load and check a recipe: `path` is an output folder (its adaptools_recipe.json), a recipe JSON file, or a
+    single-file output (.safetensors) holding its recipe in its metadata. Returns the recipe and its root (the
+    folder its relative input paths start from)."""
+    path = Path(path)
+    if not path.exists():
+        raise InputNotFoundError(f"recipe {str(path)!r} does not exist")
+    if path.is_dir():
+        path = path / RECIPE_NAME
+        if not path.is_file():
+            raise InputNotFoundError(f"{str(path.parent)!r} holds no {RECIPE_NAME}")
+    if path.suffix == ".safetensors":
+        text = embedded_recipe(path)
+    else:
+        if path.stat().st_size > RECIPE_BYTES:
+            raise RecipeError(f"{str(path)!r} is not a recipe: larger than {RECIPE_BYTES} bytes")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"{str(path)!r} is not a recipe: {exc}") from None
+    recipe = parse_recipe(text, repr(str(path)))
+    check_recipe(recipe, repr(str(path)))
+    return recipe, path.absolute().parent
+
+
+def embedded_recipe(path: Path) -> str:
+    """The recipe text in the metadata of the safetensors file `path`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise RecipeError(f"{str(path)!r} is not a readable safetensors file ({exc})") from None
+    if RECIPE_KEY not in metadata:
+        raise RecipeError(f"{str(path)!r} holds no adaptools recipe (no {RECIPE_KEY!r} in its metadata)")
+    return metadata[RECIPE_KEY]
+
+
+def check_recipe(recipe: Mapping, source: str) -> None:
+    """RecipeError naming the field of `recipe` that is missing or of the wrong type."""
+    missing = [key for key in REQUIRED_KEYS if key not in recipe]
+    if missing:
+        raise RecipeError(f"{source} is not an adaptools recipe (needs {', '.join(REQUIRED_KEYS)})")
+    if recipe["adaptools_recipe"] != RECIPE_VERSION:
+        raise RecipeError(f"{source} has recipe version {recipe['adaptools_recipe']!r}; this adaptools reads {RECIPE_VERSION}")
+    command = recipe["command"]
+    if not isinstance(command, list) or not command or not all(isinstance(c, str) and c for c in command):
+        raise RecipeError(f"{source}: 'command' must be a list of command names")
+    if not isinstance(recipe["params"], dict):
+        raise RecipeError(f"{source}: 'params' must be an object")
+    if recipe.get("output_type", "folder") not in OUTPUT_TYPES:
+        raise RecipeError(f"{source}: 'output_type' must be one of {', '.join(OUTPUT_TYPES)}")
+    names = recipe.get("output_params", [])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise RecipeError(f"{source}: 'output_params' must be a list of parameter names")
+    if not isinstance(recipe["inputs"], list):
+        raise RecipeError(f"{source}: 'inputs' must be a list")
+    for i, entry in enumerate(recipe["inputs"]):
+        check_input_entry(entry, f"{source}: input {i}")
+
+
+def check_input_entry(entry: object, where: str) -> None:
+    """RecipeError unless `entry` is {"param": str, "path": str, "sha256": hex, ["files": {str: hex}]}."""
+    if not isinstance(entry, dict):
+        raise RecipeError(f"{where} must be an object")
+    for key in ("param", "path"):
+        if not isinstance(entry.get(key), str) or not entry[key]:
+            raise RecipeError(f"{where} needs {key!r} (a non-empty string)")
+    if not isinstance(entry.get("sha256"), str) or not SHA256.fullmatch(entry["sha256"]):
+        raise RecipeError(f"{where} ({entry['path']!r}) needs 'sha256' (64 lowercase hex digits)")
+    files = entry.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and SHA256.fullmatch(v)
+                                              for k, v in files.items()):
+        raise RecipeError(f"{where} ({entry['path']!r}): 'files' must map file names to sha256 digests")
+    if "repo_id" in entry:
+        check_hub_entry(entry, where)
+
+
+def check_hub_entry(entry: Mapping, where: str) -> None:
+    """RecipeError unless the Hub input `entry` names a repo id, a commit sha, a safe path in the repo and safe repo
+    file names, and its `path` is that ref pinned to that commit."""
+    fields = (entry.get("repo_id"), entry.get("revision"), entry.get("path_in_repo", ""))
+    if not all(isinstance(v, str) for v in fields) or not COMMIT.fullmatch(entry["revision"]):
+        raise RecipeError(f"{where} ({entry['path']!r}): a Hub input needs 'repo_id' and 'revision' (a commit sha)")
+    ref = parse_hub_ref(hub_entry_ref(entry))
+    if ref is None or ref.repo_id != entry["repo_id"] or entry["path"] != hub_entry_ref(entry):
+        raise RecipeError(f"{where} ({entry['path']!r}) is not a Hub repo id, path and commit that adaptools reads")
+    unsafe = [name for name in entry.get("files", {}) if parse_hub_ref(f"{entry['repo_id']}/{name}") is None]
+    if unsafe or not entry.get("files"):
+        raise RecipeError(f"{where} ({entry['path']!r}): 'files' must name the repo files used ({unsafe[:1]})")
+
+
+def input_path(entry: Mapping, root: Path) -> Path:
+    """Where the recipe input `entry` is: its path joined to the recipe's root (an absolute path stays); for a Hub
+    input, its pinned ref (ORG/NAME@<commit>, resolved by the command that reads it)."""
+    return Path(hub_entry_ref(entry)) if "repo_id" in entry else root / entry["path"]
+
+
+def verify_inputs(recipe: Mapping, root: Path) -> None:
     """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone)."""
     for entry in recipe["inputs"]:
-        if "repo_id" in entry:
-            where = f"{entry['repo_id']}@{str(entry['revision'])[:12]}"
-            now = hash_files(fetch_files(entry["repo_id"], entry["revision"], list(entry["files"])), entry["files"])
+        if "repo_id" in entry:  # the recorded files at the recorded commit, downloaded where not cached
+            snapshot = fetch_files(entry["repo_id"], entry["revision"], list(entry["files"]))
+            now = hash_files(snapshot, entry["files"])
         else:
-            where, now = entry["path"], hash_input(entry["path"])
+            now = hash_input(input_path(entry, root))
         if now["sha256"] == entry["sha256"]:
             continue
         recorded, current = entry.get("files", {}), now.get("files", {})
         changed = sorted(name for name in recorded.keys() | current.keys() if recorded.get(name) != current.get(name))
         detail = f" (files differing: {', '.join(changed[:5])}{', ...' if len(changed) > 5 else ''})" if changed else ""
         raise RecipeError(
-            f"input {entry['param']!r} at {where!r} changed since the recipe was recorded{detail}: "
+            f"input {entry['param']!r} at {entry['path']!r} changed since the recipe was recorded{detail}: "
             f"sha256 {now['sha256'][:12]}... != recorded {entry['sha256'][:12]}...; pass --ignore-hashes to replay anyway"
         )

@@ -18,12 +18,14 @@ from conftest import run_cli
 from factories import make_peft_adapter
 from huggingface_hub import ModelCard
 from hub_server import FakeHub
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import adaptools
 from adaptools import hub as adaptools_hub
 from adaptools.card import model_card
-from adaptools.recipe import RECIPE_NAME
+from adaptools.atomic import atomic_output
+from adaptools.recipe import RECIPE_KEY, RECIPE_NAME
 from adaptools_cli.options import output_options
 from adaptools_cli.provenance import provenance
 
@@ -79,14 +81,15 @@ def test_convert_writes_card_and_recipe_and_pushes(adapter, hub, runner, tmp_pat
     recipe = json.loads((out / RECIPE_NAME).read_text())
     assert recipe["command"] == ["convert"] and recipe["params"]["to"] == "peft"
     [entry] = recipe["inputs"]
-    assert entry["path"] == str(adapter.absolute())
+    assert entry["path"] == os.path.relpath(adapter, out)  # relative to the output: no local folder names
     assert entry["files"] == {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in adapter.iterdir()}
 
     card = ModelCard.load(out / "README.md")
     assert card.data.library_name == "peft" and card.data.license == "apache-2.0"
     assert {"adaptools", "convert"} <= set(card.data.tags)
     assert card.data.base_model is None  # the base is a local folder, not a Hub id: named in the text only
-    assert str(llama_base_of(adapter)) in card.text and entry["sha256"] in card.text
+    assert f"`{Path(llama_base_of(adapter)).name}`" in card.text and entry["sha256"] in card.text
+    assert str(Path(llama_base_of(adapter)).parent) not in card.text  # privacy: the base's name, not its path
 
     [commit] = hub.commits
     assert commit.repo_id == "org/converted" and commit.revision == "main"
@@ -126,13 +129,17 @@ def test_push_command_private_branch_message_and_pull_request(adapter, hub, runn
     assert result.exit_code == 2 and "not a Hub repo id" in result.stderr and not (tmp_path / "never").exists()
 
 
-def test_single_file_output_has_recipe_beside_it_and_pushes_both(adapter, hub, runner, tmp_path):
+def test_single_file_output_holds_its_recipe_and_pushes_alone(adapter, hub, runner, tmp_path):
     out = tmp_path / "lora.safetensors"
     result = run_cli(runner, "convert", adapter, "--to", "kohya", "-o", out, "--push-to", "org/kohya")
     assert result.exit_code == 0, result.output
-    sidecar = tmp_path / f"lora.safetensors.{RECIPE_NAME}"
-    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name, sidecar.name]  # no card for a single file
-    assert hub.commits[0].files == {out.name: out.read_bytes(), sidecar.name: sidecar.read_bytes()}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]  # no card, no file beside it
+    with safe_open(str(out), framework="pt") as f:
+        metadata = f.metadata()
+    recipe = json.loads(metadata[RECIPE_KEY])
+    assert recipe["output_type"] == "file" and recipe["command"] == ["convert"]
+    assert recipe["inputs"][0]["path"] == os.path.relpath(adapter, tmp_path)  # relative to the file's folder
+    assert hub.commits[0].files == {out.name: out.read_bytes()}
 
 
 @pytest.mark.parametrize(
@@ -179,7 +186,7 @@ def test_replay_reproduces_and_refuses_changed_inputs(adapter, runner, tmp_path)
     assert result.exit_code == 0, result.output
     assert_same_tensors(first, again)
     assert (again / RECIPE_NAME).read_text() == (first / RECIPE_NAME).read_text()
-    result = run_cli(runner, "replay", tmp_path / f"first.safetensors.{RECIPE_NAME}", "-o", tmp_path / "k2.safetensors")
+    result = run_cli(runner, "replay", kohya, "-o", tmp_path / "k2.safetensors")
     assert result.exit_code == 0, result.output
     assert_same_tensors(kohya, tmp_path / "k2.safetensors")
 
@@ -254,10 +261,11 @@ def toy() -> None:
 def copy(source: str, report_path: str | None, output: str, overwrite: bool) -> dict:
     """Copy SOURCE into OUTPUT/a and OUTPUT/b; report one row per copy."""
     rows = []
-    for name in ("a", "b"):
-        (Path(output) / name).mkdir(parents=True)
-        (Path(output) / name / "x.bin").write_bytes(Path(source).read_bytes())
-        rows.append({"module": name, "bytes": Path(source).stat().st_size, "error": 0.25})
+    with atomic_output(output) as folder:
+        for name in ("a", "b"):
+            (folder / name).mkdir()
+            (folder / name / "x.bin").write_bytes(Path(source).read_bytes())
+            rows.append({"module": name, "bytes": Path(source).stat().st_size, "error": 0.25})
     Path(report_path).write_text(json.dumps(rows))
     return {"summary": rows, "base_model": "org/base", "license": "mit", "folders": [Path(output) / "a", Path(output) / "b"]}
 
@@ -271,7 +279,7 @@ def test_protocol_summary_base_model_license_folders_and_output_params(runner, t
 
     recipe = json.loads((out / RECIPE_NAME).read_text())
     assert recipe["command"] == ["copy"] and recipe["kind"] == "model" and recipe["output_params"] == ["report_path"]
-    assert recipe["inputs"] == [{"param": "source", "path": str(source), "sha256": hashlib.sha256(b"abc").hexdigest()}]
+    assert recipe["inputs"] == [{"param": "source", "path": "../source.bin", "sha256": hashlib.sha256(b"abc").hexdigest()}]
     assert recipe["report"] == json.loads((tmp_path / "report.json").read_text())
     assert not (out / "README.md").exists()
     for name in ("a", "b"):
@@ -305,7 +313,10 @@ def test_combine_and_rerank_record_replay_and_push(adapter, llama_base, hub, run
 
     result = run_cli(runner, "replay", reranked, "-o", tmp_path / "reranked again")
     assert result.exit_code == 0, result.output
-    assert "--report" not in result.stdout and len(hub.commits) == 1  # further outputs and pushes are not replayed
+    assert len(hub.commits) == 1  # pushes are not replayed
+    again = tmp_path / "reranked again"
+    assert str(report) not in result.stdout  # the side file is written inside the output, under adaptools' name
+    assert json.loads((again / "report.json").read_text())["modules"] == modules
     assert_same_tensors(reranked, tmp_path / "reranked again")
 
 

@@ -303,7 +303,8 @@ def test_recipes_and_cards_name_hub_inputs_by_repo_id_and_commit_and_replay_anyw
     assert recipe["params"]["base"] == f"org/base@{base_sha}"
     assert recipe["params"]["adapters"] == [f"org/lora@{hub.v1}"]
     base_entry, lora_entry = recipe["inputs"]
-    assert base_entry["repo_id"] == "org/base" and base_entry["revision"] == base_sha and "path" not in base_entry
+    assert base_entry["repo_id"] == "org/base" and base_entry["revision"] == base_sha
+    assert base_entry["path"] == f"org/base@{base_sha}"  # the pinned ref, no local path
     assert base_entry["files"] == {name: hashlib.sha256((local["base"] / name).read_bytes()).hexdigest()
                                    for name in files_of(local["base"])}
     assert lora_entry["repo_id"] == "org/lora" and lora_entry["revision"] == hub.v1

@@ -1,4 +1,5 @@
-"""Model card, recipe and Hub push for every command that writes an output: one decorator per command.
+"""Model card, recipe and Hub push for every command that writes an output: one decorator per command; and the
+rules by which `replay` turns a recipe (data) back into a command line.
 
 Hooking a command up is one line, directly above its `def` (under the click decorators):
 
@@ -8,19 +9,24 @@ Hooking a command up is one line, directly above its `def` (under the click deco
     @provenance("combine", kind="adapter")
     def combine(...): ...
 
-The decorator adds `--push-to ORG/NAME`, `--private` and `--revision BRANCH`, runs the command unchanged,
-and then, in the finished output (which the command wrote atomically):
-- writes `adaptools_recipe.json` (adaptools.recipe): the command path, its parameters (ctx.params as JSON,
-  input paths made absolute; not the output, --overwrite or the push options) and the sha256 of every input;
-- writes `README.md` (adaptools.card): Hub front matter, the recipe, the per-module summary;
-- pushes the folder when --push-to is given (adaptools.hub; a failure is a HubError, the output stays).
-Each file is written atomically (temp file + rename). A single-file output (a kohya .safetensors) gets
-its recipe beside it as `<file>.adaptools_recipe.json` and no card (there is no folder to hold one).
+The decorator adds `--push-to ORG/NAME`, `--private` and `--revision BRANCH`, and runs the command inside
+`adaptools.atomic.staged_output` for its output: the lock beside the target is taken first (a second run for
+the same target fails before any work), and the command's own atomic write of its output lands in the staged
+temporary folder. Then, still inside that folder, before the one rename into place:
+- the recipe (adaptools.recipe): the command path, its parameters (input paths relative to the output; not the
+  output, the side files or the widening options) and the sha256 of every input: `adaptools_recipe.json` in a
+  folder, or the `adaptools_recipe` metadata key of a single-file output (a kohya .safetensors), which gets no card;
+- `README.md` (adaptools.card): Hub front matter, the recipe, the per-module summary.
+The output is complete with its recipe and card, or absent. With --push-to the finished output is pushed
+(adaptools.hub; a failure is a HubError, the output stays).
 
 Parameters, by convention:
-- the output is the parameter named `output` (-o/--output);
-- inputs are the other click.Path parameters, except those named in `output_params` (further outputs such
-  as a JSON report, default `report_path`), which replay leaves out. Inputs are hashed after the command ran.
+- the output is the parameter named `output` (-o/--output), `overwrite` replaces it;
+- side files (further outputs such as a JSON report) are the parameters named in `side_files`, each with the file
+  name a replay writes it under inside its output (default `report_path` -> `report.json`);
+- inputs are the other click.Path parameters. Inputs are hashed after the command ran. An input given as a Hub
+  repo id (adaptools.sources) is recorded as that ref pinned to the commit it resolved to, with the repo files
+  the command used; a merged model's card takes the repo id of a Hub `base` as its `base_model`.
 
 What the command may return (its return value is otherwise ignored):
     None, or a dict with any of
@@ -32,6 +38,11 @@ What the command may return (its return value is otherwise ignored):
     "license":    str, the card's license (default: what the inputs' README.md agree on);
     "folders":    list of folders inside the output that each hold one result (merge --each): each gets
                   the card instead of the output itself; the recipe stays at the top.
+
+Replay (the allow-list): only commands carrying this decorator are replayed (never `push`, never `replay`).
+A recipe's values are checked against the command's click parameter types and passed as `--name=value` options
+and positional arguments after `--`, so no value can become an option. The widening options (WIDENING) come only
+from the replay command line; a recipe's value for one is ignored with a warning.
 """
 from __future__ import annotations
 
@@ -43,21 +54,26 @@ from pathlib import Path
 import click
 
 from adaptools import __version__
-from adaptools.atomic import check_output_paths
+from adaptools.atomic import Staging, check_output_paths, staged_output
 from adaptools.card import LIBRARY, adapter_base_model, input_metadata, model_card, write_card
-from adaptools.errors import RecipeError
+from adaptools.errors import OutputWriteError, RecipeError
 from adaptools.hub import check_repo_id, push
-from adaptools.recipe import make_recipe, write_recipe
+from adaptools.recipe import input_path, make_recipe, recipe_root, relative_path, write_recipe
 from adaptools.sources import HubInput, hub_ref, recording
 
 from .options import push_options
 
 PUSH_PARAMS = ("push_to", "private", "revision")
-NOT_RECORDED = ("output", "overwrite", *PUSH_PARAMS)
+WIDENING = ("output", "overwrite", "allow_pickle", *PUSH_PARAMS)
+"""Parameters a recipe never sets: where the output goes, and what a run may do beyond writing it."""
+SIDE_FILES = {"report_path": "report.json"}
+SIDE_FILES_ATTR = "adaptools_side_files"
+"""The attribute marking a command callback as replayable (its value: the command's side files)."""
 
 
-def provenance(operation: str, kind: str = "adapter", output_params: Sequence[str] = ("report_path",)) -> Callable:
-    """Decorate a click command callback: add the push options; after it ran, write card + recipe, then push."""
+def provenance(operation: str, kind: str = "adapter", side_files: Mapping[str, str] = SIDE_FILES) -> Callable:
+    """Decorate a click command callback: add the push options; run it in a staged output, write card + recipe
+    into the staging, rename, then push."""
     if kind not in LIBRARY:
         raise ValueError(f"kind must be one of {sorted(LIBRARY)}, not {kind!r}")
 
@@ -69,51 +85,56 @@ def provenance(operation: str, kind: str = "adapter", output_params: Sequence[st
             if push_to:
                 check_repo_id(push_to)
             ctx = click.get_current_context()
-            outputs = [ctx.params[name] for name in ("output", *output_params) if ctx.params.get(name)]
-            check_output_paths(outputs, [p for name in input_names(ctx, output_params)
+            outputs = [ctx.params[name] for name in ("output", *side_files) if ctx.params.get(name)]
+            check_output_paths(outputs, [p for name in input_names(ctx.command, side_files)
                                          for p in listed(jsonable(ctx.params[name])) if hub_ref(p) is None])
-            with recording() as hub_inputs:
-                result = func(*args, **kwargs)
-            output = record(click.get_current_context(), operation, kind, output_params, result or {}, hub_inputs)
+            with staged_output(ctx.params["output"], overwrite=bool(ctx.params.get("overwrite"))) as staging:
+                with recording() as hub_inputs:
+                    result = func(*args, **kwargs)
+                record(ctx, staging, operation, kind, side_files, result or {}, hub_inputs)
             if push_to:
+                output = Path(ctx.params["output"])
                 url = push(output, push_to, private=private, revision=revision,
                            commit_message=f"adaptools {operation}: {output.name}")
                 click.echo(f"pushed {output.name} to {url}")
 
+        setattr(command, SIDE_FILES_ATTR, dict(side_files))
         return command
 
     return decorate
 
 
-def record(ctx: click.Context, operation: str, kind: str, output_params: Sequence[str], result: Mapping,
-           hub_inputs: Mapping[str, HubInput] = {}) -> Path:  # noqa: B006 - read only
-    """Write the recipe (and, for a folder, the card) of the finished output of `ctx`; return the output path.
-    Hub inputs (`hub_inputs`: as written -> resolved) are recorded pinned to their commit."""
-    output = Path(ctx.params["output"])
-    inputs = input_names(ctx, output_params)
-    params = {name: jsonable(value) for name, value in ctx.params.items() if name not in NOT_RECORDED}
-    pairs: list[tuple[str, str | HubInput]] = []
+def record(ctx: click.Context, staging: Staging, operation: str, kind: str, side_files: Mapping[str, str],
+           result: Mapping, hub_inputs: Mapping[str, HubInput]) -> None:
+    """Write the recipe (and, for a folder, the card) of the staged output of `ctx`; `hub_inputs` are the inputs
+    given as Hub refs, resolved (by the text given)."""
+    if staging.is_file is None:
+        raise OutputWriteError(f"{str(staging.target)!r} was not written: the command wrote no output")
+    root = recipe_root(staging.target, staging.is_file)
+    inputs = input_names(ctx.command, side_files)
+    params = {name: jsonable(value) for name, value in ctx.params.items()
+              if name not in WIDENING and name not in side_files}
+    pairs = [(name, hub_inputs.get(path, path)) for name in inputs for path in listed(params[name])]
     for name in inputs:
-        values = [hub_inputs[v] if v in hub_inputs else absolute(v) for v in listed(params[name])]
-        pairs += [(name, v) for v in values]
-        recorded = [v.pinned if isinstance(v, HubInput) else v for v in values]
-        params[name] = recorded if isinstance(params[name], list) else (recorded[0] if recorded else None)
-    recipe = make_recipe(command_path(ctx), operation, kind, params, pairs,
-                         [name for name in output_params if name in params], summary_rows(result.get("summary", ())))
-    write_recipe(recipe, output)
+        params[name] = relative(params[name], root, hub_inputs)
+    recipe = make_recipe(command_path(ctx), operation, kind, params, pairs, root,
+                         output_type="file" if staging.is_file else "folder",
+                         output_params=[name for name in side_files if ctx.params.get(name)],
+                         report=summary_rows(result.get("summary", ())))
+    write_recipe(recipe, staging.path, staging.is_file)
+    if staging.is_file:
+        return
     meta = input_metadata(path.local if isinstance(path, HubInput) else path for _, path in pairs)
-    hub_base = next((v.ref.repo_id for name, v in pairs if name == "base" and isinstance(v, HubInput)), None)
-    folders = [Path(p) for p in result.get("folders", ())] or ([output] if output.is_dir() else [])
-    for folder in folders:
+    hub_base = next((p.ref.repo_id for name, p in pairs if name == "base" and isinstance(p, HubInput)), None)
+    for folder in [staging.locate(p) for p in result.get("folders", ())] or [staging.path]:
         base_model = result.get("base_model") or hub_base or adapter_base_model(folder)
         write_card(model_card(recipe, folder.name, base_model, result.get("license"), meta), folder)
-    return output
 
 
-def input_names(ctx: click.Context, output_params: Sequence[str]) -> list[str]:
+def input_names(command: click.Command, side_files: Mapping[str, str]) -> list[str]:
     """Names of the command's input parameters: its click.Path parameters other than the outputs."""
-    return [p.name for p in ctx.command.params
-            if isinstance(p.type, click.Path) and p.name not in ("output", *output_params)]
+    return [p.name for p in command.params
+            if isinstance(p.type, click.Path) and p.name != "output" and p.name not in side_files]
 
 
 def summary_rows(summary: Sequence[Mapping] | Mapping[str, object]) -> list[dict]:
@@ -147,36 +168,124 @@ def listed(value: object) -> list:
     return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
-def absolute(value: object) -> object:
-    """Input path(s) made absolute (None stays None)."""
+def relative(value: object, root: Path, hub_inputs: Mapping[str, HubInput]) -> object:
+    """Input path(s) relative to the recipe's root, Hub inputs as their pinned refs (None stays None)."""
     if isinstance(value, list):
-        return [absolute(v) for v in value]
-    return None if value is None else str(Path(value).absolute())
+        return [relative(v, root, hub_inputs) for v in value]
+    if value in hub_inputs:
+        return hub_inputs[value].pinned
+    return None if value is None else relative_path(value, root)
+
+
+# --------------------------------------------------------------------------- replay
+
+
+def replayable_names(group: click.Group, ctx: click.Context, prefix: str = "") -> list[str]:
+    """The commands under `group` that replay runs (those carrying @provenance), e.g. "dora to-lora"."""
+    names = []
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        if isinstance(command, click.Group):
+            names += replayable_names(command, ctx, f"{prefix}{name} ")
+        elif hasattr(command.callback, SIDE_FILES_ATTR):
+            names.append(prefix + name)
+    return names
 
 
 def resolve_command(ctx: click.Context, names: Sequence[str]) -> click.Command:
-    """The command at `names` under the root group of `ctx` (RecipeError when this adaptools has none)."""
-    command = ctx.find_root().command
+    """The replayable command at `names` under the root group of `ctx` (RecipeError for any other)."""
+    root = ctx.find_root().command
+    command = root
     for name in names:
         command = command.get_command(ctx, name) if isinstance(command, click.Group) else None
         if command is None:
             raise RecipeError(f"adaptools {__version__} has no command {' '.join(names)!r}")
+    if isinstance(command, click.Group) or not hasattr(command.callback, SIDE_FILES_ATTR):
+        raise RecipeError(f"the recipe names the command {' '.join(names)!r}, which replay does not run: it runs only "
+                          f"commands that write an output ({', '.join(replayable_names(root, ctx))})")
     return command
 
 
-def replay_argv(ctx: click.Context, recipe: Mapping, **overrides: object) -> list[str]:
-    """Arguments for the root group that redo `recipe` with `overrides` (output, overwrite, push options)."""
-    command = resolve_command(ctx, recipe["command"])
-    known = {p.name for p in command.params}
-    unknown = sorted(set(recipe["params"]) - known)
+def replay_params(ctx: click.Context, command: click.Command, recipe: Mapping, root: Path,
+                  output: str) -> tuple[dict, list[str]]:
+    """The parameter values that redo `recipe` into `output` (inputs from the recipe's `inputs`, resolved against
+    `root`; side files inside `output`), and the names of widening parameters the recipe set, which are ignored.
+    RecipeError for anything the command would not accept."""
+    side_files = getattr(command.callback, SIDE_FILES_ATTR)
+    params = {p.name: p for p in command.params}
+    recorded = recipe["params"]
+    where = f"the recipe of {' '.join(recipe['command'])}"
+    unknown = sorted(set(recorded) - set(params))
     if unknown:
-        raise RecipeError(f"adaptools {__version__} {' '.join(recipe['command'])} has no parameter {', '.join(unknown)}")
-    dropped = dict.fromkeys(recipe.get("output_params", ()))
-    return [*recipe["command"], *to_argv(command, {**recipe["params"], **dropped, **overrides})]
+        raise RecipeError(f"{where} sets {', '.join(unknown)}, which adaptools {__version__} "
+                          f"{' '.join(recipe['command'])} does not have")
+    inputs = input_names(command, side_files)
+    for entry in recipe["inputs"]:
+        if entry["param"] not in inputs:
+            raise RecipeError(f"{where} lists the input {entry['path']!r} for {entry['param']!r}, which is not an "
+                              f"input of the command ({', '.join(inputs)})")
+    values: dict = {}
+    for name in inputs:
+        listed_paths = [e["path"] for e in recipe["inputs"] if e["param"] == name]
+        named = listed(recorded.get(name))
+        stray = [p for p in named if p not in listed_paths]
+        if stray:
+            raise RecipeError(f"{where}: parameter {name!r} names {stray[0]!r}, which is not among the recipe's "
+                              "inputs (every input needs an entry with its sha256)")
+        if named != listed_paths:
+            raise RecipeError(f"{where}: parameter {name!r} ({named!r}) does not match its inputs ({listed_paths!r})")
+        paths = [str(input_path(e, root)) for e in recipe["inputs"] if e["param"] == name]
+        values[name] = paths if takes_list(params[name]) else (paths[0] if paths else None)
+    for name, value in recorded.items():
+        if name not in inputs and name not in WIDENING and name not in side_files:
+            check_value(ctx, params[name], value, where)
+            values[name] = value
+    written = set(recipe.get("output_params", ())) | {n for n in side_files if recorded.get(n)}
+    for name in sorted(written):
+        if name not in side_files:
+            raise RecipeError(f"{where} names the side file {name!r}, which the command does not write")
+        if recipe.get("output_type", "folder") == "folder":
+            values[name] = str(Path(output) / side_files[name])
+    ignored = [name for name in WIDENING if recorded.get(name) not in (None, False)]
+    return values, ignored
+
+
+def takes_list(param: click.Parameter) -> bool:
+    """Whether the parameter's value is a list (repeatable, or several values)."""
+    return param.multiple or param.nargs != 1
+
+
+def check_value(ctx: click.Context, param: click.Parameter, value: object, where: str) -> None:
+    """RecipeError unless `value` (JSON) is what click would make of this parameter's command-line text."""
+    if value is None:
+        return
+    what = f"{where}: parameter {param.name!r}"
+    if isinstance(param, click.Option) and (param.is_flag or param.count):
+        fits = isinstance(value, bool) if param.is_bool_flag else (
+            value == param.flag_value if param.is_flag else type(value) is int and value >= 0)
+        if not fits:
+            raise RecipeError(f"{what} cannot be {value!r}")
+        return
+    items = value if takes_list(param) else [value]
+    if not isinstance(items, list):
+        raise RecipeError(f"{what} must be a list, not {value!r}")
+    nested = param.multiple and param.nargs != 1
+    for item in items:
+        if nested and not (isinstance(item, list) and len(item) == param.nargs):
+            raise RecipeError(f"{what} must hold lists of {param.nargs} values, not {item!r}")
+        for scalar in item if nested else [item]:
+            is_bool = isinstance(param.type, click.types.BoolParamType)
+            if not isinstance(scalar, (str, int, float)) or (isinstance(scalar, bool) and not is_bool):
+                raise RecipeError(f"{what} cannot be {scalar!r}")
+            try:
+                param.type.convert(str(scalar), param, ctx)
+            except click.ClickException as exc:
+                raise RecipeError(f"{what}: {exc.format_message()}") from None
 
 
 def to_argv(command: click.Command, params: Mapping) -> list[str]:
-    """Command-line arguments that make click parse `params` again (options first, then `--` and the arguments)."""
+    """Command-line arguments that make click parse `params` again: options as `--name=value` (a value can never
+    read as an option), then `--` and the positional arguments."""
     options: list[str] = []
     positionals: list[str] = []
     for p in command.params:
@@ -192,6 +301,8 @@ def to_argv(command: click.Command, params: Mapping) -> list[str]:
         elif p.count:
             options += [p.opts[0]] * value
         else:
+            name = max(p.opts, key=len)
             for item in value if p.multiple else [value]:
-                options += [max(p.opts, key=len), *(str(v) for v in (item if p.nargs != 1 else [item]))]
+                first, *rest = [str(v) for v in (item if p.nargs != 1 else [item])]
+                options += [f"{name}={first}" if name.startswith("--") else f"{name}{first}", *rest]
     return options + (["--", *positionals] if positionals else [])

@@ -8,8 +8,8 @@ import click
 from adaptools.hub import push as push_to_hub
 from adaptools.recipe import read_recipe, verify_inputs
 
-from ..options import hub_options, output_options, push_options
-from ..provenance import replay_argv
+from ..options import allow_pickle, hub_options, output_options, push_options
+from ..provenance import replay_params, resolve_command, to_argv
 
 
 @click.command()
@@ -33,20 +33,32 @@ def push(path: str, repo_id: str, private: bool, revision: str | None, commit_me
 @click.argument("recipe", type=click.Path())
 @output_options
 @click.option("--ignore-hashes", is_flag=True, help="Replay even when an input differs from the recorded sha256.")
+@allow_pickle
 @push_options
 @click.pass_context
-def replay(ctx: click.Context, recipe: str, output: str, overwrite: bool, ignore_hashes: bool, push_to: str | None,
-           private: bool, revision: str | None) -> None:
-    """Redo the command recorded in RECIPE (an adaptools_recipe.json, or an output folder) into a new output.
+def replay(ctx: click.Context, recipe: str, output: str, overwrite: bool, ignore_hashes: bool, allow_pickle: bool,
+           push_to: str | None, private: bool, revision: str | None) -> None:
+    """Redo the command recorded in RECIPE into a new output: RECIPE is an output folder (its
+    adaptools_recipe.json), a recipe file, or a single-file output (.safetensors, the recipe in its metadata).
 
-    The inputs' sha256 are checked first; a changed input is refused unless --ignore-hashes.
+    A recipe is data: only commands that write an output are replayed (never push or replay), with the recipe's
+    listed inputs (paths relative to the recipe's folder), whose sha256 are checked first (--ignore-hashes to
+    skip); everything is written under -o, side files such as reports inside it. --overwrite, --allow-pickle
+    and the push options are taken only from this command line.
     """
-    recorded = read_recipe(recipe)
+    recorded, root = read_recipe(recipe)
+    command = resolve_command(ctx, recorded["command"])
+    values, ignored = replay_params(ctx, command, recorded, root, output)
+    for name in ignored:
+        click.echo(f"warning: the recipe sets {name!r}; ignored (replay takes it only from its own command line)",
+                   err=True)
     if not ignore_hashes:
-        verify_inputs(recorded)
-    root = ctx.find_root()
-    argv = replay_argv(ctx, recorded, output=output, overwrite=overwrite, push_to=push_to, private=private,
-                       revision=revision)
+        verify_inputs(recorded, root)
+    names = {p.name for p in command.params}
+    typed = dict(output=output, overwrite=overwrite, allow_pickle=allow_pickle, push_to=push_to, private=private,
+                 revision=revision)
+    argv = [*recorded["command"], *to_argv(command, {**values, **{k: v for k, v in typed.items() if k in names}})]
     click.echo(f"replaying: adaptools {shlex.join(argv)}")
-    with root.command.make_context(root.info_name, argv) as replayed:
-        root.command.invoke(replayed)
+    root_command = ctx.find_root()
+    with root_command.command.make_context(root_command.info_name, argv) as replayed:
+        root_command.command.invoke(replayed)
