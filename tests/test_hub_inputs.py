@@ -326,3 +326,21 @@ def test_recipes_and_cards_name_hub_inputs_by_repo_id_and_commit_and_replay_anyw
     lora_blob.resolve().write_text("{}")  # the cached copy no longer matches the recipe
     result = run_cli(runner, "replay", out, "-o", tmp_path / "changed")
     assert_one_error_line(result, "org/lora@", "changed since the recipe was recorded", "adapter_config.json")
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda e: e.update(revision="main"), "a commit sha"),
+    (lambda e: e.update(repo_id="org/../../etc"), "is not a Hub repo id"),
+    (lambda e: e.update(path="org/lora@" + e["revision"]), "is not a Hub repo id"),
+    (lambda e: e["files"].update({"../../token": "0" * 64}), "'files' must name the repo files"),
+    (lambda e: e.update(files={}), "'files' must name the repo files"),
+])
+def test_hub_inputs_of_a_recipe_are_checked_before_anything_is_fetched(hub, runner, tmp_path, change, expected):
+    out = tmp_path / "blend"
+    assert run_cli(runner, "combine", "org/other", "-o", out).exit_code == 0
+    recipe = json.loads((out / RECIPE_NAME).read_text())
+    change(recipe["inputs"][0])
+    (tmp_path / "tampered.json").write_text(json.dumps(recipe))
+    before = len(hub.requests)
+    assert_one_error_line(run_cli(runner, "replay", tmp_path / "tampered.json", "-o", tmp_path / "again"), expected)
+    assert len(hub.requests) == before and not (tmp_path / "again").exists()
