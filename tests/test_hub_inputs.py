@@ -221,8 +221,13 @@ def test_pickle_only_adapters_need_allow_pickle(hub, local, runner):
     assert_one_error_line(run_cli(runner, "info", "org/lora/adapter_model.bin"), "--allow-pickle")
 
 
-def test_private_and_gated_repos_with_a_token_that_may_read_them(hub, runner, monkeypatch):
-    monkeypatch.setenv("HF_TOKEN", TOKEN)
+@pytest.mark.parametrize("where", ["HF_TOKEN", "login cache"])
+def test_private_and_gated_repos_with_a_token_that_may_read_them(hub, runner, monkeypatch, where):
+    if where == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    else:  # what `hf auth login` writes
+        Path(constants.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+        Path(constants.HF_TOKEN_PATH).write_text(TOKEN)
     for repo in ("org/private", "org/gated"):
         result = run_cli(runner, "info", repo)
         assert result.exit_code == 0, result.output
