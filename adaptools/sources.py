@@ -7,8 +7,8 @@ Forms (an existing local path always wins; any other string is a local path that
 
 Only the files the operation reads are downloaded (huggingface_hub's snapshot_download with allow_patterns,
 top-level files of the repo or of the folder named), by kind of input (`Kind`):
-    adapter     adapter_config.json, the adapter weights (PEFT, mlx and diffusers names) and README.md;
-                adapter_model.bin only with allow_pickle and when no safetensors weights are there
+    adapter     adapter_config.json, the adapter weights (PEFT, mlx and diffusers names) and README.md; the
+                pickled ones (adapter_model.bin, ...) only with allow_pickle and when no other weights are there
     checkpoint  config.json, README.md and the weights: the shards named by model.safetensors.index.json, else the
                 *.safetensors files (what BaseCheckpoint reads)
     model       a checkpoint plus the tokenizer, chat template and generation files (what a merged or quantized
@@ -21,6 +21,9 @@ request at all: the cache or a clean error), HF_TOKEN or the login cache of `hf 
 message is masked). A pinned commit found in the cache is used without a request; a branch or tag costs one
 request to learn its commit, and only the files not yet cached are downloaded, with the client's progress bars.
 Downloaded files are untrusted input like any other: the callers read them with the same readers and validators.
+
+Hub refs are strings (a Path is always local). The entry points of the API call `resolve`, `open_base` or `load`,
+so they take refs wherever they take paths (formats/ stays free of network code).
 
 Every Hub input resolved inside `recording()` is logged with its commit and files, so that recipes and cards can
 name it by repo id and commit (a replay downloads exactly that commit) and hash just the files it used.
@@ -59,9 +62,11 @@ from .formats.tensors import PICKLE_SUFFIXES, read_json_object
 Kind = Literal["adapter", "checkpoint", "model"]
 
 CARD = "README.md"
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapters.safetensors", "pytorch_lora_weights.safetensors")
-"""Adapter weight files a folder is read by: PEFT, mlx-lm, diffusers."""
-ADAPTER_PICKLES = ("adapter_model.bin",)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapters.safetensors", "pytorch_lora_weights.safetensors",
+                   "adapters.npz")
+"""Adapter weight files a folder is read by: PEFT, mlx-lm, diffusers, mlx-examples (.npz: arrays, no pickle)."""
+ADAPTER_PICKLES = ("adapter_model.bin", "pytorch_lora_weights.bin")
+"""Pickled adapter weights (PEFT, diffusers): fetched only with allow_pickle, when no ADAPTER_WEIGHTS are there."""
 MODEL_FILES = (
     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
     "added_tokens.json", "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model",
@@ -174,10 +179,13 @@ def open_base(base: str | os.PathLike | BaseCheckpoint, kind: Kind = "checkpoint
     return base if isinstance(base, BaseCheckpoint) else BaseCheckpoint(resolve(base, kind))
 
 
-def load(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None) -> Adapter:
-    """Load an adapter (a local path or a Hub ref); with `base` (likewise), kohya names are mapped to its module paths."""
+def load(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None,
+         **options: float | None) -> Adapter:
+    """Load an adapter (a local path or a Hub ref); with `base` (likewise), kohya names are mapped to its module paths;
+    `options` go to the format reader (formats.load_adapter)."""
     local = resolve(path, "adapter", allow_pickle=allow_pickle)
-    adapter = load_adapter(local, allow_pickle=allow_pickle, base=None if base is None else resolve(base, "checkpoint"))
+    adapter = load_adapter(local, allow_pickle=allow_pickle, base=None if base is None else resolve(base, "checkpoint"),
+                           **options)
     folder = local if local.is_dir() else local.parent
     if is_snapshot(folder) and adapter.name == folder.name:  # named after the commit: name it after the repo
         adapter = replace(adapter, name=str(cached_repo_id(folder)).rsplit("/", 1)[-1])
@@ -276,7 +284,7 @@ def check_found(ref: HubRef, kind: Kind, commit: str, target: Path, files: tuple
     if ref.path and not target.exists():
         raise HubNotFoundError(f"{at} has no file {ref.path!r}, nor a folder of that name holding "
                                f"{'adapter' if kind == 'adapter' else 'model'} files")
-    if target.is_file() or any(f.endswith((".safetensors", *PICKLE_SUFFIXES)) for f in files):
+    if target.is_file() or any(f.endswith((".safetensors", ".npz", *PICKLE_SUFFIXES)) for f in files):
         return
     folder = f"{ref.path}/" if ref.path else ""
     pickles = sorted(f for f in repo_listing(ref, commit) if f.startswith(folder) and f.endswith(PICKLE_SUFFIXES)
