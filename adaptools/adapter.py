@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from .errors import NonFiniteError, RankMismatchError, ShapeMismatchError
+from .names import listed
 
 if TYPE_CHECKING:
     import os
@@ -205,15 +206,20 @@ class Adapter:
         """A copy with other modules (and optionally other fields)."""
         return replace(self, modules=dict(modules), **changes)
 
-    def check_finite(self) -> None:
-        """Raise NonFiniteError naming the first tensor that holds NaN or Inf."""
-        for name, module in self.modules.items():
-            for role, tensor in module.tensors():
-                if not torch.isfinite(tensor).all():
-                    raise NonFiniteError(f"module {name!r}: {role} holds NaN or Inf")
-        for key, tensor in self.extra.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise NonFiniteError(f"tensor {key!r} holds NaN or Inf")
+    def check_finite(self, operation: str | None = None) -> None:
+        """Raise NonFiniteError naming every module and tensor that holds NaN or Inf: in an input (no `operation`),
+        or in the result of `operation` (its numbers overflowed)."""
+        bad = [f"module {name!r} ({', '.join(roles)})" for name, module in self.modules.items()
+               if (roles := [role for role, t in module.tensors() if not bool(torch.isfinite(t).all())])]
+        bad += [f"tensor {key!r}" for key, t in self.extra.items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if not bad:
+            return
+        if operation is None:
+            raise NonFiniteError(f"NaN or Inf in {listed(bad)}")
+        dtypes = "/".join(dict.fromkeys(str(m.dtype).removeprefix("torch.") for m in self.modules.values()))
+        raise NonFiniteError(f"the result of {operation} would hold NaN or Inf (its numbers overflow {dtypes}) in "
+                             f"{listed(bad)}")
 
     # Exact arithmetic by concatenating factors (DESIGN §2); see adaptools.combine.
     def __add__(self, other: object) -> Adapter:

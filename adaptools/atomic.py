@@ -64,6 +64,8 @@ def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
     too long for the temporary and lock names beside it; return the target as a Path."""
     target = Path(target)
     absolute = target.absolute()
+    if not absolute.name:
+        raise InvalidArgumentError(f"output {str(target)!r} names no file or folder")
     limit = name_max(absolute.parent)
     if len(os.fsencode(absolute.name)) + TMP_EXTRA > limit:
         raise InvalidArgumentError(f"output name {absolute.name!r} is too long: at most {limit - TMP_EXTRA} bytes "
@@ -163,6 +165,10 @@ class TargetLock:
             if same:
                 break
             os.close(fd)
+        if not re.fullmatch(rb"(\d+\n)?", os.pread(fd, 64, 0)):  # empty, or a pid: a lock (maybe of a dead run)
+            os.close(fd)
+            raise InvalidArgumentError(f"{str(self.path)!r} is in the way: adaptools keeps the lock of {target.name!r} "
+                                       "there, and this file is not one of its locks; move it elsewhere")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self.fd = fd

@@ -226,8 +226,11 @@ def combine(adapters, weights=None, *, method="sum", density=None, majority_sign
 
     check_options(method, density, majority_sign)
     if method != "sum":
-        return merge_with_method(adapters, weights, method, density=density, majority_sign=majority_sign, seed=seed,
-                                 policy=policy, dtype=dtype, full_tensors=full_tensors, device=device, progress=progress)
+        result = merge_with_method(adapters, weights, method, density=density, majority_sign=majority_sign, seed=seed,
+                                   policy=policy, dtype=dtype, full_tensors=full_tensors, device=device,
+                                   progress=progress)
+        result[0].check_finite(f"combine ({method})")
+        return result
     adapters = list(adapters)
     weights = check_weights(adapters, weights)
     chosen = None if policy is None else resolve_policy(policy)
@@ -239,11 +242,15 @@ def combine(adapters, weights=None, *, method="sum", density=None, majority_sign
     extra = combine_full_tensors(adapters, weights, full_tensors)
     if chosen is None:
         modules = {name: combined_module(terms, *concat_factors(terms), out) for name, terms in plan.items()}
-        return result_adapter(adapters, modules, extra)
+        result = result_adapter(adapters, modules, extra)
+        result.check_finite("combine")
+        return result
     results = truncate_stacks(combined_stacks(plan), chosen, device=device, progress=progress)
     modules = {name: combined_module(terms, *results[name][:2], out) for name, terms in plan.items()}
     report = RerankReport(policy_text(chosen), {name: results[name][2] for name in plan})
-    return result_adapter(adapters, modules, extra), report
+    result = result_adapter(adapters, modules, extra)
+    result.check_finite("combine")
+    return result, report
 
 
 def interpolate(a: Adapter, b: Adapter, t: float, **options) -> Adapter:

@@ -44,6 +44,7 @@ from .linalg import (
     truncation_error,
 )
 from .merge import dora_merge_rows
+from .names import listed
 from .nf4_checkpoint import NF4Decoder
 from .report import ErrorSummary, ModuleFitError, relative
 from .sources import open_base
@@ -266,7 +267,13 @@ def to_dora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *
         items = {n: (W, *_factors(adapter[n], dev, work)) for n, W in chunk.items()}
         for name, (norms,) in map_by_shape(items, dora_row_norms).items():
             modules[name] = replace(adapter[name], magnitude=norms.to("cpu", adapter[name].dtype))
-    return adapter.with_modules(modules)
+    result = adapter.with_modules(modules)
+    result.check_finite("LoRA → DoRA")
+    zero = [repr(n) for n, m in result.items() if not bool((m.magnitude > 0).all())]
+    if zero:
+        raise DoraError(f"module(s) {listed(zero)} have a row where W + s·B·A is zero: its DoRA magnitude would be 0, "
+                        "and DoRA divides by that norm")
+    return result
 
 
 # --------------------------------------------------------------------------- DoRA → LoRA
@@ -430,4 +437,6 @@ def to_lora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *
                 fits[name] = ModuleFit(rank=k, method=method, out_features=m.out_features, in_features=m.in_features,
                                        norm=norm, error=err, rel_error=rel, retained_energy=1.0 - rel**2)
     report = LoraFitReport(f"{policy.kind}={policy.value:g}", svd, base_weights, {n: fits[n] for n in names})
-    return adapter.with_modules(modules), report
+    result = adapter.with_modules(modules)
+    result.check_finite("DoRA → LoRA")
+    return result, report

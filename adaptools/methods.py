@@ -69,7 +69,7 @@ from .linalg import (
     truncation_error,
 )
 from .report import relative
-from .rerank import ModuleRerank, Progress, RerankReport, policy_text, refuse_dora, resolve_policy
+from .rerank import ModuleRerank, Progress, RerankReport, policy_text, refuse_dora, require_finite, resolve_policy
 
 Method = Literal["sum", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties", "knots_dare"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -257,6 +257,7 @@ def _merge_chunk(plan: Mapping[str, list[Term]], names: list[str], method: str, 
     """Merge one chunk of modules with equal shapes, term ranks and weights; SVDs come back on the CPU."""
     spec = method_spec(method)
     Bs, As = _stacked_factors(plan, names, device, work)
+    require_finite(names, "the scaled factors", *Bs)
     weights = torch.tensor([t.weight for t in plan[names[0]]], dtype=work)
     m, n, rank = Bs[0].shape[-2], As[0].shape[-1], sum(b.shape[-1] for b in Bs)
     if spec.knots:
@@ -266,6 +267,7 @@ def _merge_chunk(plan: Mapping[str, list[Term]], names: list[str], method: str, 
     keep = _keep_masks(names, tasks.shape[1:], density, seed) if spec.sparsify == "random" else None
     merged = merge_tasks(tasks, weights, method, density=density, majority_sign=majority_sign, keep=keep)
     del tasks, keep
+    require_finite(names, f"the {method} merge", merged)
     if spec.knots:
         svd = factored_svd(U, merged, device=device)
         residual = torch.zeros(len(names), dtype=torch.float64)

@@ -40,6 +40,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import __version__
 from .errors import InputNotFoundError, RecipeError
+from .jsonio import parse_json, read_json_object
 from .sources import HubInput, HubRef, fetch_files, parse_hub_ref
 
 RECIPE_NAME = "adaptools_recipe.json"
@@ -47,8 +48,6 @@ RECIPE_KEY = "adaptools_recipe"
 """The safetensors metadata key holding the recipe of a single-file output."""
 RECIPE_VERSION = 1
 CHUNK_BYTES = 2**20
-RECIPE_BYTES = 64 * 2**20
-"""Largest recipe read (a recipe holds one sha256 per input file and one row per module)."""
 REQUIRED_KEYS = ("adaptools_recipe", "command", "params", "inputs")
 OUTPUT_TYPES = ("folder", "file")
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -171,22 +170,6 @@ def embed_recipe(recipe: Mapping, file: Path) -> None:
     os.replace(rewritten, file)
 
 
-def parse_recipe(text: str, source: str) -> dict:
-    """The recipe object in `text` (RecipeError naming `source` when it is not JSON, too deep, or not an object)."""
-    try:
-        recipe = json.loads(text, parse_constant=lambda name: reject_constant(name, source))
-    except (ValueError, RecursionError) as exc:
-        raise RecipeError(f"{source} is not a recipe: {str(exc) or type(exc).__name__}") from None
-    if not isinstance(recipe, dict):
-        raise RecipeError(f"{source} is not an adaptools recipe (not a JSON object)")
-    return recipe
-
-
-def reject_constant(name: str, source: str) -> None:
-    """json's hook for NaN/Infinity: refused."""
-    raise RecipeError(f"{source} is not a recipe: it holds {name}, which is not JSON")
-
-
 def read_recipe(path: str | os.PathLike) -> tuple[dict, Path]:
     """Load and check a recipe: `path` is an output folder (its adaptools_recipe.json), a recipe JSON file, or a
     single-file output (.safetensors) holding its recipe in its metadata. Returns the recipe and its root (the
@@ -199,15 +182,11 @@ def read_recipe(path: str | os.PathLike) -> tuple[dict, Path]:
         if not path.is_file():
             raise InputNotFoundError(f"{str(path.parent)!r} holds no {RECIPE_NAME}")
     if path.suffix == ".safetensors":
-        text = embedded_recipe(path)
+        recipe = parse_json(embedded_recipe(path), f"{path}: metadata {RECIPE_KEY}", RecipeError)
+        if not isinstance(recipe, dict):
+            raise RecipeError(f"{str(path)!r}: metadata {RECIPE_KEY!r} does not hold a JSON object")
     else:
-        if path.stat().st_size > RECIPE_BYTES:
-            raise RecipeError(f"{str(path)!r} is not a recipe: larger than {RECIPE_BYTES} bytes")
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise RecipeError(f"{str(path)!r} is not a recipe: {exc}") from None
-    recipe = parse_recipe(text, repr(str(path)))
+        recipe = read_json_object(path, RecipeError)
     check_recipe(recipe, repr(str(path)))
     return recipe, path.absolute().parent
 

@@ -6,15 +6,16 @@ is known exactly from the spectrum: ‖ΔW − ΔW_k‖_F = sqrt(Σ_{i>=k} s_i²
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import Tensor
 
 from .adapter import Adapter, LoraModule
-from .errors import DoraError, InvalidArgumentError
+from .errors import DoraError, InvalidArgumentError, NonFiniteError
 from .linalg import RankPolicy, balanced_factors, choose_ranks, factored_svd, group_by, select_ranks, truncation_error
+from .names import listed
 from .report import ErrorSummary, ModuleFitError
 
 MAX_STACK_ELEMENTS = 2**23
@@ -100,6 +101,15 @@ def refuse_dora(adapter: Adapter, operation: str) -> None:
         )
 
 
+def require_finite(names: Sequence[str], what: str, *stacks: Tensor) -> None:
+    """NonFiniteError naming the modules whose slice j of any stack (one per name) holds NaN or Inf."""
+    finite = torch.stack([torch.isfinite(s).reshape(len(names), -1).all(1).cpu() for s in stacks]).all(0)
+    bad = [repr(name) for name, ok in zip(names, finite.tolist()) if not ok]
+    if bad:
+        raise NonFiniteError(f"NaN or Inf in {what} of module(s) {listed(bad)}: weights or scales too large "
+                             f"for {stacks[0].dtype}".replace("torch.", ""))
+
+
 def stack_chunks(shapes: Mapping[str, tuple[int, int, int]]) -> Iterator[list[str]]:
     """Names grouped by (m, r, n), in chunks of at most MAX_STACK_ELEMENTS stacked elements."""
     for (m, r, n), names in group_by(shapes).items():
@@ -134,12 +144,14 @@ def truncate_stacks(stacks: Callable[[], Iterable[FactorStack]], policy: RankPol
     if policy.kind == "budget":
         spectra, shapes = {}, {}
         for stack in stacks():
+            require_finite(stack.names, "the scaled factors", stack.B, stack.A)
             S = factored_svd(stack.B, stack.A, device=device).S
             for j, name in enumerate(stack.names):
                 spectra[name], shapes[name] = S[j], (stack.B.shape[1], stack.A.shape[2])
         budget = select_ranks(spectra, shapes, policy)
     results: dict[str, tuple[Tensor, Tensor, ModuleRerank]] = {}
     for stack in stacks():
+        require_finite(stack.names, "the scaled factors", stack.B, stack.A)
         U, S, Vh = factored_svd(stack.B, stack.A, device=device)
         ks = choose_ranks(S, policy) if budget is None else torch.tensor([budget[n] for n in stack.names])
         error, rel, kept = (t.tolist() for t in truncation_error(S, ks))
@@ -183,4 +195,6 @@ def rerank(adapter: Adapter, rank: int | None = None, energy: float | None = Non
         bias = None if m.bias is None else (m.bias.float() * m.scale).to(out)
         modules[name] = replace(m, A=A.to(out), B=B.to(out), scale=1.0, bias=bias)
     report = RerankReport(policy_text(chosen), {name: results[name][2] for name in adapter.modules})
-    return adapter.with_modules(modules), report
+    result = adapter.with_modules(modules)
+    result.check_finite("rerank")
+    return result, report

@@ -57,7 +57,8 @@ from .errors import BaseMismatchError, HubAccessError, HubError, HubNotFoundErro
 from .formats import BaseCheckpoint, load_adapter
 from .formats.checkpoint import INDEX_NAME
 from .formats.peft import CONFIG_NAME
-from .formats.tensors import PICKLE_SUFFIXES, read_json_object
+from .formats.tensors import PICKLE_SUFFIXES
+from .jsonio import read_json_object
 
 Kind = Literal["adapter", "checkpoint", "model"]
 

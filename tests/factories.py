@@ -78,7 +78,10 @@ def randomize_adapter(peft_model, seed: int = 1) -> None:
         for name, param in peft_model.named_parameters():
             if "lora_" in name:
                 noise = torch.randn(param.shape, generator=generator) * 0.1
-                param.copy_(noise + (1.0 if "magnitude" in name else 0.0) * param)
+                if "magnitude" in name:  # a magnitude is a row norm: positive
+                    param.copy_((noise + param).abs())
+                else:
+                    param.copy_(noise)
             elif "modules_to_save" in name or (name.endswith(".bias") and param.requires_grad):  # bias="all"/"lora_only"
                 param.add_(torch.randn(param.shape, generator=generator) * 0.05)
 

@@ -214,7 +214,8 @@ def test_conv_dora_against_peft(tmp_path):
         with torch.no_grad():
             for n, p in model.named_parameters():
                 if "lora_" in n:
-                    p.copy_(torch.randn_like(p) * 0.3 + (p if "magnitude" in n else 0))
+                    noise = torch.randn_like(p) * 0.3
+                    p.copy_((noise + p).abs() if "magnitude" in n else noise)  # a magnitude is a row norm: positive
         model.save_pretrained(tmp_path / name)
         return tmp_path / name
 

@@ -179,11 +179,28 @@ def test_malformed_recipes_are_one_error_line(change, needles, job, runner, tmp_
     assert not (tmp_path / "x").exists()
 
 
-@pytest.mark.parametrize("text", ["[" * 5000 + "]" * 5000, '{"adaptools_recipe": NaN}', "\xff\xfe", "[]", ""])
-def test_unparsable_recipes_are_one_error_line(text, runner, tmp_path):
-    path = tmp_path / "recipe.json"
+@pytest.mark.parametrize("text, needle", [("[" * 5000 + "]" * 5000, "nested"), ('{"adaptools_recipe": NaN}', "NaN"),
+                                          ("\xff\xfe", "UTF-8"), ("[]", "object"), ("", "not valid JSON"),
+                                          ('{"adaptools_recipe": 1}', "needs")])
+def test_unparsable_recipes_are_one_error_line(text, needle, runner, tmp_path):
+    path = tmp_path / "r.json"
     path.write_bytes(text.encode("latin-1"))
-    one_error(run_cli(runner, "replay", path, "-o", tmp_path / "x"), "recipe")
+    one_error(run_cli(runner, "replay", path, "-o", tmp_path / "x"), needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
+
+
+def test_embedded_recipe_is_read_with_the_same_rules(job, runner, tmp_path):
+    result = run_cli(runner, "convert", job / "style", "--to", "kohya", "-o", job / "lora.safetensors")
+    assert result.exit_code == 0, result.output
+    state = safe_open_all(job / "lora.safetensors")
+    from safetensors.torch import save_file
+
+    for text, needle in [("[" * 100 + "]" * 100, "nested"), ("[1]", "JSON object")]:
+        save_file(state, str(tmp_path / "bad.safetensors"), metadata={RECIPE_KEY: text})
+        one_error(run_cli(runner, "replay", tmp_path / "bad.safetensors", "-o", tmp_path / "x"), needle)
+    save_file(state, str(tmp_path / "bad.safetensors"), metadata={"format": "pt"})
+    one_error(run_cli(runner, "replay", tmp_path / "bad.safetensors", "-o", tmp_path / "x"), "holds no adaptools recipe")
+    assert not (tmp_path / "x").exists()
 
 
 def test_values_are_type_checked_and_never_read_as_options(llama_base, job, runner, pushes, tmp_path):
@@ -306,6 +323,17 @@ def test_stale_temporaries_of_dead_runs_are_removed_and_nothing_else(job, runner
     assert not any(p.exists() for p in stale) and not atomic.lock_path(job / "out").exists()
     assert all(p.exists() for p in keep) and (elsewhere / "precious").read_text() == "keep"
     assert (job / ".out.zzzzzzzz.tmp").is_symlink()
+
+
+def test_a_file_of_the_users_where_the_lock_goes_is_left_alone(job, runner):
+    lock = atomic.lock_path(job / "out")
+    lock.write_text("my notes\n")
+    one_error(run_cli(runner, "convert", job / "style", "--to", "peft", "-o", job / "out"), "in the way")
+    assert lock.read_text() == "my notes\n" and sorted(p.name for p in job.iterdir()) == [lock.name, "style"]
+    lock.unlink()
+    lock.symlink_to(job / "style" / "adapter_config.json")
+    one_error(run_cli(runner, "convert", job / "style", "--to", "peft", "-o", job / "out"), "cannot write the output")
+    assert lock.is_symlink() and not (job / "out").exists()
 
 
 @pytest.mark.parametrize("kind", ["folder", "file"])

@@ -7,7 +7,6 @@ mapping goes with its tensor.
 """
 from __future__ import annotations
 
-import json
 import math
 import mmap
 import os
@@ -18,8 +17,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import BaseMismatchError, InputNotFoundError
-from .tensors import read_json_object
+from ..errors import AdaptoolsError, BaseMismatchError, InputNotFoundError
+from ..jsonio import check_fields, json_object, open_regular, parse_json, read_exactly, read_json_object, string
+from ..names import plain_name, shown
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -52,29 +52,85 @@ class TensorInfo:
         return self.end - self.start
 
 
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensor infos (in header order) and `__metadata__` of a safetensors file; BaseMismatchError when malformed."""
-    try:
-        with open(path, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            (length,) = struct.unpack("<Q", f.read(8))
-            if length > size - 8:
-                raise ValueError(f"header length {length} exceeds the file size {size}")
-            header = json.loads(f.read(length))
-        metadata = header.pop("__metadata__", None) or {}
-        infos = {}
-        for key, entry in header.items():
-            begin, end = entry["data_offsets"]
-            if entry["dtype"] not in DTYPES:
-                raise ValueError(f"tensor {key!r} has unknown dtype {entry['dtype']!r}")
-            info = TensorInfo(entry["dtype"], tuple(entry["shape"]), 8 + length + begin, 8 + length + end)
-            itemsize = DTYPES[info.dtype].itemsize
-            if not 0 <= begin <= end or info.end > size or info.nbytes != itemsize * math.prod(info.shape):
-                raise ValueError(f"tensor {key!r} has data offsets {entry['data_offsets']} that do not fit its shape")
-            infos[key] = info
-    except (OSError, struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise BaseMismatchError(f"base shard {str(path)!r} is not a readable safetensors file ({exc})") from exc
-    return infos, metadata
+MAX_HEADER_BYTES = 100_000_000
+"""Largest safetensors header accepted: the Rust reference's MAX_HEADER_SIZE (larger is refused before reading)."""
+HEADER_FIELDS = ("dtype", "shape", "data_offsets")
+
+
+def _ints(value: object, count: int | None = None) -> bool:
+    """True for a list of non-negative ints (bools and floats are not), of `count` items when given."""
+    return (isinstance(value, list) and (count is None or len(value) == count)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def validate_header(header: object, data_start: int, data_bytes: int, source: str,
+                    error: type[AdaptoolsError]) -> dict[str, TensorInfo]:
+    """Tensor infos (header order) of a parsed safetensors header whose data region is the `data_bytes` bytes from
+    file offset `data_start` (8 + N), checked by
+    the format's rules (safetensors' Rust `Metadata::validate`); `error` naming `source` and the tensor otherwise.
+
+    An object; `__metadata__` absent, null or a map of strings to strings; per tensor an object with a known
+    `dtype`, `shape` a list of non-negative ints and `data_offsets` [begin, end] ints with end - begin =
+    numel * itemsize (other keys are ignored, as serde does); sorted by begin, the tensors tile the data region
+    [0, data_bytes) with no gap and no overlap. Byte ranges in the infos are file offsets.
+    """
+    if not isinstance(header, dict):
+        raise error(f"{source!r} is not a safetensors file: its header is not a JSON object")
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise error(f"{source!r}: the safetensors __metadata__ must map strings to strings")
+    spans = []
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        where = f"{source!r}: tensor {shown(key)}"
+        if not isinstance(entry, dict) or any(field not in entry for field in HEADER_FIELDS):
+            raise error(f"{where} needs an object with {', '.join(HEADER_FIELDS)}, got {shown(entry)}")
+        dtype, shape, offsets = (entry[field] for field in HEADER_FIELDS)
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise error(f"{where} has an unknown or unsupported dtype {shown(dtype)}")
+        if not _ints(shape):
+            raise error(f"{where} has shape {shown(shape)}: a shape is a list of non-negative integers")
+        if not _ints(offsets, 2) or offsets[0] > offsets[1]:
+            raise error(f"{where} has data_offsets {shown(offsets)}: they must be two integers begin <= end")
+        if offsets[1] - offsets[0] != math.prod(shape) * DTYPES[dtype].itemsize:
+            raise error(f"{where}: data_offsets {offsets} hold {offsets[1] - offsets[0]} bytes, but {dtype} of shape "
+                        f"{shape} needs {math.prod(shape) * DTYPES[dtype].itemsize}")
+        spans.append((offsets[0], offsets[1], key))
+    end = 0
+    for begin, stop, key in sorted(spans):
+        if begin != end:
+            kind = "a gap before it" if begin > end else "it overlaps the tensor before it"
+            raise error(f"{source!r}: tensor {shown(key)} starts at data byte {begin}, but the tensors before it end "
+                        f"at {end} ({kind})")
+        end = stop
+    if end != data_bytes:
+        raise error(f"{source!r}: the tensors cover {end} bytes of data, but the file holds {data_bytes} after its "
+                    "header")
+    return {key: TensorInfo(e["dtype"], tuple(e["shape"]), data_start + e["data_offsets"][0],
+                            data_start + e["data_offsets"][1]) for key, e in header.items() if key != "__metadata__"}
+
+
+def read_header(path: Path, error: type[AdaptoolsError] = BaseMismatchError) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor infos (in header order) and `__metadata__` of a safetensors file, validated (`validate_header`):
+    8-byte little-endian length N <= MAX_HEADER_BYTES and <= the file size - 8, then N bytes of UTF-8 JSON
+    (`adaptools.jsonio.parse_json`); `error` naming the file otherwise. Reads only the 8 + N header bytes."""
+    with open_regular(path, error) as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 8:
+            raise error(f"{str(path)!r} is not a safetensors file: it has {size} bytes, fewer than the 8 of the header length")
+        (length,) = struct.unpack("<Q", read_exactly(f, 8))
+        if length > MAX_HEADER_BYTES:
+            raise error(f"{str(path)!r} is not a safetensors file: header length {length} exceeds the format's limit of "
+                        f"{MAX_HEADER_BYTES:,} bytes")
+        if length > size - 8:
+            raise error(f"{str(path)!r} is not a safetensors file: header length {length} exceeds the file size {size}")
+        raw = read_exactly(f, length)
+    if len(raw) < length:
+        raise error(f"{str(path)!r} ends inside its safetensors header")
+    header = parse_json(raw, str(path), error)
+    infos = validate_header(header, 8 + length, size - 8 - length, str(path), error)
+    return infos, header.get("__metadata__") or {}
 
 
 def read_tensor(f, info: TensorInfo, out: Tensor | None = None) -> Tensor:
@@ -89,6 +145,22 @@ def read_tensor(f, info: TensorInfo, out: Tensor | None = None) -> Tensor:
             raise BaseMismatchError(f"{f.name!r} ends before the tensor data at bytes {info.start}..{info.end}")
         done += n
     return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
+
+
+CONFIG_FIELDS = {"model_type": string, "_name_or_path": string, "quantization_config": json_object}
+"""Keys of a base's config.json that adaptools reads, with their checks (null means absent)."""
+
+
+def read_index(index: Path) -> list[str]:
+    """Shard file names of a model.safetensors.index.json, in first-use order: `weight_map` must map tensor names
+    to plain file names (`adaptools.names.plain_name`); BaseMismatchError naming the file and key otherwise."""
+    weight_map = read_json_object(index, BaseMismatchError).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise BaseMismatchError(f"{str(index)!r}: 'weight_map' must be a JSON object of tensor name -> shard file, "
+                                f"got {shown(weight_map)}")
+    for key, shard in weight_map.items():
+        plain_name(shard, f"{str(index)!r}: the shard of {shown(key)} in 'weight_map'", BaseMismatchError)
+    return list(dict.fromkeys(weight_map.values()))
 
 
 class BaseCheckpoint:
@@ -106,6 +178,9 @@ class BaseCheckpoint:
         for shard in self.shards:
             infos, _ = read_header(self.root / shard)
             for key, info in infos.items():
+                if key in self.weight_map:
+                    raise BaseMismatchError(f"tensor {shown(key)} is in two shards of {str(self.root)!r}: "
+                                            f"{self.weight_map[key]!r} and {shard!r}")
                 self.weight_map[key] = shard
                 self._info[key] = info
 
@@ -114,11 +189,7 @@ class BaseCheckpoint:
             return [path.name]
         index = path / INDEX_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
-                raise BaseMismatchError(f"{str(index)!r} is not a valid safetensors index ({exc})") from exc
-            return list(dict.fromkeys(weight_map.values()))
+            return read_index(index)
         if (path / SINGLE_NAME).exists():
             return [SINGLE_NAME]
         found = sorted(p.name for p in path.glob("*.safetensors"))
@@ -128,11 +199,13 @@ class BaseCheckpoint:
 
     @property
     def config(self) -> dict:
-        """config.json of the base folder, or {} when there is none."""
+        """config.json of the base folder, or {} when there is none; the keys adaptools reads are type-checked."""
         cfg = self.root / "config.json"
         if not cfg.exists():
             return {}
-        return read_json_object(cfg, BaseMismatchError)
+        config = read_json_object(cfg, BaseMismatchError)
+        check_fields(config, CONFIG_FIELDS, str(cfg), BaseMismatchError, nullable=tuple(CONFIG_FIELDS))
+        return config
 
     def keys(self) -> list[str]:
         return list(self.weight_map)

@@ -10,7 +10,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
-from .tensors import check_factors, read_tensor_file, write_safetensors
+from .tensors import check_factors, check_magnitude, read_tensor_file, write_safetensors
 
 PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
 DEFAULT_PREFIX = "lora_unet_"
@@ -47,6 +47,7 @@ def kohya_module(name: str, parts: dict[str, Tensor]) -> LoraModule:
                 f"kohya module {name!r}: dora_scale of shape {tuple(magnitude.shape)} is not one value per output row"
             )
         magnitude = magnitude.reshape(-1)
+        check_magnitude(name, magnitude, "dora_scale")
     return LoraModule(
         A=down.reshape(rank, -1),
         B=up.reshape(up.shape[0], rank),

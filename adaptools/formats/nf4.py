@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ..errors import AdapterFormatError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
+from ..jsonio import parse_json
 
 NF4_CODE = torch.tensor(
     [
@@ -261,10 +262,7 @@ def _read_meta(name: str, tensors: Mapping[str, Tensor]) -> dict:
         other = [k for k in tensors if k.startswith(f"{name}.quant_state.")]
         detail = f"it has {other[0]!r}; only nf4 is supported" if other else f"{key!r} is missing"
         raise AdapterFormatError(f"{name!r} is not an NF4 weight: {detail}")
-    try:
-        meta = json.loads(bytes(_tensor(tensors, key, torch.uint8).tolist()).decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterFormatError(f"{key!r} does not hold quant-state JSON: {exc}") from exc
+    meta = parse_json(bytes(_tensor(tensors, key, torch.uint8).tolist()), key, AdapterFormatError)
     if not isinstance(meta, dict) or meta.get("quant_type") != "nf4":
         raise AdapterFormatError(f"{key!r} does not describe an nf4 tensor: {meta!r}")
     return meta

@@ -13,7 +13,19 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, DoraError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
-from .tensors import check_factors, read_json_object, read_tensor_file, require_exists, write_safetensors
+from ..jsonio import (
+    boolean,
+    booleans,
+    check_fields,
+    finite_number,
+    mapping_of,
+    positive_int,
+    positive_number,
+    read_json_object,
+    string,
+    string_or_strings,
+)
+from .tensors import check_factors, check_magnitude, read_tensor_file, require_exists, write_safetensors
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -64,14 +76,42 @@ def locate(path: str | os.PathLike) -> tuple[Path, Path]:
     raise AdapterFormatError(f"{str(folder)!r} has {CONFIG_NAME} but no {' or '.join(WEIGHTS_NAMES)}")
 
 
+CONFIG_FIELDS = {
+    "peft_type": string,
+    "r": positive_int,
+    "lora_alpha": finite_number,
+    "use_rslora": boolean,
+    "use_dora": boolean,
+    "fan_in_fan_out": boolean,
+    "target_modules": string_or_strings,
+    "rank_pattern": mapping_of(positive_int),
+    "alpha_pattern": mapping_of(positive_number),
+    "base_model_name_or_path": string,
+    "init_r": positive_int,
+}
+"""Keys of adapter_config.json that adaptools reads, with their checks; AdaLoRA's rank_pattern holds rank masks."""
+NULLABLE_FIELDS = ("target_modules", "rank_pattern", "alpha_pattern", "base_model_name_or_path")
+"""Keys whose null means absent (PEFT's defaults)."""
+
+
 def read_config(path: Path) -> dict:
-    """adapter_config.json as a dict, with a typed error for bad JSON or an unsupported adapter type."""
+    """adapter_config.json as a dict, with a typed error for bad JSON, a key of the wrong type (CONFIG_FIELDS), a
+    pattern that is not a regular expression, or an unsupported adapter type."""
     config = read_json_object(path, AdapterFormatError)
-    peft_type = str(config.get("peft_type", "LORA")).upper()
+    source = str(path)
+    peft_type = string(config.get("peft_type", "LORA"), "peft_type", source, AdapterFormatError).upper()
     if peft_type not in SUPPORTED_TYPES:
         raise UnsupportedAdapterError(
             f"unsupported adapter type {peft_type!r} in {str(path)!r}: adaptools handles LoRA, DoRA and AdaLoRA adapters"
         )
+    checks = dict(CONFIG_FIELDS, rank_pattern=mapping_of(booleans)) if peft_type == "ADALORA" else CONFIG_FIELDS
+    check_fields(config, checks, source, AdapterFormatError, nullable=NULLABLE_FIELDS)
+    for key in ("rank_pattern", "alpha_pattern"):
+        for pattern in config.get(key) or {}:
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as exc:
+                raise AdapterFormatError(f"{source!r}: {key} key {pattern!r} is not a regular expression ({exc})") from None
     return config
 
 
@@ -141,6 +181,8 @@ def lora_module(module: str, parts: dict[str, Tensor], config: dict) -> LoraModu
     alpha = pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", rank))
     scale = lora_scale(float(alpha), rank, bool(config.get("use_rslora")))
     magnitude = parts.get("magnitude")
+    if magnitude is not None:
+        check_magnitude(module, magnitude)
     if (magnitude is None) == bool(config.get("use_dora")):
         raise AdapterFormatError(
             f"module {module!r}: the config has use_dora={bool(config.get('use_dora'))} but the module "
@@ -174,10 +216,7 @@ def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
             grouped.setdefault(module, {})[role] = tensor
     if not grouped:
         raise AdapterFormatError(f"{str(weights_path)!r} holds no LoRA tensors")
-    try:
-        modules = {module: lora_module(module, parts, config) for module, parts in grouped.items()}
-    except (TypeError, ValueError, AttributeError, re.error) as exc:  # r, lora_alpha or a pattern of the wrong kind
-        raise AdapterFormatError(f"{str(config_path)!r} has invalid LoRA settings ({type(exc).__name__}: {exc})") from exc
+    modules = {module: lora_module(module, parts, config) for module, parts in grouped.items()}
     adapter = Adapter(
         modules=modules,
         extra=extra,

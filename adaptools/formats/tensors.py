@@ -1,7 +1,6 @@
 """Tensor files at the edge: read safetensors (or, only when allowed, pickle) into tensors, with typed errors."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -12,12 +11,13 @@ from torch import Tensor
 
 from ..errors import (
     AdapterFormatError,
-    AdaptoolsError,
     InputNotFoundError,
+    NonFiniteError,
     PickleNotAllowedError,
     RankMismatchError,
     ShapeMismatchError,
 )
+from ..names import listed
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 
@@ -28,17 +28,6 @@ def require_exists(path: str | os.PathLike) -> Path:
     if not path.exists():
         raise InputNotFoundError(f"{str(path)!r} does not exist")
     return path
-
-
-def read_json_object(path: Path, error: type[AdaptoolsError]) -> dict:
-    """The JSON object in `path`; `error` (an AdaptoolsError subclass) when it is not valid JSON or not an object."""
-    try:
-        value = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise error(f"{str(path)!r} is not valid JSON ({exc})") from exc
-    if not isinstance(value, dict):
-        raise error(f"{str(path)!r} does not hold a JSON object")
-    return value
 
 
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
@@ -62,6 +51,15 @@ def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("
         raise RankMismatchError(f"module {module!r}: {names[0]} has rank {A.shape[0]} but {names[1]} has rank {B.shape[1]}")
     if any(s != 1 for s in B.shape[2:]):
         raise ShapeMismatchError(f"module {module!r}: {names[1]} must have a 1x1 kernel, got {tuple(B.shape)}")
+
+
+def check_magnitude(module: str, magnitude: Tensor, name: str = "lora_magnitude_vector") -> None:
+    """Raise AdapterFormatError unless every DoRA magnitude m (the norm of a row of W') is positive and finite."""
+    bad = ~(torch.isfinite(magnitude) & (magnitude > 0))
+    if bool(bad.any()):
+        value = float(magnitude.reshape(-1)[bad.reshape(-1)][0])
+        raise AdapterFormatError(f"module {module!r}: DoRA {name} must be positive and finite (it is a row norm), but "
+                                 f"{int(bad.sum())} of {magnitude.numel()} values are not (e.g. {value})")
 
 
 def read_pickle(path: str | os.PathLike, allow_pickle: bool) -> dict[str, Tensor]:
@@ -89,6 +87,11 @@ def read_tensor_file(path: str | os.PathLike, allow_pickle: bool = False) -> tup
 
 
 def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
-    """Write contiguous CPU copies of `tensors` with `{"format": "pt"}` metadata (what transformers and PEFT expect)."""
+    """Write contiguous CPU copies of `tensors` with `{"format": "pt"}` metadata (what transformers and PEFT expect);
+    NonFiniteError, before anything is written, when a floating tensor holds NaN or Inf (its numbers overflowed)."""
     prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    bad = [repr(k) for k, v in prepared.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"cannot write {Path(path).name!r}: NaN or Inf (numbers that overflow their dtype) in "
+                             f"{listed(bad)}")
     save_file(prepared, str(path), metadata={"format": "pt", **(metadata or {})})
