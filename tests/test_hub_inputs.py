@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from factories import make_peft_adapter
+from factories import make_base, make_peft_adapter
 from huggingface_hub import ModelCard, constants
 from hub_server import FakeHub
 from safetensors.torch import load_file
@@ -349,3 +349,18 @@ def test_hub_inputs_of_a_recipe_are_checked_before_anything_is_fetched(hub, runn
     before = len(hub.requests)
     assert_one_error_line(run_cli(runner, "replay", tmp_path / "tampered.json", "-o", tmp_path / "again"), expected)
     assert len(hub.requests) == before and not (tmp_path / "again").exists()
+
+
+def test_a_sharded_base_fetches_the_shards_its_index_names_and_nothing_else(hub, local, runner, tmp_path):
+    sharded = make_base(tmp_path / "sharded", "llama", max_shard_size="40KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    hub.add_commit("org/sharded", {**files_of(sharded), "consolidated.safetensors": b"\0" * 64})
+    result = run_cli(runner, "merge", "org/sharded", "org/lora@v1", "-o", tmp_path / "hub")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "merge", sharded, local["lora"], "-o", tmp_path / "local").exit_code == 0
+    assert_same_files(tmp_path / "hub", tmp_path / "local")
+    weights = sorted(p.removeprefix("org/sharded/") for p in fetched(hub) if p.startswith("org/sharded/")
+                     and p.endswith(".safetensors"))
+    assert weights == shards  # not consolidated.safetensors, which the index does not name
