@@ -16,8 +16,8 @@ Its fields:
   "../style": never an absolute local path. A Hub input (adaptools.sources) also has `repo_id`, `revision` (the
   commit sha it resolved to) and, for a file or folder of the repo, `path_in_repo`; its `path` (and its value in
   `params`) is the ref pinned to that commit, ORG/NAME[/path]@<sha>, and `files` lists the repo files the command
-  used, so a replay downloads exactly those files, anywhere. A file of a Hugging Face cache snapshot that links to a blob named by
-  its sha256 (LFS files: the weights) is not read again: the blob's name is its sha256;
+  used, so a replay downloads exactly those files, anywhere. A file of a Hugging Face cache snapshot that links to
+  a blob named by its sha256 (LFS files: the weights) is not read again: the blob's name is its sha256;
 - `output_params`: the side files (a JSON report) the run wrote; a replay writes them inside its output under
   names adaptools chooses;
 - `report`: the per-module summary rows the command returned (may be empty).
@@ -254,7 +254,8 @@ def check_hub_entry(entry: Mapping, where: str) -> None:
         raise RecipeError(f"{where} ({entry['path']!r}) is not a Hub repo id, path and commit that adaptools reads")
     unsafe = [name for name in entry.get("files", {}) if parse_hub_ref(f"{entry['repo_id']}/{name}") is None]
     if unsafe or not entry.get("files"):
-        raise RecipeError(f"{where} ({entry['path']!r}): 'files' must name the repo files used ({unsafe[:1]})")
+        shown = f", not {unsafe[0]!r}" if unsafe else ""
+        raise RecipeError(f"{where} ({entry['path']!r}): 'files' must name the repo files used{shown}")
 
 
 def input_path(entry: Mapping, root: Path) -> Path:

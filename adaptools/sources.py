@@ -53,7 +53,14 @@ from huggingface_hub.errors import (
 from huggingface_hub.utils import HFValidationError, filter_repo_objects, httpx, validate_repo_id
 
 from .adapter import Adapter
-from .errors import BaseMismatchError, HubAccessError, HubError, HubNotFoundError, InvalidArgumentError, PickleNotAllowedError
+from .errors import (
+    BaseMismatchError,
+    HubAccessError,
+    HubError,
+    HubNotFoundError,
+    InvalidArgumentError,
+    PickleNotAllowedError,
+)
 from .formats import BaseCheckpoint, load_adapter
 from .formats.checkpoint import INDEX_NAME
 from .formats.peft import CONFIG_NAME
@@ -341,12 +348,9 @@ def hub_failure(exc: Exception, ref: HubRef) -> Exception:
     elif isinstance(exc, LocalEntryNotFoundError) and isinstance(exc.__cause__, HfHubHTTPError):
         return hub_failure(exc.__cause__, ref)  # the Hub answered; the cache had no copy to fall back on
     elif isinstance(exc, LocalEntryNotFoundError):
-        if constants.is_offline_mode():
-            error = HubError(f"{str(ref)!r} is not a local path, nor in the local Hub cache ({constants.HF_HUB_CACHE}), "
-                             "and HF_HUB_OFFLINE is set: unset it to download")
-        else:
-            error = HubError(f"{str(ref)!r} is not a local path, nor in the local Hub cache ({constants.HF_HUB_CACHE}), "
-                             f"and {endpoint} cannot be reached: {exc.__cause__ or exc}")
+        nowhere = f"{str(ref)!r} is not a local path, nor in the local Hub cache ({constants.HF_HUB_CACHE})"
+        error = HubError(f"{nowhere}, and HF_HUB_OFFLINE is set: unset it to download" if constants.is_offline_mode()
+                         else f"{nowhere}, and {endpoint} cannot be reached: {exc.__cause__ or exc}")
     elif isinstance(exc, HfHubHTTPError):
         status = exc.response.status_code if exc.response is not None else None
         if status == 401:

@@ -133,7 +133,8 @@ def test_merge_from_repo_ids_equals_the_local_merge_fetches_only_what_it_needs_t
                      "--allow-pickle")
     assert result.exit_code == 0, result.output
     assert "Fetching" in result.stderr  # huggingface_hub's own progress bars
-    assert run_cli(runner, "merge", local["base"], local["lora"], local["other"], "-o", tmp_path / "local").exit_code == 0
+    result = run_cli(runner, "merge", local["base"], local["lora"], local["other"], "-o", tmp_path / "local")
+    assert result.exit_code == 0, result.output
     assert_same_files(tmp_path / "hub", tmp_path / "local")
     assert fetched(hub) == {
         *(f"org/base/{name}" for name in ("config.json", "generation_config.json", "tokenizer.json",
