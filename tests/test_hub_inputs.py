@@ -365,3 +365,16 @@ def test_a_sharded_base_fetches_the_shards_its_index_names_and_nothing_else(hub,
     weights = sorted(p.removeprefix("org/sharded/") for p in fetched(hub) if p.startswith("org/sharded/")
                      and p.endswith(".safetensors"))
     assert weights == shards  # not consolidated.safetensors, which the index does not name
+
+
+def test_an_index_naming_paths_outside_the_repo_fetches_nothing_of_them(hub, local, runner, tmp_path):
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../../../outside.safetensors",
+                                            "lm_head.weight": "/etc/passwd"}}
+    hub.add_commit("org/hostile", {"config.json": (local["base"] / "config.json").read_bytes(),
+                                   "model.safetensors.index.json": json.dumps(index).encode(),
+                                   "model.safetensors": (local["base"] / "model.safetensors").read_bytes()})
+    result = run_cli(runner, "merge", "org/hostile", "org/other", "-o", tmp_path / "out")
+    assert_one_error_line(result, "org/hostile", "holds no safetensors weights")
+    assert fetched(hub) - {f"org/other/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "README.md")} \
+        == {"org/hostile/config.json", "org/hostile/model.safetensors.index.json"}
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outside.safetensors").exists()
