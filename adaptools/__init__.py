@@ -17,7 +17,9 @@ from .errors import (
     AdaptoolsError,
     BaseMismatchError,
     DoraError,
+    HubAccessError,
     HubError,
+    HubNotFoundError,
     InputNotFoundError,
     InvalidArgumentError,
     NonFiniteError,
@@ -33,7 +35,7 @@ from .errors import (
 )
 from .combine import combine, interpolate, negate
 from .formats import BaseCheckpoint, detect_format, save_adapter
-from .formats import load_adapter as load
+from .sources import load
 from .hub import push
 from .merge import MergeReport, merge
 from .nf4_checkpoint import quantize
@@ -47,7 +49,9 @@ __all__ = [
     "BaseCheckpoint",
     "BaseMismatchError",
     "DoraError",
+    "HubAccessError",
     "HubError",
+    "HubNotFoundError",
     "InputNotFoundError",
     "InvalidArgumentError",
     "LoraFitReport",

@@ -94,8 +94,8 @@ def model_card(recipe: Mapping, title: str, base_model: str | None = None, licen
         lines += [f"The inputs declare different licenses ({', '.join(licenses)}); none is set here.", ""]
     lines += ["## Recipe", "", "Inputs (sha256 of the file, or of the folder's per-file sha256 list):", ""]
     lines += markdown_table(["parameter", "input", "sha256"], [
-        (e["param"], cell(Path(e["path"]).name) + (f" (folder, {len(e['files'])} files)" if "files" in e else ""),
-         f"`{e['sha256']}`") for e in recipe["inputs"]
+        (e["param"], input_label(e) + (f" ({'Hub' if 'repo_id' in e else 'folder'}, {len(e['files'])} files)"
+                                       if "files" in e else ""), f"`{e['sha256']}`") for e in recipe["inputs"]
     ])
     input_params = {e["param"] for e in recipe["inputs"]}
     params = [(k, cell(v)) for k, v in recipe["params"].items() if k not in input_params and v not in (None, False, [])]
@@ -115,6 +115,14 @@ def model_card(recipe: Mapping, title: str, base_model: str | None = None, licen
 def local_name(path: str) -> str:
     """The last component of a local path (what a card may show of it)."""
     return Path(path.replace("\\", "/")).name or path
+
+
+def input_label(entry: Mapping) -> str:
+    """How the card names a recipe input: ORG/NAME[/path]@<commit, 12 digits> for a Hub input, else its name."""
+    if "repo_id" in entry:
+        path = f"/{entry['path_in_repo']}" if entry.get("path_in_repo") else ""
+        return cell(f"{entry['repo_id']}{path}@{str(entry['revision'])[:12]}")
+    return cell(Path(entry["path"]).name)
 
 
 def cell(value: object) -> str:

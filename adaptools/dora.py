@@ -47,6 +47,7 @@ from .merge import dora_merge_rows
 from .names import listed
 from .nf4_checkpoint import NF4Decoder
 from .report import ErrorSummary, ModuleFitError, relative
+from .sources import open_base
 
 __all__ = [
     "BaseWeights",
@@ -158,7 +159,7 @@ def choose_svd(method: SvdMethod, shape: tuple[int, int], rank: int | None = Non
 def _open_base(base: BaseCheckpoint | str | os.PathLike | None, what: str) -> BaseCheckpoint:
     if base is None:
         raise InvalidArgumentError(f"{what} needs the base checkpoint the adapter was trained on (base=...)")
-    return base if isinstance(base, BaseCheckpoint) else BaseCheckpoint(base)
+    return open_base(base)
 
 
 def _on_base(adapter: Adapter, base: BaseCheckpoint) -> Adapter:

@@ -62,7 +62,15 @@ class DoraError(AdaptoolsError):
 
 
 class HubError(AdaptoolsError):
-    """Pushing to the Hub failed (authentication, missing repo, network)."""
+    """A Hub request failed (pushing, or downloading an input: authentication, missing repo, network)."""
+
+
+class HubAccessError(HubError):
+    """The Hub refused access (401/403): bad credentials, or a gated or private repo the token may not read."""
+
+
+class HubNotFoundError(HubError, InputNotFoundError):
+    """A Hub input names a repo, revision or file that does not exist (or that the token may not see)."""
 
 
 class RecipeError(AdaptoolsError):

@@ -9,11 +9,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi, get_token
+from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 from huggingface_hub.utils import HFValidationError, httpx, validate_repo_id
 
 from .errors import HubError, InputNotFoundError, InvalidArgumentError
+from .sources import masked
 
 LARGE_FOLDER_BYTES = 5 * 2**30
 """From this total size on, a folder goes through `HfApi.upload_large_folder` (resumable, several workers and
@@ -93,9 +94,3 @@ def http_failure(exc: HfHubHTTPError, repo_id: str, endpoint: str) -> str:
     if status == 404:
         return f"{repo_id} (or its branch) was not found on {endpoint} (404){detail}; check the repo id and the token's access"
     return f"{endpoint} answered {status} while pushing to {repo_id}{detail}"
-
-
-def masked(text: str) -> str:
-    """`text` with the Hub token (if one is configured) replaced by ***."""
-    token = get_token()
-    return text.replace(token, "***") if token else text

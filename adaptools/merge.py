@@ -49,7 +49,8 @@ from .errors import (
     ShapeMismatchError,
     UnknownModuleError,
 )
-from .formats import load_adapter
+from .sources import cached_repo_id, open_base
+from .sources import load as load_adapter
 from .formats.checkpoint import BaseCheckpoint, TensorInfo
 from .formats.checkpoint_writer import (
     Layout,
@@ -646,7 +647,7 @@ def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: BaseCheck
 def base_mismatch(adapter: Adapter, ckpt: BaseCheckpoint, config: dict) -> str | None:
     """A warning when the adapter names a base model other than this one (compared by last path component)."""
     wanted = adapter.base_model
-    have = [config.get("_name_or_path"), str(ckpt.root), str(ckpt.root.resolve())]
+    have = [config.get("_name_or_path"), str(ckpt.root), str(ckpt.root.resolve()), cached_repo_id(ckpt.root)]
 
     def tail(name: str) -> str:
         return str(name).rstrip("/").rsplit("/", 1)[-1]
@@ -704,7 +705,7 @@ def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iter
     target = check_output(out, overwrite)
     device = resolve_device(device)
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
-    ckpt = base if isinstance(base, BaseCheckpoint) else BaseCheckpoint(base)
+    ckpt = open_base(base, "model")
     config = ckpt.config
     decoder, encoder = checkpoint_codecs(ckpt, dtype, double_quant=double_quant, device=device)
     loaded = load_adapters(adapters, ckpt, allow_pickle)

@@ -37,6 +37,7 @@ from .device import resolve_device
 from .errors import BaseMismatchError, InvalidArgumentError
 from .formats.checkpoint import BaseCheckpoint, TensorInfo
 from .formats.checkpoint_writer import config_with_dtype, parse_size
+from .sources import open_base
 from .formats.nf4 import (
     NESTED_BLOCKSIZE,
     QUANT_STATE_SUFFIX,
@@ -409,7 +410,7 @@ def quantize(base: str | os.PathLike | BaseCheckpoint, out: str | os.PathLike, *
     target = check_output(out, overwrite)
     device = resolve_device(device)
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
-    ckpt = base if isinstance(base, BaseCheckpoint) else BaseCheckpoint(base)
+    ckpt = open_base(base, "model")
     if is_nf4_checkpoint(ckpt):
         raise InvalidArgumentError(f"{str(ckpt.root)!r} is already an NF4 checkpoint")
     decoder = StoredDecoder()

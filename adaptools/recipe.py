@@ -13,8 +13,11 @@ Its fields:
 - `inputs`: per input path, `{"param", "path", "sha256"}` plus, for a folder, `files` = {relative path: sha256}
   (the folder's sha256 is that of the lines "<relative path>\\0<sha256>\\n" in sorted order). `path` is relative
   to the recipe's folder (the output folder, or the folder holding a single-file output), in POSIX form, e.g.
-  "../style": never an absolute local path. A file of a Hugging Face cache snapshot that links to a blob named by
-  its sha256 (LFS files: the weights) is not read again: the blob's name is its sha256;
+  "../style": never an absolute local path. A Hub input (adaptools.sources) also has `repo_id`, `revision` (the
+  commit sha it resolved to) and, for a file or folder of the repo, `path_in_repo`; its `path` (and its value in
+  `params`) is the ref pinned to that commit, ORG/NAME[/path]@<sha>, and `files` lists the repo files the command
+  used, so a replay downloads exactly those files, anywhere. A file of a Hugging Face cache snapshot that links to
+  a blob named by its sha256 (LFS files: the weights) is not read again: the blob's name is its sha256;
 - `output_params`: the side files (a JSON report) the run wrote; a replay writes them inside its output under
   names adaptools chooses;
 - `report`: the per-module summary rows the command returned (may be empty).
@@ -38,6 +41,7 @@ from safetensors import SafetensorError, safe_open
 from . import __version__
 from .errors import InputNotFoundError, RecipeError
 from .jsonio import parse_json, read_json_object
+from .sources import HubInput, HubRef, fetch_files, parse_hub_ref
 
 RECIPE_NAME = "adaptools_recipe.json"
 RECIPE_KEY = "adaptools_recipe"
@@ -47,6 +51,7 @@ CHUNK_BYTES = 2**20
 REQUIRED_KEYS = ("adaptools_recipe", "command", "params", "inputs")
 OUTPUT_TYPES = ("folder", "file")
 SHA256 = re.compile(r"[0-9a-f]{64}")
+COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -81,6 +86,27 @@ def hash_input(path: str | os.PathLike) -> dict:
     return {"sha256": folder_digest(files), "files": files}
 
 
+def hash_files(root: Path, names: Iterable[str]) -> dict:
+    """{"sha256", "files"} of the files `names` (relative paths) under `root`, as hash_input gives for a folder."""
+    files = {name: sha256_file(root / name) for name in sorted(names)}
+    return {"sha256": folder_digest(files), "files": files}
+
+
+def input_entry(path: str | os.PathLike | HubInput, root: str | os.PathLike) -> dict:
+    """The recipe entry (less "param") of a local input (path relative to `root`) or of a resolved Hub input (the
+    pinned ref, repo id, commit, path in the repo, and the sha256 of the repo files it used)."""
+    if not isinstance(path, HubInput):
+        return {"path": relative_path(path, root), **hash_input(path)}
+    where = {"path_in_repo": path.ref.path} if path.ref.path else {}
+    return {"path": path.pinned, "repo_id": path.ref.repo_id, "revision": path.commit, **where,
+            **hash_files(path.snapshot, path.files)}
+
+
+def hub_entry_ref(entry: Mapping) -> str:
+    """The pinned ref ORG/NAME[/path]@<commit> of a Hub input entry."""
+    return str(HubRef(entry["repo_id"], entry.get("path_in_repo"), entry["revision"]))
+
+
 def relative_path(path: str | os.PathLike, root: str | os.PathLike) -> str:
     """`path` relative to the folder `root`, in POSIX form (e.g. "../style"): what recipes and cards record."""
     return Path(os.path.relpath(Path(path).absolute(), Path(root).absolute())).as_posix()
@@ -92,11 +118,12 @@ def recipe_root(output: str | os.PathLike, is_file: bool) -> Path:
     return output.parent if is_file else output
 
 
-def make_recipe(command: Iterable[str], operation: str, kind: str, params: Mapping, inputs: Iterable[tuple[str, str]],
+def make_recipe(command: Iterable[str], operation: str, kind: str, params: Mapping,
+                inputs: Iterable[tuple[str, str | os.PathLike | HubInput]],
                 root: str | os.PathLike, output_type: str = "folder", output_params: Iterable[str] = (),
                 report: Iterable[Mapping] = ()) -> dict:
-    """The recipe dict; `inputs` are (parameter name, path) pairs, hashed here and recorded relative to `root`
-    (recipe_root of the output)."""
+    """The recipe dict; `inputs` are (parameter name, path or resolved Hub input) pairs, hashed here; local paths
+    are recorded relative to `root` (recipe_root of the output)."""
     return {
         "adaptools_recipe": RECIPE_VERSION,
         "adaptools_version": __version__,
@@ -105,7 +132,7 @@ def make_recipe(command: Iterable[str], operation: str, kind: str, params: Mappi
         "kind": kind,
         "output_type": output_type,
         "params": dict(params),
-        "inputs": [{"param": name, "path": relative_path(path, root), **hash_input(path)} for name, path in inputs],
+        "inputs": [{"param": name, **input_entry(path, root)} for name, path in inputs],
         "output_params": list(output_params),
         "report": [dict(row) for row in report],
     }
@@ -212,17 +239,39 @@ def check_input_entry(entry: object, where: str) -> None:
     if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, str) and SHA256.fullmatch(v)
                                               for k, v in files.items()):
         raise RecipeError(f"{where} ({entry['path']!r}): 'files' must map file names to sha256 digests")
+    if "repo_id" in entry:
+        check_hub_entry(entry, where)
+
+
+def check_hub_entry(entry: Mapping, where: str) -> None:
+    """RecipeError unless the Hub input `entry` names a repo id, a commit sha, a safe path in the repo and safe repo
+    file names, and its `path` is that ref pinned to that commit."""
+    fields = (entry.get("repo_id"), entry.get("revision"), entry.get("path_in_repo", ""))
+    if not all(isinstance(v, str) for v in fields) or not COMMIT.fullmatch(entry["revision"]):
+        raise RecipeError(f"{where} ({entry['path']!r}): a Hub input needs 'repo_id' and 'revision' (a commit sha)")
+    ref = parse_hub_ref(hub_entry_ref(entry))
+    if ref is None or ref.repo_id != entry["repo_id"] or entry["path"] != hub_entry_ref(entry):
+        raise RecipeError(f"{where} ({entry['path']!r}) is not a Hub repo id, path and commit that adaptools reads")
+    unsafe = [name for name in entry.get("files", {}) if parse_hub_ref(f"{entry['repo_id']}/{name}") is None]
+    if unsafe or not entry.get("files"):
+        shown = f", not {unsafe[0]!r}" if unsafe else ""
+        raise RecipeError(f"{where} ({entry['path']!r}): 'files' must name the repo files used{shown}")
 
 
 def input_path(entry: Mapping, root: Path) -> Path:
-    """Where the recipe input `entry` is: its path joined to the recipe's root (an absolute path stays)."""
-    return root / entry["path"]
+    """Where the recipe input `entry` is: its path joined to the recipe's root (an absolute path stays); for a Hub
+    input, its pinned ref (ORG/NAME@<commit>, resolved by the command that reads it)."""
+    return Path(hub_entry_ref(entry)) if "repo_id" in entry else root / entry["path"]
 
 
 def verify_inputs(recipe: Mapping, root: Path) -> None:
     """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone)."""
     for entry in recipe["inputs"]:
-        now = hash_input(input_path(entry, root))
+        if "repo_id" in entry:  # the recorded files at the recorded commit, downloaded where not cached
+            snapshot = fetch_files(entry["repo_id"], entry["revision"], list(entry["files"]))
+            now = hash_files(snapshot, entry["files"])
+        else:
+            now = hash_input(input_path(entry, root))
         if now["sha256"] == entry["sha256"]:
             continue
         recorded, current = entry.get("files", {}), now.get("files", {})

@@ -18,7 +18,7 @@ from torch import Tensor
 from .adapter import Adapter, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, InvalidArgumentError, ShapeMismatchError, UnknownModuleError
-from .formats import BaseCheckpoint, load_adapter
+from .formats import BaseCheckpoint
 from .formats.nf4 import (
     NF4State,
     dequantize_nf4,
@@ -28,6 +28,7 @@ from .formats.nf4 import (
     nf4_survival,
 )
 from .linalg import SVD, RankPolicy, choose_ranks, factored_svd, group_by, map_by_shape, randomized_svd
+from .sources import load, open_base
 
 __all__ = [
     "SCHEMA",
@@ -226,11 +227,11 @@ def _as_adapter(adapter: AdapterLike, base: BaseLike | None, allow_pickle: bool)
     if isinstance(adapter, Adapter):
         return adapter
     root = base.root if isinstance(base, BaseCheckpoint) else base
-    return load_adapter(adapter, allow_pickle=allow_pickle, base=root)
+    return load(adapter, allow_pickle=allow_pickle, base=root)
 
 
 def _as_base(base: BaseLike | None) -> BaseCheckpoint | None:
-    return base if base is None or isinstance(base, BaseCheckpoint) else BaseCheckpoint(base)
+    return None if base is None else open_base(base)
 
 
 def _analyse(adapter: Adapter, base: BaseCheckpoint | None, device: torch.device) -> tuple[dict, dict[str, SVD]]:

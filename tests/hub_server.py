@@ -1,10 +1,15 @@
-"""A fake Hugging Face Hub on 127.0.0.1 for push tests: the few endpoints that `create_repo`, `create_branch`,
-`upload_folder` and `create_commit` of huggingface_hub 2.x call, with every request recorded.
+"""A fake Hugging Face Hub on 127.0.0.1: the few endpoints that huggingface_hub 2.x calls to push (`create_repo`,
+`create_branch`, `upload_folder`, `create_commit`) and to download (`snapshot_download`, `hf_hub_download`: model
+info by revision, the repo tree, HEAD/GET on resolve), with every request recorded.
 
-Every file is answered with upload mode "regular", so the client sends contents inline in the NDJSON
-commit and never needs LFS or Xet storage. Failures can be injected per path (`fail(401)`, `fail(404)`,
-`fail("drop")` closes the connection without an answer). Requests are bounded: bodies over
-`MAX_BODY` bytes are refused, sockets time out, and after `MAX_REQUESTS` requests every answer is 400.
+Pushes: every file is answered with upload mode "regular", so the client sends contents inline in the NDJSON
+commit and never needs LFS or Xet storage. Downloads: `add_commit` seeds a repo with the files of one commit (a
+repo is public, private or gated; `readers` are the tokens that may read the private and gated ones); a revision
+is a branch, a tag (`tag`) or a commit sha. Weights (*.safetensors, *.bin, ...) are served as LFS files (ETag
+and X-Linked-Etag the sha256, X-Linked-Size), the others as git blobs (ETag the git sha1), never through Xet.
+Failures can be injected per path (`fail(401)`, `fail(404)`, `fail("drop")` closes the connection without an
+answer). Requests are bounded: bodies over `MAX_BODY` bytes are refused, sockets time out, and after
+`MAX_REQUESTS` requests every answer is 400.
 
     with FakeHub(token="hf_x") as hub:
         HfApi(endpoint=hub.url, token="hf_x").create_repo("org/name")
@@ -25,6 +30,9 @@ import yaml
 MAX_BODY = 16 * 2**20
 MAX_REQUESTS = 200
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
+REVISION = r"(?P<revision>refs/(?:pr|convert)/[^/]+|[^/]+)"
+"""A revision in a path: arrives quoted (refs%2Fpr%2F1) and is matched unquoted, so refs/... are spelled out."""
+LFS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
 
 
 @dataclass
@@ -51,26 +59,51 @@ class Commit:
 
 @dataclass
 class Repo:
-    """A repository: visibility, branches (name -> {path: bytes}) and pull requests (titles)."""
+    """A repository: visibility, branches (name -> {path: bytes}, what pushes change), pull requests (titles), and
+    for downloads the commits (sha -> {path: bytes}) and refs (branch or tag -> sha)."""
 
     private: bool
     branches: dict[str, dict[str, bytes]] = field(default_factory=lambda: {"main": {}})
     pulls: list[str] = field(default_factory=list)
+    gated: bool = False
+    commits: dict[str, dict[str, bytes]] = field(default_factory=dict)
+    refs: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Reply:
+    """A non-JSON answer: status, body (not sent for HEAD) and headers."""
+
+    status: int
+    body: bytes
+    headers: dict[str, str]
 
 
 class HubError(Exception):
-    """An error answer: status, message and the Hub's X-Error-Code."""
+    """An error answer: status, message, the Hub's X-Error-Code, extra headers and extra JSON fields."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, **extra):
+    def __init__(self, status: int, message: str, code: str | None = None, headers: dict[str, str] | None = None,
+                 **extra):
         super().__init__(message)
-        self.status, self.message, self.code, self.extra = status, message, code, extra
+        self.status, self.message, self.code, self.headers, self.extra = status, message, code, headers or {}, extra
+
+
+def git_blob_sha(data: bytes) -> str:
+    """The git object id of a file's contents (sha1 of "blob <size>\\0" + contents)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+def is_lfs(path: str) -> bool:
+    """Weights are stored in LFS on the Hub (their ETag is the sha256 of the contents)."""
+    return path.endswith(LFS_SUFFIXES)
 
 
 class FakeHub:
     """The server and its recorded state; a context manager that runs it in a thread."""
 
-    def __init__(self, token: str | None = None):
+    def __init__(self, token: str | None = None, readers: set[str] | frozenset[str] = frozenset()):
         self.token = token
+        self.readers = set(readers) | ({token} if token else set())
         self.requests: list[Request] = []
         self.unhandled: list[str] = []
         self.repos: dict[str, Repo] = {}
@@ -91,6 +124,33 @@ class FakeHub:
         """Answer every request whose path contains `when` with `status` (401, 404, ...) or "drop" the connection."""
         self._failures.append((when, status))
 
+    def add_commit(self, repo_id: str, files: dict[str, bytes], branch: str = "main", *, private: bool = False,
+                   gated: bool = False) -> str:
+        """Make `files` (path -> bytes) the whole tree of `branch` of `repo_id` (created if needed) in a new commit;
+        its sha."""
+        with self._lock:
+            repo = self.repos.setdefault(repo_id, Repo(private=private, gated=gated))
+            return self._record(repo_id, repo, branch, dict(files))
+
+    def tag(self, repo_id: str, name: str, sha: str) -> None:
+        """Point the tag `name` of `repo_id` at the commit `sha`."""
+        self.repos[repo_id].refs[name] = sha
+
+    def downloads(self) -> list[str]:
+        """Paths of the repo files fetched with GET (repo/path), in order."""
+        found = (re.fullmatch(rf"/{REPO}/resolve/{REVISION}/(?P<path>.+)", r.path) for r in self.requests
+                 if r.method == "GET")
+        return [f"{m['repo']}/{m['path']}" for m in found if m]
+
+    def _record(self, repo_id: str, repo: Repo, branch: str, files: dict[str, bytes]) -> str:
+        """Set `branch` to `files` in a new commit (sha from the repo, branch, count and contents)."""
+        digest = hashlib.sha1(f"{repo_id}\0{branch}\0{len(repo.commits)}".encode())
+        for path in sorted(files):
+            digest.update(f"{path}\0{git_blob_sha(files[path])}\n".encode())
+        sha = digest.hexdigest()
+        repo.commits[sha], repo.refs[branch], repo.branches[branch] = dict(files), sha, files
+        return sha
+
     def __enter__(self) -> FakeHub:
         self._thread.start()
         return self
@@ -102,8 +162,9 @@ class FakeHub:
 
     # -- request handling (called from server threads) -----------------------------------------
 
-    def handle(self, request: Request) -> dict | None:
-        """The JSON answer to `request`, or None to drop the connection; raises HubError for error answers."""
+    def handle(self, request: Request) -> dict | list | Reply | None:
+        """The answer to `request` (JSON, or a Reply), or None to drop the connection; raises HubError for error
+        answers."""
         with self._lock:
             self.requests.append(request)
             if len(self.requests) > MAX_REQUESTS:
@@ -157,7 +218,7 @@ class FakeHub:
         if branch in branches:
             raise HubError(409, f"branch {branch} already exists")
         start = json.loads(request.body or b"{}").get("startingPoint", "main")
-        branches[branch] = dict(self._branch(repo, start))
+        self._record(repo, self.repos[repo], branch, dict(self._branch(repo, start)))
         return {}
 
     def preupload(self, request: Request, repo: str, revision: str) -> dict:
@@ -177,9 +238,10 @@ class FakeHub:
                 files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
             elif line["key"] != "header":
                 raise HubError(400, f"the fake Hub takes regular files only, not {line['key']}")
-        self._branch(repo, revision).update(files)
+        tree = self._branch(repo, revision)
+        tree.update(files)
         self.commits.append(Commit(repo, revision, header["summary"], header.get("description", ""), files))
-        oid = hashlib.sha1(f"{len(self.commits)}".encode()).hexdigest()
+        oid = self._record(repo, self.repos[repo], revision, tree)
         pull = f"{self.url}/{repo}/discussions/{revision.rsplit('/', 1)[1]}" if revision.startswith("refs/pr/") else None
         return {"commitUrl": f"{self.url}/{repo}/commit/{oid}", "commitOid": oid, "pullRequestUrl": pull}
 
@@ -199,6 +261,77 @@ class FakeHub:
         }
 
 
+    # -- downloads ------------------------------------------------------------------------------
+
+    def agent_harnesses(self, request: Request) -> dict:
+        """huggingface_hub's user-agent registry (fetched once a day): empty."""
+        return {"standardEnvVars": [], "harnesses": {}}
+
+    def _readable(self, request: Request, repo_id: str, files: bool = False) -> Repo:
+        """The repo, when the request's token may read it (private: a reader; gated: a reader for its files)."""
+        repo = self._repo(repo_id)
+        token = request.headers.get("authorization", "").removeprefix("Bearer ") or None
+        if token in self.readers:
+            return repo
+        if repo.private:
+            raise HubError(401 if token is None else 404, f"Repository {repo_id} not found", "RepoNotFound")
+        if repo.gated and files:
+            raise HubError(401 if token is None else 403, f"Access to model {repo_id} is restricted and you are not "
+                           "in the authorized list. Visit the repo page to ask for access.", "GatedRepo")
+        return repo
+
+    def _commit(self, repo_id: str, repo: Repo, revision: str) -> str:
+        """The commit sha that `revision` (branch, tag or sha) names."""
+        sha = repo.refs.get(revision) or (revision if revision in repo.commits else None)
+        if sha is None:
+            raise HubError(404, f"Invalid rev id: {revision}", "RevisionNotFound")
+        return sha
+
+    def model_info(self, request: Request, repo: str, revision: str = "main") -> dict:
+        entry = self._readable(request, repo)
+        sha = self._commit(repo, entry, revision)
+        return {"id": repo, "modelId": repo, "sha": sha, "private": entry.private,
+                "gated": "manual" if entry.gated else False,
+                "siblings": [{"rfilename": path} for path in sorted(entry.commits[sha])]}
+
+    def tree(self, request: Request, repo: str, revision: str, folder: str | None = None) -> list:
+        entry = self._readable(request, repo)
+        files = entry.commits[self._commit(repo, entry, revision)]
+        prefix = f"{folder.strip('/')}/" if folder else ""
+        recursive = request.query.get("recursive", ["False"])[0].lower() == "true"
+        listed: dict[str, dict] = {}
+        for path in sorted(p for p in files if p.startswith(prefix)):
+            parts = path[len(prefix):].split("/")
+            for depth in range(1, len(parts) if recursive else min(len(parts), 2)):
+                name = prefix + "/".join(parts[:depth])
+                listed.setdefault(name, {"type": "directory", "path": name, "oid": git_blob_sha(name.encode())})
+            if recursive or len(parts) == 1:
+                listed[path] = self._file_entry(path, files[path])
+        return list(listed.values())
+
+    @staticmethod
+    def _file_entry(path: str, data: bytes) -> dict:
+        entry = {"type": "file", "path": path, "size": len(data), "oid": git_blob_sha(data)}
+        if is_lfs(path):
+            entry["lfs"] = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+        return entry
+
+    def resolve(self, request: Request, repo: str, revision: str, path: str) -> Reply:
+        entry = self._readable(request, repo, files=True)
+        sha = self._commit(repo, entry, revision)
+        files = entry.commits[sha]
+        if path not in files:
+            raise HubError(404, f"Entry not found: {path}", "EntryNotFound", headers={"X-Repo-Commit": sha})
+        data = files[path]
+        headers = {"X-Repo-Commit": sha, "Content-Type": "application/octet-stream"}
+        if is_lfs(path):
+            digest = hashlib.sha256(data).hexdigest()
+            headers.update({"ETag": f'"{digest}"', "X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
+        else:
+            headers["ETag"] = f'"{git_blob_sha(data)}"'
+        return Reply(200, data, headers)
+
+
 ROUTES = [
     ("POST", r"/api/repos/create", FakeHub.create_repo),
     ("POST", r"/api/validate-yaml", FakeHub.validate_yaml),
@@ -207,6 +340,12 @@ ROUTES = [
     ("POST", rf"/api/models/{REPO}/commit/(?P<revision>.+)", FakeHub.commit),
     ("POST", rf"/api/models/{REPO}/discussions", FakeHub.open_pull),
     ("GET", rf"/api/models/{REPO}/discussions/(?P<num>\d+)", FakeHub.pull_details),
+    ("GET", r"/api/agent-harnesses", FakeHub.agent_harnesses),
+    ("GET", rf"/api/models/{REPO}", FakeHub.model_info),
+    ("GET", rf"/api/models/{REPO}/revision/(?P<revision>.+)", FakeHub.model_info),
+    ("GET", rf"/api/models/{REPO}/tree/{REVISION}(?:/(?P<folder>.+))?", FakeHub.tree),
+    ("HEAD", rf"/{REPO}/resolve/{REVISION}/(?P<path>.+)", FakeHub.resolve),
+    ("GET", rf"/{REPO}/resolve/{REVISION}/(?P<path>.+)", FakeHub.resolve),
 ]
 
 
@@ -223,6 +362,9 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
         def do_POST(self) -> None:  # noqa: N802
             self._serve()
 
+        def do_HEAD(self) -> None:  # noqa: N802
+            self._serve()
+
         def _serve(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_BODY or "chunked" in self.headers.get("Transfer-Encoding", ""):
@@ -236,22 +378,27 @@ def _handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             try:
                 answer = hub.handle(request)
             except HubError as exc:
-                return self._answer(exc.status, {"error": exc.message, **exc.extra}, exc.code)
+                return self._answer(exc.status, {"error": exc.message, **exc.extra}, exc.code, exc.headers)
             if answer is None:
                 self.close_connection = True
                 return None
+            if isinstance(answer, Reply):
+                return self._send(answer)
             return self._answer(200, answer)
 
-        def _answer(self, status: int, payload: dict, code: str | None = None) -> None:
-            data = json.dumps(payload).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            if code:
-                self.send_header("X-Error-Code", code)
-                self.send_header("X-Error-Message", payload["error"])
+        def _answer(self, status: int, payload: dict | list, code: str | None = None,
+                    headers: dict[str, str] | None = None) -> None:
+            extra = {"X-Error-Code": code, "X-Error-Message": payload["error"]} if code else {}
+            self._send(Reply(status, json.dumps(payload).encode(),
+                             {"Content-Type": "application/json", **extra, **(headers or {})}))
+
+        def _send(self, reply: Reply) -> None:
+            self.send_response(reply.status)
+            for name, value in {**reply.headers, "Content-Length": str(len(reply.body))}.items():
+                self.send_header(name, value)
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(reply.body)
 
         def log_message(self, format: str, *args) -> None:  # noqa: A002
             """Quiet: the requests are recorded on the hub instead."""

@@ -24,7 +24,9 @@ Parameters, by convention:
 - the output is the parameter named `output` (-o/--output), `overwrite` replaces it;
 - side files (further outputs such as a JSON report) are the parameters named in `side_files`, each with the file
   name a replay writes it under inside its output (default `report_path` -> `report.json`);
-- inputs are the other click.Path parameters. Inputs are hashed after the command ran.
+- inputs are the other click.Path parameters. Inputs are hashed after the command ran. An input given as a Hub
+  repo id (adaptools.sources) is recorded as that ref pinned to the commit it resolved to, with the repo files
+  the command used; a merged model's card takes the repo id of a Hub `base` as its `base_model`.
 
 What the command may return (its return value is otherwise ignored):
     None, or a dict with any of
@@ -57,6 +59,7 @@ from adaptools.card import LIBRARY, adapter_base_model, input_metadata, model_ca
 from adaptools.errors import OutputWriteError, RecipeError
 from adaptools.hub import check_repo_id, push
 from adaptools.recipe import input_path, make_recipe, recipe_root, relative_path, write_recipe
+from adaptools.sources import HubInput, hub_ref, recording
 
 from .options import push_options
 
@@ -84,10 +87,11 @@ def provenance(operation: str, kind: str = "adapter", side_files: Mapping[str, s
             ctx = click.get_current_context()
             outputs = [ctx.params[name] for name in ("output", *side_files) if ctx.params.get(name)]
             check_output_paths(outputs, [p for name in input_names(ctx.command, side_files)
-                                         for p in listed(jsonable(ctx.params[name]))])
+                                         for p in listed(jsonable(ctx.params[name])) if hub_ref(p) is None])
             with staged_output(ctx.params["output"], overwrite=bool(ctx.params.get("overwrite"))) as staging:
-                result = func(*args, **kwargs)
-                record(ctx, staging, operation, kind, side_files, result or {})
+                with recording() as hub_inputs:
+                    result = func(*args, **kwargs)
+                record(ctx, staging, operation, kind, side_files, result or {}, hub_inputs)
             if push_to:
                 output = Path(ctx.params["output"])
                 url = push(output, push_to, private=private, revision=revision,
@@ -101,17 +105,18 @@ def provenance(operation: str, kind: str = "adapter", side_files: Mapping[str, s
 
 
 def record(ctx: click.Context, staging: Staging, operation: str, kind: str, side_files: Mapping[str, str],
-           result: Mapping) -> None:
-    """Write the recipe (and, for a folder, the card) of the staged output of `ctx`."""
+           result: Mapping, hub_inputs: Mapping[str, HubInput]) -> None:
+    """Write the recipe (and, for a folder, the card) of the staged output of `ctx`; `hub_inputs` are the inputs
+    given as Hub refs, resolved (by the text given)."""
     if staging.is_file is None:
         raise OutputWriteError(f"{str(staging.target)!r} was not written: the command wrote no output")
     root = recipe_root(staging.target, staging.is_file)
     inputs = input_names(ctx.command, side_files)
     params = {name: jsonable(value) for name, value in ctx.params.items()
               if name not in WIDENING and name not in side_files}
-    pairs = [(name, path) for name in inputs for path in listed(params[name])]
+    pairs = [(name, hub_inputs.get(path, path)) for name in inputs for path in listed(params[name])]
     for name in inputs:
-        params[name] = relative(params[name], root)
+        params[name] = relative(params[name], root, hub_inputs)
     recipe = make_recipe(command_path(ctx), operation, kind, params, pairs, root,
                          output_type="file" if staging.is_file else "folder",
                          output_params=[name for name in side_files if ctx.params.get(name)],
@@ -119,9 +124,10 @@ def record(ctx: click.Context, staging: Staging, operation: str, kind: str, side
     write_recipe(recipe, staging.path, staging.is_file)
     if staging.is_file:
         return
-    meta = input_metadata(path for _, path in pairs)
+    meta = input_metadata(path.local if isinstance(path, HubInput) else path for _, path in pairs)
+    hub_base = next((p.ref.repo_id for name, p in pairs if name == "base" and isinstance(p, HubInput)), None)
     for folder in [staging.locate(p) for p in result.get("folders", ())] or [staging.path]:
-        base_model = result.get("base_model") or adapter_base_model(folder)
+        base_model = result.get("base_model") or hub_base or adapter_base_model(folder)
         write_card(model_card(recipe, folder.name, base_model, result.get("license"), meta), folder)
 
 
@@ -162,10 +168,12 @@ def listed(value: object) -> list:
     return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
-def relative(value: object, root: Path) -> object:
-    """Input path(s) relative to the recipe's root (None stays None)."""
+def relative(value: object, root: Path, hub_inputs: Mapping[str, HubInput]) -> object:
+    """Input path(s) relative to the recipe's root, Hub inputs as their pinned refs (None stays None)."""
     if isinstance(value, list):
-        return [relative(v, root) for v in value]
+        return [relative(v, root, hub_inputs) for v in value]
+    if value in hub_inputs:
+        return hub_inputs[value].pinned
     return None if value is None else relative_path(value, root)
 
 

@@ -1,0 +1,380 @@
+"""Hub repo ids as inputs: the real huggingface_hub client downloads from the fake Hub of hub_server.py on
+127.0.0.1 (HF_ENDPOINT and a temporary HF_HOME per test), and every result equals the one of the same files
+given as local folders."""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from factories import make_base, make_peft_adapter
+from huggingface_hub import ModelCard, constants
+from hub_server import FakeHub
+from safetensors.torch import load_file
+
+import adaptools
+from adaptools.recipe import RECIPE_NAME
+
+TOKEN = "hf_adaptoolsReaderToken0123456789"
+PICKLE_OR_STATE = (".bin", ".pt", ".pth", "trainer_state.json")
+
+
+@pytest.fixture(scope="module")
+def local(llama_base, tmp_path_factory) -> dict[str, Path]:
+    """Local inputs: a base with tokenizer files, two commits' worth of one LoRA, a second LoRA, a kohya file
+    and an adapter stored as a pickle only."""
+    root = tmp_path_factory.mktemp("local")
+    base = Path(shutil.copytree(llama_base, root / "base"))
+    (base / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"type": "BPE"}}))
+    (base / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64}))
+    kwargs = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    inputs = {
+        "base": base,
+        "lora": make_peft_adapter(llama_base, root / "lora", seed=1, **kwargs),
+        "lora_v2": make_peft_adapter(llama_base, root / "lora_v2", seed=3, **kwargs),
+        "other": make_peft_adapter(llama_base, root / "other", seed=2, r=2, lora_alpha=4, target_modules=["v_proj"]),
+    }
+    inputs["kohya"] = root / "style.safetensors"
+    adaptools.load(inputs["other"]).save(inputs["kohya"], format="kohya")
+    pickled = root / "pickled"
+    pickled.mkdir()
+    shutil.copy(inputs["other"] / "adapter_config.json", pickled)
+    torch.save(load_file(inputs["other"] / "adapter_model.safetensors"), pickled / "adapter_model.bin")
+    inputs["pickled"] = pickled
+    return inputs
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def point_client_at(monkeypatch, url: str, home: Path, token: str | None = None) -> None:
+    """huggingface_hub (in this process, and in child processes through the environment) on the fake Hub, with
+    the cache and login files under `home`, online, telemetry off."""
+    for name in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_TOKEN_PATH", "HUGGINGFACE_HUB_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    values = {"ENDPOINT": url, "HUGGINGFACE_CO_URL_TEMPLATE": url + "/{repo_id}/resolve/{revision}/{filename}",
+              "HF_HOME": str(home), "HF_HUB_CACHE": str(home / "hub"), "HF_TOKEN_PATH": str(home / "token"),
+              "HF_STORED_TOKENS_PATH": str(home / "stored_tokens"), "HF_HUB_OFFLINE": False,
+              "HF_HUB_DISABLE_TELEMETRY": True}
+    for name, value in values.items():
+        monkeypatch.setattr(constants, name, value)
+
+
+def go_offline(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture()
+def hub(local, monkeypatch, tmp_path):
+    """The fake Hub with org/base (safetensors, a .bin copy, training states), org/lora (two commits, tag v1,
+    a .bin copy, a checkpoint folder), org/other, org/kohya, org/pickled, org/private and org/gated."""
+    with FakeHub(readers={TOKEN}) as server:
+        junk = {"optimizer.pt": b"\x80optimizer", "scheduler.pt": b"\x80scheduler", "training_args.bin": b"\x80args",
+                "trainer_state.json": b"{}", "rng_state.pth": b"\x80rng"}
+        pickled_base = io.BytesIO()
+        torch.save(load_file(local["base"] / "model.safetensors"), pickled_base)
+        server.add_commit("org/base", {**files_of(local["base"]), **junk, "pytorch_model.bin": pickled_base.getvalue(),
+                                       "original/consolidated.00.pth": b"\x80pickle"})
+        lora = files_of(local["lora"])
+        pickled_copy = (local["pickled"] / "adapter_model.bin").read_bytes()
+        server.v1 = server.add_commit("org/lora", {**lora, **junk, "adapter_model.bin": pickled_copy,
+                                                   **{f"checkpoint-10/{k}": v for k, v in lora.items()},
+                                                   "checkpoint-10/optimizer.pt": b"\x80optimizer"})
+        server.tag("org/lora", "v1", server.v1)
+        server.v2 = server.add_commit("org/lora", files_of(local["lora_v2"]))
+        server.add_commit("org/other", files_of(local["other"]))
+        server.add_commit("org/kohya", {"style.safetensors": local["kohya"].read_bytes(), "README.md": b"# style\n"})
+        server.add_commit("org/pickled", files_of(local["pickled"]))
+        server.add_commit("org/private", lora, private=True)
+        server.add_commit("org/gated", lora, gated=True)
+        point_client_at(monkeypatch, server.url, tmp_path / "hf")
+        yield server
+
+
+def fetched(hub: FakeHub) -> set[str]:
+    return set(hub.downloads())
+
+
+def assert_same_files(a: Path, b: Path, skip: tuple[str, ...] = ("README.md", "adaptools_recipe.json")) -> None:
+    fa, fb = ({k: v for k, v in files_of(p).items() if k not in skip} for p in (a, b))
+    assert fa.keys() == fb.keys() and fa
+    assert all(fa[name] == fb[name] for name in fa), [name for name in fa if fa[name] != fb[name]]
+
+
+def assert_one_error_line(result, *expected: str) -> str:
+    """Exit status 2 and one `error:` line, the last of stderr (download progress may come before it)."""
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.splitlines()
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
+    assert all(text in errors[0] for text in expected), errors[0]
+    assert TOKEN not in result.output + result.stderr
+    return errors[0]
+
+
+def test_merge_from_repo_ids_equals_the_local_merge_fetches_only_what_it_needs_then_runs_offline(
+        hub, local, runner, tmp_path, monkeypatch):
+    result = run_cli(runner, "merge", "org/base", "org/lora@v1", "org/other", "-o", tmp_path / "hub",
+                     "--allow-pickle")
+    assert result.exit_code == 0, result.output
+    assert "Fetching" in result.stderr  # huggingface_hub's own progress bars
+    result = run_cli(runner, "merge", local["base"], local["lora"], local["other"], "-o", tmp_path / "local")
+    assert result.exit_code == 0, result.output
+    assert_same_files(tmp_path / "hub", tmp_path / "local")
+    assert fetched(hub) == {
+        *(f"org/base/{name}" for name in ("config.json", "generation_config.json", "tokenizer.json",
+                                          "tokenizer_config.json", "model.safetensors")),
+        *(f"org/{repo}/{name}" for repo in ("lora", "other")
+          for name in ("adapter_config.json", "adapter_model.safetensors", "README.md")),
+    }  # no pickle (--allow-pickle, but safetensors are there), no training state, nothing of sub-folders
+    assert hub.unhandled == []
+
+    go_offline(monkeypatch)
+    before = len(hub.requests)
+    result = run_cli(runner, "merge", "org/base", f"org/lora@{hub.v1}", "org/other", "-o", tmp_path / "offline")
+    assert result.exit_code == 0, result.output
+    assert len(hub.requests) == before
+    assert_same_files(tmp_path / "offline", tmp_path / "local")
+
+
+def test_combine_from_repo_ids_equals_the_local_combine(hub, local, runner, tmp_path):
+    result = run_cli(runner, "combine", "org/lora@v1", "org/other", "--weights", "0.7,0.3", "-o", tmp_path / "hub")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "combine", local["lora"], local["other"], "--weights", "0.7,0.3",
+                   "-o", tmp_path / "local").exit_code == 0
+    assert_same_files(tmp_path / "hub", tmp_path / "local")
+
+
+def test_revisions_pin_branches_tags_and_commits_and_a_local_path_wins(hub, local, tmp_path, monkeypatch):
+    def tensors(source) -> dict[str, torch.Tensor]:
+        return {name: m.B @ m.A for name, m in adaptools.load(source).items()}
+
+    v1, v2 = tensors(local["lora"]), tensors(local["lora_v2"])
+    assert any(not torch.equal(v1[k], v2[k]) for k in v1)
+    for ref, expected in [("org/lora", v2), ("org/lora@main", v2), ("org/lora@v1", v1), (f"org/lora@{hub.v1}", v1),
+                          (f"org/lora@{hub.v2}", v2)]:
+        got = tensors(ref)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got), ref
+    assert adaptools.load("org/lora@v1").name == "lora"
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(local["other"], tmp_path / "org" / "lora")
+    before = len(hub.requests)
+    assert tensors("org/lora").keys() == tensors(local["other"]).keys()  # the local folder org/lora, not the repo
+    assert len(hub.requests) == before
+
+
+def test_api_merge_and_folders_and_files_of_a_repo(hub, local, runner, tmp_path):
+    report = adaptools.merge("org/base", "org/lora/checkpoint-10@v1", out=tmp_path / "api")
+    adaptools.merge(local["base"], local["lora"], out=tmp_path / "local")
+    assert report.modules and load_file(tmp_path / "api" / "model.safetensors").keys()
+    assert_same_files(tmp_path / "api", tmp_path / "local")
+    assert not any(path.endswith(PICKLE_OR_STATE) for path in fetched(hub))  # checkpoint-10/optimizer.pt left
+
+    result = run_cli(runner, "convert", "org/kohya/style.safetensors", "--to", "peft", "--base", "org/base",
+                     "-o", tmp_path / "kohya-hub")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "convert", local["kohya"], "--to", "peft", "--base", local["base"],
+                   "-o", tmp_path / "kohya-local").exit_code == 0
+    assert_same_files(tmp_path / "kohya-hub", tmp_path / "kohya-local")
+
+    before = len(hub.requests)
+    result = run_cli(runner, "dora", "to-dora", "org/lora@v1", "--base", "org/base", "-o", tmp_path / "dora-hub")
+    assert result.exit_code == 0, result.output
+    lookups = [r.path for r in hub.requests[before:] if r.path.startswith("/api/models/org/base/")]
+    assert lookups == ["/api/models/org/base/revision/main"]  # read twice (adapter names, norms), one commit
+    assert run_cli(runner, "dora", "to-dora", local["lora"], "--base", local["base"],
+                   "-o", tmp_path / "dora-local").exit_code == 0
+    assert_same_files(tmp_path / "dora-hub", tmp_path / "dora-local")
+
+    result = run_cli(runner, "spectrum", "org/lora@v1", "org/other", "--base", "org/base", "--json", "-")
+    assert result.exit_code == 0, result.output
+    hub_doc = json.loads(result.stdout)
+    local_doc = json.loads(run_cli(runner, "spectrum", local["lora"], local["other"], "--base", local["base"],
+                                   "--json", "-").stdout)
+    assert [d["modules"] for d in hub_doc["adapters"]] == [d["modules"] for d in local_doc["adapters"]]
+
+
+def test_pickle_only_adapters_need_allow_pickle(hub, local, runner):
+    error = assert_one_error_line(run_cli(runner, "info", "org/pickled"), "--allow-pickle", "adapter_model.bin")
+    assert "org/pickled" in error
+    assert not any(path.endswith(".bin") for path in fetched(hub))
+    result = run_cli(runner, "info", "org/pickled", "--allow-pickle", "--json")
+    assert result.exit_code == 0, result.output
+    local_info = run_cli(runner, "info", local["pickled"], "--allow-pickle", "--json").stdout
+    assert json.loads(result.stdout)["modules"] == json.loads(local_info)["modules"]
+    assert "org/pickled/adapter_model.bin" in fetched(hub)
+    assert_one_error_line(run_cli(runner, "info", "org/lora/adapter_model.bin"), "--allow-pickle")
+
+
+@pytest.mark.parametrize("where", ["HF_TOKEN", "login cache"])
+def test_private_and_gated_repos_with_a_token_that_may_read_them(hub, runner, monkeypatch, where):
+    if where == "HF_TOKEN":
+        monkeypatch.setenv("HF_TOKEN", TOKEN)
+    else:  # what `hf auth login` writes
+        Path(constants.HF_TOKEN_PATH).parent.mkdir(parents=True, exist_ok=True)
+        Path(constants.HF_TOKEN_PATH).write_text(TOKEN)
+    for repo in ("org/private", "org/gated"):
+        result = run_cli(runner, "info", repo)
+        assert result.exit_code == 0, result.output
+        assert TOKEN not in result.output + result.stderr
+    assert all(r.headers.get("authorization") == f"Bearer {TOKEN}" for r in hub.requests if "/org/" in r.path)
+
+
+@pytest.mark.parametrize(("source", "token", "expected"), [
+    ("org/missing", None, ("'org/missing' is not a local path", "has no repo org/missing")),
+    ("no/such-folder", None, ("'no/such-folder' is not a local path", "has no repo no/such-folder")),
+    ("org/lora@nope", None, ("org/lora", "has no revision 'nope'")),
+    ("org/lora/nope.safetensors", None, ("has no file 'nope.safetensors'",)),
+    ("org/kohya", None, ("org/kohya", "holds no adapter weights", "org/kohya/<file>.safetensors")),
+    ("org/private", None, ("has no repo org/private that an anonymous request can read", "HF_TOKEN")),
+    ("org/private", "hf_someoneElse0123456789", ("has no repo org/private that this token can read",)),
+    ("org/gated", None, ("org/gated is a gated repo: request access at http://", "/org/gated")),
+    ("org/gated", "hf_someoneElse0123456789", ("org/gated is a gated repo: request access at",)),
+    ("not a path or repo", None, ("'not a path or repo' does not exist",)),
+])
+def test_bad_hub_inputs_are_one_error_line(hub, runner, monkeypatch, source, token, expected):
+    if token:
+        monkeypatch.setenv("HF_TOKEN", token)
+    error = assert_one_error_line(run_cli(runner, "info", source), *expected)
+    assert token is None or token not in error
+
+
+@pytest.mark.parametrize(("failure", "expected"), [
+    ((401, "/resolve/"), "refused the credentials (401)"),
+    ((403, "/resolve/"), "refused access (403)"),
+    ((500, "/api/models/"), "answered 500 for org/other"),
+    (("drop", "/resolve/"), "org/other"),
+])
+def test_hub_failures_are_one_error_line_and_leave_no_output(hub, runner, tmp_path, failure, expected):
+    hub.fail(*failure)
+    result = run_cli(runner, "combine", "org/other", "-o", tmp_path / "out")
+    assert_one_error_line(result, expected)
+    assert not (tmp_path / "out").exists()
+
+
+def test_offline_without_a_cached_copy_is_one_error_line(hub, runner, monkeypatch):
+    go_offline(monkeypatch)
+    assert_one_error_line(run_cli(runner, "info", "org/other"), "HF_HUB_OFFLINE is set")
+    assert hub.requests == []
+
+
+def test_a_process_reads_hf_endpoint_hf_home_hf_hub_cache_hf_token_and_hf_hub_offline(hub, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HOME", "HF_HUB_OFFLINE")}
+    env.update(HF_HUB_CACHE=str(tmp_path / "cache"), HF_TOKEN=TOKEN)
+
+    def info(**extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "adaptools_cli", "info", "org/private", "--json"],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=120)
+
+    online = info()
+    assert online.returncode == 0, online.stderr
+    assert (tmp_path / "cache" / "models--org--private").is_dir() and TOKEN not in online.stdout + online.stderr
+    before = len(hub.requests)
+    offline = info(HF_HUB_OFFLINE="1")
+    assert offline.returncode == 0, offline.stderr
+    assert len(hub.requests) == before and offline.stdout == online.stdout
+
+
+def test_quantize_from_a_repo_id_equals_the_local_quantize(hub, local, runner, tmp_path):
+    result = run_cli(runner, "quantize", "org/base@main", "-o", tmp_path / "hub")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "quantize", local["base"], "-o", tmp_path / "local").exit_code == 0
+    assert_same_files(tmp_path / "hub", tmp_path / "local")
+
+
+def test_recipes_and_cards_name_hub_inputs_by_repo_id_and_commit_and_replay_anywhere(hub, local, runner, tmp_path,
+                                                                                     monkeypatch):
+    out = tmp_path / "merged"
+    result = run_cli(runner, "merge", "org/base", "org/lora@v1", "-o", out)
+    assert result.exit_code == 0, result.output
+    base_sha = hub.repos["org/base"].refs["main"]
+    text = (out / RECIPE_NAME).read_text()
+    recipe = json.loads(text)
+    assert recipe["params"]["base"] == f"org/base@{base_sha}"
+    assert recipe["params"]["adapters"] == [f"org/lora@{hub.v1}"]
+    base_entry, lora_entry = recipe["inputs"]
+    assert base_entry["repo_id"] == "org/base" and base_entry["revision"] == base_sha
+    assert base_entry["path"] == f"org/base@{base_sha}"  # the pinned ref, no local path
+    assert base_entry["files"] == {name: hashlib.sha256((local["base"] / name).read_bytes()).hexdigest()
+                                   for name in files_of(local["base"])}
+    assert lora_entry["repo_id"] == "org/lora" and lora_entry["revision"] == hub.v1
+    assert set(lora_entry["files"]) == {"README.md", "adapter_config.json", "adapter_model.safetensors"}
+    assert str(tmp_path / "hf") not in text  # the cache's paths are nobody else's
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "org/base"
+    assert f"org/lora@{hub.v1[:12]} (Hub, 3 files)" in card.text
+
+    hub.add_commit("org/lora", files_of(local["other"]))  # main moves on: the recipe still names commit v1
+    point_client_at(monkeypatch, hub.url, tmp_path / "elsewhere")  # another machine: an empty cache
+    result = run_cli(runner, "replay", out, "-o", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    assert_same_files(tmp_path / "again", out)
+    assert json.loads((tmp_path / "again" / RECIPE_NAME).read_text()) == recipe
+    assert (tmp_path / "elsewhere" / "hub" / "models--org--lora").is_dir()
+
+    lora_blob = next((tmp_path / "elsewhere" / "hub" / "models--org--lora" / "snapshots").glob("*/adapter_config.json"))
+    lora_blob.resolve().write_text("{}")  # the cached copy no longer matches the recipe
+    result = run_cli(runner, "replay", out, "-o", tmp_path / "changed")
+    assert_one_error_line(result, "org/lora@", "changed since the recipe was recorded", "adapter_config.json")
+
+
+@pytest.mark.parametrize(("change", "expected"), [
+    (lambda e: e.update(revision="main"), "a commit sha"),
+    (lambda e: e.update(repo_id="org/../../etc"), "is not a Hub repo id"),
+    (lambda e: e.update(path="org/lora@" + e["revision"]), "is not a Hub repo id"),
+    (lambda e: e["files"].update({"../../token": "0" * 64}), "'files' must name the repo files"),
+    (lambda e: e.update(files={}), "'files' must name the repo files"),
+])
+def test_hub_inputs_of_a_recipe_are_checked_before_anything_is_fetched(hub, runner, tmp_path, change, expected):
+    out = tmp_path / "blend"
+    assert run_cli(runner, "combine", "org/other", "-o", out).exit_code == 0
+    recipe = json.loads((out / RECIPE_NAME).read_text())
+    change(recipe["inputs"][0])
+    (tmp_path / "tampered.json").write_text(json.dumps(recipe))
+    before = len(hub.requests)
+    assert_one_error_line(run_cli(runner, "replay", tmp_path / "tampered.json", "-o", tmp_path / "again"), expected)
+    assert len(hub.requests) == before and not (tmp_path / "again").exists()
+
+
+def test_a_sharded_base_fetches_the_shards_its_index_names_and_nothing_else(hub, local, runner, tmp_path):
+    sharded = make_base(tmp_path / "sharded", "llama", max_shard_size="40KB")
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1
+    hub.add_commit("org/sharded", {**files_of(sharded), "consolidated.safetensors": b"\0" * 64})
+    result = run_cli(runner, "merge", "org/sharded", "org/lora@v1", "-o", tmp_path / "hub")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "merge", sharded, local["lora"], "-o", tmp_path / "local").exit_code == 0
+    assert_same_files(tmp_path / "hub", tmp_path / "local")
+    weights = sorted(p.removeprefix("org/sharded/") for p in fetched(hub) if p.startswith("org/sharded/")
+                     and p.endswith(".safetensors"))
+    assert weights == shards  # not consolidated.safetensors, which the index does not name
+
+
+def test_an_index_naming_paths_outside_the_repo_fetches_nothing_of_them(hub, local, runner, tmp_path):
+    index = {"metadata": {}, "weight_map": {"model.embed_tokens.weight": "../../../outside.safetensors",
+                                            "lm_head.weight": "/etc/passwd"}}
+    hub.add_commit("org/hostile", {"config.json": (local["base"] / "config.json").read_bytes(),
+                                   "model.safetensors.index.json": json.dumps(index).encode(),
+                                   "model.safetensors": (local["base"] / "model.safetensors").read_bytes()})
+    result = run_cli(runner, "merge", "org/hostile", "org/other", "-o", tmp_path / "out")
+    assert_one_error_line(result, "org/hostile", "holds no safetensors weights")
+    assert fetched(hub) - {f"org/other/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "README.md")} \
+        == {"org/hostile/config.json", "org/hostile/model.safetensors.index.json"}
+    assert not (tmp_path / "out").exists() and not (tmp_path / "outside.safetensors").exists()
