@@ -7,6 +7,7 @@ from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..errors import AdapterFormatError, InvalidArgumentError
 from .checkpoint import BaseCheckpoint
+from . import lycoris
 from .kohya import PREFIXES, is_kohya, read_kohya, remap_to_base, write_kohya
 from .peft import CONFIG_NAME, read_peft, write_peft
 from .tensors import PICKLE_SUFFIXES, read_safetensors, require_exists
@@ -21,6 +22,8 @@ def detect_format(path: str | os.PathLike) -> str:
         if (path / CONFIG_NAME).exists():
             return "peft"
         raise AdapterFormatError(f"{str(path)!r} is not an adapter folder: it has no {CONFIG_NAME}")
+    if lycoris.detect(path):
+        return lycoris.NAME
     if path.suffix not in PICKLE_SUFFIXES:
         keys = read_safetensors(path)[0].keys()
         if is_kohya(keys):
@@ -34,9 +37,10 @@ def detect_format(path: str | os.PathLike) -> str:
 
 def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None) -> Adapter:
     """Load a PEFT or kohya adapter; with `base`, kohya module names are mapped to the base's module paths."""
-    if detect_format(path) == "peft":
+    family = detect_format(path)
+    if family == "peft":
         return read_peft(path, allow_pickle=allow_pickle)
-    adapter = read_kohya(path, allow_pickle=allow_pickle)
+    adapter = lycoris.read(path, allow_pickle=allow_pickle) if family == lycoris.NAME else read_kohya(path, allow_pickle)
     return remap_to_base(adapter, BaseCheckpoint(base).keys()) if base is not None else adapter
 
 
