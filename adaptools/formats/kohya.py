@@ -61,8 +61,8 @@ def row_magnitude(name: str, dora_scale: Tensor | None, out_features: int) -> Te
         return None
     if dora_scale.numel() != out_features or (dora_scale.ndim > 1 and dora_scale.shape[0] != out_features):
         raise AdapterFormatError(
-            f"module {name!r}: dora_scale of shape {tuple(dora_scale.shape)} is not one magnitude per output row; "
-            "LyCORIS's input-side weight decomposition (wd_on_out false) is another method than PEFT's DoRA "
+            f"module {name!r}: dora_scale of shape {tuple(dora_scale.shape)} is not one value per output row: "
+            "LyCORIS's input-side weight decomposition (wd_on_out false) is another method than PEFT's per-row DoRA "
             "and is not supported"
         )
     return dora_scale.reshape(-1)
