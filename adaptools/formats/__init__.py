@@ -7,7 +7,7 @@ from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..errors import AdapterFormatError, InvalidArgumentError
 from .checkpoint import BaseCheckpoint
-from . import lycoris
+from . import lycoris, peft_lycoris
 from .kohya import PREFIXES, is_kohya, read_kohya, remap_to_base, write_kohya
 from .peft import CONFIG_NAME, read_peft, write_peft
 from .tensors import PICKLE_SUFFIXES, read_safetensors, require_exists
@@ -18,6 +18,8 @@ FORMATS = ("peft", "kohya")
 def detect_format(path: str | os.PathLike) -> str:
     """"peft" for a PEFT folder or a weights file with adapter_config.json beside it, "kohya" for lora_down/lora_up files."""
     path = require_exists(path)
+    if peft_lycoris.detect(path):
+        return peft_lycoris.NAME
     if path.is_dir():
         if (path / CONFIG_NAME).exists():
             return "peft"
@@ -40,6 +42,8 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
     family = detect_format(path)
     if family == "peft":
         return read_peft(path, allow_pickle=allow_pickle)
+    if family == peft_lycoris.NAME:
+        return peft_lycoris.read(path, allow_pickle=allow_pickle)
     adapter = lycoris.read(path, allow_pickle=allow_pickle) if family == lycoris.NAME else read_kohya(path, allow_pickle)
     return remap_to_base(adapter, BaseCheckpoint(base).keys()) if base is not None else adapter
 
