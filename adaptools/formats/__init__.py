@@ -7,7 +7,7 @@ from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..errors import AdapterFormatError, InvalidArgumentError
 from .checkpoint import BaseCheckpoint
-from . import lycoris, peft_lycoris
+from . import ia3, lycoris, peft_lycoris
 from .kohya import PREFIXES, is_kohya, read_kohya, remap_to_base, write_kohya
 from .peft import CONFIG_NAME, read_peft, write_peft
 from .tensors import PICKLE_SUFFIXES, read_safetensors, require_exists
@@ -20,6 +20,8 @@ def detect_format(path: str | os.PathLike) -> str:
     path = require_exists(path)
     if peft_lycoris.detect(path):
         return peft_lycoris.NAME
+    if ia3.detect(path):
+        return ia3.NAME
     if path.is_dir():
         if (path / CONFIG_NAME).exists():
             return "peft"
@@ -44,6 +46,8 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
         return read_peft(path, allow_pickle=allow_pickle)
     if family == peft_lycoris.NAME:
         return peft_lycoris.read(path, allow_pickle=allow_pickle)
+    if family == ia3.NAME:
+        return ia3.read(path, allow_pickle=allow_pickle)
     adapter = lycoris.read(path, allow_pickle=allow_pickle) if family == lycoris.NAME else read_kohya(path, allow_pickle)
     return remap_to_base(adapter, BaseCheckpoint(base).keys()) if base is not None else adapter
 

@@ -124,6 +124,26 @@ class DoraUpdate(LoraUpdate):
         dora_merge_rows(W, L[:, first:last], R, gains, inplace=True, columns=columns)
 
 
+@dataclass
+class ScaleUpdate(Update):
+    """IA3: W' = W ⊙ l, `vector` l scaling the rows of the 2-D view (rows,) or, with `columns`, its columns (cols,)."""
+
+    vector: Tensor
+    columns: bool = False
+
+    def group_key(self) -> Hashable:
+        return type(self), self.columns
+
+    @classmethod
+    def stack(cls, updates: Sequence[ScaleUpdate]) -> tuple[Tensor, bool]:
+        return torch.stack([u.vector for u in updates]), updates[0].columns
+
+    @classmethod
+    def apply(cls, W: Tensor, stacked: tuple[Tensor, bool], first: int, last: int) -> None:
+        vector, columns = stacked
+        W.mul_(vector.unsqueeze(1) if columns else vector[:, first:last].unsqueeze(2))
+
+
 class Buffers:
     """One worker's scratch tensors by role, reused from tile to tile (a fresh large allocation faults in every
     page again)."""

@@ -15,13 +15,14 @@ from torch import Tensor
 from ..adapter import Adapter, LoraModule
 from ..combine import combined_bias, concat_factors, plan_terms
 from ..errors import BaseMismatchError, DoraError, InvalidArgumentError, ShapeMismatchError, UnknownModuleError
-from ..formats import load_adapter
+from ..formats import ia3, load_adapter
 from ..formats.checkpoint import DTYPE_NAMES, BaseCheckpoint
 from ..formats.checkpoint_writer import Layout, plan_shards, shard_names
 from ..formats.kohya import PREFIXES, remap_to_base
+from ..ia3 import IA3Adapter
 from ..linalg import group_by
 from .codecs import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec, listed
-from .kernels import DoraUpdate, LoraUpdate, Update
+from .kernels import DoraUpdate, LoraUpdate, ScaleUpdate, Update
 
 
 @dataclass
@@ -85,16 +86,55 @@ def square_orientation(adapter: Adapter, specs: dict[str, TensorSpec], model_typ
     return any(m.fan_in_fan_out for m in adapter.modules.values())
 
 
-def fit_adapters(adapters: Sequence[Adapter], specs: dict[str, TensorSpec], model_type: str | None) -> list[Adapter]:
+@dataclass
+class FittedIA3:
+    """An IA3 adapter laid out for the base: per base tensor it scales (weights, and biases on the output side) the
+    vector on the tensor's 2-D view and whether it scales columns."""
+
+    adapter: IA3Adapter
+    scalings: dict[str, tuple[Tensor, bool]]
+
+    @property
+    def extra(self) -> dict[str, Tensor]:
+        return self.adapter.extra
+
+
+def fit_ia3(adapter: IA3Adapter, specs: dict[str, TensorSpec], model_type: str | None, missing: list[str],
+            misfit: list[str]) -> FittedIA3:
+    """Each IA3 vector on its base weight (and bias): orientation by shape, a square weight by PEFT's fan_in_fan_out
+    flag or a Conv1D architecture; problems are appended to `missing` / `misfit`."""
+    scalings: dict[str, tuple[Tensor, bool]] = {}
+    for name, module in adapter.items():
+        spec, bias = specs.get(f"{name}.weight"), specs.get(f"{name}.bias")
+        fit = None if spec is None else module.on_weight(spec.shape, module.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES)
+        if spec is None:
+            missing.append(f"{name}.weight")
+        elif fit is None:
+            misfit.append(f"{name}: the IA3 vector has {len(module.vector)} values, the base weight is {spec.shape}")
+        else:
+            scalings[f"{name}.weight"] = fit
+        if module.scales_bias and bias is not None and fit is not None:
+            if bias.shape != tuple(module.vector.shape):
+                misfit.append(f"{name}.bias: the IA3 vector has {len(module.vector)} values, the bias {bias.shape}")
+            scalings[f"{name}.bias"] = (module.vector, False)
+    return FittedIA3(adapter, scalings)
+
+
+def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, TensorSpec],
+                 model_type: str | None) -> list[Adapter | FittedIA3]:
     """The adapters with every module laid out for its base weight; all missing or misfit tensors raise at once."""
     missing: list[str] = []
     misfit: list[str] = []
     unsupported: list[str] = []
-    fitted_adapters = []
+    fitted_adapters: list[Adapter | FittedIA3] = []
     for adapter in adapters:
-        square = square_orientation(adapter, specs, model_type)
+        lora = isinstance(adapter, Adapter)
+        square = square_orientation(adapter, specs, model_type) if lora else False
         fitted: dict[str, LoraModule] = {}
-        for name, module in adapter.items():
+        scaled = None if lora else fit_ia3(adapter, specs, model_type, missing, misfit)
+        unsupported += [f"{key} ({DTYPE_NAMES.get(specs[key].dtype, specs[key].dtype)})"
+                        for key in (scaled.scalings if scaled else ()) if specs[key].dtype not in MERGEABLE_DTYPES]
+        for name, module in adapter.items() if lora else ():
             spec = specs.get(f"{name}.weight")
             if spec is None:
                 missing.append(f"{name}.weight")
@@ -123,7 +163,7 @@ def fit_adapters(adapters: Sequence[Adapter], specs: dict[str, TensorSpec], mode
                 misfit.append(f"{key}: the adapter's full tensor is {tuple(tensor.shape)}, the base's {spec.shape}")
             elif spec.dtype not in MERGEABLE_DTYPES:
                 unsupported.append(f"{key} ({DTYPE_NAMES.get(spec.dtype, spec.dtype)})")
-        fitted_adapters.append(adapter.with_modules(fitted))
+        fitted_adapters.append(adapter.with_modules(fitted) if scaled is None else scaled)
     if missing:
         raise UnknownModuleError(
             f"{len(missing)} tensor(s) the adapters change are not in the base: {listed(missing)}"
@@ -138,12 +178,14 @@ def fit_adapters(adapters: Sequence[Adapter], specs: dict[str, TensorSpec], mode
     return fitted_adapters
 
 
-def plan_output(name: str, adapters: Sequence[Adapter], weights: Sequence[float], device: torch.device) -> OutputPlan:
+def plan_output(name: str, adapters: Sequence[Adapter | FittedIA3], weights: Sequence[float],
+                device: torch.device) -> OutputPlan:
     """One output's updates: per module the weighted terms concatenated (rank Σr), laid out for the base weight's
-    2-D view, factors on `device` in float32."""
+    2-D view, factors on `device` in float32; an IA3 adapter's vectors as scalings of its weights and biases."""
     updates: dict[str, Update] = {}
     biases: dict[str, Tensor] = {}
-    for module_name, terms in plan_terms(adapters, weights).items():
+    lora = [(a, w) for a, w in zip(adapters, weights) if isinstance(a, Adapter)]
+    for module_name, terms in plan_terms([a for a, _ in lora], [w for _, w in lora]).items():
         first = terms[0].module
         if len(terms) > 1 and any(t.module.is_dora for t in terms):
             raise DoraError(
@@ -158,11 +200,28 @@ def plan_output(name: str, adapters: Sequence[Adapter], weights: Sequence[float]
         bias = combined_bias(terms, torch.float32)
         if bias is not None:
             biases[f"{module_name}.bias"] = bias
+    for fitted, weight in zip(adapters, weights):
+        if isinstance(fitted, FittedIA3):
+            plan_ia3(fitted, weight, updates, biases, device)
     full: dict[str, list[tuple[float, Tensor]]] = {}
     for adapter, weight in zip(adapters, weights):
         for key, tensor in adapter.extra.items():
             full.setdefault(key, []).append((weight, tensor))
     return OutputPlan(name, updates, biases, full)
+
+
+def plan_ia3(fitted: FittedIA3, weight: float, updates: dict[str, Update], biases: dict[str, Tensor],
+             device: torch.device) -> None:
+    """Add an IA3 adapter's scalings to one output's updates; it takes weight 1 and no other update of its tensors."""
+    if weight != 1.0:
+        raise InvalidArgumentError(f"an IA3 adapter scales weights by its vectors and takes no weight (got {weight:g})")
+    for key, (vector, columns) in fitted.scalings.items():
+        if key in updates or key in biases:
+            raise InvalidArgumentError(
+                f"{key!r} gets an IA3 scaling and another update in one output; merge them one after another "
+                "or use --each"
+            )
+        updates[key] = ScaleUpdate(vector.float().to(device), columns)
 
 
 def plan_steps(specs: dict[str, TensorSpec], batch_bytes: int) -> list[Step]:
@@ -203,13 +262,18 @@ AdapterLike = Adapter | str | os.PathLike
 def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: BaseCheckpoint,
                   allow_pickle: bool) -> list[Adapter]:
     """Adapters from paths (PEFT or kohya) or as given; kohya names mapped to the base's module paths."""
-    items = [adapters] if isinstance(adapters, (Adapter, str, os.PathLike)) else list(adapters)
+    items = [adapters] if isinstance(adapters, (Adapter, IA3Adapter, str, os.PathLike)) else list(adapters)
     if not items:
         raise InvalidArgumentError("merge needs at least one adapter")
-    loaded = []
+    loaded: list[Adapter | IA3Adapter] = []
     for item in items:
-        adapter = item if isinstance(item, Adapter) else load_adapter(item, allow_pickle=allow_pickle)
-        if any(name.startswith(PREFIXES) and f"{name}.weight" not in ckpt for name in adapter.modules):
+        if isinstance(item, (Adapter, IA3Adapter)):
+            adapter = item
+        elif ia3.detect(item):
+            adapter = ia3.read_ia3(item, allow_pickle=allow_pickle)
+        else:
+            adapter = load_adapter(item, allow_pickle=allow_pickle)
+        if isinstance(adapter, Adapter) and any(name.startswith(PREFIXES) and f"{name}.weight" not in ckpt for name in adapter.modules):
             adapter = remap_to_base(adapter, ckpt.keys())
         loaded.append(adapter)
     return loaded
