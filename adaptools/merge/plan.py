@@ -49,13 +49,14 @@ class Step:
 def fit_module(module: LoraModule, shape: tuple[int, ...], square_transposed: bool) -> LoraModule | None:
     """The module laid out for a base weight of `shape`, or None when it cannot fit.
 
-    A linear update fits a weight (out, in), a fan_in_fan_out weight (in, out) (GPT-2's Conv1D) or a 1x1
-    convolution (out, in, 1, 1); a square weight is ambiguous and takes `square_transposed`.
+    A linear update fits a weight (out, in), a fan_in_fan_out weight (in, out) (GPT-2's Conv1D) or a convolution
+    (out, c, *kernel) with c·prod(kernel) = in (a 1x1 one, or conv factors stored flattened, as LoHa and LoKr
+    store them); a square weight is ambiguous and takes `square_transposed`.
     """
     if module.kind != "linear":
         return module if module.weight_shape == tuple(shape) else None
     out, inp = module.out_features, module.in_features
-    if len(shape) > 2 and tuple(shape[:2]) == (out, inp) and math.prod(shape[2:]) == 1:
+    if len(shape) > 2 and shape[0] == out and math.prod(shape[1:]) == inp:
         return replace(module, kind="conv", kernel=tuple(shape[2:]), fan_in_fan_out=False)
     if tuple(shape) == (out, inp) == (inp, out):
         return replace(module, fan_in_fan_out=square_transposed)
