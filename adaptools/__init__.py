@@ -33,7 +33,9 @@ from .errors import (
 from .combine import combine, interpolate, negate
 from .formats import BaseCheckpoint, detect_format, save_adapter
 from .formats import load_adapter as load
+from .formats.ia3 import read_ia3 as load_ia3
 from .hub import push
+from .ia3 import IA3Adapter, IA3Module
 from .merge import MergeReport, merge
 from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
@@ -47,6 +49,8 @@ __all__ = [
     "BaseMismatchError",
     "DoraError",
     "HubError",
+    "IA3Adapter",
+    "IA3Module",
     "InputNotFoundError",
     "InvalidArgumentError",
     "LoraFitReport",
@@ -70,6 +74,7 @@ __all__ = [
     "detect_format",
     "interpolate",
     "load",
+    "load_ia3",
     "merge",
     "negate",
     "push",
