@@ -1,20 +1,23 @@
-"""The data model: a `LoraModule` per base module (ΔW = scale · B @ A) and the `Adapter` that maps module paths to them."""
+"""The data model: a `LoraModule` per base module (ΔW = scale · B @ A), the `Adapter` that maps module paths to
+them, and their exact algebra by concatenating factors (DESIGN §2)."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+import numbers
+import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor
 
-from .errors import NonFiniteError, RankMismatchError, ShapeMismatchError
-
-if TYPE_CHECKING:
-    import os
+from .errors import DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError, ShapeMismatchError
 
 LayerKind = Literal["linear", "embedding", "conv"]
+
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lycoris_")
+"""Prefixes of kohya module names (`lora_unet_down_blocks_0_...`): names not yet mapped to module paths."""
 
 
 @dataclass(repr=False)
@@ -215,32 +218,235 @@ class Adapter:
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 raise NonFiniteError(f"tensor {key!r} holds NaN or Inf")
 
-    # Exact arithmetic by concatenating factors (DESIGN §2); see adaptools.combine.
+    # Exact arithmetic by concatenating factors (DESIGN §2).
     def __add__(self, other: object) -> Adapter:
-        from .combine import combine
-
-        return combine([self, other], [1.0, 1.0]) if isinstance(other, Adapter) else NotImplemented
+        return weighted_sum([self, other], [1.0, 1.0]) if isinstance(other, Adapter) else NotImplemented
 
     def __sub__(self, other: object) -> Adapter:
-        from .combine import combine
-
-        return combine([self, other], [1.0, -1.0]) if isinstance(other, Adapter) else NotImplemented
+        return weighted_sum([self, other], [1.0, -1.0]) if isinstance(other, Adapter) else NotImplemented
 
     def __mul__(self, weight: object) -> Adapter:
-        from .combine import scale
-
         is_number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
-        return scale(self, float(weight)) if is_number else NotImplemented
+        return weighted_sum([self], [float(weight)]) if is_number else NotImplemented
 
     __rmul__ = __mul__
 
     def __neg__(self) -> Adapter:
-        from .combine import negate
-
-        return negate(self)
+        return weighted_sum([self], [-1.0])
 
     def save(self, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
-        """Write the adapter as a PEFT folder (`format="peft"`) or a kohya safetensors file (`"kohya"`)."""
-        from .formats import save_adapter
+        """Write the adapter in a registered format (`adaptools.save_adapter`: "peft", "kohya", "mlx", ...)."""
+        if _writer is None:
+            raise InvalidArgumentError("no adapter writer is registered: import adaptools (or adaptools.formats) first")
+        _writer(self, path, format, overwrite)
 
-        save_adapter(self, path, format=format, overwrite=overwrite)
+
+class AdapterWriter(Protocol):
+    """What `Adapter.save` calls: `adaptools.formats.save_adapter`, registered by that package (the data model
+    does not import the formats)."""
+
+    def __call__(self, adapter: Adapter, path: str | os.PathLike, format: str, overwrite: bool) -> None: ...
+
+
+_writer: AdapterWriter | None = None
+
+
+def register_writer(writer: AdapterWriter) -> None:
+    """Make `writer` the function behind `Adapter.save`."""
+    global _writer
+    _writer = writer
+
+
+# --- The exact algebra (DESIGN §2) --------------------------------------------------------------------------
+# Per module, Σ_i w_i·s_i·B_i@A_i = [w_1·s_1·B_1 | w_2·s_2·B_2 | ...] @ [A_1; A_2; ...] with scale 1 and rank
+# Σ r_i; a module present in some adapters only gets the terms of those. LoRA biases add up as Σ w_i·s_i·b_i.
+#
+# Full tensors (`Adapter.extra`: modules_to_save, trained biases) replace base tensors instead of adding to
+# them, so a weighted sum of them is not defined without the base. They follow mergekit's `linear` merge: the
+# normalised weighted average Σ w_i·T_i / Σ w_i, which is exact (equal to W + Σ w_i·(T_i − W) for any base W)
+# when the weights sum to 1. It needs every input to hold the tensor and weights >= 0 with a positive sum;
+# otherwise `full_tensors="drop"` leaves the base's tensors in place.
+
+FullTensors = Literal["average", "drop"]
+FULL_TENSOR_MODES: tuple[str, ...] = ("average", "drop")
+
+# Config keys that restrict which modules PEFT targets; a combination's target set is its own.
+TARGETING_KEYS = ("layers_to_transform", "layers_pattern", "exclude_modules", "target_parameters")
+
+
+@dataclass(frozen=True)
+class Term:
+    """One adapter's contribution w·(s·B@A) to a module."""
+
+    weight: float
+    module: LoraModule
+
+
+@dataclass(frozen=True)
+class TermPlan:
+    """Checked inputs of a weighted combination: per module (in order of first appearance) its terms,
+    the result's dtype and its full tensors."""
+
+    adapters: list[Adapter]
+    weights: list[float]
+    terms: dict[str, list[Term]]
+    dtype: torch.dtype
+    extra: dict[str, Tensor]
+
+
+def refuse_dora(adapter: Adapter, operation: str) -> None:
+    """Raise DoraError for a DoRA adapter: its update is not the factors' product, so factor arithmetic does not apply."""
+    if adapter.is_dora:
+        raise DoraError(
+            f"cannot {operation} a DoRA adapter{f' ({adapter.name})' if adapter.name else ''}: DoRA rescales each "
+            "row of W + s·B·A by its magnitude, so its update is not defined by B and A alone; convert it first "
+            "with `adaptools dora to-lora`"
+        )
+
+
+def has_kohya_names(adapter: Adapter) -> bool:
+    """True when some module names are kohya names (`lora_unet_...`), not yet mapped to module paths."""
+    return any(name.startswith(KOHYA_PREFIXES) for name in adapter.modules)
+
+
+def check_weights(adapters: Sequence[Adapter], weights: Sequence[float] | None) -> list[float]:
+    """The weights as floats (default 1 each), one finite number per adapter."""
+    if not adapters:
+        raise InvalidArgumentError("combine needs at least one adapter")
+    if weights is None:
+        return [1.0] * len(adapters)
+    weights = list(weights)
+    if len(weights) != len(adapters):
+        raise InvalidArgumentError(f"got {len(weights)} weight(s) for {len(adapters)} adapter(s)")
+    if not all(isinstance(w, numbers.Real) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+        raise InvalidArgumentError(f"weights must be finite numbers, got {weights}")
+    return [float(w) for w in weights]
+
+
+def check_names(adapters: Sequence[Adapter]) -> None:
+    """Refuse a mix of unmapped kohya names and module paths: they would never meet."""
+    kohya = [has_kohya_names(a) for a in adapters]
+    if any(kohya) and not all(kohya):
+        raise InvalidArgumentError(
+            "some adapters use kohya module names and others module paths: load the kohya ones with base=... "
+            "(--base) so their modules map to the base's paths"
+        )
+
+
+def same_layout(name: str, first: LoraModule, other: LoraModule) -> None:
+    """Raise ShapeMismatchError when two adapters' modules at `name` do not update the same weight the same way."""
+    fields = ("kind", "fan_in_fan_out", "kernel", "out_features", "in_features")
+    for attr in fields:
+        if getattr(first, attr) != getattr(other, attr):
+            raise ShapeMismatchError(
+                f"module {name!r} differs between adapters: {attr} {getattr(first, attr)!r} vs {getattr(other, attr)!r}"
+            )
+
+
+def plan_terms(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[Term]]:
+    """Per module (in order of first appearance) the weighted terms of the adapters that hold it; layouts checked."""
+    plan: dict[str, list[Term]] = {}
+    for adapter, weight in zip(adapters, weights):
+        for name, module in adapter.items():
+            terms = plan.setdefault(name, [])
+            if terms:
+                same_layout(name, terms[0].module, module)
+            terms.append(Term(weight, module))
+    return plan
+
+
+def concat_factors(terms: Sequence[Term]) -> tuple[Tensor, Tensor]:
+    """(B, A) in float32 with B @ A = Σ w·s·B_i@A_i: B = [w_1·s_1·B_1 | ...], A = [A_1; ...]."""
+    B = torch.cat([t.module.B.float() * (t.weight * t.module.scale) for t in terms], dim=1)
+    A = torch.cat([t.module.A.float() for t in terms], dim=0)
+    return B, A
+
+
+def combined_bias(terms: Sequence[Term], dtype: torch.dtype) -> Tensor | None:
+    """Σ w·s·b over the terms that have a LoRA bias (None when none has)."""
+    parts = [t.module.bias.float() * (t.weight * t.module.scale) for t in terms if t.module.bias is not None]
+    return None if not parts else torch.stack(parts).sum(0).to(dtype)
+
+
+def combined_module(terms: Sequence[Term], B: Tensor, A: Tensor, dtype: torch.dtype) -> LoraModule:
+    """The module of the combination with factors (B, A) at scale 1, in `dtype`."""
+    return replace(terms[0].module, A=A.to(dtype), B=B.to(dtype), scale=1.0, magnitude=None,
+                   bias=combined_bias(terms, dtype))
+
+
+def result_dtype(adapters: Sequence[Adapter], dtype: torch.dtype | None) -> torch.dtype:
+    """`dtype`, else the promotion of the inputs' factor dtypes (fp16 + bf16 → fp32)."""
+    if dtype is not None:
+        return dtype
+    dtypes = [m.dtype for a in adapters for _, m in a.items()]
+    out = dtypes[0]
+    for d in dtypes[1:]:
+        out = torch.promote_types(out, d)
+    return out
+
+
+def combine_full_tensors(adapters: Sequence[Adapter], weights: Sequence[float], mode: str) -> dict[str, Tensor]:
+    """Full tensors of the combination: Σ w_i·T_i / Σ w_i for "average" (see above), none for "drop"."""
+    if mode not in FULL_TENSOR_MODES:
+        raise InvalidArgumentError(f"unknown full_tensors mode {mode!r} (choose {' or '.join(FULL_TENSOR_MODES)})")
+    keys = list(dict.fromkeys(k for a in adapters for k in a.extra))
+    if mode == "drop" or not keys:
+        return {}
+    hint = "pass full_tensors='drop' (--full-tensors drop) to keep the base's tensors instead"
+    missing = [k for k in keys if not all(k in a.extra for a in adapters)]
+    if missing:
+        raise InvalidArgumentError(
+            f"full tensor {missing[0]!r} (modules_to_save or a trained bias) is held by some adapters only; it replaces "
+            f"the base tensor, so without the base it cannot be weighted; {hint}"
+        )
+    if any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise InvalidArgumentError(
+            f"the adapters hold full tensors ({', '.join(keys[:3])}); these are averaged with the weights, which needs "
+            f"weights >= 0 with a positive sum (got {list(weights)}); {hint}"
+        )
+    total = sum(weights)
+    extra = {}
+    for key in keys:
+        tensors = [a.extra[key] for a in adapters]
+        if any(t.shape != tensors[0].shape for t in tensors):
+            raise ShapeMismatchError(f"full tensor {key!r} has shapes {[tuple(t.shape) for t in tensors]} across adapters")
+        if not tensors[0].is_floating_point():
+            extra[key] = tensors[0]
+            continue
+        average = sum(t.float() * (w / total) for t, w in zip(tensors, weights))
+        extra[key] = average.to(tensors[0].dtype)
+    return extra
+
+
+def plan_combination(adapters: Sequence[Adapter], weights: Sequence[float] | None, operation: str, *,
+                     dtype: torch.dtype | None = None, full_tensors: str = "average") -> TermPlan:
+    """Check the inputs of a weighted combination (weights, no DoRA, names, layouts, full tensors) and plan its terms."""
+    adapters = list(adapters)
+    checked = check_weights(adapters, weights)
+    for adapter in adapters:
+        refuse_dora(adapter, operation)
+    check_names(adapters)
+    terms = plan_terms(adapters, checked)
+    return TermPlan(adapters, checked, terms, result_dtype(adapters, dtype),
+                    combine_full_tensors(adapters, checked, full_tensors))
+
+
+def result_adapter(adapters: Sequence[Adapter], modules: dict[str, LoraModule], extra: dict[str, Tensor]) -> Adapter:
+    """The combination's Adapter: the first input's metadata, without config keys that restrict its targets;
+    its format is the inputs' common format (PEFT for a mix)."""
+    first = adapters[0]
+    config = {k: v for k, v in first.config.items() if k not in TARGETING_KEYS}
+    if not extra and "modules_to_save" in config:
+        config["modules_to_save"] = None
+    base_model = next((a.base_model for a in adapters if a.base_model), None)
+    formats = {a.source_format for a in adapters}
+    return Adapter(modules=modules, extra=extra, base_model=base_model, config=config,
+                   source_format=formats.pop() if len(formats) == 1 else "peft", name=None)
+
+
+def weighted_sum(adapters: Sequence[Adapter], weights: Sequence[float] | None = None, *,
+                 dtype: torch.dtype | None = None, full_tensors: str = "average") -> Adapter:
+    """Σ_i w_i·a_i, exact: per module B = [w_1·s_1·B_1 | ...], A = [A_1; ...], scale 1, rank Σ r_i."""
+    plan = plan_combination(adapters, weights, "combine", dtype=dtype, full_tensors=full_tensors)
+    modules = {name: combined_module(terms, *concat_factors(terms), plan.dtype) for name, terms in plan.terms.items()}
+    return result_adapter(plan.adapters, modules, plan.extra)

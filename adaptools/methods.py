@@ -43,17 +43,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from .adapter import Adapter
-from .combine import (
-    Term,
-    check_names,
-    check_weights,
-    combine_full_tensors,
-    combined_module,
-    plan_terms,
-    result_adapter,
-    result_dtype,
-)
+from .adapter import Adapter, Term, combined_module, plan_combination, result_adapter
 from .device import resolve_device
 from .errors import InvalidArgumentError
 from .linalg import (
@@ -69,7 +59,7 @@ from .linalg import (
     truncation_error,
 )
 from .report import relative
-from .rerank import ModuleRerank, Progress, RerankReport, policy_text, refuse_dora, resolve_policy
+from .rerank import ModuleRerank, Progress, RerankReport, policy_text, resolve_policy
 
 Method = Literal["sum", "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties", "knots_dare"]
 METHODS: tuple[str, ...] = get_args(Method)
@@ -339,15 +329,9 @@ def merge_with_method(adapters: Sequence[Adapter], weights: Sequence[float] | No
     if method == "sum":
         raise InvalidArgumentError("the weighted sum is exact: use combine(adapters, weights)")
     used_density = check_options(method, density, majority_sign)
-    adapters = list(adapters)
-    weights = check_weights(adapters, weights)
     chosen = None if policy is None else resolve_policy(policy)
-    for adapter in adapters:
-        refuse_dora(adapter, f"merge ({method})")
-    check_names(adapters)
-    plan = plan_terms(adapters, weights)
-    out = result_dtype(adapters, dtype)
-    extra = combine_full_tensors(adapters, weights, full_tensors)
+    planned = plan_combination(adapters, weights, f"merge ({method})", dtype=dtype, full_tensors=full_tensors)
+    adapters, plan, out = planned.adapters, planned.terms, planned.dtype
     spec = method_spec(method)
     keys, sizes = {}, {}
     for name, terms in plan.items():
@@ -373,7 +357,7 @@ def merge_with_method(adapters: Sequence[Adapter], weights: Sequence[float] | No
         modules[name] = combined_module(terms, B, A, out)
         reports[name] = _report(r, ranks[name])
     label = "rank=sum of ranks" if chosen is None else policy_text(chosen)
-    return result_adapter(adapters, modules, extra), RerankReport(f"{method}, {label}", reports)
+    return result_adapter(adapters, modules, planned.extra), RerankReport(f"{method}, {label}", reports)
 
 
 __all__ = [

@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, LoraModule
-from .errors import DoraError, InvalidArgumentError
+from .adapter import Adapter, LoraModule, refuse_dora
+from .errors import InvalidArgumentError
 from .linalg import RankPolicy, balanced_factors, choose_ranks, factored_svd, group_by, select_ranks, truncation_error
 from .report import ErrorSummary, ModuleFitError
 
@@ -88,16 +88,6 @@ def policy_text(policy: RankPolicy) -> str:
     """"kind=value" with integers shown without a decimal point."""
     value = policy.value
     return f"{policy.kind}={int(value) if float(value).is_integer() else value:g}"
-
-
-def refuse_dora(adapter: Adapter, operation: str) -> None:
-    """Raise DoraError for a DoRA adapter: its update is not the factors' product, so factor arithmetic does not apply."""
-    if adapter.is_dora:
-        raise DoraError(
-            f"cannot {operation} a DoRA adapter{f' ({adapter.name})' if adapter.name else ''}: DoRA rescales each "
-            "row of W + s·B·A by its magnitude, so its update is not defined by B and A alone; convert it first "
-            "with `adaptools dora to-lora`"
-        )
 
 
 def stack_chunks(shapes: Mapping[str, tuple[int, int, int]]) -> Iterator[list[str]]:

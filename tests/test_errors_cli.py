@@ -64,7 +64,7 @@ BROKEN = {
     "missing_path": (lambda f: shutil.rmtree(f), adaptools.InputNotFoundError, "does not exist"),
     "not_an_adapter": (lambda f: [p.unlink() for p in f.iterdir()], adaptools.AdapterFormatError, "not an adapter folder"),
     "no_weights": (lambda f: (f / WEIGHTS).unlink(), adaptools.AdapterFormatError, "no adapter_model.safetensors"),
-    "truncated_safetensors": (truncate, adaptools.AdapterFormatError, "not a readable safetensors file"),
+    "truncated_safetensors": (truncate, adaptools.AdapterFormatError, "this file is truncated"),
     "garbage_safetensors": (lambda f: (f / WEIGHTS).write_bytes(os.urandom(4096)), adaptools.AdapterFormatError,
                             "not a readable safetensors file"),
     "invalid_json": (lambda f: (f / CONFIG).write_text('{"r": 4,'), adaptools.AdapterFormatError, "not valid JSON"),

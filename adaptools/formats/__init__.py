@@ -1,70 +1,91 @@
-"""Adapter file formats: detect, load and save PEFT folders and kohya files."""
+"""Adapter file formats as a registry of families: each family module reads (and maybe writes) one kind of file.
+
+A family module exposes `NAME`, `detect(path) -> bool` (cheap: names, configs, safetensors headers),
+`read(path, *, allow_pickle=False, scale=None, alpha=None) -> Adapter` and, where the family can be written,
+`write(adapter, target)` with `WRITES_FILE` (True for one file, False for a folder). `load_adapter` asks
+the families of `FAMILIES` in order, so a more specific family comes before a general one (LyCORIS before
+kohya); a new family is one module plus one line in `FAMILIES`.
+"""
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from types import ModuleType
 
-from ..adapter import Adapter
+from ..adapter import Adapter, has_kohya_names, register_writer
 from ..atomic import atomic_output
-from ..errors import AdapterFormatError, InvalidArgumentError
+from ..errors import InvalidArgumentError
+from . import diffusers, ia3, kohya, lycoris, mlx, peft, peft_lycoris
 from .checkpoint import BaseCheckpoint
-from . import ia3, lycoris, peft_lycoris
-from .kohya import PREFIXES, is_kohya, read_kohya, remap_to_base, write_kohya
-from .peft import CONFIG_NAME, read_peft, write_peft
-from .tensors import PICKLE_SUFFIXES, read_safetensors, require_exists
+from .kohya import remap_to_base
+from .tensors import require_exists
+from .unsupported import unsupported_error
 
-FORMATS = ("peft", "kohya")
+FAMILIES: tuple[ModuleType, ...] = (
+    mlx,
+    peft_lycoris,
+    ia3,
+    peft,
+    lycoris,
+    diffusers,
+    kohya,
+)
+"""Adapter families, most specific first: the first whose `detect` accepts a path reads it."""
+
+WRITERS: dict[str, ModuleType] = {f.NAME: f for f in FAMILIES if hasattr(f, "write")}
+FORMATS: tuple[str, ...] = tuple(WRITERS)
+"""Names of the formats adaptools writes (`save_adapter(..., format=...)`, `convert --to`)."""
+
+
+def detect_family(path: str | os.PathLike) -> ModuleType:
+    """The family module that reads `path`; UnsupportedAdapterError or AdapterFormatError saying what it is otherwise."""
+    path = require_exists(path)
+    for family in FAMILIES:
+        if family.detect(path):
+            return family
+    raise unsupported_error(path)
 
 
 def detect_format(path: str | os.PathLike) -> str:
-    """"peft" for a PEFT folder or a weights file with adapter_config.json beside it, "kohya" for lora_down/lora_up files."""
-    path = require_exists(path)
-    if peft_lycoris.detect(path):
-        return peft_lycoris.NAME
-    if ia3.detect(path):
-        return ia3.NAME
-    if path.is_dir():
-        if (path / CONFIG_NAME).exists():
-            return "peft"
-        raise AdapterFormatError(f"{str(path)!r} is not an adapter folder: it has no {CONFIG_NAME}")
-    if lycoris.detect(path):
-        return lycoris.NAME
-    if path.suffix not in PICKLE_SUFFIXES:
-        keys = read_safetensors(path)[0].keys()
-        if is_kohya(keys):
-            return "kohya"
-    if (path.parent / CONFIG_NAME).exists():
-        return "peft"
-    raise AdapterFormatError(
-        f"{str(path)!r} is neither a kohya LoRA file nor PEFT weights with {CONFIG_NAME} beside them"
-    )
+    """The name of the family that reads `path` ("peft", "kohya", "mlx", "diffusers", ...)."""
+    return detect_family(path).NAME
 
 
-def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None) -> Adapter:
-    """Load a PEFT or kohya adapter; with `base`, kohya module names are mapped to the base's module paths."""
-    family = detect_format(path)
-    if family == "peft":
-        return read_peft(path, allow_pickle=allow_pickle)
-    if family == peft_lycoris.NAME:
-        return peft_lycoris.read(path, allow_pickle=allow_pickle)
-    if family == ia3.NAME:
-        return ia3.read(path, allow_pickle=allow_pickle)
-    adapter = lycoris.read(path, allow_pickle=allow_pickle) if family == lycoris.NAME else read_kohya(path, allow_pickle)
-    return remap_to_base(adapter, BaseCheckpoint(base).keys()) if base is not None else adapter
+def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None, *,
+                 scale: float | None = None, alpha: float | None = None) -> Adapter:
+    """Read an adapter of any registered family; with `base`, kohya module names are mapped to the base's paths.
+
+    `scale` / `alpha` set the scale where the file does not record it (PEFT weights without a config,
+    mlx-examples .npz archives); families that record it ignore them.
+    """
+    if scale is not None and alpha is not None:
+        raise InvalidArgumentError("pass --scale or --alpha, not both")
+    adapter = detect_family(path).read(Path(path), allow_pickle=allow_pickle, scale=scale, alpha=alpha)
+    if base is not None and has_kohya_names(adapter):
+        return remap_to_base(adapter, BaseCheckpoint(base).keys())
+    return adapter
+
+
+def default_format(adapter: Adapter) -> str:
+    """The format an adapter is written in by default: the family it was read from where adaptools writes that
+    family (kohya stays kohya, mlx stays mlx), else "peft"."""
+    return adapter.source_format if adapter.source_format in WRITERS else "peft"
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
-    """Write `adapter` atomically: a PEFT folder, or a kohya .safetensors file."""
-    if format not in FORMATS:
-        raise InvalidArgumentError(f"unknown adapter format {format!r} (choose {' or '.join(FORMATS)})")
-    if format == "peft" and any(name.startswith(PREFIXES) for name in adapter.modules):
+    """Write `adapter` atomically in `format` (one of FORMATS): a folder or a file, as the family writes it."""
+    family = WRITERS.get(format)
+    if family is None:
+        raise InvalidArgumentError(f"unknown adapter format {format!r} (choose {', '.join(FORMATS)})")
+    if family is not kohya and has_kohya_names(adapter):
         raise InvalidArgumentError(
-            "kohya module names cannot be written as PEFT without the base checkpoint: pass --base (base=...) to map them"
+            f"kohya module names cannot be written as {format} without the base checkpoint: pass --base (base=...) "
+            "to map them"
         )
-    with atomic_output(path, overwrite=overwrite, is_file=format == "kohya") as out:
-        if format == "peft":
-            write_peft(adapter, out)
-        else:
-            write_kohya(adapter, out)
+    with atomic_output(path, overwrite=overwrite, is_file=family.WRITES_FILE) as out:
+        family.write(adapter, out)
 
 
-__all__ = ["BaseCheckpoint", "FORMATS", "detect_format", "load_adapter", "save_adapter"]
+register_writer(save_adapter)
+
+__all__ = ["BaseCheckpoint", "FAMILIES", "FORMATS", "default_format", "detect_family", "detect_format", "load_adapter", "save_adapter"]

@@ -8,13 +8,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..adapter import KOHYA_PREFIXES as PREFIXES
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
 from ..linalg import map_by_shape
 from ..lycoris_math import tucker_down
-from .tensors import check_factors, read_tensor_file, write_safetensors
+from .tensors import PICKLE_SUFFIXES, check_factors, read_tensor_file, safetensors_header, write_safetensors
 
-PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lycoris_")
+NAME = "kohya"
+WRITES_FILE = True
 DEFAULT_PREFIX = "lora_unet_"
 ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
          ".dora_scale": "dora_scale"}
@@ -25,13 +27,29 @@ def is_kohya(keys: Iterable[str]) -> bool:
     return any(k.endswith((".lora_down.weight", ".lora_up.weight")) for k in keys)
 
 
+def detect(path: Path) -> bool:
+    """A safetensors file with lora_down/lora_up keys, or a pickle file (kohya's old .pt/.ckpt; read only if allowed)."""
+    if not path.is_file():
+        return False
+    if path.suffix in PICKLE_SUFFIXES:
+        return True
+    header = safetensors_header(path)
+    return header is not None and is_kohya(header[0])
+
+
+def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, alpha: float | None = None) -> Adapter:
+    """A kohya LoRA file (every module records its alpha, so `scale`/`alpha` do not apply)."""
+    return read_kohya(path, allow_pickle=allow_pickle)
+
+
 def kohya_name(module: str, prefix: str = DEFAULT_PREFIX) -> str:
     """kohya module name: prefix + the path with `.` replaced by `_`."""
     return prefix + module.replace(".", "_")
 
 
 def kohya_module(name: str, parts: dict[str, Tensor]) -> LoraModule:
-    """One LoraModule from lora_down (r, in[, k..]), lora_up (out, r[, 1..]) and alpha: ΔW = (alpha/r)·up@down."""
+    """One LoraModule from lora_down (r, in[, k..]), lora_up (out, r[, 1..]) and alpha: ΔW = (alpha/r)·up@down
+    (a 3x3 LoCon conv is down (r, in, 3, 3) and up (out, r, 1, 1): A = down flattened to (r, in·9))."""
     if "down" not in parts or "up" not in parts:
         raise AdapterFormatError(f"kohya module {name!r} lacks lora_down or lora_up")
     down, up = parts["down"], parts["up"]
@@ -41,7 +59,8 @@ def kohya_module(name: str, parts: dict[str, Tensor]) -> LoraModule:
     rank = down.shape[0]
     if "alpha" in parts and parts["alpha"].numel() != 1:
         raise ShapeMismatchError(f"kohya module {name!r}: alpha must be one number, got shape {tuple(parts['alpha'].shape)}")
-    alpha = float(parts["alpha"].item()) if "alpha" in parts else float(rank)
+    alpha = float(parts["alpha"].item()) if "alpha" in parts else 0.0
+    alpha = alpha or float(rank)  # kohya: a missing or zero alpha means alpha = r
     return LoraModule(
         A=down.reshape(rank, -1),
         B=up.reshape(up.shape[0], rank),
@@ -112,7 +131,7 @@ def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
         modules=modules,
         base_model=metadata.get("ss_sd_model_name") or metadata.get("base_model"),
         config={"metadata": metadata},
-        source_format="kohya",
+        source_format=NAME,
         name=Path(path).stem,
     )
     adapter.check_finite()
@@ -129,16 +148,21 @@ def remap_to_base(adapter: Adapter, base_keys: Iterable[str]) -> Adapter:
                 candidates.setdefault(kohya_name(module, prefix), set()).add(module)
     paths = {m for found in candidates.values() for m in found}
     renamed: dict[str, LoraModule] = {}
-    missing, ambiguous = [], []
+    sources: dict[str, str] = {}
+    missing, ambiguous, shared = [], [], []
     for name, module in adapter.modules.items():
         found = {name} if name in paths else candidates.get(name, set())
         if not found:
             missing.append(name)
         elif len(found) > 1:
             ambiguous.append(f"{name} ({' or '.join(sorted(found))})")
+        elif (path := found.pop()) in sources:  # SDXL: lora_te1_x and lora_te2_x on one text-encoder base
+            shared.append(f"{sources[path]} and {name} ({path})")
         else:
-            renamed[found.pop()] = module
-    for problems, what in ((missing, "match no weight of the base"), (ambiguous, "match several weights of the base")):
+            renamed[path], sources[path] = module, name
+    for problems, what in ((missing, "match no weight of the base"), (ambiguous, "match several weights of the base"),
+                           (shared, "map to the same weight of the base (one text encoder per base: merge lora_te1_ "
+                                    "and lora_te2_ modules into their own encoders)")):
         if problems:
             shown = ", ".join(problems[:5]) + (f" and {len(problems) - 5} more" if len(problems) > 5 else "")
             raise UnknownModuleError(f"{len(problems)} kohya module(s) {what}: {shown}")
@@ -178,6 +202,6 @@ def kohya_state_dict(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> dict[str
     return state
 
 
-def write_kohya(adapter: Adapter, file: Path, prefix: str = DEFAULT_PREFIX) -> None:
+def write(adapter: Adapter, file: Path, prefix: str = DEFAULT_PREFIX) -> None:
     """Write `adapter` as one kohya safetensors file."""
     write_safetensors(kohya_state_dict(adapter, prefix), file)

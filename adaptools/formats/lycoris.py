@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
@@ -20,7 +19,7 @@ from ..linalg import group_by, map_by_shape
 from ..lycoris_math import face_split, kron_factors, svd_factors, tucker_down
 from .kohya import ROLES as KOHYA_ROLES
 from .kohya import contract_tucker, kohya_module, row_magnitude
-from .tensors import PICKLE_SUFFIXES, read_tensor_file
+from .tensors import read_tensor_file, safetensors_header
 
 NAME = "lycoris"
 
@@ -42,14 +41,10 @@ OTHER_ALGOS = {
 
 def detect(path: Path) -> bool:
     """A safetensors file with LoHa/LoKr/Tucker keys, or LyCORIS in its `ss_network_module` metadata (header only)."""
-    path = Path(path)
-    if not path.is_file() or path.suffix in PICKLE_SUFFIXES:
+    header = safetensors_header(Path(path))
+    if header is None:
         return False
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            keys, metadata = list(f.keys()), f.metadata() or {}
-    except (SafetensorError, OSError, ValueError, RuntimeError):
-        return False
+    keys, metadata = header
     lycoris_keys = tuple(f".{role}" for role in (*LOHA_ROLES, *LOKR_ROLES)) + (".lora_mid.weight", *OTHER_ALGOS)
     return metadata.get("ss_network_module", "").startswith("lycoris") or any(k.endswith(lycoris_keys) for k in keys)
 

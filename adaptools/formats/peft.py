@@ -1,11 +1,14 @@
-"""PEFT LoRA folders (adapter_config.json + adapter_model.safetensors), read and written (DESIGN §3)."""
+"""PEFT LoRA folders (adapter_config.json + adapter_model.safetensors), read and written (DESIGN §3); also PEFT
+weights saved without their config (ranks from the shapes, the scale from the user or alpha = r)."""
 from __future__ import annotations
 
 import json
 import math
 import os
 import re
+import warnings
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -13,12 +16,16 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, DoraError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
-from .tensors import check_factors, read_json_object, read_tensor_file, require_exists, write_safetensors
+from .tensors import check_factors, read_json_object, read_tensor_file, require_exists, safetensors_header, write_safetensors
 
+NAME = "peft"
+WRITES_FILE = False
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
 PREFIX = "base_model.model."
 SUPPORTED_TYPES = ("LORA", "ADALORA")
+PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "ADAPTION_PROMPT")
+"""PEFT types whose adapters are learned prompts (virtual tokens), with no weight update to merge."""
 
 # Role of each LoRA key suffix (after the module path).
 LORA_SUFFIXES = {
@@ -68,11 +75,40 @@ def read_config(path: Path) -> dict:
     """adapter_config.json as a dict, with a typed error for bad JSON or an unsupported adapter type."""
     config = read_json_object(path, AdapterFormatError)
     peft_type = str(config.get("peft_type", "LORA")).upper()
+    if peft_type in PROMPT_TYPES:
+        raise UnsupportedAdapterError(
+            f"{str(path)!r}: PEFT {peft_type} adapters hold virtual tokens, not a weight update, so there is nothing "
+            "to combine or merge into the base's weights"
+        )
     if peft_type not in SUPPORTED_TYPES:
         raise UnsupportedAdapterError(
             f"unsupported adapter type {peft_type!r} in {str(path)!r}: adaptools handles LoRA, DoRA and AdaLoRA adapters"
         )
     return config
+
+
+def is_peft_key(key: str) -> bool:
+    """True for a key of PEFT's state dict: `base_model.model.<path>.<LoRA role>`."""
+    return key.startswith(PREFIX) and split_key(key.removeprefix(PREFIX))[1] is not None
+
+
+def weights_file(path: Path) -> Path | None:
+    """The weights of a PEFT folder or the file itself (None for a folder without one)."""
+    if path.is_file():
+        return path
+    return next((path / name for name in WEIGHTS_NAMES if (path / name).exists()), None)
+
+
+def detect(path: Path) -> bool:
+    """A folder with adapter_config.json, or a weights file with PEFT's keys (or unreadable ones) beside it, or
+    PEFT-keyed weights without a config (mlx-lm's adapter_config.json is asked for first, by the mlx family)."""
+    folder = path if path.is_dir() else path.parent
+    weights = weights_file(path)
+    header = safetensors_header(weights) if weights is not None else None
+    peft_keys = header is not None and any(is_peft_key(k) for k in header[0])
+    if (folder / CONFIG_NAME).exists():
+        return path.is_dir() or header is None or peft_keys
+    return peft_keys
 
 
 def split_key(key: str) -> tuple[str, str | None]:
@@ -158,11 +194,8 @@ def lora_module(module: str, parts: dict[str, Tensor], config: dict) -> LoraModu
     )
 
 
-def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
-    """Read a PEFT LoRA/DoRA/AdaLoRA adapter folder (or its weights file) into an Adapter."""
-    config_path, weights_path = locate(path)
-    config = read_config(config_path)
-    tensors, _ = read_tensor_file(weights_path, allow_pickle=allow_pickle)
+def group_state(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """PEFT state-dict keys grouped per module ({module: {role: tensor}}), and the full tensors by base key."""
     grouped: dict[str, dict[str, Tensor]] = {}
     extra: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
@@ -172,22 +205,66 @@ def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
             extra[base_key(key)] = tensor
         else:
             grouped.setdefault(module, {})[role] = tensor
+    return grouped, extra
+
+
+def build_adapter(source: Path, grouped: dict[str, dict[str, Tensor]], extra: dict[str, Tensor], config: dict,
+                  name: str) -> Adapter:
+    """The Adapter of grouped PEFT tensors under `config` (errors name `source`)."""
     if not grouped:
-        raise AdapterFormatError(f"{str(weights_path)!r} holds no LoRA tensors")
+        raise AdapterFormatError(f"{str(source)!r} holds no LoRA tensors")
     try:
         modules = {module: lora_module(module, parts, config) for module, parts in grouped.items()}
     except (TypeError, ValueError, AttributeError, re.error) as exc:  # r, lora_alpha or a pattern of the wrong kind
-        raise AdapterFormatError(f"{str(config_path)!r} has invalid LoRA settings ({type(exc).__name__}: {exc})") from exc
-    adapter = Adapter(
-        modules=modules,
-        extra=extra,
-        base_model=config.get("base_model_name_or_path"),
-        config=config,
-        source_format="peft",
-        name=Path(path).name if Path(path).is_dir() else Path(path).parent.name,
-    )
+        raise AdapterFormatError(f"{str(source)!r} has invalid LoRA settings ({type(exc).__name__}: {exc})") from exc
+    adapter = Adapter(modules=modules, extra=extra, base_model=config.get("base_model_name_or_path"), config=config,
+                      source_format=NAME, name=name)
     adapter.check_finite()
     return adapter
+
+
+def adapter_name(path: Path) -> str:
+    """The adapter's name: its folder's name."""
+    return path.name if path.is_dir() else path.parent.name
+
+
+def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+    """Read a PEFT LoRA/DoRA/AdaLoRA adapter folder (or its weights file) into an Adapter."""
+    config_path, weights_path = locate(path)
+    config = read_config(config_path)
+    tensors, _ = read_tensor_file(weights_path, allow_pickle=allow_pickle)
+    grouped, extra = group_state(tensors)
+    return build_adapter(config_path, grouped, extra, config, adapter_name(Path(path)))
+
+
+def read_weights_only(path: Path, *, allow_pickle: bool = False, scale: float | None = None,
+                      alpha: float | None = None) -> Adapter:
+    """PEFT weights without adapter_config.json: ranks from the shapes; scale = `scale`, or `alpha`/r, or 1
+    (alpha = r, with a warning: the scale PEFT trained with is in the missing config)."""
+    weights = weights_file(path)
+    if weights is None:
+        raise AdapterFormatError(f"{str(path)!r} has neither {CONFIG_NAME} nor {' or '.join(WEIGHTS_NAMES)}")
+    tensors, _ = read_tensor_file(weights, allow_pickle=allow_pickle)
+    grouped, extra = group_state(tensors)
+    dora = any("magnitude" in parts for parts in grouped.values())
+    config = {"use_dora": dora} if alpha is None else {"use_dora": dora, "lora_alpha": alpha}
+    if scale is None and alpha is None:
+        warnings.warn(
+            f"{str(weights)!r} has no {CONFIG_NAME}, so its scale is unknown: assuming lora_alpha = r (scale 1); "
+            "pass --alpha or --scale (alpha=/scale=) to set it", stacklevel=3
+        )
+    adapter = build_adapter(weights, grouped, extra, config, adapter_name(path))
+    if scale is not None:
+        adapter = adapter.with_modules({n: replace(m, scale=float(scale)) for n, m in adapter.items()})
+    return adapter
+
+
+def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, alpha: float | None = None) -> Adapter:
+    """A PEFT adapter: with its config (`scale`/`alpha` do not apply), or weights alone (they set the scale)."""
+    folder = path if path.is_dir() else path.parent
+    if (folder / CONFIG_NAME).exists():
+        return read_peft(path, allow_pickle=allow_pickle)
+    return read_weights_only(path, allow_pickle=allow_pickle, scale=scale, alpha=alpha)
 
 
 ADALORA_ONLY_KEYS = ("init_r", "target_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
@@ -229,23 +306,29 @@ def peft_config(adapter: Adapter) -> dict:
     return config
 
 
+def module_state(key: str, m: LoraModule) -> dict[str, Tensor]:
+    """PEFT's tensors of one module under `key` (its full key prefix), with the scale folded into B."""
+    state: dict[str, Tensor] = {}
+    A, B, ones = m.A, m.B * m.scale, [1] * len(m.kernel)
+    if m.kind == "embedding":
+        state[f"{key}.lora_embedding_A"], state[f"{key}.lora_embedding_B"] = A, B
+    else:
+        if m.kind == "conv":
+            A, B = A.reshape(m.rank, -1, *m.kernel), B.reshape(*B.shape, *ones)
+        state[f"{key}.lora_A.weight"], state[f"{key}.lora_B.weight"] = A, B
+    if m.bias is not None:
+        state[f"{key}.lora_B.bias"] = m.bias * m.scale
+    if m.magnitude is not None:  # PEFT keeps a conv magnitude as (1, out, 1, ...)
+        magnitude = m.magnitude.reshape(1, -1, *ones) if m.kind == "conv" else m.magnitude
+        state[f"{key}.lora_magnitude_vector"] = magnitude
+    return state
+
+
 def peft_state_dict(adapter: Adapter) -> dict[str, Tensor]:
     """PEFT's state-dict keys for `adapter` with each module's scale folded into B (written scale is 1)."""
     state: dict[str, Tensor] = {}
     for name, m in adapter.modules.items():
-        p = PREFIX + name
-        A, B, ones = m.A, m.B * m.scale, [1] * len(m.kernel)
-        if m.kind == "embedding":
-            state[f"{p}.lora_embedding_A"], state[f"{p}.lora_embedding_B"] = A, B
-        else:
-            if m.kind == "conv":
-                A, B = A.reshape(m.rank, -1, *m.kernel), B.reshape(*B.shape, *ones)
-            state[f"{p}.lora_A.weight"], state[f"{p}.lora_B.weight"] = A, B
-        if m.bias is not None:
-            state[f"{p}.lora_B.bias"] = m.bias * m.scale
-        if m.magnitude is not None:  # PEFT keeps a conv magnitude as (1, out, 1, ...)
-            magnitude = m.magnitude.reshape(1, -1, *ones) if m.kind == "conv" else m.magnitude
-            state[f"{p}.lora_magnitude_vector"] = magnitude
+        state.update(module_state(PREFIX + name, m))
     for key, tensor in adapter.extra.items():
         module, param = key.rsplit(".", 1)
         stored = f"{module}.base_layer.{param}" if module in adapter.modules else key
@@ -253,7 +336,7 @@ def peft_state_dict(adapter: Adapter) -> dict[str, Tensor]:
     return state
 
 
-def write_peft(adapter: Adapter, folder: Path) -> None:
+def write(adapter: Adapter, folder: Path) -> None:
     """Write adapter_config.json and adapter_model.safetensors into an (empty) folder."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(peft_config(adapter), indent=2, sort_keys=True) + "\n")

@@ -20,6 +20,7 @@ from ..errors import (
 )
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+MAX_HEADER_BYTES = 100_000_000  # the safetensors reference's limit on a header
 
 
 def require_exists(path: str | os.PathLike) -> Path:
@@ -41,6 +42,39 @@ def read_json_object(path: Path, error: type[AdaptoolsError]) -> dict:
     return value
 
 
+def truncation(path: Path) -> str | None:
+    """Why a file that starts like safetensors is cut short ("this file is truncated: ..."), or None when it is not."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return None
+        length = int.from_bytes(head, "little")
+        if length > MAX_HEADER_BYTES:
+            return None
+        header = f.read(length)
+    if not header.lstrip().startswith(b"{"):
+        return None
+    if len(header) < length:
+        return f"this file is truncated: its header needs {8 + length:,} bytes and the file has {size:,}"
+    try:
+        entries = json.loads(header)
+        end = max((int(v["data_offsets"][1]) for k, v in entries.items() if k != "__metadata__"), default=0)
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return None
+    if 8 + length + end > size:
+        return f"this file is truncated: its tensors need {8 + length + end:,} bytes and the file has {size:,}"
+    return None
+
+
+def unreadable(path: Path, exc: Exception) -> AdapterFormatError:
+    """The error for a safetensors file that does not open: truncated, or not safetensors at all."""
+    reason = truncation(path)
+    if reason:
+        return AdapterFormatError(f"{str(path)!r}: {reason} (an interrupted download?)")
+    return AdapterFormatError(f"{str(path)!r} is not a readable safetensors file ({exc})")
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors and the metadata of a safetensors file; a corrupt or truncated file raises AdapterFormatError."""
     path = require_exists(path)
@@ -49,7 +83,18 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
             metadata = f.metadata() or {}
             return {key: f.get_tensor(key) for key in f.keys()}, metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFormatError(f"{str(path)!r} is not a readable safetensors file ({exc})") from exc
+        raise unreadable(path, exc) from exc
+
+
+def safetensors_header(path: Path) -> tuple[list[str], dict[str, str]] | None:
+    """(tensor names, metadata) of a safetensors file without reading its data; None when it does not open."""
+    if not path.is_file() or path.suffix in PICKLE_SUFFIXES:
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys()), f.metadata() or {}
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
 
 
 def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("lora_A", "lora_B")) -> None:

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..atomic import check_output
-from ..combine import check_weights
+from ..adapter import check_weights
 from ..device import resolve_device
 from ..formats.checkpoint import BaseCheckpoint
 from ..formats.checkpoint_writer import parse_size

@@ -12,8 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from ..adapter import Adapter, LoraModule
-from ..combine import combined_bias, concat_factors, plan_terms
+from ..adapter import Adapter, LoraModule, combined_bias, concat_factors, plan_terms
 from ..errors import BaseMismatchError, DoraError, InvalidArgumentError, ShapeMismatchError, UnknownModuleError
 from ..formats import ia3, load_adapter
 from ..formats.checkpoint import DTYPE_NAMES, BaseCheckpoint
@@ -274,7 +273,8 @@ def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: BaseCheck
             adapter = ia3.read_ia3(item, allow_pickle=allow_pickle)
         else:
             adapter = load_adapter(item, allow_pickle=allow_pickle)
-        if isinstance(adapter, Adapter) and any(name.startswith(PREFIXES) and f"{name}.weight" not in ckpt for name in adapter.modules):
+        if isinstance(adapter, Adapter) and any(name.startswith(PREFIXES) and f"{name}.weight" not in ckpt
+                                                for name in adapter.modules):
             adapter = remap_to_base(adapter, ckpt.keys())
         loaded.append(adapter)
     return loaded

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -17,7 +18,11 @@ class AdaptoolsGroup(click.Group):
         argv = list(sys.argv[1:] if args is None else args)
         debug = "--debug" in argv
         try:
-            rv = super().main(args=argv, prog_name=prog_name or "adaptools", complete_var=complete_var, standalone_mode=False, **extra)
+            with warnings.catch_warnings():
+                warnings.simplefilter("always", UserWarning)
+                warnings.showwarning = warn
+                rv = super().main(args=argv, prog_name=prog_name or "adaptools", complete_var=complete_var,
+                                  standalone_mode=False, **extra)
         except AdaptoolsError as exc:
             if debug:
                 raise
@@ -29,6 +34,11 @@ class AdaptoolsGroup(click.Group):
         if standalone_mode:
             sys.exit(rv if isinstance(rv, int) else 0)
         return rv
+
+
+def warn(message, category, filename, lineno, file=None, line=None) -> None:  # warnings.showwarning's signature
+    """A warning as one `warning: ...` line on stderr."""
+    click.echo("warning: " + " ".join(str(message).split()), err=True)
 
 
 def fail(message: str, code: int) -> None:

@@ -8,6 +8,21 @@ import click
 allow_pickle = click.option(
     "--allow-pickle", is_flag=True, help="Allow loading pickle (.bin) adapters, with torch.load(weights_only=True)."
 )
+read_scale = click.option(
+    "--scale", "scale", type=float, metavar="S",
+    help="Scale of adapters whose files do not record it (mlx-examples .npz, PEFT weights without adapter_config.json).",
+)
+read_alpha = click.option(
+    "--alpha", "alpha", type=float, metavar="ALPHA",
+    help="lora_alpha of PEFT weights saved without adapter_config.json (scale = alpha / r; default alpha = r).",
+)
+
+
+def reading_options(func: Callable) -> Callable:
+    """--allow-pickle, --scale and --alpha: how adapter files are read."""
+    return allow_pickle(read_scale(read_alpha(func)))
+
+
 output = click.option("-o", "--output", "output", required=True, type=click.Path(), help="Output path (written atomically).")
 overwrite = click.option("--overwrite", is_flag=True, help="Replace an existing output.")
 

@@ -9,7 +9,7 @@ import click
 import adaptools
 from adaptools.atomic import atomic_output, check_output
 from adaptools.dora import BaseWeights, SvdMethod
-from adaptools.formats import FORMATS
+from adaptools.formats import FORMATS, default_format
 
 from ..options import allow_pickle, output_options
 from ..provenance import provenance
@@ -57,7 +57,7 @@ def to_dora(adapter: str, base: str, output: str, overwrite: bool, to: str | Non
     check_output(output, overwrite)
     lora = adaptools.load(adapter, allow_pickle=allow_pickle, base=base)
     converted = adaptools.to_dora(lora, base, base_weights=base_weights, device=device)
-    converted.save(output, format=to or lora.source_format, overwrite=overwrite)
+    converted.save(output, format=to or default_format(lora), overwrite=overwrite)
     rows = [
         {"module": name, "kind": m.kind, "shape": f"{m.out_features}x{m.in_features}", "rank": m.rank,
          "min m": float(m.magnitude.min()), "max m": float(m.magnitude.max())}
@@ -95,7 +95,7 @@ def to_lora(adapter: str, base: str, rank: int | None, energy: float | None, out
     lora, report = adaptools.to_lora(
         loaded, base, rank=rank, energy=energy, svd=svd, base_weights=base_weights, device=device
     )
-    lora.save(output, format=to or loaded.source_format, overwrite=overwrite)
+    lora.save(output, format=to or default_format(loaded), overwrite=overwrite)
     if report_path is not None:
         with atomic_output(report_path, overwrite=overwrite, is_file=True) as tmp:
             tmp.write_text(json.dumps(report.to_dict(), indent=2) + "\n")

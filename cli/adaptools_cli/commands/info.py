@@ -8,7 +8,7 @@ import click
 import adaptools
 from adaptools.summary import adapter_summary, ia3_summary
 
-from ..options import allow_pickle
+from ..options import reading_options
 from ..render import echo_table
 
 
@@ -16,13 +16,16 @@ from ..render import echo_table
 @click.argument("adapter", type=click.Path())
 @click.option("--base", type=click.Path(), help="Base checkpoint, to map kohya names to module paths.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (modules keyed by module path).")
-@allow_pickle
-def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool) -> None:
-    """Show format, base model, DoRA or not, and per module rank, scale, shape and parameters."""
+@reading_options
+def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scale: float | None,
+         alpha: float | None) -> None:
+    """Show the format (the adapter family detected), base model, DoRA or not, and per module rank, scale, shape
+    and parameters."""
     if adaptools.detect_format(adapter) == "peft-ia3":
         summary = ia3_summary(adaptools.load_ia3(adapter, allow_pickle=allow_pickle))
     else:
-        summary = adapter_summary(adaptools.load(adapter, allow_pickle=allow_pickle, base=base))
+        summary = adapter_summary(adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale,
+                                                 alpha=alpha))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return

@@ -13,11 +13,11 @@ from tqdm import tqdm
 import adaptools
 from adaptools.adapter import Adapter
 from adaptools.atomic import atomic_output, check_output
-from adaptools.formats import FORMATS
+from adaptools.formats import FORMATS, default_format
 from adaptools.linalg import RankPolicy
 from adaptools.rerank import RerankReport
 
-from ..options import allow_pickle, output_options
+from ..options import allow_pickle, output_options, read_alpha, read_scale
 from ..provenance import provenance
 from ..render import table
 
@@ -72,8 +72,8 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
 
 
 def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool) -> None:
-    """Write `adapter` in `fmt`, by default in the format it was read from (kohya stays kohya)."""
-    fmt = fmt or ("kohya" if adapter.source_format == "kohya" else "peft")
+    """Write `adapter` in `fmt`, by default in the format it was read from (kohya stays kohya; see default_format)."""
+    fmt = fmt or default_format(adapter)
     adapter.save(output, format=fmt, overwrite=overwrite)
     click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}")
 
@@ -115,16 +115,18 @@ def echo_report(report: RerankReport) -> None:
 @policy_options
 @click.option("--report", "report_path", type=click.Path(), help="Write the per-module report as JSON.")
 @common_options
+@read_scale
+@read_alpha
 @provenance("rerank")
 def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | None, threshold: float | None,
            budget: float | None, report_path: str | None, fmt: str | None, base: str | None, dtype: str | None, device: str,
-           output: str, overwrite: bool, allow_pickle: bool) -> dict:
+           output: str, overwrite: bool, allow_pickle: bool, scale: float | None, alpha: float | None) -> dict:
     """Re-rank ADAPTER: best rank-k approximation of each ΔW (factored SVD), k chosen by exactly one option."""
     policy = RankPolicy.from_options(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
     check_output(output, overwrite)
     if report_path:
         check_output(report_path, overwrite)
-    loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base)
+    loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha)
     with progress_bar(len(loaded), "rerank") as update:
         result, report = adaptools.rerank(loaded, policy=policy, device=device,
                                           dtype=DTYPES.get(dtype or ""), progress=update)
