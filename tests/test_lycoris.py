@@ -181,6 +181,19 @@ def test_rerank_of_loha_reports_the_exact_error(tmp_path):
         assert (dense - kept).norm().item() == pytest.approx(fit.error, rel=1e-3)
 
 
+def test_rerank_cli_writes_a_kohya_file(tmp_path, runner):
+    """A LyCORIS file keeps its kohya names: the re-ranked LoRA is written as a kohya file by default."""
+    _, _, network = lycoris_network(algo="lokr", linear_dim=1)
+    network.save_weights(str(tmp_path / "lokr.safetensors"), torch.float32, {})
+    result = run_cli(runner, "rerank", tmp_path / "lokr.safetensors", "--rank", "2", "-o", tmp_path / "r2.safetensors")
+    assert result.exit_code == 0, result.stderr
+    written = adaptools.load(tmp_path / "r2.safetensors")
+    expected, _ = adaptools.rerank(adaptools.load(tmp_path / "lokr.safetensors"), rank=2)
+    assert written.source_format == "kohya" and written.ranks == expected.ranks
+    for name in expected:
+        torch.testing.assert_close(written.delta(name), expected.delta(name))
+
+
 def test_info_shows_family_and_expanded_rank(case, runner):
     name, path, _, _, _ = case
     result = run_cli(runner, "info", path, "--json")

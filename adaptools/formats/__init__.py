@@ -68,8 +68,10 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
 
 def default_format(adapter: Adapter) -> str:
     """The format an adapter is written in by default: the family it was read from where adaptools writes that
-    family (kohya stays kohya, mlx stays mlx), else "peft"."""
-    return adapter.source_format if adapter.source_format in WRITERS else "peft"
+    family (kohya stays kohya, mlx stays mlx), else kohya for kohya module names (a LyCORIS file), else "peft"."""
+    if adapter.source_format in WRITERS:
+        return adapter.source_format
+    return "kohya" if has_kohya_names(adapter) else "peft"
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False) -> None:
