@@ -152,6 +152,24 @@ def test_merge_gives_the_model_with_lycoris_applied(case, tmp_path):
         torch.testing.assert_close(merged(X), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_combine_and_spectrum_work_on_lycoris_files(tmp_path, runner):
+    """The exact factors combine like any LoRA: ΔW of the sum is the sum of the families' ΔW."""
+    paths = []
+    for seed, algo in enumerate(("loha", "lokr", "loha")):
+        _, _, network = lycoris_network(seed=seed, algo=algo, use_tucker=True)
+        paths.append(tmp_path / f"{algo}.safetensors")
+        network.save_weights(str(paths[-1]), torch.float32, {})
+    adapters = [adaptools.load(p) for p in paths]
+    total = adaptools.combine(adapters, [1.0, -0.5, 2.0])
+    for name in total:
+        expected = adapters[0].delta(name) - 0.5 * adapters[1].delta(name) + 2.0 * adapters[2].delta(name)
+        torch.testing.assert_close(total.delta(name), expected, rtol=1e-4, atol=1e-5)
+        assert total[name].rank == sum(a[name].rank for a in adapters)
+    result = run_cli(runner, "spectrum", paths[0])
+    assert result.exit_code == 0, result.stderr
+    assert "lycoris_conv" in result.stdout
+
+
 def test_alpha_zero_or_missing_means_rank(tmp_path):
     base, _, network = lycoris_network(algo="loha", linear_alpha=1)
     path = tmp_path / "loha.safetensors"

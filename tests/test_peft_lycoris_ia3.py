@@ -95,21 +95,28 @@ def test_peft_rank_other_than_config_is_an_error(llama_base, tmp_path):
         adaptools.load(path)
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_ia3_merge_matches_peft_merge_and_unload(arch, llama_base, gpt2_base, tmp_path):
-    """Feedforward modules scale input columns, the others output rows and their biases; GPT-2's Conv1D stores
-    weights (in, out) (PEFT forces fan_in_fan_out)."""
+IA3_CASES = {  # (target_modules, feedforward_modules)
+    "llama": (["k_proj", "v_proj", "down_proj"], ["down_proj"]),
+    "gpt2": (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]),
+    "vit": (["projection", "query", "key"], ["key"]),
+    "vit-feedforward-conv": (["projection", "value"], ["projection"]),
+}
+
+
+@pytest.mark.parametrize("arch", list(IA3_CASES))
+def test_ia3_merge_matches_peft_merge_and_unload(arch, llama_base, gpt2_base, vit_base, tmp_path):
+    """Feedforward modules scale input columns (a conv's input channels), the others output rows and their biases;
+    GPT-2's Conv1D stores weights (in, out) (PEFT forces fan_in_fan_out)."""
     from peft import IA3Config
 
-    base = llama_base if arch == "llama" else gpt2_base
-    targets, feedforward = ((["k_proj", "v_proj", "down_proj"], ["down_proj"]) if arch == "llama"
-                            else (["c_attn", "mlp.c_proj"], ["mlp.c_proj"]))
+    base = {"llama": llama_base, "gpt2": gpt2_base}.get(arch, vit_base)
+    targets, feedforward = IA3_CASES[arch]
     path = make_adapter(base, tmp_path / "ia3", IA3Config(target_modules=targets, feedforward_modules=feedforward))
     with torch.no_grad():
         expected = logits(peft_model(base, path).merge_and_unload())
-        assert (logits(load_model(base)) - expected).abs().max() > 1e-2
+        assert (logits(load_model(base)) - expected).abs().max() > 1e-3
     report = adaptools.merge(base, path, out=tmp_path / "merged")
-    assert report.modules["merged"] >= 4
+    assert report.modules["merged"] >= len(adaptools.load_ia3(path))
     torch.testing.assert_close(logits(load_model(tmp_path / "merged")), expected, rtol=1e-4, atol=1e-4)
 
 
