@@ -112,19 +112,26 @@ def contract_tucker(grouped: dict[str, dict[str, Tensor]]) -> None:
         grouped[name]["down"] = A.reshape(A.shape[0], -1, *mid.shape[2:])
 
 
-def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
-    """Read a kohya LoRA file; module names stay kohya names until `remap_to_base` maps them to module paths."""
-    tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
+def group_by_role(path: str | os.PathLike, tensors: dict[str, Tensor], roles: dict[str, str],
+                  what: str) -> dict[str, dict[str, Tensor]]:
+    """{module name: {role: tensor}} by key suffix (`roles`: suffix → role); a key of no role, or no module, raises."""
     grouped: dict[str, dict[str, Tensor]] = {}
     for key, tensor in tensors.items():
-        for suffix, role in ROLES.items():
+        for suffix, role in roles.items():
             if key.endswith(suffix):
                 grouped.setdefault(key[: -len(suffix)], {})[role] = tensor
                 break
         else:
-            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in a kohya LoRA file")
+            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in {what}")
     if not grouped:
         raise AdapterFormatError(f"{str(path)!r} holds no LoRA tensors")
+    return grouped
+
+
+def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
+    """Read a kohya LoRA file; module names stay kohya names until `remap_to_base` maps them to module paths."""
+    tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
+    grouped = group_by_role(path, tensors, ROLES, "a kohya LoRA file")
     contract_tucker(grouped)
     modules = {name: kohya_module(name, parts) for name, parts in grouped.items()}
     adapter = Adapter(

@@ -18,7 +18,7 @@ from ..errors import AdapterFormatError, ShapeMismatchError, UnsupportedAdapterE
 from ..linalg import group_by, map_by_shape
 from ..lycoris_math import face_split, kron_factors, svd_factors, tucker_down
 from .kohya import ROLES as KOHYA_ROLES
-from .kohya import contract_tucker, kohya_module, row_magnitude
+from .kohya import contract_tucker, group_by_role, kohya_module, row_magnitude
 from .tensors import read_tensor_file, safetensors_header
 
 NAME = "lycoris"
@@ -71,23 +71,14 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
 
 def group_modules(path: str | os.PathLike, tensors: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
     """{module name: {role: tensor}}; keys of other LyCORIS algorithms or of no LyCORIS role raise with what they are."""
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
+    for key in tensors:
         for suffix, what in OTHER_ALGOS.items():
             if key.endswith(suffix):
                 raise UnsupportedAdapterError(
                     f"{str(path)!r}: {key!r} belongs to a LyCORIS {what} module, which is not a low-rank weight update; "
                     "adaptools reads LoCon, LoHa and LoKr"
                 )
-        for suffix, role in ROLES.items():
-            if key.endswith(suffix):
-                grouped.setdefault(key[: -len(suffix)], {})[role] = tensor
-                break
-        else:
-            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in a LyCORIS file")
-    if not grouped:
-        raise AdapterFormatError(f"{str(path)!r} holds no LyCORIS tensors")
-    return grouped
+    return group_by_role(path, dict(tensors), ROLES, "a LyCORIS file")
 
 
 def module_algo(name: str, parts: Mapping[str, Tensor]) -> str:
