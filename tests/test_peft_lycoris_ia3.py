@@ -144,3 +144,9 @@ def test_ia3_arithmetic_is_refused_with_the_reason(llama_base, tmp_path, runner)
     with pytest.raises(adaptools.InvalidArgumentError, match="IA3 scaling and another update"):
         adaptools.merge(llama_base, [path, lora], out=tmp_path / "both")
     assert not (tmp_path / "half").exists() and not (tmp_path / "both").exists()
+    result = run_cli(runner, "merge", llama_base, path, "-o", tmp_path / "merged")
+    assert result.exit_code == 0, result.stderr
+    torch.testing.assert_close(logits(load_model(tmp_path / "merged")), logits(peft_model(llama_base, path)),
+                               rtol=1e-4, atol=1e-4)
+    info = run_cli(runner, "info", path)
+    assert info.exit_code == 0 and "model.layers.1.mlp.down_proj" in info.stdout and "input" in info.stdout
