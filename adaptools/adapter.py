@@ -288,7 +288,6 @@ class TermPlan:
     the result's dtype and its full tensors."""
 
     adapters: list[Adapter]
-    weights: list[float]
     terms: dict[str, list[Term]]
     dtype: torch.dtype
     extra: dict[str, Tensor]
@@ -427,8 +426,7 @@ def plan_combination(adapters: Sequence[Adapter], weights: Sequence[float] | Non
         refuse_dora(adapter, operation)
     check_names(adapters)
     terms = plan_terms(adapters, checked)
-    return TermPlan(adapters, checked, terms, result_dtype(adapters, dtype),
-                    combine_full_tensors(adapters, checked, full_tensors))
+    return TermPlan(adapters, terms, result_dtype(adapters, dtype), combine_full_tensors(adapters, checked, full_tensors))
 
 
 def result_adapter(adapters: Sequence[Adapter], modules: dict[str, LoraModule], extra: dict[str, Tensor]) -> Adapter:

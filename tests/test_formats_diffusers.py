@@ -197,6 +197,16 @@ def test_text_encoder_keys_keep_their_component(tmp_path):
                                        "text_encoder_2.text_model.encoder.layers.0.self_attn.k_proj"]
     assert adapter["mid_block.attentions.0.proj_in"].kind == "conv"
     assert parse_key("unet.a.attn1.processor.to_out_lora.up.weight") == ("unet", "a.attn1.to_out.0", "B")
+    assert parse_key("unet.a.attn1.to_out.lora_magnitude_vector") == ("unet", "a.attn1.to_out.0", "magnitude")
+
+
+def test_a_folder_saved_by_save_lora_weights_is_read(unet_dir, tmp_path):
+    fac = factors(base_weights(unet_dir), UNET_TARGETS, seed=6)
+    folder = tmp_path / "saved"
+    folder.mkdir()
+    write_lora(folder / "pytorch_lora_weights.safetensors", fac, "peft", "unet.")
+    assert adaptools.detect_format(folder) == "diffusers"
+    assert sorted(adaptools.load(folder).modules) == sorted(UNET_TARGETS)
 
 
 def test_convert_to_diffusers_is_fused_by_diffusers_like_our_merge(unet_dir, tmp_path):

@@ -156,3 +156,33 @@ def test_sdxl_text_encoders_keep_their_prefixes_and_refuse_one_base(tmp_path):
     assert list(adaptools.load(tmp_path / "te2.safetensors", base=base).modules) == [path]
     with pytest.raises(adaptools.UnknownModuleError, match="map to the same weight"):
         adaptools.load(tmp_path / "sdxl.safetensors", base=base)
+
+
+def test_reading_options_reach_combine_and_rerank(peft_dir, tmp_path, runner):
+    folder = weights_without_config(peft_dir, tmp_path)
+    reference = adaptools.load(peft_dir)
+    result = run_cli(runner, "combine", folder, folder, "--weights", "0.5,0.5", "--alpha", "12", "-o", tmp_path / "sum")
+    assert result.exit_code == 0 and result.stderr == "", result.stderr
+    summed = adaptools.load(tmp_path / "sum")
+    for name in reference:
+        torch.testing.assert_close(summed.delta(name), reference.delta(name))
+    result = run_cli(runner, "rerank", folder, "--scale", "3", "--rank", "4", "-o", tmp_path / "re")
+    assert result.exit_code == 0, result.stderr
+    for name in reference:
+        torch.testing.assert_close(adaptools.load(tmp_path / "re").delta(name), reference.delta(name), rtol=1e-4, atol=1e-5)
+
+
+def test_pickled_weights_go_to_their_family_by_name(peft_dir, tmp_path):
+    folder = tmp_path / "old_peft"
+    folder.mkdir()
+    torch.save(load_file(peft_dir / "adapter_model.safetensors"), folder / "adapter_model.bin")
+    assert adaptools.detect_format(folder / "adapter_model.bin") == "peft"
+    with pytest.raises(adaptools.PickleNotAllowedError):
+        adaptools.load(folder)
+    read = adaptools.load(folder, allow_pickle=True, alpha=12.0)
+    reference = adaptools.load(peft_dir)
+    for name in reference:
+        torch.testing.assert_close(read.delta(name), reference.delta(name))
+    torch.save({"unet.a.lora_A.weight": torch.ones(1, 2), "unet.a.lora_B.weight": torch.ones(2, 1)},
+               tmp_path / "pytorch_lora_weights.bin")
+    assert adaptools.detect_format(tmp_path / "pytorch_lora_weights.bin") == "diffusers"

@@ -68,7 +68,10 @@ def parse_key(key: str) -> tuple[str | None, str, str] | None:
         return component, module, "A" if direction == "down" else "B"
     for suffix in sorted(SUFFIXES, key=len, reverse=True):
         if path.endswith(suffix) and len(path) > len(suffix):
-            return component, path[: -len(suffix)], SUFFIXES[suffix]
+            module, role = path[: -len(suffix)], SUFFIXES[suffix]
+            if role == "magnitude" and module.endswith(".to_out"):  # diffusers: `.to_out.lora_magnitude_vector`
+                module += ".0"
+            return component, module, role
     return None
 
 
@@ -90,7 +93,7 @@ def detect(path: Path) -> bool:
     weights = weights_of(path)
     if weights is None:
         return False
-    if path.is_dir() and weights.suffix == ".bin":
+    if weights.name == WEIGHT_NAMES[1]:  # a pickle: its keys are read only if allowed
         return True
     header = safetensors_header(weights)
     return header is not None and any(is_diffusers_key(k) for k in header[0])

@@ -131,9 +131,10 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
         scale = number(params["scale"], "lora_parameters.scale", folder / CONFIG_NAME)
     elif scale is None:
         what = "a numpy .npz archive" if weights.suffix == ".npz" else f"an mlx-lm {weights.name}"
+        where = f"{CONFIG_NAME} has no lora_parameters.scale" if config else f"mlx records it in {CONFIG_NAME}, missing here"
         raise AdapterFormatError(
-            f"{str(weights)!r} is {what} without a scale (mlx adapters record it in {CONFIG_NAME}, which is missing): "
-            "pass --scale (scale=...) with the scale it was trained with"
+            f"{str(weights)!r} is {what} without a scale ({where}): pass --scale (scale=...) with the scale it was "
+            "trained with"
         )
     rank = int(number(params["rank"], "lora_parameters.rank", folder / CONFIG_NAME)) if "rank" in params else None
     tensors = read_npz(weights) if weights.suffix == ".npz" else read_safetensors(weights)[0]

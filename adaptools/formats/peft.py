@@ -102,13 +102,15 @@ def weights_file(path: Path) -> Path | None:
 def detect(path: Path) -> bool:
     """A folder with adapter_config.json, or a weights file with PEFT's keys (or unreadable ones) beside it, or
     PEFT-keyed weights without a config (mlx-lm's adapter_config.json is asked for first, by the mlx family)."""
-    folder = path if path.is_dir() else path.parent
+    has_config = (path if path.is_dir() else path.parent).joinpath(CONFIG_NAME).exists()
+    if has_config and path.is_dir():
+        return True
     weights = weights_file(path)
+    if weights is not None and weights.name == WEIGHTS_NAMES[1]:  # a pickle: its keys are read only if allowed
+        return True
     header = safetensors_header(weights) if weights is not None else None
     peft_keys = header is not None and any(is_peft_key(k) for k in header[0])
-    if (folder / CONFIG_NAME).exists():
-        return path.is_dir() or header is None or peft_keys
-    return peft_keys
+    return peft_keys or (has_config and header is None)
 
 
 def split_key(key: str) -> tuple[str, str | None]:

@@ -35,11 +35,11 @@ def full_tensors_option(func: Callable) -> Callable:
 
 def run(paths: Sequence[str], weights: list[float] | None, policy_values: dict, *, full_tensors: str, fmt: str | None,
         base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool,
-        merge_method: dict | None = None) -> None:
+        scale: float | None = None, alpha: float | None = None, merge_method: dict | None = None) -> None:
     """Load, combine (re-rank when a policy is given, merge by `merge_method`'s options), save and print the summary."""
     policy = optional_policy(**policy_values)
     check_output(output, overwrite)
-    adapters = [adaptools.load(p, allow_pickle=allow_pickle, base=base) for p in paths]
+    adapters = [adaptools.load(p, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha) for p in paths]
     options = dict(dtype=DTYPES.get(dtype or ""), full_tensors=full_tensors, **(merge_method or {}))
     if policy is None and options.get("method", "sum") == "sum":
         result, report = adaptools.combine(adapters, weights, **options), None
@@ -77,12 +77,14 @@ def echo_exact(result: Adapter) -> None:
 @provenance("combine")
 def combine(adapters: tuple[str, ...], weights: str | None, method: str, density: float | None, majority_sign: str,
             seed: int, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str | None, base: str | None,
-            dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
+            dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool, scale: float | None,
+            alpha: float | None) -> None:
     """Weighted sum of ADAPTERS, exact (rank Σ r_i); with a rank option, re-ranked by SVD; or merged by --method."""
     policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
     merge_method = dict(method=method, density=density, majority_sign=majority_sign, seed=seed)
     run(adapters, parse_weights(weights), policy_values, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype,
-        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle, merge_method=merge_method)
+        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle, scale=scale, alpha=alpha,
+        merge_method=merge_method)
 
 
 @click.command()
@@ -94,11 +96,12 @@ def combine(adapters: tuple[str, ...], weights: str | None, method: str, density
 @common_options
 @provenance("interpolate")
 def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget, full_tensors: str, fmt: str | None,
-                base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool) -> None:
+                base: str | None, dtype: str | None, device: str, output: str, overwrite: bool, allow_pickle: bool,
+                scale: float | None, alpha: float | None) -> None:
     """(1 − t)·A + t·B, exact (rank r_A + r_B); with a rank option, re-ranked by SVD."""
     policy_values = dict(rank=rank, energy=energy, ratio=ratio, threshold=threshold, budget=budget)
     run((a, b), [1.0 - t, t], policy_values, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype,
-        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle)
+        device=device, output=output, overwrite=overwrite, allow_pickle=allow_pickle, scale=scale, alpha=alpha)
 
 
 @click.command()
@@ -107,7 +110,7 @@ def interpolate(a: str, b: str, t: float, rank, energy, ratio, threshold, budget
 @common_options
 @provenance("negate")
 def negate(adapter: str, full_tensors: str, fmt: str | None, base: str | None, dtype: str | None, device: str, output: str,
-           overwrite: bool, allow_pickle: bool) -> None:
+           overwrite: bool, allow_pickle: bool, scale: float | None, alpha: float | None) -> None:
     """−ADAPTER, exact at the same rank (undoes ADAPTER when both are applied)."""
     run((adapter,), [-1.0], {}, full_tensors=full_tensors, fmt=fmt, base=base, dtype=dtype, device=device,
-        output=output, overwrite=overwrite, allow_pickle=allow_pickle)
+        output=output, overwrite=overwrite, allow_pickle=allow_pickle, scale=scale, alpha=alpha)

@@ -11,7 +11,7 @@ from adaptools.atomic import atomic_output, check_output
 from adaptools.dora import BaseWeights, SvdMethod
 from adaptools.formats import FORMATS, default_format
 
-from ..options import allow_pickle, output_options
+from ..options import output_options, reading_options
 from ..provenance import provenance
 from ..render import echo_table
 
@@ -49,13 +49,13 @@ def dora() -> None:
 @to_option
 @base_weights_option
 @device_option
-@allow_pickle
+@reading_options
 @provenance("to-dora")
 def to_dora(adapter: str, base: str, output: str, overwrite: bool, to: str | None, base_weights: str, device: str,
-            allow_pickle: bool) -> dict:
+            allow_pickle: bool, scale: float | None, alpha: float | None) -> dict:
     """LoRA ADAPTER → DoRA with the same outputs: magnitude m = ‖W + s·B·A‖ per output row."""
     check_output(output, overwrite)
-    lora = adaptools.load(adapter, allow_pickle=allow_pickle, base=base)
+    lora = adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha)
     converted = adaptools.to_dora(lora, base, base_weights=base_weights, device=device)
     converted.save(output, format=to or default_format(lora), overwrite=overwrite)
     rows = [
@@ -82,16 +82,16 @@ def to_dora(adapter: str, base: str, output: str, overwrite: bool, to: str | Non
 )
 @base_weights_option
 @device_option
-@allow_pickle
+@reading_options
 @provenance("to-lora")
 def to_lora(adapter: str, base: str, rank: int | None, energy: float | None, output: str, overwrite: bool,
             to: str | None, report_path: str | None, svd: str, base_weights: str, device: str,
-            allow_pickle: bool) -> dict:
+            allow_pickle: bool, scale: float | None, alpha: float | None) -> dict:
     """DoRA ADAPTER → LoRA: ΔW = W' − W fitted by a truncated SVD (--rank K or --energy T)."""
     check_output(output, overwrite)
     if report_path is not None:
         check_output(report_path, overwrite)
-    loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base)
+    loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha)
     lora, report = adaptools.to_lora(
         loaded, base, rank=rank, energy=energy, svd=svd, base_weights=base_weights, device=device
     )

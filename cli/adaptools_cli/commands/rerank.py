@@ -17,7 +17,7 @@ from adaptools.formats import FORMATS, default_format
 from adaptools.linalg import RankPolicy
 from adaptools.rerank import RerankReport
 
-from ..options import allow_pickle, output_options, read_alpha, read_scale
+from ..options import output_options, reading_options
 from ..provenance import provenance
 from ..render import table
 
@@ -49,7 +49,7 @@ def optional_policy(**options: float | None) -> RankPolicy | None:
 
 
 def common_options(func: Callable) -> Callable:
-    """--format, --base, --dtype, --device, -o/--overwrite and --allow-pickle."""
+    """--format, --base, --dtype, --device, -o/--overwrite, --allow-pickle, --scale and --alpha."""
     for option in (
         click.option("--format", "fmt", type=click.Choice(FORMATS),
                      help="Output format (default: the inputs' format; peft for a mix)."),
@@ -57,7 +57,7 @@ def common_options(func: Callable) -> Callable:
         click.option("--dtype", type=click.Choice(list(DTYPES)), help="dtype of the result (default: the inputs')."),
         click.option("--device", default="auto", show_default=True, help="Where SVDs run: auto, cpu or cuda."),
         output_options,
-        allow_pickle,
+        reading_options,
     ):
         func = option(func)
     return func
@@ -115,8 +115,6 @@ def echo_report(report: RerankReport) -> None:
 @policy_options
 @click.option("--report", "report_path", type=click.Path(), help="Write the per-module report as JSON.")
 @common_options
-@read_scale
-@read_alpha
 @provenance("rerank")
 def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | None, threshold: float | None,
            budget: float | None, report_path: str | None, fmt: str | None, base: str | None, dtype: str | None, device: str,
