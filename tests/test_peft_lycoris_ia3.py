@@ -150,3 +150,17 @@ def test_ia3_arithmetic_is_refused_with_the_reason(llama_base, tmp_path, runner)
                                rtol=1e-4, atol=1e-4)
     info = run_cli(runner, "info", path)
     assert info.exit_code == 0 and "model.layers.1.mlp.down_proj" in info.stdout and "input" in info.stdout
+
+
+def test_peft_lokr_conv1d_with_a_full_factor_is_refused(tmp_path):
+    """PEFT reshapes kron(W1 (a, c), W2 (b, d, k)) of unequal dimensions: not a Kronecker product, so refused."""
+    from peft import LoKrConfig, get_peft_model
+
+    class Conv1dModel(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = torch.nn.Conv1d(4, 6, 3)
+
+    get_peft_model(Conv1dModel(), LoKrConfig(r=8, alpha=3, target_modules=["c"])).save_pretrained(tmp_path / "c1")
+    with pytest.raises(adaptools.UnsupportedAdapterError, match="Conv1d layer with a full second factor"):
+        adaptools.load(tmp_path / "c1")

@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import Tensor
 
 from ..adapter import Adapter
-from ..errors import AdapterFormatError, AdaptoolsError, ShapeMismatchError
+from ..errors import AdapterFormatError, AdaptoolsError, ShapeMismatchError, UnsupportedAdapterError
 from .lycoris import LOHA_ROLES, LOKR_ROLES, ScaleRule, loha_modules, lokr_modules
 from .peft import CONFIG_NAME, PREFIX, base_key, locate, pattern_value
 from .tensors import read_json_object, read_tensor_file
@@ -75,6 +75,13 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
             extra[base_key(key)] = tensor
     if not grouped:
         raise AdapterFormatError(f"{str(weights_path)!r} holds no {kind} tensors")
+    for module, parts in grouped.items():
+        if kind == "LOKR" and "lokr_w2" in parts and parts["lokr_w2"].ndim == 3:
+            raise UnsupportedAdapterError(
+                f"module {module!r}: PEFT's LoKr on a Conv1d layer with a full second factor (lokr_w2 of shape "
+                f"{tuple(parts['lokr_w2'].shape)}) is not supported: PEFT builds its ΔW by reshaping a Kronecker "
+                "product of unequal dimensions, which is not kron(W1, W2)"
+            )
     build = loha_modules if kind == "LOHA" else lokr_modules
     modules = build(grouped, config_scale(config))
     adapter = Adapter(
