@@ -100,16 +100,17 @@ def fold_tucker(name: str, parts: dict[str, Tensor]) -> tuple[Tensor, Tensor] | 
             f"kohya module {name!r}: lora_up {tuple(up.shape)}, lora_mid {tuple(mid.shape)} and lora_down "
             f"{tuple(down.shape)} are not a Tucker LoCon (up (out, r), mid (r, r, *kernel), down (r, in, 1, ...))"
         )
-    return mid, down.reshape(down.shape[0], -1)
+    return mid.float(), down.reshape(down.shape[0], -1).float()
 
 
 def contract_tucker(grouped: dict[str, dict[str, Tensor]]) -> None:
     """Replace each Tucker LoCon's lora_down and lora_mid by their contraction (r, in, *kernel) (DESIGN §11), in place:
-    ΔW = up · (mid ×₂ down) is then an ordinary conv LoRA of the same rank; one einsum per shape."""
+    ΔW = up · (mid ×₂ down) is then an ordinary conv LoRA of the same rank; one einsum per shape, in float32."""
     cores = {name: found for name, parts in grouped.items() if (found := fold_tucker(name, parts)) is not None}
     for name, (A,) in map_by_shape(cores, tucker_down).items():
-        mid = grouped[name].pop("mid")
-        grouped[name]["down"] = A.reshape(A.shape[0], -1, *mid.shape[2:])
+        parts = grouped[name]
+        mid = parts.pop("mid")
+        parts["down"], parts["up"] = A.reshape(A.shape[0], -1, *mid.shape[2:]), parts["up"].float()
 
 
 def group_by_role(path: str | os.PathLike, tensors: dict[str, Tensor], roles: dict[str, str],
