@@ -155,16 +155,18 @@ def test_merge_gives_the_model_with_lycoris_applied(case, tmp_path):
 def test_combine_and_spectrum_work_on_lycoris_files(tmp_path, runner):
     """The exact factors combine like any LoRA: ΔW of the sum is the sum of the families' ΔW."""
     paths = []
-    for seed, algo in enumerate(("loha", "lokr", "loha")):
+    for seed, algo in enumerate(("loha", "lokr", "locon")):  # LoCon's 1x1 conv meets LoHa's flattened factors
         _, _, network = lycoris_network(seed=seed, algo=algo, use_tucker=True)
         paths.append(tmp_path / f"{algo}.safetensors")
         network.save_weights(str(paths[-1]), torch.float32, {})
     adapters = [adaptools.load(p) for p in paths]
     total = adaptools.combine(adapters, [1.0, -0.5, 2.0])
     for name in total:
-        expected = adapters[0].delta(name) - 0.5 * adapters[1].delta(name) + 2.0 * adapters[2].delta(name)
-        torch.testing.assert_close(total.delta(name), expected, rtol=1e-4, atol=1e-5)
+        flat = [a.delta(name).flatten(1) for a in adapters]
+        expected = flat[0] - 0.5 * flat[1] + 2.0 * flat[2]
+        torch.testing.assert_close(total.delta(name).flatten(1), expected, rtol=1e-4, atol=1e-5)
         assert total[name].rank == sum(a[name].rank for a in adapters)
+        assert total[name].kind == ("linear" if name == "lycoris_lin0" else "conv")
     result = run_cli(runner, "spectrum", paths[0])
     assert result.exit_code == 0, result.stderr
     assert "lycoris_conv" in result.stdout
