@@ -164,3 +164,16 @@ def test_peft_lokr_conv1d_with_a_full_factor_is_refused(tmp_path):
     get_peft_model(Conv1dModel(), LoKrConfig(r=8, alpha=3, target_modules=["c"])).save_pretrained(tmp_path / "c1")
     with pytest.raises(adaptools.UnsupportedAdapterError, match="Conv1d layer with a full second factor"):
         adaptools.load(tmp_path / "c1")
+
+
+def test_peft_lokr_converts_to_a_lora_peft_loads(llama_base, tmp_path, runner):
+    """convert --to peft: a plain PEFT LoRA of the expanded rank, whose PEFT forward is the LoKr's."""
+    from factories import peft_logits
+
+    path = make_adapter(llama_base, tmp_path / "lokr", lycoris_configs()["lokr"])
+    result = run_cli(runner, "convert", path, "--to", "peft", "-o", tmp_path / "lora")
+    assert result.exit_code == 0, result.stderr
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA"
+    torch.testing.assert_close(peft_logits(llama_base, tmp_path / "lora"), peft_logits(llama_base, path),
+                               rtol=1e-4, atol=1e-4)
