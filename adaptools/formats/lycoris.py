@@ -119,7 +119,7 @@ ScaleRule = Callable[[str, Mapping[str, Tensor], "int | None"], float]
 
 @dataclass
 class Halves:
-    """A module's update as one product of factors per block, before the batched step that joins them."""
+    """A LoHa module's checked tensors (4, or 6 with Tucker cores), layer kind and kernel, and the rank alpha divides."""
 
     parts: tuple[Tensor, ...]
     kind: str
@@ -127,14 +127,16 @@ class Halves:
     rank: int | None
 
 
-def lora_module(name: str, B: Tensor, A: Tensor, halves: Halves | KronHalves, parts: Mapping[str, Tensor], scale: float) -> LoraModule:
+def lora_module(name: str, B: Tensor, A: Tensor, halves: Halves | KronHalves, parts: Mapping[str, Tensor],
+                scale: float) -> LoraModule:
     """The LoraModule of exact factors B (out, R), A (R, in·prod(kernel)), with its DoRA magnitude if any."""
     return LoraModule(A=A.contiguous(), B=B.contiguous(), scale=scale, kind=halves.kind, kernel=halves.kernel,
                       magnitude=row_magnitude(name, parts.get("dora_scale"), B.shape[0]))
 
 
 def loha_halves(name: str, parts: Mapping[str, Tensor]) -> Halves:
-    """LoHa's two LoRA halves (w1a, w1b, w2a, w2b) as (out, r), (r, in·k): Tucker cores contracted into w·b first."""
+    """LoHa's two LoRA halves (w1a (out, r), w1b (r, in·k), w2a, w2b), or with Tucker cores the six tensors
+    (t1, w1a (r, out), w1b (r, in), t2, w2a, w2b) that the batched step contracts."""
     if "hada_t1" in parts or "hada_t2" in parts:
         t1, w1a, w1b, t2, w2a, w2b = require(name, parts, "hada_t1", "hada_w1_a", "hada_w1_b",
                                              "hada_t2", "hada_w2_a", "hada_w2_b")

@@ -104,9 +104,10 @@ def fit_ia3(adapter: IA3Adapter, specs: dict[str, TensorSpec], model_type: str |
     """Each IA3 vector on its base weight (and bias): orientation by shape, a square weight by PEFT's fan_in_fan_out
     flag or a Conv1D architecture; problems are appended to `missing` / `misfit`."""
     scalings: dict[str, tuple[Tensor, bool]] = {}
+    conv1d = model_type in CONV1D_MODEL_TYPES
     for name, module in adapter.items():
         spec, bias = specs.get(f"{name}.weight"), specs.get(f"{name}.bias")
-        fit = None if spec is None else module.on_weight(spec.shape, module.fan_in_fan_out or model_type in CONV1D_MODEL_TYPES)
+        fit = None if spec is None else module.on_weight(spec.shape, module.fan_in_fan_out or conv1d)
         if spec is None:
             missing.append(f"{name}.weight")
         elif fit is None:
