@@ -36,7 +36,9 @@ from .errors import (
 from .combine import combine, interpolate, negate
 from .formats import BaseCheckpoint, detect_format, save_adapter
 from .sources import load
+from .formats.ia3 import read_ia3 as load_ia3
 from .hub import push
+from .ia3 import IA3Adapter, IA3Module
 from .merge import MergeReport, merge
 from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
@@ -52,6 +54,8 @@ __all__ = [
     "HubAccessError",
     "HubError",
     "HubNotFoundError",
+    "IA3Adapter",
+    "IA3Module",
     "InputNotFoundError",
     "InvalidArgumentError",
     "LoraFitReport",
@@ -76,6 +80,7 @@ __all__ = [
     "detect_format",
     "interpolate",
     "load",
+    "load_ia3",
     "merge",
     "negate",
     "push",

@@ -17,7 +17,7 @@ from .names import listed
 
 LayerKind = Literal["linear", "embedding", "conv"]
 
-KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_")
+KOHYA_PREFIXES = ("lora_unet_", "lora_te1_", "lora_te2_", "lora_te_", "lycoris_")
 """Prefixes of kohya module names (`lora_unet_down_blocks_0_...`): names not yet mapped to module paths."""
 
 
@@ -351,13 +351,25 @@ def same_layout(name: str, first: LoraModule, other: LoraModule) -> None:
             )
 
 
+def as_conv_of(conv: LoraModule, module: LoraModule) -> LoraModule | None:
+    """`module` laid out as the convolution `conv` when it is a linear update of the same (out, in·prod(kernel))
+    (LoHa and LoKr store conv factors flattened, without the kernel); else None."""
+    if (conv.kind == "conv" and module.kind == "linear" and not module.fan_in_fan_out
+            and (conv.out_features, conv.in_features) == (module.out_features, module.in_features)):
+        return replace(module, kind="conv", kernel=conv.kernel)
+    return None
+
+
 def plan_terms(adapters: Sequence[Adapter], weights: Sequence[float]) -> dict[str, list[Term]]:
-    """Per module (in order of first appearance) the weighted terms of the adapters that hold it; layouts checked."""
+    """Per module (in order of first appearance) the weighted terms of the adapters that hold it; layouts checked
+    (conv factors stored flattened take the kernel of a convolution among the terms)."""
     plan: dict[str, list[Term]] = {}
     for adapter, weight in zip(adapters, weights):
         for name, module in adapter.items():
             terms = plan.setdefault(name, [])
             if terms:
+                module = as_conv_of(terms[0].module, module) or module
+                terms[:] = [replace(t, module=as_conv_of(module, t.module) or t.module) for t in terms]
                 same_layout(name, terms[0].module, module)
             terms.append(Term(weight, module))
     return plan

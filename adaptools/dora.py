@@ -2,7 +2,7 @@
 
 Canonical orientation throughout: W is (..., out, in) (embeddings and fan_in_fan_out weights transposed,
 conv weights flattened, by `LoraModule.from_base_layout`), V = W + s·B·A, n = ‖V‖ per output row,
-and the merged DoRA weight is W' = (m / n) ⊙ V (`adaptools.merge.dora_merge_rows`, the one implementation).
+and the merged DoRA weight is W' = (m / n) ⊙ V (`adaptools.merge.kernels.dora_merge_rows`, the one implementation).
 Leading dimensions are batches of same-shape modules.
 
 Which base weight W enters n is chosen by `base_weights` (the row norms depend on it):
@@ -43,9 +43,9 @@ from .linalg import (
     randomized_svd,
     truncation_error,
 )
-from .merge import dora_merge_rows
+from .merge.kernels import dora_merge_rows
+from .merge.nf4_codecs import NF4Decoder
 from .names import listed
-from .nf4_checkpoint import NF4Decoder
 from .report import ErrorSummary, ModuleFitError, relative
 from .sources import open_base
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from .adapter import Adapter
+from .ia3 import IA3Adapter
 
 
 def adapter_summary(adapter: Adapter) -> dict:
@@ -23,6 +24,25 @@ def adapter_summary(adapter: Adapter) -> dict:
                 "params": m.num_params,
                 "dora": m.is_dora,
                 "dtype": str(m.dtype).removeprefix("torch."),
+            }
+            for name, m in adapter.items()
+        },
+    }
+
+
+def ia3_summary(adapter: IA3Adapter) -> dict:
+    """Format, base model, parameter count and per module the side its vector scales, as JSON-ready data."""
+    return {
+        "format": adapter.source_format,
+        "base_model": adapter.base_model,
+        "num_params": adapter.num_params,
+        "extra": sorted(adapter.extra),
+        "modules": {
+            name: {
+                "kind": m.kind,
+                "scales": "input" if m.feedforward else "output",
+                "features": len(m.vector),
+                "dtype": str(m.vector.dtype).removeprefix("torch."),
             }
             for name, m in adapter.items()
         },

@@ -148,9 +148,12 @@ def test_kohya_errors_are_typed(llama_base, tmp_path):
         adaptools.load(tmp_path / "unknown.safetensors", base=llama_base)
 
     state = load_file(tmp_path / "k.safetensors")
-    save_file({**state, f"{name}.lora_mid.weight": torch.zeros(4, 4)}, tmp_path / "odd.safetensors")
+    save_file({**state, f"{name}.lora_side.weight": torch.zeros(4, 4)}, tmp_path / "odd.safetensors")
     with pytest.raises(adaptools.AdapterFormatError, match="unexpected key"):
         adaptools.load(tmp_path / "odd.safetensors")
+    save_file({**state, f"{name}.lora_mid.weight": torch.zeros(4, 4)}, tmp_path / "mid.safetensors")
+    with pytest.raises(adaptools.ShapeMismatchError, match="are not a Tucker LoCon"):
+        adaptools.load(tmp_path / "mid.safetensors")
 
     save_file({**state, f"{name}.lora_up.weight": torch.zeros(32, 3)}, tmp_path / "rank.safetensors")
     with pytest.raises(adaptools.RankMismatchError, match="lora_down has rank 4 but lora_up has rank 3"):

@@ -196,11 +196,11 @@ def test_adalora_reads_as_lora(pruned, llama_base, tmp_path):
 
 
 def test_other_peft_types_are_unsupported(llama_base, tmp_path):
-    from peft import LoHaConfig, get_peft_model
+    from peft import VeraConfig, get_peft_model
 
-    get_peft_model(load_base(llama_base), LoHaConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "loha")
-    with pytest.raises(adaptools.UnsupportedAdapterError, match="unsupported adapter type 'LOHA'"):
-        adaptools.load(tmp_path / "loha")
+    get_peft_model(load_base(llama_base), VeraConfig(r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "vera")
+    with pytest.raises(adaptools.UnsupportedAdapterError, match="unsupported adapter type 'VERA'"):
+        adaptools.load(tmp_path / "vera")
 
 
 def test_weights_file_path_reads_like_its_folder(made):

@@ -177,7 +177,7 @@ def test_row_tiles_write_what_whole_steps_write(case, dtype, small_bytes, llama_
     embeddings, several outputs at once; NF4 outputs are quantized from whole weights either way."""
     from adaptools.formats import checkpoint_writer
 
-    merge_module = importlib.import_module("adaptools.merge")
+    merge_module = importlib.import_module("adaptools.merge.execute")
     arch, configs = TILED_CASES[case]
     base = llama_base if arch == "llama" else gpt2_base
     adapters = [make_peft_adapter(base, tmp_path / f"adapter{i}", seed=i + 1, **kw) for i, kw in enumerate(configs)]
@@ -391,7 +391,8 @@ def test_side_files_are_copied_and_weights_are_not(llama_base, tmp_path):
 
 def test_steps_alternate_between_shards_and_keep_each_shards_order():
     """Steps running at once should write different files: the execution order takes the shards in turn."""
-    from adaptools.merge import Step, TensorSpec, interleave_shards
+    from adaptools.merge.codecs import TensorSpec
+    from adaptools.merge.plan import Step, interleave_shards
 
     specs = {f"{shard}.{i}": TensorSpec((4, 4), torch.float16, shard, 32) for shard, n in [("a", 3), ("b", 1), ("c", 2)]
              for i in range(n)}

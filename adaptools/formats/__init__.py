@@ -15,7 +15,7 @@ from types import ModuleType
 from ..adapter import Adapter, has_kohya_names, register_writer
 from ..atomic import atomic_output
 from ..errors import InvalidArgumentError
-from . import diffusers, kohya, mlx, peft
+from . import diffusers, ia3, kohya, lycoris, mlx, peft, peft_lycoris
 from .checkpoint import BaseCheckpoint
 from .kohya import remap_to_base
 from .tensors import require_exists
@@ -24,7 +24,10 @@ from .layout import written_layout
 
 FAMILIES: tuple[ModuleType, ...] = (
     mlx,
+    peft_lycoris,
+    ia3,
     peft,
+    lycoris,
     diffusers,
     kohya,
 )
@@ -66,8 +69,10 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
 
 def default_format(adapter: Adapter) -> str:
     """The format an adapter is written in by default: the family it was read from where adaptools writes that
-    family (kohya stays kohya, mlx stays mlx), else "peft"."""
-    return adapter.source_format if adapter.source_format in WRITERS else "peft"
+    family (kohya stays kohya, mlx stays mlx), else kohya for kohya module names (a LyCORIS file), else "peft"."""
+    if adapter.source_format in WRITERS:
+        return adapter.source_format
+    return "kohya" if has_kohya_names(adapter) else "peft"
 
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft", overwrite: bool = False,

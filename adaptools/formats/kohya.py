@@ -11,12 +11,15 @@ from torch import Tensor
 from ..adapter import KOHYA_PREFIXES as PREFIXES
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
+from ..linalg import map_by_shape
+from ..lycoris_math import tucker_down
 from .tensors import PICKLE_SUFFIXES, check_factors, check_magnitude, read_tensor_file, safetensors_header, write_safetensors
 
 NAME = "kohya"
 WRITES_FILE = True
 DEFAULT_PREFIX = "lora_unet_"
-ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".alpha": "alpha", ".dora_scale": "dora_scale"}
+ROLES = {".lora_down.weight": "down", ".lora_up.weight": "up", ".lora_mid.weight": "mid", ".alpha": "alpha",
+         ".dora_scale": "dora_scale"}
 
 
 def is_kohya(keys: Iterable[str]) -> bool:
@@ -58,38 +61,81 @@ def kohya_module(name: str, parts: dict[str, Tensor]) -> LoraModule:
         raise ShapeMismatchError(f"kohya module {name!r}: alpha must be one number, got shape {tuple(parts['alpha'].shape)}")
     alpha = float(parts["alpha"].item()) if "alpha" in parts else 0.0
     alpha = alpha or float(rank)  # kohya: a missing or zero alpha means alpha = r
-    magnitude = parts.get("dora_scale")
-    if magnitude is not None:
-        # PEFT-style DoRA keeps one magnitude per output row: (out, 1) or (out,); a per-input (1, in) scale is another method.
-        if magnitude.numel() != up.shape[0] or (magnitude.ndim == 2 and magnitude.shape[0] != up.shape[0]):
-            raise AdapterFormatError(
-                f"kohya module {name!r}: dora_scale of shape {tuple(magnitude.shape)} is not one value per output row"
-            )
-        magnitude = magnitude.reshape(-1)
-        check_magnitude(name, magnitude, "dora_scale")
     return LoraModule(
         A=down.reshape(rank, -1),
         B=up.reshape(up.shape[0], rank),
         scale=alpha / rank,
         kind=kind,
         kernel=kernel,
-        magnitude=magnitude,
+        magnitude=row_magnitude(name, parts.get("dora_scale"), up.shape[0]),
     )
+
+
+def row_magnitude(name: str, dora_scale: Tensor | None, out_features: int) -> Tensor | None:
+    """A `dora_scale` as PEFT's per-output-row DoRA magnitude (out,), from (out,), (out, 1) or (out, 1, 1, ...).
+
+    LyCORIS's other form, (1, in, ...) (`wd_on_out` false: one norm per input column), is another method and is refused.
+    """
+    if dora_scale is None:
+        return None
+    if dora_scale.numel() != out_features or (dora_scale.ndim > 1 and dora_scale.shape[0] != out_features):
+        raise AdapterFormatError(
+            f"module {name!r}: dora_scale of shape {tuple(dora_scale.shape)} is not one value per output row: "
+            "LyCORIS's input-side weight decomposition (wd_on_out false) is another method than PEFT's per-row DoRA "
+            "and is not supported"
+        )
+    magnitude = dora_scale.reshape(-1)
+    check_magnitude(name, magnitude, "dora_scale")
+    return magnitude
+
+
+def fold_tucker(name: str, parts: dict[str, Tensor]) -> tuple[Tensor, Tensor] | None:
+    """(core, down as (r, in)) of a LoCon module with a `lora_mid` Tucker core, checked; None without a core."""
+    if "mid" not in parts:
+        return None
+    mid, down, up = parts["mid"], parts.get("down"), parts.get("up")
+    if down is None or up is None:
+        raise AdapterFormatError(f"kohya module {name!r} has lora_mid but lacks lora_down or lora_up")
+    if (mid.ndim < 3 or down.ndim < 2 or any(s != 1 for s in down.shape[2:]) or mid.shape[1] != down.shape[0]
+            or up.shape[1] != mid.shape[0]):
+        raise ShapeMismatchError(
+            f"kohya module {name!r}: lora_up {tuple(up.shape)}, lora_mid {tuple(mid.shape)} and lora_down "
+            f"{tuple(down.shape)} are not a Tucker LoCon (up (out, r), mid (r, r, *kernel), down (r, in, 1, ...))"
+        )
+    return mid.float(), down.reshape(down.shape[0], -1).float()
+
+
+def contract_tucker(grouped: dict[str, dict[str, Tensor]]) -> None:
+    """Replace each Tucker LoCon's lora_down and lora_mid by their contraction (r, in, *kernel) (DESIGN §11), in place:
+    ΔW = up · (mid ×₂ down) is then an ordinary conv LoRA of the same rank; one einsum per shape, in float32."""
+    cores = {name: found for name, parts in grouped.items() if (found := fold_tucker(name, parts)) is not None}
+    for name, (A,) in map_by_shape(cores, tucker_down).items():
+        parts = grouped[name]
+        mid = parts.pop("mid")
+        parts["down"], parts["up"] = A.reshape(A.shape[0], -1, *mid.shape[2:]), parts["up"].float()
+
+
+def group_by_role(path: str | os.PathLike, tensors: dict[str, Tensor], roles: dict[str, str],
+                  what: str) -> dict[str, dict[str, Tensor]]:
+    """{module name: {role: tensor}} by key suffix (`roles`: suffix → role); a key of no role, or no module, raises."""
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        for suffix, role in roles.items():
+            if key.endswith(suffix):
+                grouped.setdefault(key[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in {what}")
+    if not grouped:
+        raise AdapterFormatError(f"{str(path)!r} holds no LoRA tensors")
+    return grouped
 
 
 def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
     """Read a kohya LoRA file; module names stay kohya names until `remap_to_base` maps them to module paths."""
     tensors, metadata = read_tensor_file(path, allow_pickle=allow_pickle)
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        for suffix, role in ROLES.items():
-            if key.endswith(suffix):
-                grouped.setdefault(key[: -len(suffix)], {})[role] = tensor
-                break
-        else:
-            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in a kohya LoRA file")
-    if not grouped:
-        raise AdapterFormatError(f"{str(path)!r} holds no LoRA tensors")
+    grouped = group_by_role(path, tensors, ROLES, "a kohya LoRA file")
+    contract_tucker(grouped)
     modules = {name: kohya_module(name, parts) for name, parts in grouped.items()}
     adapter = Adapter(
         modules=modules,

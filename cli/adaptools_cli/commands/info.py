@@ -6,7 +6,8 @@ import json
 import click
 
 import adaptools
-from adaptools.summary import adapter_summary
+from adaptools.sources import resolve
+from adaptools.summary import adapter_summary, ia3_summary
 
 from ..options import reading_options
 from ..render import echo_table
@@ -21,9 +22,19 @@ def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scal
          alpha: float | None) -> None:
     """Show the format (the adapter family detected), base model, DoRA or not, and per module rank, scale, shape
     and parameters."""
-    summary = adapter_summary(adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha))
+    local = resolve(adapter, "adapter", allow_pickle=allow_pickle)
+    if adaptools.detect_format(local) == "peft-ia3":
+        summary = ia3_summary(adaptools.load_ia3(local, allow_pickle=allow_pickle))
+    else:
+        summary = adapter_summary(adaptools.load(local, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha))
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+        return
+    if "dora" not in summary:  # IA3: vectors, not a weight update
+        click.echo(f"format: {summary['format']} (IA3 scales weights by learned vectors: merge only)")
+        click.echo(f"modules: {len(summary['modules'])}, parameters: {summary['num_params']:,}")
+        rows = [(name, m["kind"], m["scales"], m["features"]) for name, m in summary["modules"].items()]
+        echo_table(["module", "kind", "scales", "size"], rows)
         return
     click.echo(f"format: {summary['format']}")
     click.echo(f"base model: {summary['base_model'] or '(not recorded)'}")

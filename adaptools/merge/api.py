@@ -1,0 +1,80 @@
+"""The public `merge` call: LoRA/DoRA adapters into a base checkpoint folder (DESIGN §8), validated and planned
+before anything is written, then one streaming pass over the base."""
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from ..atomic import check_output
+from ..adapter import check_weights
+from ..device import resolve_device
+from ..formats.checkpoint import BaseCheckpoint
+from ..formats.checkpoint_writer import parse_size
+from ..sources import open_base
+from .execute import write_outputs
+from .nf4_codecs import checkpoint_codecs
+from .plan import AdapterLike, base_mismatch, fit_adapters, load_adapters, output_names, plan_output
+from .report import MergeReport, survival_warnings
+
+
+def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iterable[AdapterLike],
+          weights: Sequence[float] | None = None, *, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
+          double_quant: bool | None = None, device: str | torch.device = "auto", overwrite: bool = False,
+          each: bool = False, max_shard_size: str | int | None = None, allow_pickle: bool = False,
+          batch_bytes: int | None = None, progress: bool = False) -> MergeReport:
+    """Merge adapters into a base checkpoint folder, streaming shard by shard: W' = W + Σ_i w_i·s_i·B_i@A_i.
+
+    Args:
+        base: a Hugging Face folder (model.safetensors, or shards + index) of fp16/bf16/fp32 weights, or a
+            bitsandbytes NF4 checkpoint (its weights are dequantized, merged in float32 and requantized).
+        adapters: PEFT folders, kohya files or Adapter objects (LoRA, rsLoRA, DoRA; linear, Conv1D, embedding, conv).
+        weights: one factor per adapter (default 1): w·s·B@A for LoRA, V = W + w·s·B@A for DoRA (magnitudes
+            kept); a full tensor T (modules_to_save) becomes W + w·(T − W).
+        out: the output folder; with `each`, a folder holding one `<adapter name>/` per adapter.
+        dtype: "fp16", "bf16" or "fp32" for every floating tensor (an NF4 base is then written dequantized);
+            "nf4" quantizes the merged linear weights (adaptools.quantize's defaults; an NF4 base stays NF4 with
+            each weight's own settings); default: keep each tensor's dtype (and an NF4 base's quantization).
+        double_quant: for NF4 outputs of an unquantized base, quantize the block scales too (default True);
+            with an NF4 base it must agree with the base's own setting.
+        device: where the merge math runs ("auto": CUDA when available); the math is float32.
+        overwrite: replace an existing output.
+        each: one merged model per adapter from a single read of the base, instead of one with all adapters.
+        max_shard_size: re-shard the output ("5GB", "200MB"); default: the base's own shard files.
+        allow_pickle: allow .bin adapters (torch.load with weights_only=True).
+        batch_bytes: float32 bytes of base weights merged per step (default 32 MiB on CPU, 256 MiB on CUDA).
+        progress: show a tqdm bar (bytes of the base) on stderr.
+
+    Raises UnknownModuleError / ShapeMismatchError before writing anything when the adapters do not fit the base,
+    NonFiniteError (nothing left behind) when a merged tensor holds NaN/Inf or overflows the output dtype.
+    A base other than the adapter's `base_model_name_or_path` gives a warning, and so does an NF4 base whose
+    requantization erases most of some modules' updates (MergeReport.survival).
+    """
+    start = time.perf_counter()
+    target = check_output(out, overwrite)
+    device = resolve_device(device)
+    shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
+    ckpt = open_base(base, "model")
+    config = ckpt.config
+    decoder, encoder = checkpoint_codecs(ckpt, dtype, double_quant=double_quant, device=device)
+    loaded = load_adapters(adapters, ckpt, allow_pickle)
+    factors = check_weights(loaded, weights)
+    specs = decoder.specs(ckpt)
+    fitted = fit_adapters(loaded, specs, config.get("model_type"))
+    for message in filter(None, (base_mismatch(a, ckpt, config) for a in loaded)):
+        warnings.warn(message, stacklevel=2)
+    if each:
+        names = output_names(loaded)
+        plans = [plan_output(n, [a], [w], device) for n, a, w in zip(names, fitted, factors)]
+    else:
+        plans = [plan_output(target.name, fitted, factors, device)]
+    del loaded, fitted  # the plans hold the factors they need (float32, scale folded in)
+    report = write_outputs(ckpt, specs, plans, decoder, encoder, target, each=each, device=device,
+                           overwrite=overwrite, shard_bytes=shard_bytes, batch_bytes=batch_bytes, progress=progress)
+    report.seconds = time.perf_counter() - start
+    for message in survival_warnings(report):
+        warnings.warn(message, stacklevel=2)
+    return report

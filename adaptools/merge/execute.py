@@ -1,0 +1,191 @@
+"""Merge execution: one pass over the base, steps on worker threads, every output written atomically.
+
+Each step (same-shape tensors of one shard) is read once (memory-mapped) and feeds every output. Steps run on
+worker threads; every output tensor has a byte range planned up front, so results are written where they belong
+in whatever order they are done. On the CPU the merge kernels run per cache-sized tile of rows (a weight is
+read, merged, cast and written without leaving the cache), on an accelerator per whole step. Tensors no output
+changes are copied file to file.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import queue
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_output
+from ..formats.checkpoint import BaseCheckpoint
+from ..formats.checkpoint_writer import Layout, OutputSink, copy_side_files
+from .codecs import CastEncoder, StoredDecoder, TensorSpec, check_range
+from .kernels import Buffers, changed_value, merge_weights
+from .plan import OutputPlan, Step, interleave_shards, plan_layout, plan_steps
+from .report import MergeReport, peak_rss
+
+BATCH_BYTES = {"cpu": 2**25, "cuda": 2**28}
+"""Default float32 bytes of base weights merged in one step, per device type."""
+TILE_BYTES = {"cpu": 2**21}
+"""Float32 bytes of rows merged at once on the CPU (cache-sized); other devices merge whole steps."""
+MAX_WORKERS = 8
+"""At most this many steps run at once on the CPU (each holds its step's tensors)."""
+
+
+def merge_step(step: Step, stored: dict[str, Tensor], specs: dict[str, TensorSpec], plan: OutputPlan,
+               encoder: CastEncoder, device: torch.device, buffers: Buffers,
+               tile_elems: int | None) -> Iterator[tuple[str, int, Tensor]]:
+    """(key, first row, rows in the encoder's dtype) for the step's tensors that this output changes or casts:
+    merged weights in tiles of rows when the encoder is row-wise, other tensors whole.
+
+    The others are kept as stored. Each yielded tensor must be written before the next is asked for.
+    """
+    dtype = encoder.dtype_for(specs[step.keys[0]])
+    current = dict(stored)
+    changed = {}
+    for key in current:
+        value = changed_value(key, stored[key], plan.full.get(key), plan.biases.get(key))
+        if value is not None:
+            current[key] = changed[key] = value
+    updates = {k: plan.updates[k] for k in step.keys if k in plan.updates}
+    yield from merge_weights(updates, current, dtype, device, buffers, tile_elems if encoder.row_wise else None)
+    for key in step.keys:
+        if key not in updates and (key in changed or not encoder.keeps(key, specs[key])):
+            check_range([key], current[key].unsqueeze(0), dtype)
+            yield key, 0, current[key].to(dtype)
+
+
+def run_step(step: Step, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
+             sinks: Sequence[OutputSink], decoder: StoredDecoder, encoder: CastEncoder, device: torch.device,
+             buffers: Buffers, tile_elems: int | None, survival: Sequence[dict[str, float]]) -> int:
+    """Read the step's tensors that some output changes or casts (once), merge them per output, write everything;
+    the encoder's survival of each merged weight goes into `survival` (one dict per output). Returns the step's
+    stored bytes."""
+    needed = [k for k in step.keys if not encoder.keeps(k, specs[k]) or any(plan.changes(k) for plan in plans)]
+    stored = {k: decoder.read(ckpt, k) for k in needed}
+    for plan, sink, kept in zip(plans, sinks, survival):
+        written = set()
+        for key, row, tensor in merge_step(step, stored, specs, plan, encoder, device, buffers, tile_elems):
+            whole = row == 0 and tuple(tensor.shape) == specs[key].shape
+            encoded = encoder.encode(key, tensor)
+            for out_key, value in encoded.items():
+                sink.write(out_key, value, row, None if whole else specs[key].shape[0])
+            written.add(key)
+            fraction = encoder.survival(key, stored[key], tensor, encoded) if whole and key in plan.updates else None
+            if fraction is not None:
+                kept[key.removesuffix(".weight")] = fraction
+        for key in step.keys:
+            if key not in written:
+                for out_key, (path, info) in decoder.sources(ckpt, key).items():
+                    sink.copy(out_key, path, info)
+    return sum(specs[k].nbytes for k in step.keys)
+
+
+def worker_count(device: torch.device, encoder: CastEncoder) -> int:
+    """Steps run at once: on the CPU one per torch thread (up to MAX_WORKERS), each running its torch ops
+    single-threaded; on an accelerator two (one reads and writes while the other computes). An encoder of whole
+    tensors (NF4) gets one, with every torch thread: its temporaries are several times a weight's size."""
+    if not encoder.row_wise:
+        return 1
+    return max(1, min(torch.get_num_threads(), MAX_WORKERS)) if device.type == "cpu" else 2
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` (None: unchanged) inside the block, restored after."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)
+
+
+def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], workers: int, progress: tqdm) -> None:
+    """`run(step, buffers)` for every step on `workers` threads (each with its own Buffers), advancing `progress`
+    by what each returns; the first failure cancels the steps not yet started and is raised here."""
+    free: queue.SimpleQueue[Buffers] = queue.SimpleQueue()
+    for _ in range(workers):
+        free.put(Buffers())
+
+    def task(step: Step) -> int:
+        buffers = free.get()
+        try:
+            return run(step, buffers)
+        finally:
+            free.put(buffers)
+
+    with ThreadPoolExecutor(workers, thread_name_prefix="adaptools-merge") as pool:
+        futures = [pool.submit(task, step) for step in steps]
+        try:
+            for future in as_completed(futures):
+                progress.update(future.result())
+        except BaseException:
+            for future in futures:
+                future.cancel()
+            raise
+
+
+def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout: Layout) -> OutputSink:
+    """An output folder with the base's side files and its config.json (dtype set by the encoder), ready for shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    copy_side_files(ckpt.root, folder, skip=("config.json",))
+    if (ckpt.root / "config.json").exists():
+        config = json.dumps(encoder.update_config(ckpt.config), indent=2, sort_keys=True)
+        (folder / "config.json").write_text(config + "\n")
+    return OutputSink(folder, layout)
+
+
+def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
+                  decoder: StoredDecoder, encoder: CastEncoder, target: Path, *, each: bool, device: torch.device,
+                  overwrite: bool, shard_bytes: int | None, batch_bytes: int | None, progress: bool,
+                  desc: str = "merging") -> MergeReport:
+    """One pass over the base: every output plan (no updates: the base re-encoded) written atomically to `target`
+    (with `each`, to `target/<plan name>`), read through `decoder`, written through `encoder`."""
+    start = time.perf_counter()
+    batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
+    steps = plan_steps(specs, batch_bytes)
+    layout = plan_layout(ckpt, steps, specs, encoder, shard_bytes)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    total = sum(s.nbytes for s in specs.values())
+    survival: list[dict[str, float]] = [{} for _ in plans]
+    workers = worker_count(device, encoder)
+    tile_elems = TILE_BYTES[device.type] // 4 if device.type in TILE_BYTES else None
+
+    def run(step: Step, buffers: Buffers) -> int:
+        return run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, buffers, tile_elems, survival)
+
+    with atomic_output(target, overwrite=overwrite) as tmp:
+        sinks = [open_output(tmp / plan.name if each else tmp, ckpt, encoder, layout) for plan in plans]
+        try:
+            with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
+                      disable=not progress, file=sys.stderr) as bar, \
+                    torch_threads(1 if device.type == "cpu" and workers > 1 else None):
+                run_steps(interleave_shards(steps, specs), run, workers, bar)
+            for sink in sinks:
+                sink.close(total_parameters=sum(s.numel for s in specs.values()))
+        finally:
+            for sink in sinks:
+                sink.abort()
+    return MergeReport(
+        outputs={plan.name: target / plan.name if each else target for plan in plans},
+        modules={plan.name: len(plan.updates) for plan in plans},
+        tensors=len(specs),
+        bytes_read=total,
+        bytes_written=sum(s.total_size for s in sinks),
+        seconds=time.perf_counter() - start,
+        peak_rss=peak_rss(),
+        peak_device_memory=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+        device=str(device),
+        dtype=encoder.label,
+        quantized=encoder.quantized,
+        survival={plan.name: kept for plan, kept in zip(plans, survival) if kept},
+    )

@@ -1,0 +1,308 @@
+"""Merge planning: which base tensors each output changes and how (validated before anything is written), the
+steps the base is read in, and the output files' layout.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from ..adapter import Adapter, LoraModule, combined_bias, concat_factors, plan_terms
+from ..errors import BaseMismatchError, DoraError, InvalidArgumentError, ShapeMismatchError, UnknownModuleError
+from ..formats import ia3
+from ..sources import cached_repo_id, resolve
+from ..sources import load as load_adapter
+from ..formats.checkpoint import DTYPE_NAMES, BaseCheckpoint
+from ..formats.checkpoint_writer import Layout, plan_shards, shard_names
+from ..formats.kohya import PREFIXES, remap_to_base
+from ..ia3 import IA3Adapter
+from ..linalg import group_by
+from .codecs import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec, listed
+from .kernels import DoraUpdate, LoraUpdate, ScaleUpdate, Update
+
+
+@dataclass
+class OutputPlan:
+    """What one output folder changes in the base: merged weights, LoRA bias sums, full-tensor terms."""
+
+    name: str
+    updates: dict[str, Update]
+    biases: dict[str, Tensor] = field(default_factory=dict)
+    full: dict[str, list[tuple[float, Tensor]]] = field(default_factory=dict)
+
+    def changes(self, key: str) -> bool:
+        """True when this output writes `key` other than as stored."""
+        return key in self.updates or key in self.biases or key in self.full
+
+
+@dataclass(frozen=True)
+class Step:
+    """Base tensors of one shard with the same shape and dtype, read and merged together."""
+
+    keys: tuple[str, ...]
+
+
+def fit_module(module: LoraModule, shape: tuple[int, ...], square_transposed: bool) -> LoraModule | None:
+    """The module laid out for a base weight of `shape`, or None when it cannot fit.
+
+    A linear update fits a weight (out, in), a fan_in_fan_out weight (in, out) (GPT-2's Conv1D) or a convolution
+    (out, c, *kernel) with c·prod(kernel) = in (a 1x1 one, or conv factors stored flattened, as LoHa and LoKr
+    store them); a square weight is ambiguous and takes `square_transposed`.
+    """
+    if module.kind != "linear":
+        return module if module.weight_shape == tuple(shape) else None
+    out, inp = module.out_features, module.in_features
+    if len(shape) > 2 and shape[0] == out and math.prod(shape[1:]) == inp:
+        return replace(module, kind="conv", kernel=tuple(shape[2:]), fan_in_fan_out=False)
+    if tuple(shape) == (out, inp) == (inp, out):
+        return replace(module, fan_in_fan_out=square_transposed)
+    if tuple(shape) == (out, inp):
+        return replace(module, fan_in_fan_out=False)
+    if tuple(shape) == (inp, out):
+        return replace(module, fan_in_fan_out=True)
+    return None
+
+
+def square_orientation(adapter: Adapter, specs: dict[str, TensorSpec], model_type: str | None) -> bool:
+    """Whether the adapter's square linear weights are stored (in, out).
+
+    True for Conv1D architectures; else what its non-square modules show by their shapes, when they agree;
+    else the adapter's own fan_in_fan_out flag (PEFT forces it for Conv1D layers).
+    """
+    if model_type in CONV1D_MODEL_TYPES:
+        return True
+    seen = set()
+    for name, module in adapter.items():
+        spec = specs.get(f"{name}.weight")
+        if module.kind == "linear" and module.out_features != module.in_features and spec is not None:
+            fitted = fit_module(module, spec.shape, False)
+            if fitted is not None and fitted.kind == "linear":
+                seen.add(fitted.fan_in_fan_out)
+    if len(seen) == 1:
+        return seen.pop()
+    return any(m.fan_in_fan_out for m in adapter.modules.values())
+
+
+@dataclass
+class FittedIA3:
+    """An IA3 adapter laid out for the base: per base tensor it scales (weights, and biases on the output side) the
+    vector on the tensor's 2-D view and whether it scales columns."""
+
+    adapter: IA3Adapter
+    scalings: dict[str, tuple[Tensor, bool]]
+
+    @property
+    def extra(self) -> dict[str, Tensor]:
+        return self.adapter.extra
+
+
+def fit_ia3(adapter: IA3Adapter, specs: dict[str, TensorSpec], model_type: str | None, missing: list[str],
+            misfit: list[str]) -> FittedIA3:
+    """Each IA3 vector on its base weight (and bias): orientation by shape, a square weight by PEFT's fan_in_fan_out
+    flag or a Conv1D architecture; problems are appended to `missing` / `misfit`."""
+    scalings: dict[str, tuple[Tensor, bool]] = {}
+    conv1d = model_type in CONV1D_MODEL_TYPES
+    for name, module in adapter.items():
+        spec, bias = specs.get(f"{name}.weight"), specs.get(f"{name}.bias")
+        fit = None if spec is None else module.on_weight(spec.shape, module.fan_in_fan_out or conv1d)
+        if spec is None:
+            missing.append(f"{name}.weight")
+        elif fit is None:
+            misfit.append(f"{name}: the IA3 vector has {len(module.vector)} values, the base weight is {spec.shape}")
+        else:
+            scalings[f"{name}.weight"] = fit
+        if module.scales_bias and bias is not None and fit is not None:
+            if bias.shape != tuple(module.vector.shape):
+                misfit.append(f"{name}.bias: the IA3 vector has {len(module.vector)} values, the bias {bias.shape}")
+            scalings[f"{name}.bias"] = (module.vector, False)
+    return FittedIA3(adapter, scalings)
+
+
+def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, TensorSpec],
+                 model_type: str | None) -> list[Adapter | FittedIA3]:
+    """The adapters with every module laid out for its base weight; all missing or misfit tensors raise at once."""
+    missing: list[str] = []
+    misfit: list[str] = []
+    unsupported: list[str] = []
+    fitted_adapters: list[Adapter | FittedIA3] = []
+    for adapter in adapters:
+        lora = isinstance(adapter, Adapter)
+        square = square_orientation(adapter, specs, model_type) if lora else False
+        fitted: dict[str, LoraModule] = {}
+        scaled = None if lora else fit_ia3(adapter, specs, model_type, missing, misfit)
+        unsupported += [f"{key} ({DTYPE_NAMES.get(specs[key].dtype, specs[key].dtype)})"
+                        for key in (scaled.scalings if scaled else ()) if specs[key].dtype not in MERGEABLE_DTYPES]
+        for name, module in adapter.items() if lora else ():
+            spec = specs.get(f"{name}.weight")
+            if spec is None:
+                missing.append(f"{name}.weight")
+                continue
+            if spec.dtype not in MERGEABLE_DTYPES:
+                unsupported.append(f"{name}.weight ({DTYPE_NAMES.get(spec.dtype, spec.dtype)})")
+                continue
+            fit = fit_module(module, spec.shape, square)
+            if fit is None:
+                misfit.append(f"{name}: the adapter needs {module.weight_shape}, the base has {spec.shape}")
+                continue
+            fitted[name] = fit
+            if module.bias is not None:
+                bias = specs.get(f"{name}.bias")
+                if bias is None:
+                    missing.append(f"{name}.bias (for the LoRA bias)")
+                elif bias.shape != (module.out_features,):
+                    misfit.append(f"{name}.bias: the LoRA bias has {module.out_features} values, the base {bias.shape}")
+                elif bias.dtype not in MERGEABLE_DTYPES:
+                    unsupported.append(f"{name}.bias ({DTYPE_NAMES.get(bias.dtype, bias.dtype)})")
+        for key, tensor in adapter.extra.items():
+            spec = specs.get(key)
+            if spec is None:
+                missing.append(f"{key} (a full tensor of the adapter)")
+            elif tuple(tensor.shape) != spec.shape:
+                misfit.append(f"{key}: the adapter's full tensor is {tuple(tensor.shape)}, the base's {spec.shape}")
+            elif spec.dtype not in MERGEABLE_DTYPES:
+                unsupported.append(f"{key} ({DTYPE_NAMES.get(spec.dtype, spec.dtype)})")
+        fitted_adapters.append(adapter.with_modules(fitted) if scaled is None else scaled)
+    if missing:
+        raise UnknownModuleError(
+            f"{len(missing)} tensor(s) the adapters change are not in the base: {listed(missing)}"
+        )
+    if misfit:
+        raise ShapeMismatchError(f"{len(misfit)} adapter tensor(s) do not fit the base: {listed(misfit, 3)}")
+    if unsupported:
+        raise BaseMismatchError(
+            f"{len(unsupported)} base tensor(s) the adapters change are stored in a dtype the merge cannot handle "
+            f"(it merges fp16, bf16, fp32, fp64 and bitsandbytes NF4): {listed(unsupported)}"
+        )
+    return fitted_adapters
+
+
+def plan_output(name: str, adapters: Sequence[Adapter | FittedIA3], weights: Sequence[float],
+                device: torch.device) -> OutputPlan:
+    """One output's updates: per module the weighted terms concatenated (rank Σr), laid out for the base weight's
+    2-D view, factors on `device` in float32; an IA3 adapter's vectors as scalings of its weights and biases."""
+    updates: dict[str, Update] = {}
+    biases: dict[str, Tensor] = {}
+    lora = [(a, w) for a, w in zip(adapters, weights) if isinstance(a, Adapter)]
+    for module_name, terms in plan_terms([a for a, _ in lora], [w for _, w in lora]).items():
+        first = terms[0].module
+        if len(terms) > 1 and any(t.module.is_dora for t in terms):
+            raise DoraError(
+                f"module {module_name!r} gets a DoRA update and others in one output; merge them one after another "
+                "or use --each"
+            )
+        L, R = (f.to(device) for f in first.base_factors(*concat_factors(terms)))
+        updates[f"{module_name}.weight"] = (
+            LoraUpdate(L, R) if first.magnitude is None
+            else DoraUpdate(L, R, first.magnitude.float().to(device), first.transposed)
+        )
+        bias = combined_bias(terms, torch.float32)
+        if bias is not None:
+            biases[f"{module_name}.bias"] = bias
+    for fitted, weight in zip(adapters, weights):
+        if isinstance(fitted, FittedIA3):
+            plan_ia3(fitted, weight, updates, biases, device)
+    full: dict[str, list[tuple[float, Tensor]]] = {}
+    for adapter, weight in zip(adapters, weights):
+        for key, tensor in adapter.extra.items():
+            full.setdefault(key, []).append((weight, tensor))
+    return OutputPlan(name, updates, biases, full)
+
+
+def plan_ia3(fitted: FittedIA3, weight: float, updates: dict[str, Update], biases: dict[str, Tensor],
+             device: torch.device) -> None:
+    """Add an IA3 adapter's scalings to one output's updates; it takes weight 1 and no other update of its tensors."""
+    if weight != 1.0:
+        raise InvalidArgumentError(f"an IA3 adapter scales weights by its vectors and takes no weight (got {weight:g})")
+    for key, (vector, columns) in fitted.scalings.items():
+        if key in updates or key in biases:
+            raise InvalidArgumentError(
+                f"{key!r} gets an IA3 scaling and another update in one output; merge them one after another "
+                "or use --each"
+            )
+        updates[key] = ScaleUpdate(vector.float().to(device), columns)
+
+
+def plan_steps(specs: dict[str, TensorSpec], batch_bytes: int) -> list[Step]:
+    """Steps in shard order: same-shape, same-dtype tensors of a shard in chunks of <= batch_bytes (float32)."""
+    steps = []
+    for keys in group_by({k: (s.shard, s.shape, s.dtype) for k, s in specs.items()}).values():
+        per = max(1, batch_bytes // max(1, 4 * specs[keys[0]].numel))
+        steps += [Step(tuple(keys[i:i + per])) for i in range(0, len(keys), per)]
+    return steps
+
+
+def interleave_shards(steps: Sequence[Step], specs: dict[str, TensorSpec]) -> list[Step]:
+    """The steps taken from each shard in turn (each shard's in order), so that steps running at once mostly
+    write different output files: a file takes one write at a time."""
+    per_shard = group_by({step: specs[step.keys[0]].shard for step in steps})
+    return [step for turn in itertools.zip_longest(*per_shard.values()) for step in turn if step is not None]
+
+
+def plan_layout(ckpt: BaseCheckpoint, steps: Sequence[Step], specs: dict[str, TensorSpec], encoder: CastEncoder,
+                max_shard_bytes: int | None) -> Layout:
+    """The base's own shard files (default: an output key stays in its base shard, a new one goes to its tensor's),
+    or new shards of at most `max_shard_bytes` in write order."""
+    units = [(encoder.entries(key, specs[key]), specs[key].shard) for step in steps for key in step.keys]
+    if max_shard_bytes is None:
+        files: dict[str, dict[str, int]] = {shard: {} for shard in ckpt.shards}
+        for entries, shard in units:
+            for key, nbytes in entries.items():
+                files[ckpt.weight_map.get(key, shard)][key] = nbytes
+        files = {name: sizes for name, sizes in files.items() if sizes}
+        return Layout(files, ckpt.indexed or len(files) > 1)
+    groups = plan_shards([entries for entries, _ in units], max_shard_bytes)
+    return Layout(dict(zip(shard_names(len(groups)), groups)), len(groups) > 1)
+
+
+AdapterLike = Adapter | str | os.PathLike
+
+
+def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: BaseCheckpoint,
+                  allow_pickle: bool) -> list[Adapter]:
+    """Adapters from paths (PEFT or kohya) or as given; kohya names mapped to the base's module paths."""
+    items = [adapters] if isinstance(adapters, (Adapter, IA3Adapter, str, os.PathLike)) else list(adapters)
+    if not items:
+        raise InvalidArgumentError("merge needs at least one adapter")
+    loaded: list[Adapter | IA3Adapter] = []
+    for item in items:
+        if isinstance(item, (Adapter, IA3Adapter)):
+            adapter = item
+        else:
+            local = resolve(item, "adapter", allow_pickle=allow_pickle)
+            reader = ia3.read_ia3 if ia3.detect(local) else load_adapter
+            adapter = reader(local, allow_pickle=allow_pickle)
+        if isinstance(adapter, Adapter) and any(name.startswith(PREFIXES) and f"{name}.weight" not in ckpt
+                                                for name in adapter.modules):
+            adapter = remap_to_base(adapter, ckpt.keys())
+        loaded.append(adapter)
+    return loaded
+
+
+def base_mismatch(adapter: Adapter, ckpt: BaseCheckpoint, config: dict) -> str | None:
+    """A warning when the adapter names a base model other than this one (compared by last path component)."""
+    wanted = adapter.base_model
+    have = [config.get("_name_or_path"), str(ckpt.root), str(ckpt.root.resolve()), cached_repo_id(ckpt.root)]
+
+    def tail(name: str) -> str:
+        return str(name).rstrip("/").rsplit("/", 1)[-1]
+
+    if not wanted or any(h and (h == wanted or tail(h) == tail(wanted)) for h in have):
+        return None
+    shown = config.get("_name_or_path") or str(ckpt.root)
+    return f"adapter {adapter.name or ''!r} was trained on {wanted!r}, but the base is {shown!r}"
+
+
+def output_names(adapters: Sequence[Adapter]) -> list[str]:
+    """Folder names for --each: the adapters' names (adapter<i> when unnamed), which must differ."""
+    names = [a.name or f"adapter{i}" for i, a in enumerate(adapters)]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise InvalidArgumentError(f"--each writes one folder per adapter name, and {listed(twice)} occur twice")
+    return names
+
+

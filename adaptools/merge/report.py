@@ -1,0 +1,58 @@
+"""What a merge reports: its outputs, sizes, time, peak memory and, for NF4 outputs of an NF4 base, how much of
+each update survives requantization."""
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+LOW_SURVIVAL = 0.5
+"""Below this fraction of ΔW surviving requantization, a module's merge into an NF4 base is mostly erased."""
+
+
+def peak_rss() -> int:
+    """Peak resident memory of this process in bytes."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+@dataclass
+class MergeReport:
+    """What a merge wrote: output folders, modules merged per output, sizes, time and peak memory; for NF4
+    outputs the weights stored quantized and, from an NF4 base, per output and module the fraction of ΔW that
+    survives requantization (⟨deq(Q(W + ΔW)) − W, ΔW⟩ / ‖ΔW‖², W the dequantized base)."""
+
+    outputs: dict[str, Path]
+    modules: dict[str, int]
+    tensors: int
+    bytes_read: int
+    bytes_written: int
+    seconds: float
+    peak_rss: int
+    peak_device_memory: int | None
+    device: str
+    dtype: str | None
+    quantized: int = 0
+    survival: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        """The report as JSON-able data (paths as strings)."""
+        data = asdict(self)
+        data["outputs"] = {name: str(path) for name, path in self.outputs.items()}
+        return data
+
+
+def survival_warnings(report: MergeReport) -> list[str]:
+    """One message per output where some module keeps less than LOW_SURVIVAL of its ΔW after requantization."""
+    messages = []
+    for name, kept in report.survival.items():
+        low = [v for v in kept.values() if v < LOW_SURVIVAL]
+        if low:
+            mean = sum(kept.values()) / len(kept)
+            messages.append(
+                f"{name}: NF4 requantization keeps less than {LOW_SURVIVAL:.0%} of ΔW in {len(low)} of {len(kept)} "
+                f"modules (mean {mean:.0%}); merge into the original fp16/bf16 base and quantize after the merge "
+                "(adaptools merge BASE ADAPTER --dtype nf4)"
+            )
+    return messages
