@@ -88,10 +88,8 @@ def run_step(step: Step, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], pla
 
 def worker_count(device: torch.device, encoder: CastEncoder) -> int:
     """Steps run at once: on the CPU one per torch thread (up to MAX_WORKERS), each running its torch ops
-    single-threaded; on an accelerator two (one reads and writes while the other computes). An encoder of whole
-    tensors (NF4) gets one, with every torch thread: its temporaries are several times a weight's size."""
-    if not encoder.row_wise:
-        return 1
+    single-threaded; on an accelerator two (one reads and writes while the other computes). Encoders of whole
+    tensors (NF4) run the same way: the NF4 codec works in cache-sized chunks, so its temporaries stay small."""
     return max(1, min(torch.get_num_threads(), MAX_WORKERS)) if device.type == "cpu" else 2
 
 
