@@ -55,6 +55,8 @@ def check_range(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> Non
     """
     if values.numel() == 0 or not values.is_floating_point():
         return
+    if values.dtype not in MERGEABLE_DTYPES:  # float8 (cast to a wider dtype): torch reduces it only as float32
+        values = values.float()
     limit = torch.finfo(dtype).max
     if torch.linalg.vector_norm(values, dtype=torch.float32).item() < limit:
         return

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_output
 from ..formats.checkpoint import BaseCheckpoint
-from ..formats.checkpoint_writer import Layout, OutputSink, copy_side_files
+from ..formats.checkpoint_writer import Layout, OutputSink, copy_side_files, write_new
 from .codecs import CastEncoder, StoredDecoder, TensorSpec, check_range
 from .kernels import Buffers, changed_value, merge_weights
 from .plan import OutputPlan, Step, interleave_shards, plan_layout, plan_steps
@@ -137,7 +137,7 @@ def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout
     copy_side_files(ckpt.root, folder, skip=("config.json",))
     if (ckpt.root / "config.json").exists():
         config = json.dumps(encoder.update_config(ckpt.config), indent=2, sort_keys=True)
-        (folder / "config.json").write_text(config + "\n")
+        write_new(folder / "config.json", config + "\n")
     return OutputSink(folder, layout)
 
 
