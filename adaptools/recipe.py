@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import __version__
+from . import __version__, digests
 from .atomic import atomic_output
 from .errors import InputNotFoundError, RecipeError
 
@@ -39,6 +39,8 @@ REQUIRED_KEYS = ("adaptools_recipe", "command", "params", "inputs")
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
     LFS file: weights) is not read, its blob's name is taken."""
+    if (recorded := digests.lookup(path)) is not None:  # hashed by the operation's own read (merge, quantize)
+        return recorded
     blob = Path(path).resolve()
     if blob.parent.name == "blobs" and Path(path).is_symlink() and re.fullmatch(r"[0-9a-f]{64}", blob.name):
         return blob.name

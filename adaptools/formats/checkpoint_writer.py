@@ -7,11 +7,11 @@ allows) is written last. So a merge holds a few tiles at a time, never a whole s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import struct
 import threading
 import warnings
@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..digests import file_key, record
 from ..errors import InvalidArgumentError
 from .checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, TensorInfo
 
@@ -287,9 +288,10 @@ def copy_source(path: Path, root: Path) -> bool:
     return any(target.is_relative_to(folder) for folder in allowed)
 
 
-def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = ()) -> list[str]:
+def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = (), record_digests: bool = False) -> list[str]:
     """Copy the top-level files of `source` that are not weights (config, tokenizer, generation config, ...) into
-    new files of `folder`; a link that points outside the base (`copy_source`) is left out with a warning."""
+    new files of `folder`; a link that points outside the base (`copy_source`) is left out with a warning. With
+    `record_digests`, each file's sha256 is taken from the copy's own read (`adaptools.digests`)."""
     copied = []
     for path in sorted(source.iterdir()):
         if path.name.startswith(".") or is_weight_file(path.name) or path.name in skip or not path.is_file():
@@ -298,8 +300,14 @@ def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = ()) -> lis
             warnings.warn(f"{path.name!r} in the base folder links to {str(path.resolve())!r}, outside the base: it is "
                           "not copied into the output", stacklevel=2)
             continue
+        key = file_key(path) if record_digests else None
+        digest = hashlib.sha256()
         with open(path, "rb") as src, os.fdopen(create_new(folder / path.name), "wb") as dst:
-            shutil.copyfileobj(src, dst, COPY_CHUNK)
+            while chunk := src.read(COPY_CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+        if key is not None:
+            record(key, digest.hexdigest())
         copied.append(path.name)
     return copied
 
