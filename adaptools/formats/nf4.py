@@ -117,12 +117,13 @@ def _byte_table(device: torch.device) -> Tensor:
 
 @lru_cache(maxsize=None)
 def _pair_table(device: torch.device) -> Tensor:
-    """(65536, 4) fp32: the four NF4 codes of every two packed bytes, indexed by the bytes read as one uint16
-    (in this machine's byte order)."""
+    """The four fp32 NF4 codes of every two packed bytes, indexed by the bytes read as one uint16 (in this
+    machine's byte order); stored as 65,536 complex128 (16 bytes each): a 1-D lookup of 16-byte items is faster
+    than one of 4-float rows."""
     pair = torch.arange(1 << 16)
     first, second = (pair & 255, pair >> 8) if sys.byteorder == "little" else (pair >> 8, pair & 255)
     table = _byte_table(torch.device("cpu"))
-    return torch.cat((table[first], table[second]), dim=1).to(device)
+    return torch.cat((table[first], table[second]), dim=1).view(torch.complex128).view(-1).to(device)
 
 
 @lru_cache(maxsize=None)
@@ -315,11 +316,12 @@ def dequantize_nf4(packed: Tensor, state: NF4State) -> Tensor:
         index, values = buffers[0][: (stop - start) // 4], buffers[1][: (stop - start) // 4]
         index.copy_(data[start // 2: stop // 2].view(torch.uint16))
         torch.index_select(pairs, 0, index, out=values)
-        torch.mul(values.view(-1, blocksize), absmax[start // blocksize: stop // blocksize, None],
+        torch.mul(values.view(torch.float32).view(-1, blocksize), absmax[start // blocksize: stop // blocksize, None],
                   out=out[start:stop].view(-1, blocksize))  # fp32 product, rounded once to dtype
 
     _for_chunks(full, blocksize, device, chunk, lambda size: (
-        torch.empty(size // 4, dtype=torch.int32, device=device), torch.empty(size // 4, 4, device=device)))
+        torch.empty(size // 4, dtype=torch.int32, device=device),
+        torch.empty(size // 4, dtype=torch.complex128, device=device)))
     if full < n:
         values = _byte_table(device)[data[full // 2:].long()].view(-1)[: n - full]
         torch.mul(values, absmax[-1], out=out[full:])
