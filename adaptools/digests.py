@@ -14,7 +14,7 @@ import os
 import threading
 from pathlib import Path
 
-WINDOW_BYTES = 2**26
+WINDOW_BYTES = 2**23
 """At most this much of a file is mapped at once while hashing (the mapping's pages count as resident memory)."""
 
 _digests: dict[tuple[str, int, int, int], str] = {}
