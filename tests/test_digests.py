@@ -69,14 +69,16 @@ def test_an_nf4_base_is_hashed_by_its_merge(sharded, tmp_path):
         assert digests.lookup(path) == sha256(path)
 
 
-def test_the_recipe_of_a_cli_merge_does_not_read_the_base_shards_again(sharded, tmp_path, runner, monkeypatch):
+@pytest.mark.parametrize("command", ["merge", "quantize"])
+def test_the_recipe_of_a_cli_run_does_not_read_the_base_shards_again(command, sharded, tmp_path, runner, monkeypatch):
     base, adapter = sharded
     digests._digests.clear()
     opened = []
     real_open = open
     monkeypatch.setattr(recipe, "open", lambda p, *a, **k: opened.append(Path(p).name) or real_open(p, *a, **k),
                         raising=False)
-    result = run_cli(runner, "merge", base, adapter, "-o", tmp_path / "out")
+    args = ["merge", base, adapter] if command == "merge" else ["quantize", base]
+    result = run_cli(runner, *args, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     shards = {p.name for p in base.glob("*.safetensors")}
     assert shards and not shards & set(opened)
