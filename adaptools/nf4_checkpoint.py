@@ -24,13 +24,14 @@ __all__ = ["quantize"]
 def quantize(base: str | os.PathLike | BaseCheckpoint, out: str | os.PathLike, *, blocksize: int = 64,
              double_quant: bool = True, compute_dtype: str | torch.dtype = "bf16", skip: Sequence[str] = (),
              device: str | torch.device = "auto", overwrite: bool = False, max_shard_size: str | int | None = None,
-             batch_bytes: int | None = None, progress: bool = False) -> MergeReport:
+             batch_bytes: int | None = None, progress: bool = False, hash_inputs: bool = False) -> MergeReport:
     """Quantize a checkpoint folder to bitsandbytes NF4, streaming shard by shard (the merge pipeline, no adapters).
 
     The 2-D linear weights become NF4 (bit-exact with bitsandbytes; `blocksize` elements per absmax, block absmax
     8-bit quantized with `double_quant`); embeddings, norms, the LM head and modules matched by a `skip` pattern
     (module docstring) keep their dtype. config.json gets transformers' `quantization_config`
     (bnb_4bit_compute_dtype = `compute_dtype`), so `AutoModelForCausalLM.from_pretrained(out)` loads Linear4bit layers.
+    With `hash_inputs`, the base files' sha256 come from this pass's reads (see `merge`).
     Returns the MergeReport (`quantized`: weights written as NF4).
     """
     start = time.perf_counter()
@@ -49,6 +50,6 @@ def quantize(base: str | os.PathLike | BaseCheckpoint, out: str | os.PathLike, *
                       "patterns)", stacklevel=2)
     report = write_outputs(ckpt, specs, [OutputPlan(target.name, {})], decoder, encoder, target, each=False,
                            device=device, overwrite=overwrite, shard_bytes=shard_bytes, batch_bytes=batch_bytes,
-                           progress=progress, desc="quantizing")
+                           progress=progress, hash_inputs=hash_inputs, desc="quantizing")
     report.seconds = time.perf_counter() - start
     return report

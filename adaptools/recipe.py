@@ -38,7 +38,7 @@ from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
 
-from . import __version__
+from . import __version__, digests
 from .errors import InputNotFoundError, RecipeError
 from .jsonio import parse_json, read_json_object
 from .sources import HubInput, HubRef, fetch_files, parse_hub_ref
@@ -57,6 +57,8 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
     LFS file: weights) is not read, its blob's name is taken."""
+    if (recorded := digests.lookup(path)) is not None:  # hashed by the operation's own read (merge, quantize)
+        return recorded
     blob = Path(path).resolve()
     if blob.parent.name == "blobs" and Path(path).is_symlink() and SHA256.fullmatch(blob.name):
         return blob.name

@@ -171,13 +171,15 @@ if int(sys.argv[1]):
     os.sched_setaffinity(0, range(int(sys.argv[1])))
 start = time.perf_counter()
 child = subprocess.run(sys.argv[2:], stdout=subprocess.PIPE, text=True)
-print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024, child.returncode)
+usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(time.perf_counter() - start, usage.ru_maxrss * 1024, child.returncode, usage.ru_utime + usage.ru_stime)
 print(child.stdout, end="")
 """
 
 
-def run(argv: list[str], cpus: int = 0) -> tuple[float, int, str]:
-    """(wall seconds, peak RSS bytes, stdout) of one command, started from a small launcher process.
+def run(argv: list[str], cpus: int = 0) -> tuple[float, int, str, float]:
+    """(wall seconds, peak RSS bytes, stdout, CPU seconds) of one command, started from a small launcher process.
+    The CPU seconds (user + system, every thread) hardly change with other work on a shared machine.
 
     The peak RSS of a child counts the memory of the process it was forked from, so the command is forked
     from a fresh interpreter rather than from this one (which holds torch and the generated base). Dirty pages
@@ -186,10 +188,10 @@ def run(argv: list[str], cpus: int = 0) -> tuple[float, int, str]:
     os.sync()
     proc = subprocess.run([sys.executable, "-c", LAUNCH, str(cpus), *argv], capture_output=True, text=True)
     head, _, stdout = proc.stdout.partition("\n")
-    wall, rss, code = head.split()
+    wall, rss, code, cpu = head.split()
     if int(code) != 0:
         raise RuntimeError(f"{' '.join(argv[:4])} failed (exit {code}):\n{proc.stderr[-3000:]}")
-    return float(wall), int(rss), stdout
+    return float(wall), int(rss), stdout, float(cpu)
 
 
 def main() -> None:
@@ -231,9 +233,9 @@ def main() -> None:
             best = min(runs)
             inside = [float(m.group(1)) for r in runs for m in [re.search(r"seconds=([0-9.]+)", r[2])] if m]
             own = min(inside) if inside else None
-            print(f"{name:>14}: {best[0]:7.2f} s, peak RSS {best[1] / 1e6:7.0f} MB"
+            print(f"{name:>14}: {best[0]:7.2f} s ({best[3]:.2f} s CPU), peak RSS {best[1] / 1e6:7.0f} MB"
                   + (f"; its own work {own:.2f} s" if own is not None else ""))
-            return (*best, own)
+            return (*best[:3], own)
 
         run([sys.executable, "-c", COPY, str(tmp / "base"), str(tmp / "warm")], args.cpus)  # page cache warm-up
         shutil.rmtree(tmp / "warm")
@@ -248,7 +250,7 @@ def main() -> None:
         print(f"merge vs plain copy: {api[3] / copy[0]:.2f}x (target <= 1.5x): adaptools.merge's own time, "
               f"in a fresh process, against the copy's wall time (its Python start-up included)")
         print(f"CLI wall time vs plain copy: {cli[0] / copy[0]:.2f}x: Python + torch start-up {startup[0]:.2f} s, "
-              f"merge {cli_merge:.2f} s, recipe (sha256 of every input file) and card "
+              f"merge {cli_merge:.2f} s (the base's sha256 taken from its read), recipe and card "
               f"{cli[0] - startup[0] - cli_merge:.2f} s")
         print(f"peak RSS vs largest shard + adapter: {cli[1] / (largest + adapter_bytes):.2f}x (target <= 1.25x)")
         if not args.skip_peft:

@@ -265,3 +265,63 @@ def test_transformers_loads_our_checkpoint(tmp_path):
     ids = input_ids(vocab_size=96)
     with torch.no_grad():
         assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_ties_and_neighbours_of_every_midpoint_match_bitsandbytes():
+    """Values on the code midpoints (ties go to the lower code), one ulp either side, and the ends of [-1, 1],
+    in blocks whose absmax is 1 (the scaled value is the value itself)."""
+    mid = (NF4_CODE[:-1] + NF4_CODE[1:]) / 2
+    values = torch.cat((mid, torch.nextafter(mid, torch.tensor(2.0)), torch.nextafter(mid, torch.tensor(-2.0)),
+                        NF4_CODE, torch.tensor([-0.0, 1e-30, -1e-30])))
+    blocks = values.view(1, -1).repeat(64, 1).view(-1)
+    w = torch.cat((blocks, torch.ones(64))).view(-1, 64)
+    w[:, 0] = 1.0  # absmax 1 in every block
+    for double_quant in (False, True):
+        ref_packed, ref_state = F.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+        packed, state = quantize_nf4(w, 64, double_quant)
+        assert torch.equal(packed, ref_packed)
+        assert torch.equal(nf4_state_dict(NAME, packed, state)[f"{NAME}.absmax"], ref_state.as_dict(packed=True)["absmax"])
+
+
+def test_nibble_lookup_is_bucketize_at_every_16_bit_interval():
+    """The top-16-bit table against the nearest-midpoint search, at both ends of every interval in [-1, 1] and
+    one value inside each."""
+    from adaptools.formats.nf4 import _nf4_bounds, _pack_codes, _Scratch
+
+    top = torch.arange(1 << 16, dtype=torch.int64) << 16
+    x = torch.cat([(top | low).to(torch.int32).view(torch.float32) for low in (0, 0x1234, 0xFFFF)])
+    x = x[x.abs() <= 1.0]
+    x = x[: x.numel() // 2 * 2]
+    expected = torch.bucketize(x, _nf4_bounds(x.device)).to(torch.uint8).view(-1, 2)
+    out = torch.empty(x.numel() // 2, dtype=torch.uint8)
+    _pack_codes(x, out, _Scratch(x.numel(), torch.float32, x.device))
+    assert torch.equal(out, expected[:, 0] * 16 + expected[:, 1])
+
+
+@pytest.mark.parametrize("threads", (1, 2))
+def test_chunked_on_threads_matches_bitsandbytes(threads, monkeypatch):
+    """Many chunks (a small chunk size), split over threads, with a short last block and an odd length."""
+    import adaptools.formats.nf4 as nf4
+
+    monkeypatch.setattr(nf4, "CHUNK_ELEMENTS", 256)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = weight((41, 301), torch.bfloat16, seed=3)
+        for blocksize in (64, 256):
+            ref_packed, ref_state = F.quantize_4bit(w, blocksize=blocksize, compress_statistics=True, quant_type="nf4")
+            packed, state = quantize_nf4(w, blocksize, True)
+            assert torch.equal(packed, ref_packed)
+            assert torch.equal(dequantize_nf4(packed, state), reference_dequantize(ref_packed, ref_state))
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_dequantize_reads_packed_bytes_at_an_odd_address():
+    """Memory-mapped packed data may start at an odd byte; the two-byte lookup must not misread it."""
+    w = weight((16, 64), torch.float16)
+    packed, state = quantize_nf4(w, 64, False)
+    shifted = torch.empty(packed.numel() + 1, dtype=torch.uint8)[1:]
+    shifted.copy_(packed.view(-1))
+    assert shifted.data_ptr() % 2 == 1
+    assert torch.equal(dequantize_nf4(shifted.view(-1, 1), state), dequantize_nf4(packed, state))

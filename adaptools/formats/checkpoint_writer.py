@@ -7,13 +7,14 @@ allows) is written last. So a merge holds a few tiles at a time, never a whole s
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
-import shutil
 import struct
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..digests import file_key, record
 from ..errors import InvalidArgumentError
 from .checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, TensorInfo
 
@@ -82,8 +84,7 @@ class ShardWriter:
         self._missing = dict(sizes)
         self._entries: dict[str, tuple[str, list[int]]] = {}
         self._lock = threading.Lock()
-        self._fd: int | None = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0),
-                                        0o666)
+        self._fd: int | None = create_new(self.path)
 
     @property
     def done(self) -> bool:
@@ -178,6 +179,22 @@ class ShardWriter:
 
 
 _SEEK_LOCK = threading.Lock()
+_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
+
+
+def create_new(path: Path) -> int:
+    """A descriptor of a new file at `path`, opened for writing; FileExistsError when anything (a file, a link, even
+    a dangling one) is there: an output file never truncates or writes through what exists."""
+    return os.open(path, _NEW_FILE, 0o666)
+
+
+def write_new(path: Path, data: bytes | str) -> None:
+    """Write `data` (str as UTF-8) to a new file at `path` (`create_new`)."""
+    fd = create_new(path)
+    try:
+        _pwrite_all(fd, data.encode() if isinstance(data, str) else data, 0)
+    finally:
+        os.close(fd)
 
 
 def _positioned(op: str, fd: int, arg, offset: int):
@@ -249,7 +266,7 @@ def write_index(folder: Path, weight_map: dict[str, str], total_size: int, total
         "metadata": {"total_parameters": total_parameters, "total_size": total_size},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    (folder / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+    write_new(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
 
 
 def is_weight_file(name: str) -> bool:
@@ -257,13 +274,41 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES)
 
 
-def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = ()) -> list[str]:
-    """Copy the top-level files of `source` that are not weights (config, tokenizer, generation config, ...)."""
+def copy_source(path: Path, root: Path) -> bool:
+    """True when file `path` of folder `root` may be copied: a regular file, or a link to a file inside `root`'s
+    tree or, where `root` is a Hugging Face cache snapshot (`.../snapshots/<revision>`), inside its repository's
+    `blobs/` (where the cache's links point). A link elsewhere could carry any local file into an output that is
+    then pushed."""
+    if not path.is_symlink():
+        return True
+    target = path.resolve()
+    allowed = [root.resolve()]
+    if root.parent.name == "snapshots":
+        allowed.append((root.parent.parent / "blobs").resolve())
+    return any(target.is_relative_to(folder) for folder in allowed)
+
+
+def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = (), record_digests: bool = False) -> list[str]:
+    """Copy the top-level files of `source` that are not weights (config, tokenizer, generation config, ...) into
+    new files of `folder`; a link that points outside the base (`copy_source`) is left out with a warning. With
+    `record_digests`, each file's sha256 is taken from the copy's own read (`adaptools.digests`)."""
     copied = []
     for path in sorted(source.iterdir()):
-        if path.is_file() and not path.name.startswith(".") and not is_weight_file(path.name) and path.name not in skip:
-            shutil.copyfile(path, folder / path.name)
-            copied.append(path.name)
+        if path.name.startswith(".") or is_weight_file(path.name) or path.name in skip or not path.is_file():
+            continue
+        if not copy_source(path, source):
+            warnings.warn(f"{path.name!r} in the base folder links to {str(path.resolve())!r}, outside the base: it is "
+                          "not copied into the output", stacklevel=2)
+            continue
+        key = file_key(path) if record_digests else None
+        digest = hashlib.sha256()
+        with open(path, "rb") as src, os.fdopen(create_new(folder / path.name), "wb") as dst:
+            while chunk := src.read(COPY_CHUNK):
+                digest.update(chunk)
+                dst.write(chunk)
+        if key is not None:
+            record(key, digest.hexdigest())
+        copied.append(path.name)
     return copied
 
 

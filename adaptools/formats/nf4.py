@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Mapping
+import sys
+from collections.abc import Callable, Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -87,10 +89,42 @@ def _nf4_bounds(device: torch.device) -> Tensor:
 
 
 @lru_cache(maxsize=None)
+def _nibble_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Nearest-code lookup on the top 16 bits h of an fp32 value x: code(x) = low[h] + (x > mid[h]).
+
+    The fp32 values with top bits h form an interval [a, b]; low[h] (uint8) counts the midpoints below a, and
+    mid[h] (fp32) is the one midpoint inside [a, b] (the intervals are far narrower than the gaps between
+    midpoints), +inf when there is none. So the lookup is exactly `bucketize(x, midpoints)`.
+    """
+    bounds = _nf4_bounds(torch.device("cpu"))
+    h = torch.arange(1 << 16, dtype=torch.int64)
+    ends = torch.stack(((h << 16).to(torch.int32), ((h << 16) | 0xFFFF).to(torch.int32))).view(torch.float32)
+    lo, hi = torch.minimum(*ends).nan_to_num(0.0), torch.maximum(*ends).nan_to_num(0.0)  # NaN/Inf: never looked up
+    below = (bounds < lo[:, None]).sum(dim=1)
+    inside = (bounds >= lo[:, None]) & (bounds <= hi[:, None])
+    assert int(inside.sum(dim=1).max()) <= 1
+    mid = torch.full((1 << 16,), math.inf)
+    rows, cols = inside.nonzero(as_tuple=True)
+    mid[rows] = bounds[cols]
+    return below.to(torch.uint8).to(device), mid.to(device)
+
+
+@lru_cache(maxsize=None)
 def _byte_table(device: torch.device) -> Tensor:
     """(256, 2) fp32: the two NF4 codes (high nibble, low nibble) of every packed byte."""
     byte = torch.arange(256)
     return torch.stack((NF4_CODE[byte >> 4], NF4_CODE[byte & 15]), dim=1).to(device)
+
+
+@lru_cache(maxsize=None)
+def _pair_table(device: torch.device) -> Tensor:
+    """The four fp32 NF4 codes of every two packed bytes, indexed by the bytes read as one uint16 (in this
+    machine's byte order); stored as 65,536 complex128 (16 bytes each): a 1-D lookup of 16-byte items is faster
+    than one of 4-float rows."""
+    pair = torch.arange(1 << 16)
+    first, second = (pair & 255, pair >> 8) if sys.byteorder == "little" else (pair >> 8, pair & 255)
+    table = _byte_table(torch.device("cpu"))
+    return torch.cat((table[first], table[second]), dim=1).view(torch.complex128).view(-1).to(device)
 
 
 @lru_cache(maxsize=None)
@@ -129,36 +163,114 @@ def _quantize_dynamic(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     return codes.view(-1)[: x.numel()], absmax
 
 
-def _scale(flat: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """Block absmax (fp32) and the values scaled into [-1, 1], with bitsandbytes' arithmetic: x·(1/absmax) for
-    whole blocks, x/absmax for a short last block (whose absmax is also floored at 1e-38)."""
-    n = flat.numel()
-    full = n - n % blocksize
-    whole = flat[:full].view(-1, blocksize)
-    absmax = whole.abs().amax(dim=1)
-    scaled = torch.empty(n + n % 2, dtype=torch.float32, device=flat.device)
-    torch.mul(whole, (1.0 / absmax.clamp(min=_ABSMAX_FLOOR))[:, None], out=scaled[:full].view(-1, blocksize))
-    if full < n:
-        tail_absmax = flat[full:].abs().amax().clamp(min=_ABSMAX_FLOOR)
-        torch.div(flat[full:], tail_absmax, out=scaled[full:n])
-        absmax = torch.cat((absmax, tail_absmax[None]))
-    scaled[n:] = 0.0
-    return absmax, scaled.clamp_(-1.0, 1.0)
+_BITS = {torch.float32: (torch.int32, 0x7FFFFFFF), torch.float16: (torch.int16, 0x7FFF),
+         torch.bfloat16: (torch.int16, 0x7FFF)}
+"""The integer view of each float dtype and the mask that clears its sign: for non-negative floats (NaN above
+Inf) the order of the bit patterns is the order of the values, so max |x| is an integer max."""
+
+
+class _Scratch:
+    """One thread's chunk buffers for the quantizer (allocated once, reused from chunk to chunk)."""
+
+    def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
+        self.bits = torch.empty(size, dtype=_BITS[dtype][0], device=device)
+        self.scaled = torch.empty(size, dtype=torch.float32, device=device)
+        self.index = torch.empty(size, dtype=torch.int32, device=device)
+        self.codes = torch.empty(size, dtype=torch.uint8, device=device)
+        self.mid = torch.empty(size, dtype=torch.float32, device=device)
+        self.above = torch.empty(size, dtype=torch.uint8, device=device)  # a uint8 compare result is faster than bool
+
+
+def _pack_codes(scaled: Tensor, out: Tensor, scratch: _Scratch) -> None:
+    """out (n/2 bytes) = the nearest NF4 codes of fp32 `scaled` (n even), two per byte, the first in the high
+    nibble: code = low[h] + (x > mid[h]) on the top 16 bits h (`_nibble_tables`)."""
+    n = scaled.numel()
+    low, mid = _nibble_tables(scaled.device)
+    index, codes, mids, above = scratch.index[:n], scratch.codes[:n], scratch.mid[:n], scratch.above[:n]
+    torch.bitwise_right_shift(scaled.view(torch.int32), 16, out=index)
+    index.bitwise_and_(0xFFFF)
+    torch.index_select(low, 0, index, out=codes)
+    torch.index_select(mid, 0, index, out=mids)
+    torch.gt(scaled, mids, out=above)
+    codes.add_(above)
+    pairs = codes.view(-1, 2)
+    torch.add(pairs[:, 1], pairs[:, 0], alpha=16, out=out)
+
+
+CHUNK_ELEMENTS = 2**15
+"""Elements per CPU chunk: its temporaries stay in the cache, and torch runs each op on it in the calling thread
+(at most its parallel grain), so that chunks run on threads of their own without nested thread pools."""
+
+
+def _for_chunks(total: int, blocksize: int, device: torch.device, work: Callable[[int, int, object], None],
+                scratch: Callable[[int], object]) -> None:
+    """work(start, stop, buffers) for consecutive block-aligned chunks [start, stop) of [0, total) elements.
+
+    On the CPU the chunks are CHUNK_ELEMENTS long and split into contiguous runs, one per torch thread (each
+    with its own `scratch(size)` buffers; torch releases the GIL inside its ops). On other devices: one chunk.
+    """
+    if total <= 0:
+        return
+    if device.type != "cpu":
+        work(0, total, scratch(total))
+        return
+    chunk = max(blocksize, CHUNK_ELEMENTS // blocksize * blocksize)
+    starts = range(0, total, chunk)
+    threads = min(torch.get_num_threads(), len(starts))
+
+    def run(part: range) -> None:
+        buffers = scratch(min(chunk, total))
+        for start in part:
+            work(start, min(total, start + chunk), buffers)
+
+    if threads <= 1:
+        run(starts)
+        return
+    per = -(-len(starts) // threads)
+    with ThreadPoolExecutor(threads, thread_name_prefix="adaptools-nf4") as pool:
+        list(pool.map(run, [starts[i:i + per] for i in range(0, len(starts), per)]))
 
 
 def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> tuple[Tensor, NF4State]:
     """NF4-quantize `w` (fp16/bf16/fp32, any shape): packed uint8 ((n+1)//2, 1) and its state, as
-    `bitsandbytes.functional.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=double_quant)`."""
+    `bitsandbytes.functional.quantize_4bit(w, quant_type="nf4", blocksize=blocksize, compress_statistics=double_quant)`.
+
+    Per block: absmax = max |x| (fp32), scaled = x·(1/absmax) (x/absmax in a short last block, whose absmax is
+    floored at 1e-38), the nearest code by fp32 midpoints (ties to the lower code). One pass over `w`, in
+    cache-sized chunks.
+    """
     _check_blocksize(blocksize)
     if w.dtype not in _DTYPE_NAMES:
         raise InvalidArgumentError(f"NF4 quantizes float16, bfloat16 or float32 tensors, not {w.dtype}")
     if w.numel() == 0:
         raise ShapeMismatchError(f"cannot NF4-quantize an empty tensor of shape {tuple(w.shape)}")
-    absmax, scaled = _scale(w.detach().reshape(-1).float(), blocksize)
+    flat = w.detach().reshape(-1)
+    n, device = flat.numel(), flat.device
+    full = n - n % blocksize
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32, device=device)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=device)
+    int_dtype, sign_mask = _BITS[flat.dtype]
+
+    def chunk(start: int, stop: int, scratch: _Scratch) -> None:
+        blocks = flat[start:stop].view(-1, blocksize)
+        block_max = absmax[start // blocksize: stop // blocksize]
+        bits = scratch.bits[: stop - start].view(blocks.shape)
+        torch.bitwise_and(blocks.view(int_dtype), sign_mask, out=bits)  # |x| as bits: their max is max |x|
+        block_max.copy_(bits.amax(dim=1).view(flat.dtype))
+        scaled = scratch.scaled[: stop - start]
+        torch.mul(blocks, block_max.clamp(min=_ABSMAX_FLOOR).reciprocal_()[:, None], out=scaled.view(blocks.shape))
+        _pack_codes(scaled, packed[start // 2: stop // 2], scratch)
+
+    _for_chunks(full, blocksize, device, chunk, lambda size: _Scratch(size, flat.dtype, device))
+    if full < n:
+        tail = flat[full:].float()
+        absmax[-1] = tail.abs().amax().clamp(min=_ABSMAX_FLOOR)
+        scaled = torch.zeros(n - full + n % 2, dtype=torch.float32, device=device)  # an odd end pads code 7 (0.0)
+        torch.div(tail, absmax[-1], out=scaled[: n - full])
+        _pack_codes(scaled, packed[full // 2:], _Scratch(scaled.numel(), flat.dtype, device))
     if not torch.isfinite(absmax).all():
         raise NonFiniteError("cannot NF4-quantize a tensor holding NaN or Inf")
-    nibbles = torch.bucketize(scaled, _nf4_bounds(w.device), out_int32=True).to(torch.uint8).view(-1, 2)
-    packed = ((nibbles[:, 0] << 4) | nibbles[:, 1]).unsqueeze(1)
+    packed = packed.unsqueeze(1)
     shape = tuple(w.shape)
     if not double_quant:
         return packed, NF4State(absmax=absmax, blocksize=blocksize, dtype=w.dtype, shape=shape)
@@ -186,15 +298,35 @@ def block_absmax(state: NF4State) -> Tensor:
 
 
 def dequantize_nf4(packed: Tensor, state: NF4State) -> Tensor:
-    """W = NF4_CODE[q] · absmax[i // blocksize] in fp32, cast to the original dtype and shape."""
-    n = state.numel
-    data = packed.reshape(-1).view(torch.uint8).int()
-    values = torch.nn.functional.embedding(data, _byte_table(packed.device)).view(-1)[:n]  # a fast gather on CPU and CUDA
-    absmax = block_absmax(state).to(packed.device)
-    out = torch.empty(absmax.numel(), state.blocksize, dtype=state.dtype, device=packed.device)
-    torch.mul(_blocks(values, state.blocksize), absmax[:, None], out=out)  # fp32 product, rounded once to dtype
-    out = out.view(-1)
-    return (out if out.numel() == n else out[:n].clone()).view(state.shape)
+    """W = NF4_CODE[q] · absmax[i // blocksize] in fp32, cast to the original dtype and shape.
+
+    Whole blocks go in cache-sized chunks, two packed bytes (four codes) per table lookup (`_pair_table`).
+    """
+    n, blocksize, device = state.numel, state.blocksize, packed.device
+    data = packed.reshape(-1).view(torch.uint8)
+    if data.numel() != (n + 1) // 2:
+        raise ShapeMismatchError(f"{data.numel()} packed bytes cannot hold {n} NF4 codes")
+    if data.data_ptr() % 2:  # the pair lookup reads bytes two at a time
+        data = data.clone()
+    absmax = block_absmax(state).to(device)
+    out = torch.empty(n, dtype=state.dtype, device=device)
+    full = n - n % blocksize
+    pairs = _pair_table(device)
+
+    def chunk(start: int, stop: int, buffers: tuple[Tensor, Tensor]) -> None:
+        index, values = buffers[0][: (stop - start) // 4], buffers[1][: (stop - start) // 4]
+        index.copy_(data[start // 2: stop // 2].view(torch.uint16))
+        torch.index_select(pairs, 0, index, out=values)
+        torch.mul(values.view(torch.float32).view(-1, blocksize), absmax[start // blocksize: stop // blocksize, None],
+                  out=out[start:stop].view(-1, blocksize))  # fp32 product, rounded once to dtype
+
+    _for_chunks(full, blocksize, device, chunk, lambda size: (
+        torch.empty(size // 4, dtype=torch.int32, device=device),
+        torch.empty(size // 4, dtype=torch.complex128, device=device)))
+    if full < n:
+        values = _byte_table(device)[data[full // 2:].long()].view(-1)[: n - full]
+        torch.mul(values, absmax[-1], out=out[full:])
+    return out.view(state.shape)
 
 
 def nf4_survival(w: Tensor, delta: Tensor, blocksize: int = 64, double_quant: bool = True) -> float | Tensor:

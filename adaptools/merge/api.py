@@ -25,7 +25,7 @@ def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iter
           weights: Sequence[float] | None = None, *, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
           double_quant: bool | None = None, device: str | torch.device = "auto", overwrite: bool = False,
           each: bool = False, max_shard_size: str | int | None = None, allow_pickle: bool = False,
-          batch_bytes: int | None = None, progress: bool = False) -> MergeReport:
+          batch_bytes: int | None = None, progress: bool = False, hash_inputs: bool = False) -> MergeReport:
     """Merge adapters into a base checkpoint folder, streaming shard by shard: W' = W + Σ_i w_i·s_i·B_i@A_i.
 
     Args:
@@ -47,6 +47,8 @@ def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iter
         allow_pickle: allow .bin adapters (torch.load with weights_only=True).
         batch_bytes: float32 bytes of base weights merged per step (default 32 MiB on CPU, 256 MiB on CUDA).
         progress: show a tqdm bar (bytes of the base) on stderr.
+        hash_inputs: take the sha256 of every base shard and side file from the merge's own reads and publish it
+            (adaptools.digests), so that a recipe written afterwards does not read the base again.
 
     Raises UnknownModuleError / ShapeMismatchError before writing anything when the adapters do not fit the base,
     NonFiniteError (nothing left behind) when a merged tensor holds NaN/Inf or overflows the output dtype.
@@ -73,7 +75,8 @@ def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iter
         plans = [plan_output(target.name, fitted, factors, device)]
     del loaded, fitted  # the plans hold the factors they need (float32, scale folded in)
     report = write_outputs(ckpt, specs, plans, decoder, encoder, target, each=each, device=device,
-                           overwrite=overwrite, shard_bytes=shard_bytes, batch_bytes=batch_bytes, progress=progress)
+                           overwrite=overwrite, shard_bytes=shard_bytes, batch_bytes=batch_bytes, progress=progress,
+                           hash_inputs=hash_inputs)
     report.seconds = time.perf_counter() - start
     for message in survival_warnings(report):
         warnings.warn(message, stacklevel=2)

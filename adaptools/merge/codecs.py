@@ -20,6 +20,7 @@ from torch import Tensor
 from ..errors import InvalidArgumentError, NonFiniteError
 from ..formats.checkpoint import BaseCheckpoint, TensorInfo
 from ..formats.checkpoint_writer import config_with_dtype
+from ..names import listed
 
 DTYPES = {
     "fp16": torch.float16, "float16": torch.float16, "half": torch.float16,
@@ -41,11 +42,6 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     raise InvalidArgumentError(f"unsupported output dtype {dtype!r} (choose fp16, bf16 or fp32)")
 
 
-def listed(items: Sequence[str], limit: int = 5) -> str:
-    """The first `limit` items joined by commas, and how many more."""
-    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
-
-
 def check_range(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> None:
     """NonFiniteError naming the stacked tensors (b, ...) that hold NaN/Inf or values beyond the range of `dtype`.
 
@@ -55,6 +51,8 @@ def check_range(names: Sequence[str], values: Tensor, dtype: torch.dtype) -> Non
     """
     if values.numel() == 0 or not values.is_floating_point():
         return
+    if values.dtype not in MERGEABLE_DTYPES:  # float8 (cast to a wider dtype): torch reduces it only as float32
+        values = values.float()
     limit = torch.finfo(dtype).max
     if torch.linalg.vector_norm(values, dtype=torch.float32).item() < limit:
         return

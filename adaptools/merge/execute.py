@@ -22,8 +22,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_output
+from ..digests import SequentialHasher
 from ..formats.checkpoint import BaseCheckpoint
-from ..formats.checkpoint_writer import Layout, OutputSink, copy_side_files
+from ..formats.checkpoint_writer import Layout, OutputSink, copy_side_files, write_new
 from .codecs import CastEncoder, StoredDecoder, TensorSpec, check_range
 from .kernels import Buffers, changed_value, merge_weights
 from .plan import OutputPlan, Step, interleave_shards, plan_layout, plan_steps
@@ -88,10 +89,8 @@ def run_step(step: Step, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], pla
 
 def worker_count(device: torch.device, encoder: CastEncoder) -> int:
     """Steps run at once: on the CPU one per torch thread (up to MAX_WORKERS), each running its torch ops
-    single-threaded; on an accelerator two (one reads and writes while the other computes). An encoder of whole
-    tensors (NF4) gets one, with every torch thread: its temporaries are several times a weight's size."""
-    if not encoder.row_wise:
-        return 1
+    single-threaded; on an accelerator two (one reads and writes while the other computes). Encoders of whole
+    tensors (NF4) run the same way: the NF4 codec works in cache-sized chunks, so its temporaries stay small."""
     return max(1, min(torch.get_num_threads(), MAX_WORKERS)) if device.type == "cpu" else 2
 
 
@@ -133,22 +132,35 @@ def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], worker
             raise
 
 
-def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout: Layout) -> OutputSink:
-    """An output folder with the base's side files and its config.json (dtype set by the encoder), ready for shards."""
+def shard_hashers(ckpt: BaseCheckpoint) -> dict[Path, SequentialHasher]:
+    """A file-order sha256 per base shard, its header (read when the checkpoint was opened) already counted."""
+    hashers = {}
+    for shard in ckpt.shards:
+        hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard)
+        starts = [ckpt.info(key).start for key in ckpt.shard_keys(shard)]
+        hasher.done(0, min(starts, default=0))
+    return hashers
+
+
+def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout: Layout,
+                hash_inputs: bool = False) -> OutputSink:
+    """An output folder with the base's side files (their sha256 recorded with `hash_inputs`) and its config.json
+    (dtype set by the encoder), ready for shards."""
     folder.mkdir(parents=True, exist_ok=True)
-    copy_side_files(ckpt.root, folder, skip=("config.json",))
+    copy_side_files(ckpt.root, folder, skip=("config.json",), record_digests=hash_inputs)
     if (ckpt.root / "config.json").exists():
         config = json.dumps(encoder.update_config(ckpt.config), indent=2, sort_keys=True)
-        (folder / "config.json").write_text(config + "\n")
+        write_new(folder / "config.json", config + "\n")
     return OutputSink(folder, layout)
 
 
 def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
                   decoder: StoredDecoder, encoder: CastEncoder, target: Path, *, each: bool, device: torch.device,
                   overwrite: bool, shard_bytes: int | None, batch_bytes: int | None, progress: bool,
-                  desc: str = "merging") -> MergeReport:
+                  hash_inputs: bool = False, desc: str = "merging") -> MergeReport:
     """One pass over the base: every output plan (no updates: the base re-encoded) written atomically to `target`
-    (with `each`, to `target/<plan name>`), read through `decoder`, written through `encoder`."""
+    (with `each`, to `target/<plan name>`), read through `decoder`, written through `encoder`. With `hash_inputs`,
+    the sha256 of every base shard and side file is taken from this pass's reads (`adaptools.digests`)."""
     start = time.perf_counter()
     batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
     steps = plan_steps(specs, batch_bytes)
@@ -160,19 +172,31 @@ def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Seq
     workers = worker_count(device, encoder)
     tile_elems = TILE_BYTES[device.type] // 4 if device.type in TILE_BYTES else None
 
-    def run(step: Step, buffers: Buffers) -> int:
-        return run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, buffers, tile_elems, survival)
+    hashers = shard_hashers(ckpt) if hash_inputs else {}
 
+    def run(step: Step, buffers: Buffers) -> int:
+        read = run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, buffers, tile_elems, survival)
+        for key in step.keys if hashers else ():
+            for path, info in decoder.sources(ckpt, key).values():
+                hashers[path].done(info.start, info.end)
+        return read
+
+    sinks: list[OutputSink] = []
     with atomic_output(target, overwrite=overwrite) as tmp:
-        sinks = [open_output(tmp / plan.name if each else tmp, ckpt, encoder, layout) for plan in plans]
         try:
+            sinks += [open_output(tmp / plan.name if each else tmp, ckpt, encoder, layout, hash_inputs and i == 0)
+                     for i, plan in enumerate(plans)]
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                       disable=not progress, file=sys.stderr) as bar, \
                     torch_threads(1 if device.type == "cpu" and workers > 1 else None):
                 run_steps(interleave_shards(steps, specs), run, workers, bar)
+            for hasher in hashers.values():
+                hasher.finish()
             for sink in sinks:
                 sink.close(total_parameters=sum(s.numel for s in specs.values()))
         finally:
+            for hasher in hashers.values():
+                hasher.close()
             for sink in sinks:
                 sink.abort()
     return MergeReport(

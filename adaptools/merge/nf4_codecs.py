@@ -45,7 +45,8 @@ from ..formats.nf4 import (
     quantization_config,
     quantize_nf4,
 )
-from .codecs import CONV1D_MODEL_TYPES, DTYPES, CastEncoder, StoredDecoder, TensorSpec, check_range, listed, parse_dtype
+from ..names import listed
+from .codecs import CONV1D_MODEL_TYPES, DTYPES, CastEncoder, StoredDecoder, TensorSpec, check_range, parse_dtype
 
 DEFAULT_SKIP = ("lm_head", r".*embed[^.]*", "wte", "wpe")
 """Modules left unquantized by default: the LM head and embeddings (embed_tokens, embed_in/out, word_embeddings,
@@ -201,16 +202,22 @@ class NF4Decoder(StoredDecoder):
 # --------------------------------------------------------------------------- writing NF4 or dequantized outputs
 
 
+RETAINED_CHUNK = 2**16
+"""Elements per pass of retained_fraction (its float32 temporaries stay in the cache)."""
+
+
 def retained_fraction(base: Tensor, after: Tensor, merged: Tensor) -> float | None:
     """⟨after − base, ΔW⟩ / ‖ΔW‖² with ΔW = merged − base: the part of the change that `after` (the stored
-    result) keeps (1: all, 0: erased); None when ΔW = 0."""
-    base = base.float()
-    delta = merged.float() - base
-    energy = torch.linalg.vector_norm(delta).square()
-    if energy == 0:
-        return None
-    kept = torch.sub(after, base).mul_(delta).sum()  # one float32 temporary (type promotion)
-    return (kept / energy).item()
+    result) keeps (1: all, 0: erased); None when ΔW = 0. Differences in float32, in cache-sized chunks."""
+    base, after, merged = base.reshape(-1), after.reshape(-1), merged.reshape(-1)
+    sums = []
+    for start in range(0, base.numel(), RETAINED_CHUNK):
+        part = slice(start, start + RETAINED_CHUNK)
+        low = base[part].float()
+        delta = torch.sub(merged[part], low)
+        sums.append(torch.stack((torch.vdot(low.neg_().add_(after[part]), delta), torch.vdot(delta, delta))))
+    kept, energy = torch.stack(sums).double().sum(dim=0).tolist()
+    return None if energy == 0 else kept / energy
 
 
 class NF4Encoder(CastEncoder):

@@ -22,7 +22,8 @@ from ..formats.checkpoint_writer import Layout, plan_shards, shard_names
 from ..formats.kohya import PREFIXES, remap_to_base
 from ..ia3 import IA3Adapter
 from ..linalg import group_by
-from .codecs import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec, listed
+from .codecs import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec
+from ..names import listed
 from .kernels import DoraUpdate, LoraUpdate, ScaleUpdate, Update
 
 
@@ -245,18 +246,21 @@ def interleave_shards(steps: Sequence[Step], specs: dict[str, TensorSpec]) -> li
 
 def plan_layout(ckpt: BaseCheckpoint, steps: Sequence[Step], specs: dict[str, TensorSpec], encoder: CastEncoder,
                 max_shard_bytes: int | None) -> Layout:
-    """The base's own shard files (default: an output key stays in its base shard, a new one goes to its tensor's),
-    or new shards of at most `max_shard_bytes` in write order."""
+    """The base's own shard layout (default: an output key stays in its base shard, a new one goes to its tensor's),
+    or new shards of at most `max_shard_bytes` in write order. Either way the files get transformers' names
+    (`shard_names`), never names taken from the base's index: those are strings from a downloaded file."""
     units = [(encoder.entries(key, specs[key]), specs[key].shard) for step in steps for key in step.keys]
     if max_shard_bytes is None:
         files: dict[str, dict[str, int]] = {shard: {} for shard in ckpt.shards}
         for entries, shard in units:
             for key, nbytes in entries.items():
                 files[ckpt.weight_map.get(key, shard)][key] = nbytes
-        files = {name: sizes for name, sizes in files.items() if sizes}
-        return Layout(files, ckpt.indexed or len(files) > 1)
-    groups = plan_shards([entries for entries, _ in units], max_shard_bytes)
-    return Layout(dict(zip(shard_names(len(groups)), groups)), len(groups) > 1)
+        groups = [files[shard] for shard in sorted(files) if files[shard]]  # numbered in the base's name order
+        indexed = ckpt.indexed or len(groups) > 1
+    else:
+        groups = plan_shards([entries for entries, _ in units], max_shard_bytes)
+        indexed = len(groups) > 1
+    return Layout(dict(zip(shard_names(len(groups)), groups)), indexed)
 
 
 AdapterLike = Adapter | str | os.PathLike

@@ -85,6 +85,7 @@ def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str 
         warnings.showwarning = _warn
         report = adaptools.merge(base, list(adapters), parse_weights(weights), out=output, dtype=dtype,
                                  double_quant=double_quant, device=device, overwrite=overwrite, each=each,
-                                 max_shard_size=max_shard_size, allow_pickle=allow_pickle, progress=True)
+                                 max_shard_size=max_shard_size, allow_pickle=allow_pickle, progress=True,
+                                 hash_inputs=True)  # the recipe reuses these sha256
     echo_report(report)
     return {"folders": list(report.outputs.values()), "summary": survival_rows(report)}

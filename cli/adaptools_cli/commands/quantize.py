@@ -45,5 +45,5 @@ def quantize(base: str, to: str, double_quant: bool, blocksize: str, compute_dty
         warnings.showwarning = _warn
         report = adaptools.quantize(base, output, blocksize=int(blocksize), double_quant=double_quant,
                                     compute_dtype=compute_dtype, skip=skip, device=device, overwrite=overwrite,
-                                    max_shard_size=max_shard_size, progress=True)
+                                    max_shard_size=max_shard_size, progress=True, hash_inputs=True)
     echo_report(report, verb=f"quantized {{quantized}} weights to {to.upper()} into")

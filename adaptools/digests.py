@@ -1,0 +1,113 @@
+"""sha256 of input files taken from an operation's own reads, kept for the recipe (which would otherwise read every
+input again afterwards).
+
+`SequentialHasher` hashes one file in file order while its byte ranges are read in any order, from any thread:
+each range reported done extends the hashed prefix when it touches it, from a memory map of just that stretch (the
+page cache the read went through), so the file is not read from disk a second time. `record` / `lookup` keep the
+results keyed by (resolved path, size, mtime_ns, inode): a file changed since it was hashed is not found.
+"""
+from __future__ import annotations
+
+import hashlib
+import mmap
+import os
+import threading
+from pathlib import Path
+
+WINDOW_BYTES = 2**23
+"""At most this much of a file is mapped at once while hashing (the mapping's pages count as resident memory)."""
+
+_digests: dict[tuple[str, int, int, int], str] = {}
+_lock = threading.Lock()
+
+
+def file_key(path: str | os.PathLike) -> tuple[str, int, int, int]:
+    """(resolved path, size, mtime_ns, inode) of the file at `path` now."""
+    stat = os.stat(path)
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def record(key: tuple[str, int, int, int], sha256: str) -> None:
+    """Remember the hex sha256 of the file whose `file_key` was `key`."""
+    with _lock:
+        _digests[key] = sha256
+
+
+def lookup(path: str | os.PathLike) -> str | None:
+    """The recorded sha256 of the file at `path`, when it has not changed since; None otherwise."""
+    try:
+        key = file_key(path)
+    except OSError:
+        return None
+    with _lock:
+        return _digests.get(key)
+
+
+class SequentialHasher:
+    """sha256 of one file, fed by byte ranges [start, end) that are done in any order (`done`, thread-safe);
+    `finish` hashes what no range covered (the header, the end) and records the digest."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._file = open(self.path, "rb", buffering=0)
+        self.key = file_key(self.path)
+        self._size = self.key[1]
+        self._sha = hashlib.sha256()
+        self._position = 0
+        self._pending: dict[int, int] = {}
+        self._state = threading.Lock()
+        self._hashing = threading.Lock()
+
+    def done(self, start: int, end: int) -> None:
+        """Bytes [start, end) have been read; hash the prefix they complete (unless another thread is at it: it
+        takes these too)."""
+        with self._state:
+            self._pending[start] = max(end, self._pending.get(start, end))
+        while self._hashing.acquire(blocking=False):
+            try:
+                self._advance()
+            finally:
+                self._hashing.release()
+            with self._state:  # ranges that arrived while this thread hashed are taken by the next round
+                if self._position not in self._pending:
+                    return
+
+    def _advance(self) -> None:
+        while True:
+            with self._state:
+                end = self._pending.pop(self._position, None)
+            if end is None:
+                return
+            self._hash(self._position, end)
+
+    def _hash(self, start: int, end: int) -> None:
+        """Hash bytes [start, end) of the file (in windows of WINDOW_BYTES) and move the position to `end`."""
+        end = min(end, self._size)
+        while start < end:
+            offset = start - start % mmap.ALLOCATIONGRANULARITY
+            stop = min(end, offset + WINDOW_BYTES)
+            with mmap.mmap(self._file.fileno(), stop - offset, access=mmap.ACCESS_READ, offset=offset) as window:
+                with memoryview(window) as view:
+                    self._sha.update(view[start - offset:])
+            start = stop
+        self._position = max(self._position, end)
+
+    def finish(self) -> str:
+        """Hash the rest of the file (in order, with every range still pending), record and return the digest."""
+        with self._hashing:
+            self._advance()
+            with self._state:
+                pending = sorted(self._pending.items())
+                self._pending.clear()
+            for start, end in pending:
+                if end > self._position:
+                    self._hash(self._position, end)
+            self._hash(self._position, self._size)
+            self._file.close()
+        digest = self._sha.hexdigest()
+        record(self.key, digest)
+        return digest
+
+    def close(self) -> None:
+        """Close the file without recording anything (the operation failed)."""
+        self._file.close()
