@@ -424,3 +424,15 @@ def test_cards_and_recipes_hold_no_local_paths(llama_base, job, runner):
     for local in (str(job), str(llama_base), str(Path.home())):
         assert local not in recipe_text and local not in card
     assert f"`{llama_base.name}`" in card
+
+
+def test_an_adaptools_output_is_a_base_like_any_other(llama_base, lora, runner, tmp_path):
+    """A merged model (with its own recipe and card) merged into again: its recipe and card are not copied as this
+    output's, which gets its own (found by the demo: the copied recipe blocked the new one)."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert run_cli(runner, "merge", llama_base, lora, "-o", first).exit_code == 0
+    result = run_cli(runner, "merge", first, lora, "-o", second)
+    assert result.exit_code == 0, result.output
+    recipe = json.loads((second / RECIPE_NAME).read_text())
+    assert [entry["path"] for entry in recipe["inputs"]] == ["../first", os.path.relpath(lora, second)]
+    assert (second / "README.md").read_text() != (first / "README.md").read_text()

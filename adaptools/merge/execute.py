@@ -25,6 +25,7 @@ from ..atomic import atomic_output
 from ..digests import SequentialHasher
 from ..formats.checkpoint import BaseCheckpoint
 from ..formats.checkpoint_writer import Layout, OutputSink, copy_side_files, write_new
+from ..recipe import RECIPE_NAME
 from .codecs import CastEncoder, StoredDecoder, TensorSpec, check_range
 from .kernels import Buffers, changed_value, merge_weights
 from .plan import OutputPlan, Step, interleave_shards, plan_layout, plan_steps
@@ -147,7 +148,7 @@ def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout
     """An output folder with the base's side files (their sha256 recorded with `hash_inputs`) and its config.json
     (dtype set by the encoder), ready for shards."""
     folder.mkdir(parents=True, exist_ok=True)
-    copy_side_files(ckpt.root, folder, skip=("config.json",), record_digests=hash_inputs)
+    copy_side_files(ckpt.root, folder, skip=("config.json", RECIPE_NAME), record_digests=hash_inputs)  # a recipe of the base is not this one's
     if (ckpt.root / "config.json").exists():
         config = json.dumps(encoder.update_config(ckpt.config), indent=2, sort_keys=True)
         write_new(folder / "config.json", config + "\n")
