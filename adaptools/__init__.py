@@ -31,6 +31,7 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .combine import combine, interpolate, negate
+from .extract import ExtractReport, ModuleExtract, extract
 from .formats import BaseCheckpoint, detect_format, save_adapter
 from .formats import load_adapter as load
 from .hub import push
@@ -46,12 +47,14 @@ __all__ = [
     "BaseCheckpoint",
     "BaseMismatchError",
     "DoraError",
+    "ExtractReport",
     "HubError",
     "InputNotFoundError",
     "InvalidArgumentError",
     "LoraFitReport",
     "LoraModule",
     "MergeReport",
+    "ModuleExtract",
     "ModuleFit",
     "ModuleRerank",
     "NonFiniteError",
@@ -68,6 +71,7 @@ __all__ = [
     "combine",
     "compare_spectra",
     "detect_format",
+    "extract",
     "interpolate",
     "load",
     "merge",

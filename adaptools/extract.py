@@ -345,13 +345,15 @@ def budget_ranks_for(base: Checkpoint, tuned: Checkpoint, targets: Sequence[Targ
     while todo:
         for group in chunks(todo):
             chunk = read_deltas(base, tuned, group, device)
+            bar.update(len(group))
+            if not chunk.targets:
+                continue
             for target in chunk.targets:
                 shapes[target.key] = target.shape
             for target, (svd_j, k, _) in zip(chunk.targets, adaptive_svd(
                     chunk.delta, RankPolicy("rank", max(width[t.key] for t in chunk.targets)), chunk.total,
                     method=svd, oversample=oversample, power_iters=power_iters, seed=seed)):
                 spectra[target.key] = svd_j.S[:k].double().cpu()
-            bar.update(len(group))
         ranks = select_ranks(spectra, shapes, policy)
         todo = [t for t in targets if t.key in spectra and ranks[t.key] >= len(spectra[t.key]) < min(t.shape)]
         for t in todo:

@@ -483,7 +483,8 @@ def adaptive_svd(M: Tensor, policy: RankPolicy, total: Tensor, *, method: SvdMet
     exact: one dense SVD of the stack (`exact_svd_dense`). randomized: a Halko–Martinsson–Tropp sketch
     (`randomized_svd`, QR after every product) of width k + oversample for a fixed rank; for energy / ratio /
     threshold a sketch of INITIAL_SKETCH columns whose first width − oversample values are trusted, doubled per
-    module until the policy's k falls inside them (energy is tested against the exact `total` = ‖M_j‖²_F).
+    module until the policy's k falls in the first half of them, where the sketched values are accurate enough
+    for the choice (energy is tested against the exact `total` = ‖M_j‖²_F).
     A sketch as wide as min(m, n) is exact. The kept factors U_k S_k Vh_k are the projection U_k U_kᵀ M_j, so
     ‖M_j − U_k S_k Vh_k‖²_F = total_j − Σ_{i<k} s_i² exactly (`truncation_error(S, k, total)`).
     "auto" picks by size per round (`choose_svd` with the sketch's width as the rank).
@@ -519,7 +520,7 @@ def adaptive_svd(M: Tensor, policy: RankPolicy, total: Tensor, *, method: SvdMet
                 trusted = full if width == full else width - oversample
             k = choose_ranks(svd.S[..., :trusted], policy, total[names])
             for i, j in enumerate(names):
-                if policy.kind != "rank" and trusted < full and int(k[i]) >= trusted:
+                if policy.kind != "rank" and trusted < full and 2 * int(k[i]) > trusted:
                     left.append(j)
                 else:
                     results[j] = (SVD(svd.U[i], svd.S[i], svd.Vh[i]), int(k[i]), how)
