@@ -280,14 +280,17 @@ def read_deltas(base: Checkpoint, tuned: Checkpoint, targets: Sequence[Target], 
     rows, cols = targets[0].shape
     buffer = torch.empty(len(targets), rows, cols, dtype=torch.float32, device=device)
     kept: list[Target] = []
+    totals: list[Tensor] = []
     for target in targets:
         slot = buffer[len(kept)]
         slot.copy_(tuned.read(target.key))
         slot.sub_(base.read(target.key).to(device))
-        if bool(slot.any()):
+        total = torch.linalg.vector_norm(slot, dim=-1).double().square().sum()  # float32 rows, float64 sum
+        if total != 0:
             kept.append(target)
+            totals.append(total)
     delta = buffer[:len(kept)]
-    total = torch.linalg.vector_norm(delta, dim=(-2, -1), dtype=torch.float64).square()
+    total = torch.stack(totals) if totals else torch.zeros(0, dtype=torch.float64, device=device)
     bad = [t.key for t, v in zip(kept, total.tolist()) if not math.isfinite(v)]
     if bad:
         raise NonFiniteError(f"ΔW of {_listed(bad)} holds NaN or Inf (or overflows): check both checkpoints")

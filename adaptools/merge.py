@@ -20,7 +20,6 @@ plugs in there (adaptools.nf4_checkpoint: dequantize → merge in float32 → re
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import math
@@ -42,7 +41,7 @@ from tqdm.auto import tqdm
 from .adapter import Adapter, LoraModule
 from .atomic import atomic_output, check_output
 from .combine import check_weights, combined_bias, concat_factors, plan_terms
-from .device import resolve_device
+from .device import resolve_device, torch_threads
 from .errors import (
     DoraError,
     InvalidArgumentError,
@@ -544,19 +543,6 @@ def worker_count(device: torch.device, encoder: CastEncoder) -> int:
     if not encoder.row_wise:
         return 1
     return max(1, min(torch.get_num_threads(), MAX_WORKERS)) if device.type == "cpu" else 2
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `count` (None: unchanged) inside the block, restored after."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count is not None:
-            torch.set_num_threads(before)
 
 
 def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], workers: int, progress: tqdm) -> None:

@@ -1,20 +1,19 @@
 """`adaptools extract`: a LoRA adapter from a fine-tuned checkpoint and its base (ΔW = W_tuned − W_base)."""
 from __future__ import annotations
 
-import json
 import typing
 
 import click
 
 import adaptools
-from adaptools.atomic import atomic_output, check_output
+from adaptools.atomic import check_output
 from adaptools.extract import ExtractReport
 from adaptools.formats import FORMATS
 from adaptools.linalg import RankPolicy, SvdMethod
 
 from ..options import output_options
 from ..provenance import provenance
-from .rerank import DTYPES, echo_summary, policy_options
+from .rerank import DTYPES, echo_summary, policy_options, write_report
 
 
 def echo_report(report: ExtractReport) -> None:
@@ -59,9 +58,6 @@ def extract(base: str, tuned: str, rank: int | None, energy: float | None, ratio
                                         dtype=DTYPES.get(dtype or ""), progress=True)
     adaptools.save_adapter(adapter, output, format=fmt, overwrite=overwrite)
     click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}")
-    if report_path:
-        with atomic_output(report_path, overwrite=overwrite, is_file=True) as path:
-            path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        click.echo(f"wrote report to {report_path}")
+    write_report(report_path, report.to_dict(), overwrite)
     echo_report(report)
     return {"summary": report.modules}
