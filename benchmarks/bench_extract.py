@@ -34,6 +34,8 @@ from bench_merge import HEADS, HIDDEN, INTERMEDIATE, KV_HEADS, VOCAB, llama_shap
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from adaptools.linalg import lapack_threads
+
 HERE = Path(__file__).resolve().parent
 VENV = HERE / ".venv-mergekit"
 MERGEKIT = VENV / "bin" / "mergekit-extract-lora"
@@ -147,7 +149,8 @@ def errors(base: Path, tuned: Path, outputs: dict[str, Path], layers: int, rank:
             B, A = t[f"{prefix}.lora_B.weight"].float(), t[f"{prefix}.lora_A.weight"].float()
             row[name] = float(torch.linalg.vector_norm(delta - B @ A, dtype=torch.float64))
         if "mergekit" not in outs:
-            s = torch.linalg.svdvals(delta).double()
+            with lapack_threads(delta):
+                s = torch.linalg.svdvals(delta).double()
             row["optimal"] = float(s[rank:].square().sum().sqrt())
         result[module] = row
     return result
