@@ -106,7 +106,7 @@ def write_pair(root: Path, layers: int) -> tuple[Path, Path]:
 
 
 API = """
-import sys, time, torch
+import sys, time
 import adaptools
 start = time.perf_counter()
 adapter, report = adaptools.extract(sys.argv[1], sys.argv[2], rank=int(sys.argv[4]), device=sys.argv[5],
@@ -127,9 +127,6 @@ class Tensors:
 
     def __getitem__(self, key: str) -> torch.Tensor:
         return self.handles[key].get_tensor(key)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.handles
 
 
 def errors(base: Path, tuned: Path, outputs: dict[str, Path], layers: int, rank: int) -> dict[str, dict[str, float]]:
