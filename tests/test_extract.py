@@ -304,3 +304,27 @@ def test_bad_options_are_one_line_errors(args, text, pair, tmp_path, runner):
     assert not (tmp_path / "out").exists()
     with pytest.raises(InvalidArgumentError):
         adaptools.extract(base, tuned, budget=10)  # below rank 1 for every module
+
+
+def test_budget_grows_the_sketch_of_a_module_that_takes_most_of_it(tmp_path):
+    """Four 600 x 600 modules (randomized path), one 100x stronger: it takes almost all of the budget, beyond the
+    first sketch (twice the mean rank, 50), so its spectrum is sketched again, wider."""
+    i = torch.arange(600, dtype=torch.float64)
+    spectra = {"big": (i + 1) ** -0.5, **{f"small{j}": 0.01 * (i + 1) ** -0.5 for j in range(3)}}
+    base, tuned = tmp_path / "base", tmp_path / "tuned"
+    for folder in (base, tuned):
+        folder.mkdir()
+    deltas = {f"{name}.weight": with_spectrum(s, 600, 600, seed) for seed, (name, s) in enumerate(spectra.items())}
+    save_file({k: torch.zeros(600, 600) for k in deltas}, str(base / "model.safetensors"))
+    save_file(deltas, str(tuned / "model.safetensors"))
+    budget = 100 * 1200
+    adapter, report = adaptools.extract(base, tuned, budget=budget, dtype=torch.float32)
+    exact = budget_ranks(list(spectra.values()), [(600, 600)] * 4, budget)
+    assert adapter.ranks["big"] > 50 and report.params <= budget
+    assert abs(adapter.ranks["big"] - exact[0]) <= 2
+    for name, s in spectra.items():
+        k, m = adapter.ranks[name], adapter[name]
+        optimal = float(s[k:].square().sum().sqrt())
+        true = float((deltas[name + ".weight"].double() - (m.B @ m.A).double()).norm())
+        assert true <= 1.01 * optimal and report.modules[name].error == pytest.approx(true, rel=1e-4)
+        assert report.modules[name].method == "randomized"
