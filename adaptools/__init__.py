@@ -34,6 +34,7 @@ from .errors import (
     UnsupportedAdapterError,
 )
 from .combine import combine, interpolate, negate
+from .extract import ExtractReport, ModuleExtract, extract
 from .formats import BaseCheckpoint, detect_format, save_adapter
 from .sources import load
 from .formats.ia3 import read_ia3 as load_ia3
@@ -51,6 +52,7 @@ __all__ = [
     "BaseCheckpoint",
     "BaseMismatchError",
     "DoraError",
+    "ExtractReport",
     "HubAccessError",
     "HubError",
     "HubNotFoundError",
@@ -61,6 +63,7 @@ __all__ = [
     "LoraFitReport",
     "LoraModule",
     "MergeReport",
+    "ModuleExtract",
     "ModuleFit",
     "ModuleRerank",
     "NonFiniteError",
@@ -78,6 +81,7 @@ __all__ = [
     "combine",
     "compare_spectra",
     "detect_format",
+    "extract",
     "interpolate",
     "load",
     "load_ia3",

@@ -33,11 +33,13 @@ from .formats.checkpoint import BaseCheckpoint
 from .formats.kohya import PREFIXES, remap_to_base
 from .formats.nf4 import dequantize_nf4, is_nf4_weight, quantize_nf4
 from .linalg import (
-    EXACT_SVD_MAX_DIM,
+    AUTO_EXACT_MAX_DIM,
     SVD,
     LinearOperator,
     RankPolicy,
+    SvdMethod,
     balanced_factors,
+    choose_svd,
     exact_svd_dense,
     map_by_shape,
     randomized_svd,
@@ -65,9 +67,6 @@ __all__ = [
 ]
 
 BaseWeights = Literal["stored", "nf4", "nf4-dq"]
-SvdMethod = Literal["auto", "exact", "randomized"]
-AUTO_EXACT_MAX_DIM = 512
-"""`svd="auto"` runs the exact dense SVD for min(out, in) <= this (<= 50 ms on 2 CPU cores), randomized above."""
 CHUNK_BYTES = 512 * 2**20
 """Base weights (float32, canonical) held at once; shards are read in order, so memory stays near this."""
 NF4_BLOCKSIZE = 64
@@ -134,23 +133,6 @@ def delta_energy(terms: tuple[Tensor, Tensor, Tensor], gain: Tensor) -> Tensor:
     w2, cross, low = (t.double() for t in terms)
     g = gain.double()
     return ((g - 1).square() * w2 + 2 * (g - 1) * g * cross + g.square() * low).sum(-1).clamp_min(0)
-
-
-def choose_svd(method: SvdMethod, shape: tuple[int, int], rank: int | None = None) -> str:
-    """"exact" or "randomized" for a (out, in) ΔW: as asked, or by size for "auto".
-
-    auto: exact when min(out, in) <= AUTO_EXACT_MAX_DIM, or when a fixed rank needs more than a quarter of
-    the spectrum (a sketch that wide costs about as much); randomized otherwise and above EXACT_SVD_MAX_DIM.
-    """
-    _check_choice(method, SvdMethod, "SVD method")
-    if method != "auto":
-        return method
-    small = min(shape)
-    if small > EXACT_SVD_MAX_DIM:
-        return "randomized"
-    if small <= AUTO_EXACT_MAX_DIM or (rank is not None and 4 * rank >= small):
-        return "exact"
-    return "randomized"
 
 
 # --------------------------------------------------------------------------- reading the base

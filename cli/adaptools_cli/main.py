@@ -8,7 +8,7 @@ import click
 
 from adaptools import AdaptoolsError, __version__
 
-from .commands import combine, convert, dora, info, merge, push, quantize, rerank, spectrum
+from .commands import combine, convert, dora, extract, info, merge, push, quantize, rerank, spectrum
 
 
 class AdaptoolsGroup(click.Group):
@@ -65,6 +65,7 @@ COMMANDS = (
     combine.interpolate,
     combine.negate,
     rerank.rerank,
+    extract.extract,
     merge.merge,
     quantize.quantize,
     dora.dora,

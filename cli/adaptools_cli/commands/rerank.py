@@ -87,6 +87,14 @@ def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool, layout
     click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}{padded}{served}")
 
 
+def write_report(path: str | None, data: dict, overwrite: bool) -> None:
+    """Write a command's JSON report atomically to `path` (nothing when None)."""
+    if path:
+        with atomic_output(path, overwrite=overwrite, is_file=True) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+        click.echo(f"wrote report to {path}")
+
+
 def span(values: Iterable[int]) -> str:
     """"4" or "4-8": the range of some ranks."""
     values = list(values)
@@ -139,9 +147,6 @@ def rerank(adapter: str, rank: int | None, energy: float | None, ratio: float | 
         result, report = adaptools.rerank(loaded, policy=policy, device=device,
                                           dtype=DTYPES.get(dtype or ""), progress=update)
     save(result, output, fmt, overwrite, layout, pad_rank, serve)
-    if report_path:
-        with atomic_output(report_path, overwrite=overwrite, is_file=True) as path:
-            path.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
-        click.echo(f"wrote report to {report_path}")
+    write_report(report_path, report.to_dict(), overwrite)
     echo_report(report)
     return {"summary": report.modules}
