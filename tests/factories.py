@@ -193,3 +193,16 @@ def peft_delta_weights(peft_model, adapter_name: str = "default") -> dict[str, t
             with torch.no_grad():
                 deltas[name.removeprefix("base_model.model.")] = layer.get_delta_weight(adapter_name).float()
     return deltas
+
+
+def tuned_copy(base: Path, out: Path, *, seed: int = 5, scale: float = 0.02, skip: tuple[str, ...] = (),
+               **save_kwargs) -> Path:
+    """The base with every 2-D weight (embeddings and LM head included) and the final norm moved."""
+    model = load_base(base)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (p.ndim == 2 or name.endswith("norm.weight") and "layers" not in name) and not any(s in name for s in skip):
+                p.add_(torch.randn(p.shape, generator=g) * scale)
+    model.save_pretrained(out, **save_kwargs)
+    return out

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from factories import input_ids, load_base, make_base
+from factories import input_ids, load_base, make_base, tuned_copy
 from safetensors.torch import load_file, save_file
 
 import adaptools
@@ -92,19 +92,6 @@ def test_full_width_sketch_and_exact_method_give_the_optimum(stacks):
 
 
 # --------------------------------------------------------------------------- checkpoints
-
-
-def tuned_copy(base: Path, out: Path, *, seed: int = 5, scale: float = 0.02, skip: tuple[str, ...] = (),
-               **save_kwargs) -> Path:
-    """The base with every 2-D weight (embeddings and LM head included) and the final norm moved."""
-    model = load_base(base)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if (p.ndim == 2 or name.endswith("norm.weight") and "layers" not in name) and not any(s in name for s in skip):
-                p.add_(torch.randn(p.shape, generator=g) * scale)
-    model.save_pretrained(out, **save_kwargs)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +182,21 @@ def test_include_exclude_and_kohya_output(pair, tmp_path, runner):
                      "-o", tmp_path / "lora.safetensors")
     assert result.exit_code == 0, result.output
     assert len(load_file(tmp_path / "lora.safetensors")) == 3 * 8
+
+
+def test_mlx_output_reads_back_as_the_same_updates_and_full_tensors_are_refused(pair, tmp_path, runner):
+    base, tuned = pair
+    result = run_cli(runner, "extract", base, tuned, "--rank", 3, "--include", r"layers\.", "--to", "mlx",
+                     "-o", tmp_path / "mlx")
+    assert result.exit_code == 0, result.output
+    expected, _ = adaptools.extract(base, tuned, rank=3, include=r"layers\.")
+    written = adaptools.load(tmp_path / "mlx")
+    assert adaptools.detect_format(tmp_path / "mlx") == "mlx" and set(written.modules) == set(expected.modules)
+    assert set(written.ranks.values()) == {3}
+    for name in expected.modules:
+        torch.testing.assert_close(written.delta(name), expected.delta(name), atol=1e-6, rtol=1e-4)
+    refused = run_cli(runner, "extract", base, tuned, "--rank", 3, "--to", "mlx", "-o", tmp_path / "all")
+    assert refused.exit_code == 2 and "cannot hold full tensors" in refused.stderr and not (tmp_path / "all").exists()
 
 
 def test_any_shard_layouts_and_an_hf_cache_snapshot_give_the_same_adapter(pair, tmp_path):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from factories import make_base, make_peft_adapter
+from factories import make_base, make_peft_adapter, tuned_copy
 from huggingface_hub import ModelCard, constants
 from hub_server import FakeHub
 from safetensors.torch import load_file
@@ -49,6 +49,7 @@ def local(llama_base, tmp_path_factory) -> dict[str, Path]:
     shutil.copy(inputs["other"] / "adapter_config.json", pickled)
     torch.save(load_file(inputs["other"] / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     inputs["pickled"] = pickled
+    inputs["tuned"] = tuned_copy(llama_base, root / "tuned")
     return inputs
 
 
@@ -100,6 +101,7 @@ def hub(local, monkeypatch, tmp_path):
         server.add_commit("org/other", files_of(local["other"]))
         server.add_commit("org/kohya", {"style.safetensors": local["kohya"].read_bytes(), "README.md": b"# style\n"})
         server.add_commit("org/pickled", files_of(local["pickled"]))
+        server.add_commit("org/tuned", files_of(local["tuned"]))
         server.add_commit("org/private", lora, private=True)
         server.add_commit("org/gated", lora, gated=True)
         point_client_at(monkeypatch, server.url, tmp_path / "hf")
@@ -289,6 +291,18 @@ def test_a_process_reads_hf_endpoint_hf_home_hf_hub_cache_hf_token_and_hf_hub_of
     offline = info(HF_HUB_OFFLINE="1")
     assert offline.returncode == 0, offline.stderr
     assert len(hub.requests) == before and offline.stdout == online.stdout
+
+
+def test_extract_from_repo_ids_equals_the_local_extract_and_names_the_base_by_repo_id(hub, local, runner, tmp_path):
+    result = run_cli(runner, "extract", "org/base", "org/tuned@main", "--rank", "4", "-o", tmp_path / "hub")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "extract", local["base"], local["tuned"], "--rank", "4", "-o", tmp_path / "local").exit_code == 0
+    weights = "adapter_model.safetensors"
+    assert (tmp_path / "hub" / weights).read_bytes() == (tmp_path / "local" / weights).read_bytes()
+    assert json.loads((tmp_path / "hub" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/base"
+    assert not any(path.endswith((".bin", ".pt", ".pth")) for path in fetched(hub))
+    recipe = json.loads((tmp_path / "hub" / "adaptools_recipe.json").read_text())
+    assert {entry.get("repo_id") for entry in recipe["inputs"]} == {"org/base", "org/tuned"}
 
 
 def test_quantize_from_a_repo_id_equals_the_local_quantize(hub, local, runner, tmp_path):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from factories import load_base, make_peft_adapter, peft_delta_weights, peft_model
+from factories import load_base, make_peft_adapter, peft_delta_weights, peft_model, tuned_copy
 from safetensors.torch import load_file, save_file
 
 import adaptools
@@ -150,7 +150,8 @@ def inputs(llama_base, tmp_path_factory) -> dict[str, Path]:
     save_file(kohya, root / "kohya.safetensors")
     dora = make_peft_adapter(llama_base, root / "dora", seed=3, r=4, lora_alpha=8, use_dora=True,
                              target_modules=["v_proj", "o_proj", "down_proj"])
-    return {"a": a, "b": b, "c": root / "c", "kohya": root / "kohya.safetensors", "dora": dora}
+    tuned = tuned_copy(llama_base, root / "tuned", skip=("embed_tokens", "lm_head", "norm"))  # linear weights moved
+    return {"a": a, "b": b, "c": root / "c", "kohya": root / "kohya.safetensors", "dora": dora, "tuned": tuned}
 
 
 def threshold(c: Path) -> float:
@@ -173,6 +174,9 @@ def command(kind: str, paths: dict[str, Path], base: Path) -> tuple[list[str], A
     if kind == "convert":
         return (["convert", paths["kohya"], "--to", "peft", "--base", base],
                 adaptools.load(paths["kohya"], base=base))
+    if kind == "extract":
+        return (["extract", base, paths["tuned"], "--energy", "0.9"],
+                adaptools.extract(base, paths["tuned"], energy=0.9)[0])
     if kind == "to-lora":
         return (["dora", "to-lora", paths["dora"], "--base", base, "--energy", "0.95"],
                 adaptools.to_lora(adaptools.load(paths["dora"]), base, energy=0.95)[0])
@@ -180,7 +184,7 @@ def command(kind: str, paths: dict[str, Path], base: Path) -> tuple[list[str], A
 
 
 KINDS = ["combine", "rerank-rank", "rerank-energy", "rerank-ratio", "rerank-threshold", "rerank-budget", "convert",
-         "to-lora"]
+         "to-lora", "extract"]
 
 
 @pytest.fixture(scope="module")
