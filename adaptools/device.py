@@ -1,5 +1,8 @@
-"""Device choice: `auto` is CUDA when available, else CPU."""
+"""Device choice (`auto` is CUDA when available, else CPU) and torch's intra-op thread count."""
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 
@@ -18,3 +21,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         return torch.device(device)
     except RuntimeError as exc:
         raise InvalidArgumentError(f"unknown device {device!r}") from exc
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `count` (None: unchanged) inside the block, restored after. Threads started
+    inside the block run their torch ops on `count` threads too (torch sets up each new thread from this count)."""
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        if count is not None:
+            torch.set_num_threads(before)

@@ -17,6 +17,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
+from ..device import torch_threads
 from ..errors import AdapterFormatError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
 from ..jsonio import parse_json
 
@@ -92,7 +93,7 @@ def _nf4_bounds(device: torch.device) -> Tensor:
 def _nibble_tables(device: torch.device) -> tuple[Tensor, Tensor]:
     """Nearest-code lookup on the top 16 bits h of an fp32 value x: code(x) = low[h] + (x > mid[h]).
 
-    The fp32 values with top bits h form an interval [a, b]; low[h] (uint8) counts the midpoints below a, and
+    The fp32 values with top bits h form an interval [a, b]; low[h] (int32) counts the midpoints below a, and
     mid[h] (fp32) is the one midpoint inside [a, b] (the intervals are far narrower than the gaps between
     midpoints), +inf when there is none. So the lookup is exactly `bucketize(x, midpoints)`.
     """
@@ -106,7 +107,7 @@ def _nibble_tables(device: torch.device) -> tuple[Tensor, Tensor]:
     mid = torch.full((1 << 16,), math.inf)
     rows, cols = inside.nonzero(as_tuple=True)
     mid[rows] = bounds[cols]
-    return below.to(torch.uint8).to(device), mid.to(device)
+    return below.to(torch.int32).to(device), mid.to(device)
 
 
 @lru_cache(maxsize=None)
@@ -170,15 +171,15 @@ Inf) the order of the bit patterns is the order of the values, so max |x| is an 
 
 
 class _Scratch:
-    """One thread's chunk buffers for the quantizer (allocated once, reused from chunk to chunk)."""
+    """One thread's chunk buffers for the quantizer (allocated once, reused from chunk to chunk): 16 bytes per
+    element, so that a CHUNK_ELEMENTS chunk's working set stays in a core's L2 cache."""
 
     def __init__(self, size: int, dtype: torch.dtype, device: torch.device):
-        self.bits = torch.empty(size, dtype=_BITS[dtype][0], device=device)
         self.scaled = torch.empty(size, dtype=torch.float32, device=device)
-        self.index = torch.empty(size, dtype=torch.int32, device=device)
-        self.codes = torch.empty(size, dtype=torch.uint8, device=device)
-        self.mid = torch.empty(size, dtype=torch.float32, device=device)
-        self.above = torch.empty(size, dtype=torch.uint8, device=device)  # a uint8 compare result is faster than bool
+        self.index = torch.empty(size, dtype=torch.int32, device=device)  # also |x| as bits, and the packed pairs
+        self.codes = torch.empty(size, dtype=torch.int32, device=device)
+        self.mid = torch.empty(size, dtype=torch.float32, device=device)  # also the x > mid flags
+        self.bits = self.index.view(_BITS[dtype][0])
 
 
 def _pack_codes(scaled: Tensor, out: Tensor, scratch: _Scratch) -> None:
@@ -186,28 +187,31 @@ def _pack_codes(scaled: Tensor, out: Tensor, scratch: _Scratch) -> None:
     nibble: code = low[h] + (x > mid[h]) on the top 16 bits h (`_nibble_tables`)."""
     n = scaled.numel()
     low, mid = _nibble_tables(scaled.device)
-    index, codes, mids, above = scratch.index[:n], scratch.codes[:n], scratch.mid[:n], scratch.above[:n]
+    index, codes, mids = scratch.index[:n], scratch.codes[:n], scratch.mid[:n]
     torch.bitwise_right_shift(scaled.view(torch.int32), 16, out=index)
     index.bitwise_and_(0xFFFF)
-    torch.index_select(low, 0, index, out=codes)
+    torch.index_select(low, 0, index, out=codes)  # int32 tables and results: the fastest gathers and compares
     torch.index_select(mid, 0, index, out=mids)
-    torch.gt(scaled, mids, out=above)
-    codes.add_(above)
-    pairs = codes.view(-1, 2)
-    torch.add(pairs[:, 1], pairs[:, 0], alpha=16, out=out)
+    torch.gt(scaled, mids, out=mids)  # 1.0 or 0.0, whose bits shifted right by 29 are 1 or 0
+    codes.add_(mids.view(torch.int32).bitwise_right_shift_(29))
+    pairs, packed = codes.view(-1, 2), index[: n // 2]
+    torch.add(pairs[:, 1], pairs[:, 0], alpha=16, out=packed)
+    out.copy_(packed)
 
 
-CHUNK_ELEMENTS = 2**15
-"""Elements per CPU chunk: its temporaries stay in the cache, and torch runs each op on it in the calling thread
-(at most its parallel grain), so that chunks run on threads of their own without nested thread pools."""
+CHUNK_ELEMENTS = 2**17
+"""Elements per CPU chunk: large enough that each torch op's fixed cost is small against its work, small enough
+that the chunk's temporaries (`_Scratch`, 2 MiB) stay in a core's L2 cache."""
 
 
 def _for_chunks(total: int, blocksize: int, device: torch.device, work: Callable[[int, int, object], None],
                 scratch: Callable[[int], object]) -> None:
     """work(start, stop, buffers) for consecutive block-aligned chunks [start, stop) of [0, total) elements.
 
-    On the CPU the chunks are CHUNK_ELEMENTS long and split into contiguous runs, one per torch thread (each
-    with its own `scratch(size)` buffers; torch releases the GIL inside its ops). On other devices: one chunk.
+    On the CPU the chunks are CHUNK_ELEMENTS long and split into contiguous runs, one per torch thread, each on
+    a thread of its own (torch releases the GIL inside its ops) with its own `scratch(size)` buffers and torch's
+    intra-op threads set to 1: a chunk's ops are too short to share out, the threads share the chunks.
+    On other devices: one chunk.
     """
     if total <= 0:
         return
@@ -227,7 +231,7 @@ def _for_chunks(total: int, blocksize: int, device: torch.device, work: Callable
         run(starts)
         return
     per = -(-len(starts) // threads)
-    with ThreadPoolExecutor(threads, thread_name_prefix="adaptools-nf4") as pool:
+    with torch_threads(1), ThreadPoolExecutor(threads, thread_name_prefix="adaptools-nf4") as pool:
         list(pool.map(run, [starts[i:i + per] for i in range(0, len(starts), per)]))
 
 
@@ -258,7 +262,8 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> t
         torch.bitwise_and(blocks.view(int_dtype), sign_mask, out=bits)  # |x| as bits: their max is max |x|
         block_max.copy_(bits.amax(dim=1).view(flat.dtype))
         scaled = scratch.scaled[: stop - start]
-        torch.mul(blocks, block_max.clamp(min=_ABSMAX_FLOOR).reciprocal_()[:, None], out=scaled.view(blocks.shape))
+        scaled.copy_(flat[start:stop])  # then an fp32 in-place product: faster than one mixed-dtype multiply
+        scaled.view(blocks.shape).mul_(block_max.clamp(min=_ABSMAX_FLOOR).reciprocal_()[:, None])
         _pack_codes(scaled, packed[start // 2: stop // 2], scratch)
 
     _for_chunks(full, blocksize, device, chunk, lambda size: _Scratch(size, flat.dtype, device))

@@ -8,7 +8,6 @@ changes are copied file to file.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import queue
 import sys
@@ -22,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_output
+from ..device import torch_threads
 from ..digests import SequentialHasher
 from ..formats.checkpoint import BaseCheckpoint
 from ..formats.checkpoint_writer import Layout, OutputSink, copy_side_files, write_new
@@ -93,19 +93,6 @@ def worker_count(device: torch.device, encoder: CastEncoder) -> int:
     single-threaded; on an accelerator two (one reads and writes while the other computes). Encoders of whole
     tensors (NF4) run the same way: the NF4 codec works in cache-sized chunks, so its temporaries stay small."""
     return max(1, min(torch.get_num_threads(), MAX_WORKERS)) if device.type == "cpu" else 2
-
-
-@contextlib.contextmanager
-def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `count` (None: unchanged) inside the block, restored after."""
-    before = torch.get_num_threads()
-    if count is not None:
-        torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        if count is not None:
-            torch.set_num_threads(before)
 
 
 def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], workers: int, progress: tqdm) -> None:
