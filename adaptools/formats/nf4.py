@@ -132,12 +132,12 @@ def _pair_table(device: torch.device) -> Tensor:
 
 @lru_cache(maxsize=None)
 def _dynamic_lut(device: torch.device) -> Tensor:
-    """int64 table: bin i of [-1, 1] (value -1 + 2i/65535 in fp32) -> number of code midpoints strictly below it."""
+    """uint8 table: bin i of [-1, 1] (value -1 + 2i/65535 in fp32) -> number of code midpoints strictly below it."""
     code = create_dynamic_map()
     midpoints = (code[:-1] + code[1:]) * 0.5
     bins = torch.arange(_LUT_BINS, dtype=torch.float32)
     values = (bins + bins) / (_LUT_BINS - 1) - 1.0
-    return torch.bucketize(values, midpoints).to(device)
+    return torch.bucketize(values, midpoints).to(torch.uint8).to(device)
 
 
 def _check_blocksize(blocksize: int) -> None:
@@ -157,11 +157,10 @@ def _quantize_dynamic(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     blocks = _blocks(x, blocksize)
     absmax = blocks.abs().amax(dim=1)
     inverse = torch.where(absmax == 0, 0.0, 1.0 / absmax)
-    scaled = (blocks * inverse[:, None]).clamp_(-1.0, 1.0)
-    half = (scaled + 1.0) * 0.5
+    half = (blocks * inverse[:, None]).clamp_(-1.0, 1.0).add_(1.0).mul_(0.5)
     # fp32 fma emulated in fp64: the product is exact there, and the sum too wherever truncation can be affected
-    bins = (half.double() * (_LUT_BINS - 1) + 0.5).float().long()
-    codes = _dynamic_lut(x.device)[bins].to(torch.uint8)
+    bins = half.double().mul_(_LUT_BINS - 1).add_(0.5).float().int()
+    codes = torch.index_select(_dynamic_lut(x.device), 0, bins.view(-1)).view(bins.shape)
     codes[absmax == 0] = 0
     return codes.view(-1)[: x.numel()], absmax
 
@@ -273,7 +272,7 @@ def quantize_nf4(w: Tensor, blocksize: int = 64, double_quant: bool = True) -> t
         scaled = torch.zeros(n - full + n % 2, dtype=torch.float32, device=device)  # an odd end pads code 7 (0.0)
         torch.div(tail, absmax[-1], out=scaled[: n - full])
         _pack_codes(scaled, packed[full // 2:], _Scratch(scaled.numel(), flat.dtype, device))
-    if not torch.isfinite(absmax).all():
+    if not absmax.max() < math.inf:  # absmax >= 0, and a NaN propagates through max
         raise NonFiniteError("cannot NF4-quantize a tensor holding NaN or Inf")
     packed = packed.unsqueeze(1)
     shape = tuple(w.shape)
