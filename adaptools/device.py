@@ -1,4 +1,4 @@
-"""Device choice (`auto` is CUDA when available, else CPU) and torch's CPU thread count for a block."""
+"""Device choice (`auto` is CUDA when available, else CPU) and torch's intra-op thread count."""
 from __future__ import annotations
 
 import contextlib
@@ -25,7 +25,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 @contextlib.contextmanager
 def torch_threads(count: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to `count` (None: unchanged) inside the block, restored after."""
+    """torch's intra-op threads set to `count` (None: unchanged) inside the block, restored after. Threads started
+    inside the block run their torch ops on `count` threads too (torch sets up each new thread from this count)."""
     before = torch.get_num_threads()
     if count is not None:
         torch.set_num_threads(count)
