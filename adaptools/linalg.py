@@ -82,8 +82,9 @@ def lapack_threads(M: Tensor):
 def accurate_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD M = U·diag(S)·Vh; on CUDA with the QR-based `gesvd` driver (the default `gesvdj` is ~1e-4 off in fp32).
 
-    The one dense SVD of the package, called only on bounded inputs: the r × r core of `factored_svd` and the
-    small dense ΔW of `exact_svd_dense` (min(m, n) <= EXACT_SVD_MAX_DIM).
+    The one dense SVD of the package, called only on bounded inputs: the r × r core of `factored_svd`, the
+    small dense ΔW of `exact_svd_dense` (min(m, n) <= EXACT_SVD_MAX_DIM), and the full Kronecker factors of a
+    LyCORIS LoKr (`lycoris_math.svd_factors`: the two factors' sizes multiply to the layer's, so each is small).
     """
     driver = "gesvd" if M.is_cuda else None
     with lapack_threads(M):
