@@ -57,16 +57,16 @@ layout = click.option(
     help="PEFT outputs (default portable): portable pads every module to one rank with r = lora_alpha, read alike "
     "by PEFT, vLLM, TGI, LoRAX, llama.cpp, diffusers and mlx-lm; compact keeps per-module ranks in "
     "rank_pattern/alpha_pattern, for PEFT and vLLM >= 0.32 only: llama.cpp (alpha / tensor rank), diffusers < 0.40 "
-    "and mlx-lm misread or reject mixed ranks, and TGI, LoRAX and vLLM <= 0.31 ignore the patterns. kohya outputs "
-    "keep one alpha per module and take no layout.",
+    "and mlx-lm misread or reject mixed ranks, and TGI, LoRAX and vLLM <= 0.31 ignore the patterns. mlx and "
+    "diffusers outputs always hold one rank; kohya outputs keep one alpha per module and take no layout.",
 )
 pad_rank = click.option(
     "--pad-rank", type=click.IntRange(min=1), metavar="N",
-    help="PEFT outputs: pad every module to rank N (a rank your server accepts); an adapter above N is an error.",
+    help="PEFT, mlx and diffusers outputs: pad every module to rank N (a rank your server accepts); an adapter above N is an error.",
 )
 serve = click.option(
     "--serve", type=click.Choice(list(SERVING_RANKS)),
-    help="PEFT outputs: pad to the smallest rank this server accepts (vllm: a --max-lora-rank value, "
+    help="PEFT, mlx and diffusers outputs: pad to the smallest rank this server accepts (vllm: a --max-lora-rank value, "
     f"{', '.join(map(str, SERVING_RANKS['vllm']))}).",
 )
 
