@@ -14,10 +14,14 @@ import os
 import threading
 from pathlib import Path
 
+from .errors import RecipeError
+
 WINDOW_BYTES = 2**23
 """At most this much of a file is mapped at once while hashing (the mapping's pages count as resident memory)."""
 
 _digests: dict[tuple[str, int, int, int], str] = {}
+_hashed: dict[str, tuple[str, int, int, int]] = {}
+"""resolved path -> the key under which that file was last hashed."""
 _lock = threading.Lock()
 
 
@@ -31,16 +35,30 @@ def record(key: tuple[str, int, int, int], sha256: str) -> None:
     """Remember the hex sha256 of the file whose `file_key` was `key`."""
     with _lock:
         _digests[key] = sha256
+        _hashed[key[0]] = key
+
+
+def forget() -> None:
+    """Drop every recorded digest (a command starts: only its own reads count)."""
+    with _lock:
+        _digests.clear()
+        _hashed.clear()
 
 
 def lookup(path: str | os.PathLike) -> str | None:
-    """The recorded sha256 of the file at `path`, when it has not changed since; None otherwise."""
+    """The recorded sha256 of the file at `path`; None when it was never hashed by a read. RecipeError when it was,
+    but the file changed since (a recipe would name bytes the operation did not read)."""
     try:
         key = file_key(path)
     except OSError:
         return None
     with _lock:
-        return _digests.get(key)
+        found = _digests.get(key)
+        earlier = _hashed.get(key[0])
+    if found is None and earlier is not None:
+        raise RecipeError(f"input {str(path)!r} changed while the command ran (after it was read): the output was "
+                          "made from other bytes than the file now holds; run the command again")
+    return found
 
 
 class SequentialHasher:

@@ -419,6 +419,10 @@ def extract(base: str | os.PathLike | BaseCheckpoint, tuned: str | os.PathLike |
     architectures = pair[1].config.get("architectures") or []
     config = {"modules_to_save": saved or None,
               "task_type": "CAUSAL_LM" if any(str(a).endswith("ForCausalLM") for a in architectures) else None}
+    if not modules:
+        what = (f"only full tensors changed ({listed(sorted(extra))})" if extra
+                else f"TUNED equals BASE in all {considered} tensors compared")
+        raise InvalidArgumentError(f"nothing to extract as LoRA: {what}")
     root = pair[0].ckpt.root
     ref = hub_ref(base)
     base_model = ref.repo_id if ref is not None else str(root if isinstance(base, BaseCheckpoint) else base)

@@ -16,6 +16,7 @@ from factories import make_base, make_peft_adapter
 
 import adaptools
 from adaptools import digests, recipe
+from adaptools.errors import RecipeError
 from adaptools.formats.checkpoint import INDEX_NAME
 
 
@@ -36,7 +37,10 @@ def test_ranges_done_in_any_order_on_any_thread_hash_the_file_in_order(tmp_path,
         list(pool.map(lambda r: hasher.done(*r), ranges))
     assert hasher.finish() == sha256(path)
     assert digests.lookup(path) == sha256(path)
-    os.utime(path, ns=(0, 12345))  # changed since: not found
+    os.utime(path, ns=(0, 12345))  # changed since: refused, not hashed again
+    with pytest.raises(RecipeError, match="changed while the command ran"):
+        digests.lookup(path)
+    digests.forget()  # a new command: nothing hashed yet
     assert digests.lookup(path) is None
 
 
@@ -86,3 +90,14 @@ def test_the_recipe_of_a_cli_run_does_not_read_the_base_shards_again(command, sh
     inputs = json.loads((tmp_path / "out" / "adaptools_recipe.json").read_text())["inputs"]
     files = next(entry for entry in inputs if entry["param"] == "base")["files"]
     assert files == {p.name: sha256(p) for p in sorted(base.iterdir())}
+
+
+def test_a_file_changed_after_the_merge_read_it_is_refused_not_hashed_again(tmp_path):
+    """Found in review: the recipe hashed the changed file again and named bytes the merge never read."""
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"abc" * 1000)
+    digests.record(digests.file_key(path), hashlib.sha256(path.read_bytes()).hexdigest())
+    assert digests.lookup(path) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    path.write_bytes(b"abd" * 1001)
+    with pytest.raises(RecipeError, match="changed while the command ran"):
+        digests.lookup(path)

@@ -330,3 +330,17 @@ def test_budget_grows_the_sketch_of_a_module_that_takes_most_of_it(tmp_path):
         true = float((deltas[name + ".weight"].double() - (m.B @ m.A).double()).norm())
         assert true <= 1.01 * optimal and report.modules[name].error == pytest.approx(true, rel=1e-4)
         assert report.modules[name].method == "randomized"
+
+
+def test_nothing_to_extract_is_one_line_error_and_no_output(pair, tmp_path, runner):
+    """Found in review: a tuned model equal to its base (or changed in full tensors only) ended in a traceback."""
+    base, _ = pair
+    with pytest.raises(InvalidArgumentError, match="nothing to extract"):
+        adaptools.extract(base, base, rank=2)
+    for fmt in ("peft", "kohya"):
+        result = run_cli(runner, "extract", base, base, "--rank", 2, "--to", fmt, "-o", tmp_path / fmt)
+        assert result.exit_code == 2 and result.stderr.count("error:") == 1 and "nothing to extract" in result.stderr
+        assert not (tmp_path / fmt).exists() and not list(tmp_path.glob(f".{fmt}*"))
+    only_norm = tuned_copy(base, tmp_path / "only_norm", skip=("proj", "embed_tokens", "lm_head"))
+    with pytest.raises(InvalidArgumentError, match="only full tensors changed"):
+        adaptools.extract(base, only_norm, rank=2)

@@ -86,6 +86,8 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft"
     family = WRITERS.get(format)
     if family is None:
         raise InvalidArgumentError(f"unknown adapter format {format!r} (choose {', '.join(FORMATS)})")
+    if not adapter.modules:
+        raise InvalidArgumentError("the adapter holds no LoRA modules: there is nothing to write")
     if family is not kohya and has_kohya_names(adapter):
         raise InvalidArgumentError(
             f"kohya module names cannot be written as {format} without the base checkpoint: pass --base (base=...) "

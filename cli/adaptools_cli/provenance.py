@@ -53,7 +53,7 @@ from pathlib import Path
 
 import click
 
-from adaptools import __version__
+from adaptools import __version__, digests
 from adaptools.atomic import Staging, check_output_paths, staged_output
 from adaptools.card import LIBRARY, adapter_base_model, input_metadata, model_card, write_card
 from adaptools.errors import OutputWriteError, RecipeError
@@ -88,6 +88,7 @@ def provenance(operation: str, kind: str = "adapter", side_files: Mapping[str, s
             outputs = [ctx.params[name] for name in ("output", *side_files) if ctx.params.get(name)]
             check_output_paths(outputs, [p for name in input_names(ctx.command, side_files)
                                          for p in listed(jsonable(ctx.params[name])) if hub_ref(p) is None])
+            digests.forget()  # the recipe takes only this command's own reads as hashed
             with staged_output(ctx.params["output"], overwrite=bool(ctx.params.get("overwrite"))) as staging:
                 with recording() as hub_inputs:
                     result = func(*args, **kwargs)
