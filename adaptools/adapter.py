@@ -213,7 +213,8 @@ class Adapter:
         """Raise NonFiniteError naming every module and tensor that holds NaN or Inf: in an input (no `operation`),
         or in the result of `operation` (its numbers overflowed)."""
         bad = [f"module {name!r} ({', '.join(roles)})" for name, module in self.modules.items()
-               if (roles := [role for role, t in module.tensors() if not bool(torch.isfinite(t).all())])]
+               if (roles := [role for role, t in module.tensors() if not bool(torch.isfinite(t).all())]
+                   + ([] if math.isfinite(module.scale) else ["scale"]))]
         bad += [f"tensor {key!r}" for key, t in self.extra.items()
                 if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if not bad:

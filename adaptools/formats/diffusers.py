@@ -22,10 +22,10 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError
-from ..jsonio import json_object, parse_json
+from ..jsonio import check_fields, json_object, parse_json
 from .layout import uniform_rank
 from .peft import PREFIX as PEFT_PREFIX
-from .peft import lora_module, module_state
+from .peft import CONFIG_FIELDS, NULLABLE_FIELDS, lora_module, module_state
 from .tensors import read_tensor_file, safetensors_header, write_safetensors
 
 NAME = "diffusers"
@@ -99,6 +99,13 @@ def detect(path: Path) -> bool:
     return header is not None and any(is_diffusers_key(k) for k in header[0])
 
 
+def check_metadata_config(config: dict, source: Path) -> None:
+    """AdapterFormatError unless a `lora_adapter_metadata` LoraConfig has PEFT's field types and is a LoRA."""
+    check_fields(config, CONFIG_FIELDS, f"{source}: {METADATA_KEY}", AdapterFormatError, nullable=NULLABLE_FIELDS)
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise AdapterFormatError(f"{str(source)!r}: {METADATA_KEY} says peft_type {config['peft_type']!r}, not LORA")
+
+
 def component_configs(metadata: dict[str, str], source: Path) -> dict[str | None, dict]:
     """The LoraConfig of each component from the `lora_adapter_metadata` JSON (key None: one unprefixed config)."""
     raw = metadata.get(METADATA_KEY)
@@ -143,6 +150,7 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
         if "A" not in parts and "B" not in parts:
             raise AdapterFormatError(f"{str(weights)!r}: {module!r} has an alpha but no LoRA factors")
         config = dict(configs.get(component) or configs.get(None) or {})
+        check_metadata_config(config, weights)
         if "alpha" in parts:
             alpha_value = parts.pop("alpha")
             if alpha_value.numel() != 1:

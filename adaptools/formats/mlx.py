@@ -19,9 +19,9 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, UnsupportedAdapterError
-from ..jsonio import check_fields, finite_number, json_object, positive_int, read_json_object
+from ..jsonio import check_fields, finite_number, json_object, positive_int, read_json_object, string
 from .layout import uniform_rank
-from .tensors import read_safetensors, safetensors_header, write_safetensors
+from .tensors import check_magnitude, read_safetensors, safetensors_header, write_safetensors
 
 NAME = "mlx"
 WRITES_FILE = False
@@ -93,8 +93,12 @@ def mlx_module(name: str, parts: dict[str, Tensor], scale: float, rank: int | No
         raise AdapterFormatError(f"mlx module {name!r} has rank {a.shape[1]} but lora_parameters.rank is {rank}")
     kind = "embedding" if name.rsplit(".", 1)[-1] in EMBEDDING_NAMES else "linear"
     magnitude = parts.get("m")
-    return LoraModule(A=a.T.contiguous(), B=b.T.contiguous(), scale=scale, kind=kind,
-                      magnitude=None if magnitude is None else magnitude.reshape(-1))
+    if a.shape[1] == 0:
+        raise AdapterFormatError(f"mlx module {name!r} has rank 0 (an empty update)")
+    if magnitude is not None:
+        magnitude = magnitude.reshape(-1)
+        check_magnitude(name, magnitude, ".m")
+    return LoraModule(A=a.T.contiguous(), B=b.T.contiguous(), scale=scale, kind=kind, magnitude=magnitude)
 
 
 def read_config(folder: Path) -> dict:
@@ -109,6 +113,7 @@ def read_config(folder: Path) -> dict:
             f"{str(path)!r}: fine_tune_type {kind!r} is a full fine-tune (whole weights), not a LoRA adapter"
         )
     json_object(config.get("lora_parameters", {}), "lora_parameters", str(path), AdapterFormatError)
+    check_fields(config, {"model": string}, str(path), AdapterFormatError, nullable=("model",))
     check_fields(config["lora_parameters"] if "lora_parameters" in config else {},
                  {"rank": positive_int, "scale": finite_number}, f"{path}: lora_parameters", AdapterFormatError)
     return config

@@ -118,13 +118,18 @@ def read_config(path: Path) -> dict:
         )
     checks = dict(CONFIG_FIELDS, rank_pattern=mapping_of(booleans)) if peft_type == "ADALORA" else CONFIG_FIELDS
     check_fields(config, checks, source, AdapterFormatError, nullable=NULLABLE_FIELDS)
+    check_patterns(config, source)
+    return config
+
+
+def check_patterns(config: dict, source: str) -> None:
+    """AdapterFormatError unless every rank_pattern / alpha_pattern key compiles in PEFT's matching rule."""
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in config.get(key) or {}:
             try:
                 re.compile(rf"(.*\.)?({pattern})$")
             except re.error as exc:
                 raise AdapterFormatError(f"{source!r}: {key} key {pattern!r} is not a regular expression ({exc})") from None
-    return config
 
 
 def is_peft_key(key: str) -> bool:
@@ -190,7 +195,11 @@ def adalora_factors(parts: dict[str, Tensor], module: str, config: dict) -> tupl
     elif mask is not None and sum(mask) != A.shape[0]:
         raise ShapeMismatchError(f"AdaLoRA module {module!r} has rank {A.shape[0]} but its rank_pattern keeps {sum(mask)}")
     init_r = config.get("init_r") or A.shape[0]
-    ranknum = float(parts["ranknum"].item()) if "ranknum" in parts else float(init_r)
+    ranknum = float(init_r)
+    if "ranknum" in parts:
+        stored = parts["ranknum"]
+        if stored.numel() != 1 or not math.isfinite(ranknum := float(stored.reshape(-1)[0])) or ranknum <= 0:
+            raise AdapterFormatError(f"AdaLoRA module {module!r}: ranknum must be one positive number, got {stored.tolist()}")
     alpha = config.get("lora_alpha") or init_r  # PEFT: lora_alpha if > 0 else r
     return A * E.reshape(-1, 1), B, float(alpha) / (ranknum + 1e-5)
 

@@ -15,9 +15,9 @@ from torch import Tensor
 from ..adapter import Adapter
 from ..errors import AdapterFormatError, AdaptoolsError, ShapeMismatchError, UnsupportedAdapterError
 from .lycoris import LOHA_ROLES, LOKR_ROLES, ScaleRule, loha_modules, lokr_modules
-from .peft import CONFIG_NAME, PREFIX, base_key, locate, pattern_value
 from ..jsonio import (boolean, check_fields, finite_number, mapping_of, positive_int, positive_number, read_json_object,
                       string_or_strings)
+from .peft import CONFIG_NAME, PREFIX, base_key, check_patterns, locate, pattern_value
 from .tensors import read_tensor_file
 
 NAME = "peft-lycoris"
@@ -77,6 +77,7 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
     config = read_json_object(config_path, AdapterFormatError)
     check_fields(config, CONFIG_FIELDS, str(config_path), AdapterFormatError,
                  nullable=("target_modules", "rank_pattern", "alpha_pattern"))
+    check_patterns(config, str(config_path))
     kind = str(config.get("peft_type")).upper()
     roles = TYPES[kind]
     tensors, _ = read_tensor_file(weights_path, allow_pickle=allow_pickle)

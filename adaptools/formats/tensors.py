@@ -95,6 +95,8 @@ def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("
         )
     if A.shape[0] != B.shape[1]:
         raise RankMismatchError(f"module {module!r}: {names[0]} has rank {A.shape[0]} but {names[1]} has rank {B.shape[1]}")
+    if A.shape[0] == 0:
+        raise RankMismatchError(f"module {module!r}: {names[0]} and {names[1]} have rank 0 (an empty update)")
     if any(s != 1 for s in B.shape[2:]):
         raise ShapeMismatchError(f"module {module!r}: {names[1]} must have a 1x1 kernel, got {tuple(B.shape)}")
 
