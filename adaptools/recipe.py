@@ -34,7 +34,7 @@ import shutil
 import struct
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 from safetensors import SafetensorError, safe_open
 
@@ -243,6 +243,8 @@ def check_input_entry(entry: object, where: str) -> None:
         raise RecipeError(f"{where} ({entry['path']!r}): 'files' must map file names to sha256 digests")
     if "repo_id" in entry:
         check_hub_entry(entry, where)
+    elif PurePosixPath(entry["path"]).is_absolute() or PureWindowsPath(entry["path"]).anchor:
+        raise RecipeError(f"{where} ({entry['path']!r}): a local input must be a path relative to the recipe's folder")
 
 
 def check_hub_entry(entry: Mapping, where: str) -> None:
@@ -261,7 +263,7 @@ def check_hub_entry(entry: Mapping, where: str) -> None:
 
 
 def input_path(entry: Mapping, root: Path) -> Path:
-    """Where the recipe input `entry` is: its path joined to the recipe's root (an absolute path stays); for a Hub
+    """Where the recipe input `entry` is: its (relative, checked) path joined to the recipe's root; for a Hub
     input, its pinned ref (ORG/NAME@<commit>, resolved by the command that reads it)."""
     return Path(hub_entry_ref(entry)) if "repo_id" in entry else root / entry["path"]
 

@@ -80,3 +80,29 @@ def test_crafted_file_is_one_error_line(kind, tmp_path, runner):
         assert result.exit_code == 2, (kind, result.output, result.exception)
         assert result.stderr.count("error:") == 1 and result.stderr.strip().startswith("error:"), result.stderr
         assert not (tmp_path / "out").exists()
+
+
+def test_each_refuses_an_adapter_name_that_is_no_folder_name(llama_base, tmp_path, runner):
+    """Found in review: `--each` wrote the model of an adapter named '..' outside its folder (then deleted it)."""
+    from factories import make_peft_adapter
+
+    adapter = make_peft_adapter(llama_base, tmp_path / "style", r=2, lora_alpha=4, target_modules=["q_proj"])
+    (adapter / "sub").mkdir()
+    result = run_cli(runner, "merge", llama_base, adapter / "sub" / "..", adapter, "--each", "-o", tmp_path / "out")
+    assert result.exit_code == 2 and "--each output folder" in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_replay_refuses_an_absolute_input_path(llama_base, tmp_path, runner):
+    """Found in review: a recipe could point replay at any local folder by an absolute path."""
+    from factories import make_peft_adapter
+
+    adapter = make_peft_adapter(llama_base, tmp_path / "style", r=2, lora_alpha=4, target_modules=["q_proj"])
+    assert run_cli(runner, "convert", adapter, "--to", "peft", "-o", tmp_path / "out").exit_code == 0
+    recipe_file = tmp_path / "out" / "adaptools_recipe.json"
+    recipe = json.loads(recipe_file.read_text())
+    recipe["inputs"][0]["path"] = str(adapter.resolve())
+    recipe["params"]["adapter"] = str(adapter.resolve())
+    recipe_file.write_text(json.dumps(recipe))
+    result = run_cli(runner, "replay", recipe_file, "-o", tmp_path / "again")
+    assert result.exit_code == 2 and "relative to the recipe's folder" in result.stderr
+    assert not (tmp_path / "again").exists()

@@ -23,7 +23,7 @@ from ..formats.kohya import PREFIXES, remap_to_base
 from ..ia3 import IA3Adapter
 from ..linalg import group_by
 from .codecs import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec
-from ..names import listed
+from ..names import listed, plain_name
 from .kernels import DoraUpdate, LoraUpdate, ScaleUpdate, Update
 
 
@@ -304,6 +304,8 @@ def base_mismatch(adapter: Adapter, ckpt: BaseCheckpoint, config: dict) -> str |
 def output_names(adapters: Sequence[Adapter]) -> list[str]:
     """Folder names for --each: the adapters' names (adapter<i> when unnamed), which must differ."""
     names = [a.name or f"adapter{i}" for i, a in enumerate(adapters)]
+    for name in names:
+        plain_name(name, "--each output folder (the adapter's name)", InvalidArgumentError)
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise InvalidArgumentError(f"--each writes one folder per adapter name, and {listed(twice)} occur twice")

@@ -36,7 +36,7 @@ def policy_options(func: Callable) -> Callable:
         click.option("--rank", type=int, help="Keep k singular values per module."),
         click.option("--energy", type=float, help="Smallest k keeping this fraction τ of Σ s² (0 < τ <= 1)."),
         click.option("--ratio", type=float, help="Keep s_i >= s_0 / R (R >= 1)."),
-        click.option("--threshold", type=float, help="Keep s_i >= S (S > 0)."),
+        click.option("--threshold", type=float, help="Keep s_i >= S (S > 0; at least one per module)."),
         click.option("--budget", type=float, help="Total LoRA parameters N over all modules (largest s² per parameter kept)."),
     ]
     for option in reversed(options):
