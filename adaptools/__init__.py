@@ -40,7 +40,7 @@ from .sources import load
 from .formats.ia3 import read_ia3 as load_ia3
 from .hub import push
 from .ia3 import IA3Adapter, IA3Module
-from .merge import MergeReport, merge
+from .merge import MergeReport, merge, merge_many
 from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
 from .spectrum import compare_spectra, spectrum
@@ -86,6 +86,7 @@ __all__ = [
     "load",
     "load_ia3",
     "merge",
+    "merge_many",
     "negate",
     "push",
     "quantize",

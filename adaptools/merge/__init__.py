@@ -16,7 +16,7 @@ The engine, one module per job (arrows point down):
 """
 from __future__ import annotations
 
-from .api import merge
+from .api import merge, merge_many
 from .codecs import DTYPES, CastEncoder, StoredDecoder, TensorSpec, parse_dtype
 from .execute import BATCH_BYTES, write_outputs
 from .kernels import DoraUpdate, LoraUpdate, Update, dora_merge_rows, lora_merge
@@ -37,6 +37,7 @@ __all__ = [
     "dora_merge_rows",
     "lora_merge",
     "merge",
+    "merge_many",
     "parse_dtype",
     "write_outputs",
 ]

@@ -8,6 +8,7 @@ changes are copied file to file.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import sys
@@ -142,12 +143,34 @@ def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout
     return OutputSink(folder, layout)
 
 
+def output_paths(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool) -> list[Path]:
+    """Where each plan's output ends up: `target`, `target/<plan name>` with `each`, or its own path of a list."""
+    if isinstance(target, Path):
+        return [target / plan.name if each else target for plan in plans]
+    return list(target)
+
+
+@contextlib.contextmanager
+def output_folders(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool,
+                   overwrite: bool) -> Iterator[list[Path]]:
+    """The staged folder of every plan: `target/<plan name>` inside one atomic `target` with `each`, else one
+    atomic output per plan (`target` is then the list of their paths); all are renamed into place on success."""
+    with contextlib.ExitStack() as stack:
+        if isinstance(target, Path):
+            tmp = stack.enter_context(atomic_output(target, overwrite=overwrite))
+            yield [tmp / plan.name if each else tmp for plan in plans]
+        else:
+            yield [stack.enter_context(atomic_output(t, overwrite=overwrite)) for t in target]
+
+
 def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
-                  decoder: StoredDecoder, encoder: CastEncoder, target: Path, *, each: bool, device: torch.device,
+                  decoder: StoredDecoder, encoder: CastEncoder, target: Path | Sequence[Path], *, each: bool,
+                  device: torch.device,
                   overwrite: bool, shard_bytes: int | None, batch_bytes: int | None, progress: bool,
                   hash_inputs: bool = False, desc: str = "merging") -> MergeReport:
     """One pass over the base: every output plan (no updates: the base re-encoded) written atomically to `target`
-    (with `each`, to `target/<plan name>`), read through `decoder`, written through `encoder`. With `hash_inputs`,
+    (with `each`, to `target/<plan name>`; a list of paths: plan i to `target[i]`, each its own atomic output),
+    read through `decoder`, written through `encoder`. With `hash_inputs`,
     the sha256 of every base shard and side file is taken from this pass's reads (`adaptools.digests`)."""
     start = time.perf_counter()
     batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
@@ -170,10 +193,10 @@ def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Seq
         return read
 
     sinks: list[OutputSink] = []
-    with atomic_output(target, overwrite=overwrite) as tmp:
+    with output_folders(target, plans, each, overwrite) as folders:
         try:
-            sinks += [open_output(tmp / plan.name if each else tmp, ckpt, encoder, layout, hash_inputs and i == 0)
-                     for i, plan in enumerate(plans)]
+            sinks += [open_output(folder, ckpt, encoder, layout, hash_inputs and i == 0)
+                      for i, folder in enumerate(folders)]
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                       disable=not progress, file=sys.stderr) as bar, \
                     torch_threads(1 if device.type == "cpu" and workers > 1 else None):
@@ -188,7 +211,7 @@ def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Seq
             for sink in sinks:
                 sink.abort()
     return MergeReport(
-        outputs={plan.name: target / plan.name if each else target for plan in plans},
+        outputs={plan.name: path for plan, path in zip(plans, output_paths(target, plans, each))},
         modules={plan.name: len(plan.updates) for plan in plans},
         tensors=len(specs),
         bytes_read=total,
