@@ -22,6 +22,7 @@ from .errors import (
     HubNotFoundError,
     InputNotFoundError,
     InvalidArgumentError,
+    JobsFileError,
     NonFiniteError,
     OutputExistsError,
     OutputLockedError,
@@ -33,6 +34,7 @@ from .errors import (
     UnknownModuleError,
     UnsupportedAdapterError,
 )
+from .batch import Job, JobResult, batch
 from .combine import combine, interpolate, negate
 from .extract import ExtractReport, ModuleExtract, extract
 from .formats import BaseCheckpoint, detect_format, save_adapter
@@ -62,6 +64,9 @@ __all__ = [
     "InvalidArgumentError",
     "LoraFitReport",
     "LoraModule",
+    "Job",
+    "JobResult",
+    "JobsFileError",
     "MergeReport",
     "ModuleExtract",
     "ModuleFit",
@@ -78,6 +83,7 @@ __all__ = [
     "UnknownModuleError",
     "UnsupportedAdapterError",
     "__version__",
+    "batch",
     "combine",
     "compare_spectra",
     "detect_format",

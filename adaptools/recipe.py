@@ -62,10 +62,12 @@ def sha256_file(path: str | os.PathLike) -> str:
     blob = Path(path).resolve()
     if blob.parent.name == "blobs" and Path(path).is_symlink() and SHA256.fullmatch(blob.name):
         return blob.name
+    key = digests.file_key(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
+    digests.record(key, digest.hexdigest())  # not read again for this command (a batch's checks: once per worker)
     return digest.hexdigest()
 
 
