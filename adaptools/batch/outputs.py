@@ -52,9 +52,17 @@ def remote_recipe(url: str) -> dict | None:
 
 
 def clear_staging(job: Job) -> None:
-    """Remove what an earlier run left in the local staging folder of an object-store output."""
+    """Remove the local staging folder of an object-store output (with what an earlier run left there)."""
     if job.remote:
         shutil.rmtree(job.target.parent, ignore_errors=True)
+
+
+def make_staging(job: Job, output: bool = False) -> None:
+    """An empty local staging folder for an object-store output; with `output`, an empty output folder in it
+    (where the relative input paths of the output's recipe start: they are checked from there)."""
+    if job.remote:
+        clear_staging(job)
+        (job.target if output else job.target.parent).mkdir(parents=True)
 
 
 def upload(job: Job) -> None:

@@ -14,7 +14,7 @@ import torch
 
 from ..errors import AdaptoolsError
 from .jobs import Job
-from .outputs import clear_staging, existing_recipe, upload
+from .outputs import clear_staging, existing_recipe, make_staging, upload
 
 STATUSES = ("ok", "skipped", "failed")
 BASE_MEMORY = 2**28
@@ -70,22 +70,26 @@ def run_task(runner: JobRunner, jobs: Sequence[Job], overwrite: bool, threads: i
     rows, todo = [], []
     for job in jobs:
         start = time.perf_counter()
+        make_staging(job, output=True)
         recipe = None if overwrite else existing_recipe(job)
         try:
             done = recipe is not None and runner.complete(job, recipe)
         except (AdaptoolsError, OSError):
             done = False
         if done:
+            clear_staging(job)
             rows.append(JobResult(job.index, job.label, job.out, "skipped", time.perf_counter() - start))
         else:
-            clear_staging(job)
+            make_staging(job)
             todo.append(job)
     try:
         outcomes = runner.run(todo, overwrite) if todo else []
     except Exception as exc:  # noqa: BLE001 - a bug in one task is reported in its rows, the batch goes on
         outcomes = [(one_line(exc), 0.0)] * len(todo)
     for job, (error, seconds) in zip(todo, outcomes):
-        if error is None and job.remote:
+        if error is not None:
+            clear_staging(job)
+        elif job.remote:
             start = time.perf_counter()
             try:
                 upload(job)
