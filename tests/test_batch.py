@@ -208,8 +208,8 @@ def free_port() -> int:
 
 @pytest.fixture()
 def ray_env(monkeypatch):
-    """Token auth with a random token (nothing written to ~/.ray), loopback only, a short private temp dir."""
-    pytest.importorskip("ray")
+    """Token auth with a random token (nothing written to ~/.ray), loopback only, a short private temp dir; set
+    before Ray is imported."""
     env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")])}
@@ -217,6 +217,7 @@ def ray_env(monkeypatch):
     env["RAY_TMPDIR"] = str(temp)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    pytest.importorskip("ray")
     yield env
     shutil.rmtree(temp, ignore_errors=True)
 
