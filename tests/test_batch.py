@@ -98,6 +98,9 @@ def merge_argv(job: dict, out: str) -> list[str]:
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "overwrite": True, "out": "x"}], None,
      "job 0: key 'overwrite'"),
     ([{"command": ["dora", "to-lora"], "out": "x"}], None, "job 0: Missing argument"),
+    ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"}], {"rnak": 2}, "defaults: key 'rnak'"),
+    ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"},
+      {"command": "rerank", "adapter": "in/a1", "rank": 2, "out": "./x"}], None, "job 1: key 'out'"),
 ])
 def test_bad_jobs_file_does_nothing(work, runner, tmp_path, jobs, defaults, expected):
     folder = tmp_path / "jobs"
@@ -219,7 +222,9 @@ def ray_env(monkeypatch):
         monkeypatch.setenv(key, value)
     pytest.importorskip("ray")
     yield env
-    shutil.rmtree(temp, ignore_errors=True)
+    for _ in range(3):  # Ray's exiting processes may still write logs there for a moment
+        shutil.rmtree(temp, ignore_errors=True)
+        time.sleep(1)
 
 
 def test_ray_local_batch_equals_single_commands(work, runner, tmp_path, ray_env):

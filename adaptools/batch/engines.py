@@ -22,16 +22,23 @@ OBJECT_STORE_BYTES = 2**27
 Done = Callable[[list[JobResult]], None]
 
 
+def pool_context() -> multiprocessing.context.BaseContext:
+    """Fork where there is fork (the workers start with adaptools and torch imported: no interpreter start, the
+    driver has run no torch op, so no thread pool is copied), spawn elsewhere."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+
+
 def run_pool(jobs: Sequence[Job], runner: JobRunner, workers: int, retries: int, overwrite: bool,
              done: Done) -> None:
-    """Run the tasks of `jobs` on `workers` spawned processes (torch on cores/workers threads each); `done(rows)`
-    per task. A dead worker breaks the pool: the unfinished tasks count one attempt and run again on a new pool."""
+    """Run the tasks of `jobs` on `workers` processes (pool_context; torch on cores/workers threads each);
+    `done(rows)` per task. A dead worker breaks the pool: the unfinished tasks count one attempt and run again on a new pool."""
     tasks = plan_tasks(jobs, runner, workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     attempts = [0] * len(tasks)
     pending = set(range(len(tasks)))
     while pending:
-        with ProcessPoolExecutor(min(workers, len(pending)), mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(min(workers, len(pending)), mp_context=pool_context()) as pool:
             futures = {pool.submit(run_task, runner, tasks[i], overwrite, threads): i for i in sorted(pending)}
             broken = False
             while futures and not broken:

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
+import fsspec
 import yaml
 
 from ..errors import JobsFileError
@@ -123,6 +124,10 @@ def job_out(index: int, value: object, folder: Path) -> str:
         raise JobsFileError(f"{where} is missing (every job names its output: a path or an s3:// URL)")
     if URL.match(value):
         plain_name(PurePosixPath(value.split("://", 1)[1]).name, f"{where}: the URL's last part", JobsFileError)
+        try:
+            fsspec.get_filesystem_class(value.split("://", 1)[0])
+        except (ImportError, ValueError) as exc:
+            raise JobsFileError(f"{where}: {value!r}: {' '.join(str(exc).split())}") from None
         return value
     path = PurePosixPath(value)
     if path.is_absolute() or "\\" in value or re.match(r"[A-Za-z]:", value):

@@ -63,6 +63,9 @@ class ClickRunner:
         params = {p.name: p for p in command.params}
         allowed = sorted(n for n in params if n not in WIDENING and n not in side_files)
         inputs = input_names(command, side_files)
+        unknown = sorted(set(job.defaults) - self.parameter_names())
+        if unknown:
+            raise JobsFileError(f"defaults: key {unknown[0]!r} is a parameter of no command that writes an output")
         values = {}
         given = {**{k: v for k, v in job.defaults.items() if k in allowed}, **job.params}
         for key, value in given.items():
@@ -81,6 +84,12 @@ class ClickRunner:
                 value = paths if takes_list(params[key]) else paths[0]
             values[key] = value
         return values
+
+    def parameter_names(self) -> set[str]:
+        """The parameters of every command that writes an output."""
+        parent = click.Context(importlib.import_module(self.root_module).cli, info_name="adaptools")
+        return {p.name for name in replayable_names(parent.command, parent)
+                for p in resolve_command(parent, name.split()).params}
 
     @staticmethod
     def input_path(job: Job, key: str, value: object) -> str:
