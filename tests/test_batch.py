@@ -101,6 +101,8 @@ def merge_argv(job: dict, out: str) -> list[str]:
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"}], {"rnak": 2}, "defaults: key 'rnak'"),
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"},
       {"command": "rerank", "adapter": "in/a1", "rank": 2, "out": "./x"}], None, "job 1: key 'out'"),
+    ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"},
+      {"command": "rerank", "adapter": "in/a1", "rank": 2, "out": "x/y"}], None, "job 1: key 'out'"),
 ])
 def test_bad_jobs_file_does_nothing(work, runner, tmp_path, jobs, defaults, expected):
     folder = tmp_path / "jobs"

@@ -104,6 +104,10 @@ def parse_jobs(document: object, folder: Path, source: str) -> list[Job]:
             raise JobsFileError(f"job {index}: key 'out': {job.out!r} is also the output of job {seen[where]}")
         seen[where] = index
         jobs.append(job)
+    for job in jobs:
+        holder = next((seen[str(p)] for p in Path(os.path.normpath(job.target)).parents if str(p) in seen), None)
+        if not job.remote and holder is not None:
+            raise JobsFileError(f"job {job.index}: key 'out': {job.out!r} lies inside the output of job {holder}")
     return jobs
 
 
