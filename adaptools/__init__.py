@@ -37,7 +37,8 @@ from .errors import (
 from .batch import Job, JobResult, batch
 from .combine import combine, interpolate, negate
 from .extract import ExtractReport, ModuleExtract, extract
-from .formats import BaseCheckpoint, detect_format, save_adapter
+from .checkpoints import BaseCheckpoint, Container, open_container
+from .formats import detect_format, save_adapter
 from .sources import load
 from .formats.ia3 import read_ia3 as load_ia3
 from .hub import push
@@ -52,6 +53,7 @@ __all__ = [
     "AdapterFormatError",
     "AdaptoolsError",
     "BaseCheckpoint",
+    "Container",
     "BaseMismatchError",
     "DoraError",
     "ExtractReport",
@@ -94,6 +96,7 @@ __all__ = [
     "merge",
     "merge_many",
     "negate",
+    "open_container",
     "push",
     "quantize",
     "rerank",
