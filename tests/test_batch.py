@@ -24,6 +24,8 @@ from adaptools.batch import load_jobs
 from adaptools.recipe import RECIPE_NAME
 
 ROOT = Path(__file__).resolve().parents[1]
+RAY_TOKEN = secrets.token_hex(16)
+"""One token for every Ray runtime and cluster of this test process: Ray reads the token once per process."""
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -214,8 +216,8 @@ def free_port() -> int:
 @pytest.fixture()
 def ray_env(monkeypatch):
     """Token auth with a random token (nothing written to ~/.ray), loopback only, a short private temp dir; set
-    before Ray is imported."""
-    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
+    before Ray is imported (Ray reads the auth mode at import and the token once per process)."""
+    env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": RAY_TOKEN,
            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0",
            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "cli"), os.environ.get("PYTHONPATH", "")])}
     temp = Path(tempfile.mkdtemp(prefix="r", dir="/tmp"))  # unix socket paths must stay short
@@ -311,6 +313,7 @@ def test_ray_cluster_retries_a_killed_worker(work, runner, tmp_path, ray_cluster
     report = tmp_path / "report.json"
     result = run_cli(runner, "batch", path, "--ray", ray_cluster, "--retries", "2", "--report", report)
     killer.join(timeout=5)
+    assert report.exists(), (result.output, result.exception)
     rows = json.loads(report.read_text())
     assert killed and result.exit_code == 1, result.output
     assert [r["status"] for r in rows] == ["ok", "failed"], rows
