@@ -54,9 +54,10 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike, remember: bool = False) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
-    LFS file: weights) is not read, its blob's name is taken."""
+    LFS file: weights) is not read, its blob's name is taken. With `remember`, the digest is recorded
+    (adaptools.digests), so the file is not read again until the next command starts."""
     if (recorded := digests.lookup(path)) is not None:  # hashed by the operation's own read (merge, quantize)
         return recorded
     blob = Path(path).resolve()
@@ -67,7 +68,8 @@ def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
-    digests.record(key, digest.hexdigest())  # not read again for this command (a batch's checks: once per worker)
+    if remember:
+        digests.record(key, digest.hexdigest())
     return digest.hexdigest()
 
 
@@ -76,17 +78,18 @@ def folder_digest(files: Mapping[str, str]) -> str:
     return hashlib.sha256("".join(f"{name}\0{files[name]}\n" for name in sorted(files)).encode()).hexdigest()
 
 
-def hash_input(path: str | os.PathLike) -> dict:
+def hash_input(path: str | os.PathLike, remember: bool = False) -> dict:
     """{"sha256"} of a file, plus "files" {relative path: sha256} for a folder (every file in it, hashed on one
-    thread per CPU)."""
+    thread per CPU); `remember`: as sha256_file's."""
     path = Path(path).absolute()
     if not path.exists():
         raise InputNotFoundError(f"input {str(path)!r} does not exist")
     if path.is_file():
-        return {"sha256": sha256_file(path)}
+        return {"sha256": sha256_file(path, remember)}
     paths = [p for p in sorted(path.rglob("*")) if p.is_file()]
     with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1) or 1) as pool:  # hashlib releases the GIL
-        files = dict(zip((p.relative_to(path).as_posix() for p in paths), pool.map(sha256_file, paths)))
+        hexes = pool.map(lambda p: sha256_file(p, remember), paths)
+        files = dict(zip((p.relative_to(path).as_posix() for p in paths), hexes))
     return {"sha256": folder_digest(files), "files": files}
 
 
@@ -270,14 +273,16 @@ def input_path(entry: Mapping, root: Path) -> Path:
     return Path(hub_entry_ref(entry)) if "repo_id" in entry else root / entry["path"]
 
 
-def verify_inputs(recipe: Mapping, root: Path) -> None:
-    """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone)."""
+def verify_inputs(recipe: Mapping, root: Path, remember: bool = False) -> None:
+    """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if
+    gone); `remember`: local inputs' digests are recorded (until the next command), so checking several recipes
+    with one input reads it once (adaptools batch)."""
     for entry in recipe["inputs"]:
         if "repo_id" in entry:  # the recorded files at the recorded commit, downloaded where not cached
             snapshot = fetch_files(entry["repo_id"], entry["revision"], list(entry["files"]))
             now = hash_files(snapshot, entry["files"])
         else:
-            now = hash_input(input_path(entry, root))
+            now = hash_input(input_path(entry, root), remember)
         if now["sha256"] == entry["sha256"]:
             continue
         recorded, current = entry.get("files", {}), now.get("files", {})

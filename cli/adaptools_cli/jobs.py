@@ -150,7 +150,7 @@ class ClickRunner:
         if recorded_params(ctx, side_files, root, pinned) != recipe["params"]:
             return False
         try:
-            verify_inputs(recipe, root)
+            verify_inputs(recipe, root, remember=True)  # each input read once per task
         except (RecipeError, InputNotFoundError):
             return False
         return True
