@@ -199,9 +199,16 @@ def test_pool_batch_equals_single_commands_and_reruns_skip(work, runner, tmp_pat
     s3.invalidate_cache()
     assert {f: s3.info(f)["LastModified"] for f in s3.find("outputs")} == s3_before
 
-    s3.rm_file(f"outputs/lora/r1/{RECIPE_NAME}")  # an upload cut short: leftovers without the recipe are redone
+    # an upload cut short (leftovers without the recipe object) is redone; its worker, killed while it writes,
+    # breaks the pool: the task runs again on a new one
+    s3.rm_file(f"outputs/lora/r1/{RECIPE_NAME}")
+    killer, killed = kill_writer(load_jobs(path)[6].target)
     result = run_cli(runner, "batch", path, "--workers", "1", "--report", report)
-    assert [r["status"] for r in json.loads(report.read_text())][5:] == ["skipped", "ok"]
+    killer.join(timeout=5)
+    assert killed and [r["status"] for r in json.loads(report.read_text())][5:] == ["skipped", "ok"]
+    s3.invalidate_cache()
+    assert {f.split("lora/r1/", 1)[1]: s3.cat_file(f) for f in s3.find("outputs/lora/r1")} == tree(
+        expected / "x" / "y" / "r1")
 
 
 # --------------------------------------------------------------------------- Ray
@@ -286,17 +293,12 @@ def ray_cluster(ray_env, tmp_path):
             time.sleep(0.5)
 
 
-def test_ray_cluster_retries_a_killed_worker(work, runner, tmp_path, ray_cluster):
-    """A merge worker SIGKILLed while it writes (its pid read from the output's lock) is retried; the output is
-    whole and equal to the single merge's; a bad job fails alone; a rerun skips everything."""
-    folder = tmp_path / "jobs"
-    shutil.copytree(work / "in", folder / "in", symlinks=True)
-    jobs = [{"command": "merge", **MERGES[0]}, {"command": "merge", "adapters": ["in/base"], "out": "out/bad"}]
-    path = jobs_file(folder, jobs, defaults={"base": "in/base"})
-    killed = []
+def kill_writer(target: Path) -> tuple[threading.Thread, list[int]]:
+    """A thread that SIGKILLs the first process seen holding the lock of `target` (the pid in `.NAME.lock`)."""
+    killed: list[int] = []
 
-    def kill_first_writer():
-        lock = folder / "out" / ".m0.lock"
+    def watch() -> None:
+        lock = target.with_name(f".{target.name}.lock")
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             try:
@@ -308,8 +310,19 @@ def test_ray_cluster_retries_a_killed_worker(work, runner, tmp_path, ray_cluster
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
 
-    killer = threading.Thread(target=kill_first_writer, daemon=True)
-    killer.start()
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread, killed
+
+
+def test_ray_cluster_retries_a_killed_worker(work, runner, tmp_path, ray_cluster):
+    """A merge worker SIGKILLed while it writes (its pid read from the output's lock) is retried; the output is
+    whole and equal to the single merge's; a bad job fails alone; a rerun skips everything."""
+    folder = tmp_path / "jobs"
+    shutil.copytree(work / "in", folder / "in", symlinks=True)
+    jobs = [{"command": "merge", **MERGES[0]}, {"command": "merge", "adapters": ["in/base"], "out": "out/bad"}]
+    path = jobs_file(folder, jobs, defaults={"base": "in/base"})
+    killer, killed = kill_writer(folder / "out" / "m0")
     report = tmp_path / "report.json"
     result = run_cli(runner, "batch", path, "--ray", ray_cluster, "--retries", "2", "--report", report)
     killer.join(timeout=5)
