@@ -81,9 +81,15 @@ def run_ray(jobs: Sequence[Job], runner: JobRunner, address: str, workers: int, 
         slots = workers if address == "local" else int(ray.cluster_resources().get("CPU", workers))
         tasks = plan_tasks(jobs, runner, slots)
         remote = ray.remote(run_task)
-        refs = {remote.options(num_cpus=1, memory=task_memory(runner, task), max_retries=retries,
-                               retry_exceptions=False).remote(runner, task, overwrite, 1): i
-                for i, task in enumerate(tasks)}
+        largest = max((node["Resources"].get("memory", 0) for node in ray.nodes() if node.get("Alive")), default=0)
+        refs = {}
+        for i, task in enumerate(tasks):
+            memory = task_memory(runner, task)
+            if memory > largest:  # Ray would wait for such a node forever
+                done(failed_rows(task, f"needs {memory / 2**30:.1f} GiB of memory; no node of the cluster has it"))
+                continue
+            refs[remote.options(num_cpus=1, memory=memory, max_retries=retries,
+                                retry_exceptions=False).remote(runner, task, overwrite, 1)] = i
         while refs:
             ready, _ = ray.wait(list(refs), num_returns=1)
             i = refs.pop(ready[0])
