@@ -32,7 +32,8 @@ def pool_context() -> multiprocessing.context.BaseContext:
 def run_pool(jobs: Sequence[Job], runner: JobRunner, workers: int, retries: int, overwrite: bool,
              done: Done) -> None:
     """Run the tasks of `jobs` on `workers` processes (pool_context; torch on cores/workers threads each);
-    `done(rows)` per task. A dead worker breaks the pool: the unfinished tasks count one attempt and run again on a new pool."""
+    `done(rows)` per task. A dead worker breaks the pool: the unfinished tasks count one attempt and run again on
+    a new pool."""
     tasks = plan_tasks(jobs, runner, workers)
     threads = max(1, (os.cpu_count() or 1) // workers)
     attempts = [0] * len(tasks)

@@ -29,8 +29,8 @@ from adaptools.errors import AdaptoolsError, InputNotFoundError, JobsFileError, 
 from adaptools.recipe import recipe_root, verify_inputs
 from adaptools.sources import parse_hub_ref
 
-from .provenance import (GROUP_ATTR, SIDE_FILES_ATTR, WIDENING, check_value, input_names, jsonable, listed, recorded_run,
-                         recorded_params, replayable_names, resolve_command, takes_list, to_argv)
+from .provenance import (GROUP_ATTR, SIDE_FILES_ATTR, WIDENING, check_value, input_names, jsonable, listed,
+                         recorded_params, recorded_run, replayable_names, resolve_command, takes_list, to_argv)
 
 ROOT_MODULE = "adaptools_cli.main"
 """The module holding the `cli` group (the console script's)."""

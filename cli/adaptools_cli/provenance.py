@@ -123,7 +123,8 @@ def recorded_run(contexts: Sequence[click.Context], body: Callable[[], Sequence[
                                  for p in listed(jsonable(ctx.params[name])) if hub_ref(p) is None])
     digests.forget()  # the recipe takes only this command's own reads as hashed
     with contextlib.ExitStack() as stack:
-        stagings = [stack.enter_context(staged_output(ctx.params["output"], overwrite=bool(ctx.params.get("overwrite"))))
+        stagings = [stack.enter_context(staged_output(ctx.params["output"],
+                                                      overwrite=bool(ctx.params.get("overwrite"))))
                     for ctx in contexts]
         with recording() as hub_inputs:
             results = body()

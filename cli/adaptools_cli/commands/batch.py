@@ -17,7 +17,8 @@ from ..render import echo_table
 @click.option("--ray", "ray_address", metavar="auto|local|ADDRESS",
               help="Run on Ray: local (a runtime in this process), auto (the running cluster, RAY_ADDRESS) or a "
                    "cluster's address. Default: a pool of worker processes here.")
-@click.option("--workers", type=click.IntRange(min=1), help="Worker processes (or local Ray CPUs); default one per two cores.")
+@click.option("--workers", type=click.IntRange(min=1),
+              help="Worker processes (or local Ray CPUs); default one per two cores.")
 @click.option("--retries", type=click.IntRange(min=0), default=2, show_default=True,
               help="Runs again a task whose worker died (killed, out of memory, node lost) up to this many times.")
 @click.option("--overwrite", is_flag=True, help="Redo every job, replacing outputs already there.")

@@ -71,7 +71,7 @@ def merge_group(contexts: Sequence[click.Context]) -> list[dict]:
             overwrite=first["overwrite"], max_shard_size=first["max_shard_size"], allow_pickle=first["allow_pickle"],
             hash_inputs=True)
     return [{"folders": [folder], "summary": survival_rows(dataclasses.replace(
-                report, outputs={name: folder}, survival={name: report.survival[name]} if name in report.survival else {}))}
+                report, outputs={name: folder}, survival={k: v for k, v in report.survival.items() if k == name}))}
             for name, folder in report.outputs.items()]
 
 
