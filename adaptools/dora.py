@@ -29,9 +29,9 @@ from torch import Tensor
 from .adapter import Adapter, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, DoraError, InvalidArgumentError, NonFiniteError, UnknownModuleError
-from .formats.checkpoint import BaseCheckpoint
+from .checkpoints import Container
 from .formats.kohya import PREFIXES, remap_to_base
-from .formats.nf4 import dequantize_nf4, is_nf4_weight, quantize_nf4
+from .checkpoints.nf4_quant import dequantize_nf4, is_nf4_weight, quantize_nf4
 from .linalg import (
     AUTO_EXACT_MAX_DIM,
     SVD,
@@ -46,7 +46,7 @@ from .linalg import (
     truncation_error,
 )
 from .merge.kernels import dora_merge_rows
-from .merge.nf4_codecs import NF4Decoder
+from .checkpoints.nf4 import NF4Decoder
 from .names import listed
 from .report import ErrorSummary, ModuleFitError, relative
 from .sources import open_base
@@ -138,20 +138,20 @@ def delta_energy(terms: tuple[Tensor, Tensor, Tensor], gain: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- reading the base
 
 
-def _open_base(base: BaseCheckpoint | str | os.PathLike | None, what: str) -> BaseCheckpoint:
+def _open_base(base: Container | str | os.PathLike | None, what: str) -> Container:
     if base is None:
         raise InvalidArgumentError(f"{what} needs the base checkpoint the adapter was trained on (base=...)")
     return open_base(base)
 
 
-def _on_base(adapter: Adapter, base: BaseCheckpoint) -> Adapter:
+def _on_base(adapter: Adapter, base: Container) -> Adapter:
     """The adapter with kohya module names mapped to the base's module paths (PEFT paths are kept)."""
     if any(name.startswith(PREFIXES) and f"{name}.weight" not in base for name in adapter.modules):
         return remap_to_base(adapter, base.keys())
     return adapter
 
 
-def _check_modules(adapter: Adapter, names: Sequence[str], base: BaseCheckpoint, base_weights: str) -> None:
+def _check_modules(adapter: Adapter, names: Sequence[str], base: Container, base_weights: str) -> None:
     """UnknownModuleError for modules the base lacks, BaseMismatchError for other shapes (NF4 ones: when read);
     DoraError for LoRA biases (PEFT's DoRA has none); InvalidArgumentError for an unknown `base_weights`."""
     _check_choice(base_weights, BaseWeights, "base_weights")
@@ -177,7 +177,7 @@ def _check_shape(name: str, module: LoraModule, found: tuple[int, ...]) -> None:
         )
 
 
-def _base_weight(base: BaseCheckpoint, key: str, base_weights: BaseWeights, decoder: NF4Decoder) -> Tensor:
+def _base_weight(base: Container, key: str, base_weights: BaseWeights, decoder: NF4Decoder) -> Tensor:
     """The base weight `key` in its stored layout: NF4 dequantized, or rounded through NF4 when asked."""
     if is_nf4_weight(key, base.weight_map):
         return decoder.read(base, key)
@@ -187,7 +187,7 @@ def _base_weight(base: BaseCheckpoint, key: str, base_weights: BaseWeights, deco
     return dequantize_nf4(*quantize_nf4(W, NF4_BLOCKSIZE, double_quant=base_weights == "nf4-dq"))
 
 
-def _weight_chunks(adapter: Adapter, names: Sequence[str], base: BaseCheckpoint, base_weights: BaseWeights,
+def _weight_chunks(adapter: Adapter, names: Sequence[str], base: Container, base_weights: BaseWeights,
                    device: torch.device, dtype: torch.dtype,
                    max_bytes: int = CHUNK_BYTES) -> Iterator[dict[str, Tensor]]:
     """Canonical base weights {name: W (out, in)} on `device`, read shard by shard, about `max_bytes` at a time.
@@ -225,7 +225,7 @@ def _factors(module: LoraModule, device: torch.device, dtype: torch.dtype) -> tu
 # --------------------------------------------------------------------------- LoRA → DoRA
 
 
-def to_dora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *, base_weights: BaseWeights = "stored",
+def to_dora(adapter: Adapter, base: Container | str | os.PathLike | None, *, base_weights: BaseWeights = "stored",
             device: str | torch.device = "auto") -> Adapter:
     """Exact LoRA → DoRA: keep A, B and set m = ‖W + s·B·A‖ per output row, so outputs are unchanged.
 
@@ -371,7 +371,7 @@ def _fit_group(W: Tensor, B: Tensor, A: Tensor, scale: Tensor, magnitude: Tensor
     return (*svd, k, total.sqrt(), _residual_energy(W, B, A, scale, gain, svd, k).sqrt())
 
 
-def to_lora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *, rank: int | None = None,
+def to_lora(adapter: Adapter, base: Container | str | os.PathLike | None, *, rank: int | None = None,
             energy: float | None = None, svd: SvdMethod = "auto", base_weights: BaseWeights = "stored",
             device: str | torch.device = "auto", oversample: int = 10, power_iters: int = 2,
             seed: int = 0) -> tuple[Adapter, LoraFitReport]:
