@@ -146,8 +146,8 @@ def _open_base(base: Container | str | os.PathLike | None, what: str) -> Contain
 
 def _on_base(adapter: Adapter, base: Container) -> Adapter:
     """The adapter with kohya module names mapped to the base's module paths (PEFT paths are kept)."""
-    if any(name.startswith(PREFIXES) and f"{name}.weight" not in base for name in adapter.modules):
-        return remap_to_base(adapter, base.keys())
+    if any(name.startswith(PREFIXES) and base.names.target(name) is None for name in adapter.modules):
+        return remap_to_base(adapter, base.names.kohya_names())
     return adapter
 
 

@@ -19,6 +19,12 @@ def case(request, single_thread):
     return family, state, to_diffusers(family, state, components), components
 
 
+def kohya(names, name):
+    found = names.kohya_names().get(name, set())
+    assert len(found) <= 1, found
+    return next(iter(found), None)
+
+
 def stored_slice(state, target) -> torch.Tensor:
     value = state[target.key]
     if target.rows is not None:
@@ -74,23 +80,23 @@ def test_fused_rows_and_swaps(case):
         assert names.target("single_transformer_blocks.1.proj_mlp").key == f"{prefix}single_blocks.1.linear1.weight"
         assert names.target("norm_out.linear").row_order is not None
         assert names.target("double_blocks.0.img_attn.qkv").rows is None  # kohya's BFL-style names: whole keys
-        assert names.kohya("lora_unet_double_blocks_0_img_attn_qkv") == "double_blocks.0.img_attn.qkv"
-        assert names.kohya("lora_unet_single_transformer_blocks_0_attn_to_q") == "single_transformer_blocks.0.attn.to_q"
+        assert kohya(names, "lora_unet_double_blocks_0_img_attn_qkv") == "double_blocks.0.img_attn.qkv"
+        assert kohya(names, "lora_unet_single_transformer_blocks_0_attn_to_q") == "single_transformer_blocks.0.attn.to_q"
     elif family == "sdxl":
         q = names.target("text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj")
         assert (q.key, q.rows) == ("conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight", (64, 96))
-        assert names.kohya("lora_te2_text_model_encoder_layers_1_self_attn_v_proj") == \
+        assert kohya(names, "lora_te2_text_model_encoder_layers_1_self_attn_v_proj") == \
             "text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj"
-        assert names.kohya("lora_te1_text_model_encoder_layers_1_mlp_fc1") == \
+        assert kohya(names, "lora_te1_text_model_encoder_layers_1_mlp_fc1") == \
             "text_encoder.text_model.encoder.layers.1.mlp.fc1"
-        assert names.kohya("lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q") == \
-            "input_blocks.4.1.transformer_blocks.1.attn1.to_q"
+        assert kohya(names, "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q") == \
+            "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"  # LDM-style kohya names: diffusers paths
         assert names.target("input_blocks.4.1.transformer_blocks.1.attn1.to_q") == \
             names.target("down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q")
     else:
-        assert names.kohya("lora_te_text_model_encoder_layers_0_self_attn_q_proj") == \
+        assert kohya(names, "lora_te_text_model_encoder_layers_0_self_attn_q_proj") == \
             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
-        assert names.kohya("lora_unet_down_blocks_0_resnets_1_conv2") == "down_blocks.0.resnets.1.conv2"
+        assert kohya(names, "lora_unet_down_blocks_0_resnets_1_conv2") == "down_blocks.0.resnets.1.conv2"
         assert names.target("down_blocks.0.resnets.1.conv2").key == "model.diffusion_model.input_blocks.2.0.out_layers.3.weight"
 
 

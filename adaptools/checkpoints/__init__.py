@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import hf_folder
+from . import hf_folder, single_file
 from .container import Container
 from .hf_folder import HFFolder
+from .single_file import SingleFile
 from .names import NameMap, Target
 
-CONTAINERS: list[tuple[Any, type[Container]]] = [(hf_folder, HFFolder)]
+CONTAINERS: list[tuple[Any, type[Container]]] = [(single_file, SingleFile), (hf_folder, HFFolder)]
 """(module, container class) pairs, tried in order; the Hugging Face folder comes last (it takes any folder)."""
 
 BaseCheckpoint = HFFolder
@@ -33,4 +34,4 @@ def open_container(path: str | os.PathLike) -> Container:
     return HFFolder(path)
 
 
-__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "HFFolder", "NameMap", "Target", "open_container"]
+__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "HFFolder", "NameMap", "Target", "open_container", "SingleFile"]

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from torch import Tensor
 
+from ..adapter import KOHYA_PREFIXES
+
 
 @dataclass(frozen=True)
 class Target:
@@ -43,3 +45,11 @@ class NameMap:
     def key(self, name: str) -> str | None:
         """The stored key of a full tensor an adapter names (a bias, a modules_to_save weight), or None."""
         return name if name in self._keys else None
+
+    def kohya_names(self) -> dict[str, set[str]]:
+        """kohya module name → the module paths it may stand for: any kohya prefix + a path with `_` for `.`."""
+        candidates: dict[str, set[str]] = {}
+        for module in self.modules():
+            for prefix in KOHYA_PREFIXES:
+                candidates.setdefault(prefix + module.replace(".", "_"), set()).add(module)
+        return candidates

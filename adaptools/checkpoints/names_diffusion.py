@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import BaseMismatchError
 from ..names import listed, shown
+from .names import NameMap, Target
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -31,16 +32,6 @@ TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 KOHYA_NAMESPACES = {"lora_unet_": None, "lora_te_": "text_encoder", "lora_te1_": "text_encoder",
                     "lora_te2_": "text_encoder_2"}
 """kohya prefix → the component its names live in (None: the denoiser)."""
-
-
-@dataclass(frozen=True)
-class Target:
-    """Where one adapter module's ΔW lands: a stored key, optionally rows [start, stop) of it (a fused weight's
-    slice), optionally a permutation of ΔW's rows (B's rows taken in `row_order`)."""
-
-    key: str
-    rows: tuple[int, int] | None = None
-    row_order: Tensor | None = None
 
 
 # ---- UNet (SD1.x, SD2.x, SDXL): LDM ↔ diffusers -------------------------------------------------------------------
@@ -292,29 +283,33 @@ def module_names(component: str | None, module: str) -> list[str]:
     return [f"{component}.text_model.{module}", f"{component}.{module}"]
 
 
-class DiffusionNames:
+class DiffusionNames(NameMap):
     """The name map of a single-file diffusion checkpoint: adapter module path → Target (stored key, row block)."""
 
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], family: str | None = None):
+        super().__init__(shapes)
         self.family = family or detect_family(shapes)
-        self.stored = stored_to_diffusers(self.family, shapes)
         self._targets: dict[str, Target] = {}
         self._keys: dict[str, str] = {}
-        denoiser = flux_prefix(shapes.keys()) if self.family == "flux" else UNET_PREFIX
-        for key, found in self.stored.items():
+        whole: dict[str, str] = {}  # stored key → the diffusers module that is all of it
+        for key, found in stored_to_diffusers(self.family, shapes).items():
             for m in found:
                 module, _, param = m.key.rpartition(".")
                 order = swap_halves(shapes[key][0]) if m.swapped else None
                 for name in module_names(m.component, module):
                     if param == "weight":
                         self._targets[name] = Target(key, m.rows, order)
+                        if m.rows is None and order is None:
+                            whole.setdefault(key, name)
                     if m.rows is None and not m.swapped:
                         self._keys[f"{name}.{param}"] = key
-        prefix = flux_prefix(shapes.keys()) if self.family == "flux" else UNET_PREFIX
+        prefix = (flux_prefix(shapes.keys()) or "") if self.family == "flux" else UNET_PREFIX
+        self._original: dict[str, str] = {}
         for key in shapes:  # the original names of the denoiser's modules (kohya's LDM- and BFL-style names)
-            if key.startswith(prefix or "") and key.endswith(".weight"):
-                self._targets.setdefault(key[len(prefix or ""): -len(".weight")], Target(key))
-        self._namespaces = self._kohya_namespaces()
+            if key.startswith(prefix) and key.endswith(".weight"):
+                original = key[len(prefix): -len(".weight")]
+                self._targets.setdefault(original, Target(key))
+                self._original[original] = whole.get(key, original)
 
     def modules(self) -> list[str]:
         """Every module path an adapter may name (diffusers paths and the original layout's own)."""
@@ -325,23 +320,21 @@ class DiffusionNames:
         return self._targets.get(module)
 
     def key(self, name: str) -> str | None:
-        """The stored key of a full tensor name in diffusers' spelling (a bias), or None when it is not one
-        stored key as a whole."""
+        """The stored key of a full tensor in diffusers' spelling (a bias), or None when it is not one stored key
+        as a whole (a fused slice)."""
         return self._keys.get(name)
 
-    def _kohya_namespaces(self) -> dict[str, str]:
-        """kohya name → module path: `lora_unet_` + a denoiser path, `lora_te[1]_`/`lora_te2_` + a text-encoder
-        path with `text_model.` (underscores for dots)."""
-        names: dict[str, str] = {}
+    def kohya_names(self) -> dict[str, set[str]]:
+        """kohya name → module path: `lora_unet_` + a denoiser path (diffusers' or the original's, mapped to the
+        diffusers module where one is the whole stored weight), `lora_te_`/`lora_te1_` + a `text_encoder` path and
+        `lora_te2_` + a `text_encoder_2` path (with `text_model.`), dots as underscores."""
+        names: dict[str, set[str]] = {}
         for module in self._targets:
             component = module.split(".", 1)[0] if module.startswith(TEXT_ENCODERS) else None
+            inner = module if component is None else module[len(component) + 1:]
+            if component is not None and not inner.startswith("text_model."):
+                continue
             for prefix, space in KOHYA_NAMESPACES.items():
                 if space == component:
-                    inner = module if component is None else module[len(component) + 1:]
-                    if component is None or inner.startswith("text_model."):
-                        names[prefix + inner.replace(".", "_")] = module
+                    names.setdefault(prefix + inner.replace(".", "_"), set()).add(self._original.get(module, module))
         return names
-
-    def kohya(self, name: str) -> str | None:
-        """The module path of a kohya module name (`lora_unet_input_blocks_4_1_...`, `lora_te2_text_model_...`)."""
-        return self._namespaces.get(name)

@@ -70,10 +70,10 @@ class ShardWriter:
     their planned size may be an estimate (an NF4 quant-state JSON's length is known only once quantized).
     """
 
-    def __init__(self, path: Path, sizes: dict[str, int], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, sizes: dict[str, int], metadata: dict[str, str] | None = None, reserve: int = 0):
         self.path = Path(path)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._reserve = header_reserve(list(sizes), self.metadata)
+        self._reserve = header_reserve(list(sizes), self.metadata) + 8 * math.ceil(reserve / 8)
         self._ranges: dict[str, tuple[int, int]] = {}
         self.nbytes = 0
         for key, size in sizes.items():
@@ -332,8 +332,10 @@ class Layout:
 class OutputSink:
     """One output folder's shards, written from any thread (each file open only while it is filled)."""
 
-    def __init__(self, folder: Path, layout: Layout):
+    def __init__(self, folder: Path, layout: Layout, metadata: dict[str, str] | None = None, reserve: int = 0):
+        """`metadata` and `reserve` (extra header bytes, e.g. for a recipe added later) go to every file."""
         self.folder, self.layout = folder, layout
+        self._metadata, self._reserve = metadata, reserve
         self._file_of = {key: name for name, sizes in layout.files.items() for key in sizes}
         self._open: dict[str, ShardWriter] = {}
         self._closed: set[str] = set()
@@ -346,7 +348,8 @@ class OutputSink:
             if name in self._closed:
                 raise RuntimeError(f"{key!r} arrived after {name} was complete")
             if name not in self._open:
-                self._open[name] = ShardWriter(self.folder / name, self.layout.files[name])
+                self._open[name] = ShardWriter(self.folder / name, self.layout.files[name], self._metadata,
+                                               self._reserve)
             return self._open[name]
 
     def _finish(self, writer: ShardWriter) -> None:

@@ -7,14 +7,24 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BaseMismatchError
-from ..formats.checkpoint import BaseCheckpoint, read_header
-from ..formats.tensors import safetensors_header
-from .names_diffusion import (CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, DiffusionNames, flux_prefix)
+from typing import Any
+
+import torch
+
+from ..errors import AdaptoolsError, InputNotFoundError, InvalidArgumentError
+from .codecs import choose_codecs
+from .container import Container
+from .names_diffusion import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, DiffusionNames, flux_prefix
+from .safetensors_io import read_header
+from .shards import Layout, OutputSink
+
+NAME = "single-file"
+RECIPE_RESERVE = 16384
+"""Header bytes kept free in a single-file output for the recipe the CLI stores in its metadata afterwards."""
 
 DIFFUSION_HEADS = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.embedders.", "double_blocks.",
                    "single_blocks.", "joint_blocks.")
@@ -25,8 +35,11 @@ def detect(path: Path) -> bool:
     """A .safetensors file (not a folder) whose keys are in an original diffusion layout (read from its header)."""
     if not path.is_file() or path.suffix != ".safetensors":
         return False
-    header = safetensors_header(path)
-    return header is not None and any(key.startswith(DIFFUSION_HEADS) for key in header[0])
+    try:
+        infos, _ = read_header(path)
+    except AdaptoolsError:  # not a valid safetensors file: the Hugging Face reader says what is wrong with it
+        return False
+    return any(key.startswith(DIFFUSION_HEADS) for key in infos)
 
 
 def component_of(key: str, family: str) -> str:
@@ -53,26 +66,23 @@ class Component:
     dtypes: dict[str, int]
 
 
-class SingleFile(BaseCheckpoint):
-    """A single-file diffusion checkpoint read from its header: family, components, `names` (a DiffusionNames)."""
+class SingleFile(Container):
+    """A single-file diffusion checkpoint read from its header: family, components, `names` (a DiffusionNames).
+    Outputs are one file with the same keys, dtypes and `__metadata__` (tensors no adapter changes copied as
+    stored)."""
 
     output_is_file = True
 
     def __init__(self, path: str | os.PathLike):
         path = Path(path)
-        super().__init__(path)
         if not path.is_file():
-            raise BaseMismatchError(f"{str(path)!r} is not a single-file checkpoint")
+            raise InputNotFoundError(f"base {str(path)!r} is not a file")
+        super().__init__(path.parent, [path.name])
+        self.read_shards()
         self.file = path
-        _, self.metadata = read_header(path)
         self.names = DiffusionNames({k: self.shape(k) for k in self.keys()})
         self.family = self.names.family
         self.label = f"{self.family} single file"
-
-    @property
-    def config(self) -> dict:
-        """A single file carries no config.json."""
-        return {}
 
     def components(self) -> list[Component]:
         """The checkpoint's components in a fixed order, with their parameter counts and dtypes."""
@@ -83,12 +93,25 @@ class SingleFile(BaseCheckpoint):
         return [Component(name, len(keys), sum(math.prod(self.shape(k)) for k in keys), dtype_counts(self, keys))
                 for name in order if (keys := grouped.get(name))]
 
-    def denoiser_prefix(self) -> str:
-        """The key prefix of the denoiser's tensors ("" for a Flux file without `model.diffusion_model.`)."""
-        return (flux_prefix(self.keys()) or "") if self.family == "flux" else UNET_PREFIX
+    def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
+        return choose_codecs(self, dtype, device=device, **options)
+
+    def plan_layout(self, units: Sequence[tuple[dict[str, int], str]], max_shard_bytes: int | None) -> Layout:
+        """One file holding every output key (its name is given when the output opens)."""
+        if max_shard_bytes is not None:
+            raise InvalidArgumentError("a single-file checkpoint is merged into one file: --max-shard-size does not "
+                                       "apply")
+        return Layout({self.file.name: {k: n for entries, _ in units for k, n in entries.items()}}, False)
+
+    def open_output(self, folder: Path, encoder: Any, layout: Layout, *, hash_inputs: bool = False,
+                    skip: Sequence[str] = ()) -> OutputSink:
+        """The output file `folder` (a path to write): the base's `__metadata__`, room for a recipe."""
+        (sizes,) = layout.files.values()
+        return OutputSink(folder.parent, Layout({folder.name: sizes}, False), metadata=self.metadata[self.file.name],
+                          reserve=RECIPE_RESERVE)
 
 
-def dtype_counts(ckpt: BaseCheckpoint, keys: Iterable[str]) -> dict[str, int]:
+def dtype_counts(ckpt: Container, keys: Iterable[str]) -> dict[str, int]:
     """safetensors dtype name → number of parameters stored in it."""
     counts: dict[str, int] = {}
     for key in keys:
@@ -96,5 +119,3 @@ def dtype_counts(ckpt: BaseCheckpoint, keys: Iterable[str]) -> dict[str, int]:
     return counts
 
 
-def open(path: str | os.PathLike) -> SingleFile:  # noqa: A001 (the CONTAINERS interface: detect / open)
-    return SingleFile(path)

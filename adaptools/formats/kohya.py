@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -148,20 +148,15 @@ def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
     return adapter
 
 
-def remap_to_base(adapter: Adapter, base_keys: Iterable[str]) -> Adapter:
-    """Rename kohya modules to the base checkpoint's module paths (`lora_unet_a_b_c` → `a.b_c` as the base spells it)."""
-    candidates: dict[str, set[str]] = {}
-    for key in base_keys:
-        if key.endswith(".weight"):
-            module = key[: -len(".weight")]
-            for prefix in PREFIXES:
-                candidates.setdefault(kohya_name(module, prefix), set()).add(module)
+def remap_to_base(adapter: Adapter, candidates: Mapping[str, set[str]]) -> Adapter:
+    """Rename kohya modules to the base's module paths (`lora_unet_a_b_c` → `a.b_c` as the base spells it), through
+    `candidates` (kohya name → module paths: a base's `names.kohya_names()`); a name that already is a path stays."""
     paths = {m for found in candidates.values() for m in found}
     renamed: dict[str, LoraModule] = {}
     sources: dict[str, str] = {}
     missing, ambiguous, shared = [], [], []
     for name, module in adapter.modules.items():
-        found = {name} if name in paths else candidates.get(name, set())
+        found = {name} if name in paths else set(candidates.get(name, ()))
         if not found:
             missing.append(name)
         elif len(found) > 1:
