@@ -190,4 +190,5 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
         dtype=encoder.label,
         quantized=encoder.quantized,
         survival={plan.name: kept for plan, kept in zip(plans, survival) if kept},
+        base=ckpt.label,
     )

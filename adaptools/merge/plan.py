@@ -127,21 +127,25 @@ def fit_ia3(adapter: IA3Adapter, specs: dict[str, TensorSpec], model_type: str |
 
 
 ROWS = "#rows:"
-"""A module landing on a row block of a fused stored weight is named `<stored module>#rows:<start>:<stop>`."""
+"""A module landing on a row block of a fused stored weight (or on a key not ending in `.weight`) is planned under
+the name `<stored key>#rows:<start>:<stop>` (`<stored key>#rows:` for all of it)."""
 
 
-def sliced(module: str, rows: tuple[int, int] | None) -> str:
-    """The planning name of a module landing on `rows` of the stored weight of `module` (all of it: `module`)."""
-    return module if rows is None else f"{module}{ROWS}{rows[0]}:{rows[1]}"
+def planned_name(key: str, rows: tuple[int, int] | None) -> str:
+    """The planning name of a module whose update lands on `rows` of the stored `key` (all of it when None):
+    `<module>` for a whole `<module>.weight`, else the key with its rows."""
+    if rows is None and key.endswith(".weight"):
+        return key.removesuffix(".weight")
+    return f"{key}{ROWS}" + ("" if rows is None else f"{rows[0]}:{rows[1]}")
 
 
-def unsliced(name: str) -> tuple[str, tuple[int, int] | None]:
-    """(stored module, row block or None) of a planning name (`sliced`'s inverse)."""
-    module, _, rows = name.partition(ROWS)
-    if not rows:
-        return module, None
+def stored_target(name: str) -> tuple[str, tuple[int, int] | None]:
+    """(stored key, row block or None) of a planning name (`planned_name`'s inverse)."""
+    if ROWS not in name:
+        return f"{name}.weight", None
+    key, _, rows = name.partition(ROWS)
     start, _, stop = rows.partition(":")
-    return module, (int(start), int(stop))
+    return key, (int(start), int(stop)) if rows else None
 
 
 def targeted(adapter: Adapter, names: NameMap, missing: list[str]) -> Adapter:
@@ -159,7 +163,7 @@ def targeted(adapter: Adapter, names: NameMap, missing: list[str]) -> Adapter:
             module = replace(module, B=module.B[order],
                              magnitude=None if module.magnitude is None else module.magnitude[order],
                              bias=None if module.bias is None else module.bias[order])
-        modules[sliced(target.key.removesuffix(".weight"), target.rows)] = module
+        modules[planned_name(target.key, target.rows)] = module
     extra = {}
     for key, tensor in adapter.extra.items():
         stored = names.key(key)
@@ -189,19 +193,19 @@ def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, Tens
         unsupported += [f"{key} ({DTYPE_NAMES.get(specs[key].dtype, specs[key].dtype)})"
                         for key in (scaled.scalings if scaled else ()) if specs[key].dtype not in MERGEABLE_DTYPES]
         for name, module in adapter.items() if lora else ():
-            stored, rows = unsliced(name)
-            spec = specs.get(f"{stored}.weight")
+            stored, rows = stored_target(name)
+            spec = specs.get(stored)
             if spec is None:
-                missing.append(f"{stored}.weight")
+                missing.append(stored)
                 continue
             if spec.dtype not in MERGEABLE_DTYPES:
-                unsupported.append(f"{stored}.weight ({DTYPE_NAMES.get(spec.dtype, spec.dtype)})")
+                unsupported.append(f"{stored} ({DTYPE_NAMES.get(spec.dtype, spec.dtype)})")
                 continue
             shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
             fit = fit_module(module, shape, square) if rows is None or rows[1] <= spec.shape[0] else None
-            if fit is None or (rows is not None and (fit.transposed or module.bias is not None)):
+            if fit is None or (ROWS in name and (fit.transposed or module.bias is not None)):
                 where = "" if rows is None else f" rows {rows[0]}..{rows[1]} of"
-                misfit.append(f"{stored}: the adapter needs {module.weight_shape}, the base has{where} {spec.shape}"
+                misfit.append(f"{stored.removesuffix('.weight')}: the adapter needs {module.weight_shape}, the base has{where} {spec.shape}"
                               + (" (a fused slice takes a plain LoRA: no bias, no transposed layout)" if fit else ""))
                 continue
             fitted[name] = fit
@@ -252,14 +256,14 @@ def plan_output(name: str, adapters: Sequence[Adapter | FittedIA3], weights: Seq
                 "or use --each"
             )
         L, R = (f.to(device) for f in first.base_factors(*concat_factors(terms)))
-        stored, rows = unsliced(module_name)
+        stored, rows = stored_target(module_name)
         if rows is not None:
             if any(t.module.is_dora for t in terms):
                 raise DoraError(f"module {module_name!r} is a DoRA module on rows {rows[0]}..{rows[1]} of a fused "
                                 "weight, which the merge does not apply")
-            blocks.setdefault(f"{stored}.weight", []).append((rows, L, R))
+            blocks.setdefault(stored, []).append((rows, L, R))
             continue
-        updates[f"{module_name}.weight"] = (
+        updates[stored] = (
             LoraUpdate(L, R) if first.magnitude is None
             else DoraUpdate(L, R, first.magnitude.float().to(device), first.transposed)
         )

@@ -44,7 +44,7 @@ def echo_report(report: MergeReport, verb: str = "merged {modules} modules into"
     dtype = report.dtype or "dtype of the base"
     if report.quantized:
         dtype += f" ({report.quantized} weights quantized)"
-    click.echo(f"{report.tensors} tensors, {dtype}; read {_size(report.bytes_read)}, "
+    click.echo(f"{report.tensors} tensors ({report.base}), {dtype}; read {_size(report.bytes_read)}, "
                f"wrote {_size(report.bytes_written)} in {report.seconds:.1f} s on {report.device}; {memory}")
 
 

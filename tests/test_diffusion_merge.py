@@ -1,0 +1,275 @@
+"""Merging into single-file SD1.x / SDXL / Flux checkpoints, checked against diffusers: our merged file, turned
+into diffusers' layout by diffusers' own single-file converters, equals diffusers' `lora_state_dict` +
+`load_lora_into_*` + fuse on the same tiny models (fp32, fp16, bf16 bases)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli
+from diffusion_fixtures import sd_components, to_diffusers, write_single_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import adaptools
+
+ALPHA = 3.0
+
+
+def kohya_lora(path: Path, modules: dict[str, tuple[int, int, tuple[int, ...]]], seed: int, rank: int = 2,
+               alphas: dict[str, float] | None = None) -> Path:
+    """A kohya file: per module (out, in, kernel) lora_down (r, in, *kernel), lora_up (out, r[, 1, 1]), alpha."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (out, inp, kernel) in modules.items():
+        state[f"{name}.lora_down.weight"] = torch.randn(rank, inp, *kernel, generator=g) * 0.5
+        state[f"{name}.lora_up.weight"] = torch.randn(out, rank, *((1,) * len(kernel)), generator=g) * 0.5
+        state[f"{name}.alpha"] = torch.tensor((alphas or {}).get(name, ALPHA))
+    save_file(state, str(path))
+    return path
+
+
+def diffusers_lora(path: Path, modules: dict[str, tuple[int, int]], seed: int, rank: int = 2) -> Path:
+    """A diffusers (PEFT-style keys) transformer LoRA with `.alpha` keys."""
+    g = torch.Generator().manual_seed(seed)
+    state = {}
+    for name, (out, inp) in modules.items():
+        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, inp, generator=g) * 0.5
+        state[f"transformer.{name}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.5
+        state[f"transformer.{name}.alpha"] = torch.tensor(ALPHA)
+    save_file(state, str(path))
+    return path
+
+
+def merge_lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT's merge of every LoRA layer diffusers injected (what fuse_lora runs), as a plain state dict."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for module in model.modules():
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+    return {k.replace(".base_layer", ""): v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def diffusers_reference(family: str, lora: Path, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+    """diffusers' own loading and fusing of `lora` into the tiny models (weights rounded to `dtype`, math fp32)."""
+    from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    components = sd_components(family)
+    for name, model in components.items():
+        if isinstance(model, torch.nn.Module):
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.copy_(p.to(dtype).float())
+    if family == "flux":
+        state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(lora), return_alphas=True)
+        FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas,
+                                                       transformer=components["transformer"])
+        return {"transformer": merge_lora_layers(components["transformer"])}
+    mixin = StableDiffusionLoraLoaderMixin if family == "sd1" else StableDiffusionXLLoraLoaderMixin
+    state, alphas = mixin.lora_state_dict(str(lora), unet_config=components["unet"].config)
+    mixin.load_lora_into_unet(state, alphas, unet=components["unet"])
+    encoders = ("text_encoder",) if family == "sd1" else ("text_encoder", "text_encoder_2")
+    for name in encoders:
+        if any(k.startswith(f"{name}.") for k in state):
+            mixin.load_lora_into_text_encoder(state, alphas, text_encoder=components[name], prefix=name)
+    return {name: merge_lora_layers(components[name]) for name in ("unet", *encoders)}
+
+
+def assert_matches_diffusers(family: str, base: Path, merged: Path, lora: Path, dtype: torch.dtype,
+                             components: dict, changed: set[str]) -> None:
+    """The merged file, converted by diffusers, equals diffusers' fused models; exactly the `changed` stored keys
+    differ from the base, the others are the base's bytes."""
+    ours_state, base_state = load_file(merged), load_file(base)
+    assert list(ours_state) == list(base_state) or set(ours_state) == set(base_state)
+    assert {k: v.dtype for k, v in ours_state.items()} == {k: v.dtype for k, v in base_state.items()}
+    differs = {k for k in base_state if not torch.equal(ours_state[k], base_state[k])}
+    assert differs == changed
+    ours = to_diffusers(family, {k: v.float() for k, v in ours_state.items()}, components)
+    theirs = diffusers_reference(family, lora, dtype)
+    for component, state in theirs.items():
+        for key, value in state.items():
+            key = key.removeprefix("text_model.")
+            mine = {k.removeprefix("text_model."): v for k, v in ours[component].items()}
+            if key.endswith("position_ids") or key == "text_projection.weight":
+                continue
+            torch.testing.assert_close(mine[key].to(dtype), value.to(dtype), msg=f"{component}.{key}",
+                                       rtol=1e-5 if dtype == torch.float32 else None,
+                                       atol=1e-5 if dtype == torch.float32 else None)
+
+
+SD1_LORA = {
+    "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (8, 8, ()),
+    "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k": (8, 24, ()),
+    "lora_unet_mid_block_attentions_0_transformer_blocks_0_ff_net_0_proj": (128, 16, ()),
+    "lora_unet_down_blocks_0_resnets_1_conv2": (8, 8, (3, 3)),  # a LoCon on a resnet conv
+    "lora_unet_up_blocks_0_resnets_2_conv1": (16, 24, (3, 3)),
+    "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (24, 24, ()),
+    "lora_te_text_model_encoder_layers_1_self_attn_out_proj": (24, 24, ()),  # diffusers' kohya TE inference needs it
+    "lora_te_text_model_encoder_layers_1_mlp_fc1": (40, 24, ()),
+}
+SD1_CHANGED = {
+    "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight",
+    "model.diffusion_model.output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight",
+    "model.diffusion_model.middle_block.1.transformer_blocks.0.ff.net.0.proj.weight",
+    "model.diffusion_model.input_blocks.2.0.out_layers.3.weight",
+    "model.diffusion_model.output_blocks.2.0.in_layers.2.weight",
+    "cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+    "cond_stage_model.transformer.text_model.encoder.layers.1.self_attn.out_proj.weight",
+    "cond_stage_model.transformer.text_model.encoder.layers.1.mlp.fc1.weight",
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
+def test_sd1_kohya_with_locon_matches_diffusers(tmp_path, dtype, single_thread):
+    base, components = write_single_file(tmp_path / "sd15.safetensors", "sd1", dtype)
+    lora = kohya_lora(tmp_path / "lora.safetensors", SD1_LORA, seed=1)
+    report = adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    assert report.base == "sd1 single file" and report.modules == {"merged.safetensors": len(SD1_LORA)}
+    assert_matches_diffusers("sd1", base, tmp_path / "merged.safetensors", lora, dtype, components, SD1_CHANGED)
+    with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
+        assert f.metadata()["modelspec.title"] == "tiny sd1"  # the base's metadata kept
+
+
+SDXL_LORA = {  # kohya SDXL names in the LDM style, both text encoders (q/k/v of te2 land in the fused in_proj)
+    "lora_unet_input_blocks_4_1_transformer_blocks_1_attn1_to_q": (16, 16, ()),
+    "lora_unet_output_blocks_1_1_transformer_blocks_0_attn2_to_v": (16, 56, ()),
+    "lora_unet_middle_block_1_transformer_blocks_1_ff_net_2": (16, 64, ()),
+    "lora_unet_input_blocks_4_1_proj_in": (16, 16, ()),
+    "lora_te1_text_model_encoder_layers_0_self_attn_k_proj": (24, 24, ()),
+    "lora_te1_text_model_encoder_layers_0_self_attn_out_proj": (24, 24, ()),
+    "lora_te2_text_model_encoder_layers_1_self_attn_q_proj": (32, 32, ()),
+    "lora_te2_text_model_encoder_layers_1_self_attn_v_proj": (32, 32, ()),
+    "lora_te2_text_model_encoder_layers_1_self_attn_out_proj": (32, 32, ()),
+    "lora_te2_text_model_encoder_layers_0_mlp_fc2": (32, 48, ()),
+}
+SDXL_CHANGED = {
+    "model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn1.to_q.weight",
+    "model.diffusion_model.output_blocks.1.1.transformer_blocks.0.attn2.to_v.weight",
+    "model.diffusion_model.middle_block.1.transformer_blocks.1.ff.net.2.weight",
+    "model.diffusion_model.input_blocks.4.1.proj_in.weight",
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.k_proj.weight",
+    "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.out_proj.weight",
+    "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight",
+    "conditioner.embedders.1.model.transformer.resblocks.1.attn.out_proj.weight",
+    "conditioner.embedders.1.model.transformer.resblocks.0.mlp.c_proj.weight",
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_sdxl_kohya_both_text_encoders_and_fused_in_proj_match_diffusers(tmp_path, dtype, single_thread):
+    base, components = write_single_file(tmp_path / "sdxl.safetensors", "sdxl", dtype)
+    lora = kohya_lora(tmp_path / "lora.safetensors", SDXL_LORA, seed=2)
+    report = adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    assert report.base == "sdxl single file"
+    assert_matches_diffusers("sdxl", base, tmp_path / "merged.safetensors", lora, dtype, components, SDXL_CHANGED)
+    in_proj = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
+    merged, stored = load_file(tmp_path / "merged.safetensors")[in_proj], load_file(base)[in_proj]
+    assert torch.equal(merged[32:64], stored[32:64])  # k's rows: no adapter module names them
+
+
+FLUX_DIFFUSERS_LORA = {  # slices of the fused qkv / linear1, and the swapped final modulation
+    "transformer_blocks.0.attn.to_q": (16, 16), "transformer_blocks.0.attn.to_v": (16, 16),
+    "transformer_blocks.1.attn.add_k_proj": (16, 16), "single_transformer_blocks.1.attn.to_k": (16, 16),
+    "single_transformer_blocks.1.proj_mlp": (64, 16), "single_transformer_blocks.0.proj_out": (16, 80),
+    "transformer_blocks.1.ff.net.0.proj": (64, 16), "norm_out.linear": (32, 16),
+}
+
+
+@pytest.mark.parametrize("prefix", ["", "model.diffusion_model."], ids=["bfl", "prefixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flux_diffusers_lora_on_fused_slices_matches_diffusers(tmp_path, dtype, prefix, single_thread):
+    base, components = write_single_file(tmp_path / "flux.safetensors", "flux", dtype, flux_prefix=prefix)
+    lora = diffusers_lora(tmp_path / "lora.safetensors", FLUX_DIFFUSERS_LORA, seed=3)
+    report = adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    assert report.base == "flux single file"
+    changed = {prefix + k for k in ("double_blocks.0.img_attn.qkv.weight", "double_blocks.1.txt_attn.qkv.weight",
+                                    "single_blocks.1.linear1.weight", "single_blocks.0.linear2.weight",
+                                    "double_blocks.1.img_mlp.0.weight", "final_layer.adaLN_modulation.1.weight")}
+    assert report.modules == {"merged.safetensors": len(changed)}
+    assert_matches_diffusers("flux", base, tmp_path / "merged.safetensors", lora, dtype, components, changed)
+
+
+def test_flux_kohya_names_on_fused_weights_match_diffusers(tmp_path, single_thread):
+    """kohya's BFL-style names (one down, the up's rows split over q, k, v: a LoRA on the fused weight); the
+    reference is diffusers on the same update written with diffusers' names (the up split by rows, as diffusers'
+    kohya Flux converter does; that converter hard-codes Flux-dev's sizes)."""
+    base, components = write_single_file(tmp_path / "flux.safetensors", "flux")
+    modules = {"lora_unet_double_blocks_0_img_attn_qkv": (48, 16, ()), "lora_unet_single_blocks_1_linear1": (112, 16, ()),
+               "lora_unet_double_blocks_1_txt_mlp_0": (64, 16, ())}
+    kohya = kohya_lora(tmp_path / "kohya.safetensors", modules, seed=4)
+    merged = tmp_path / "merged.safetensors"
+    adaptools.merge(base, [kohya], out=merged)
+    k = load_file(kohya)
+    split = {"lora_unet_double_blocks_0_img_attn_qkv": [("transformer_blocks.0.attn.to_" + p, 16) for p in "qkv"],
+             "lora_unet_single_blocks_1_linear1": [("single_transformer_blocks.1.attn.to_" + p, 16) for p in "qkv"]
+             + [("single_transformer_blocks.1.proj_mlp", 64)],
+             "lora_unet_double_blocks_1_txt_mlp_0": [("transformer_blocks.1.ff_context.net.0.proj", 64)]}
+    state, row = {}, 0
+    for name, parts in split.items():
+        row = 0
+        for module, rows in parts:
+            state[f"transformer.{module}.lora_A.weight"] = k[f"{name}.lora_down.weight"].clone()
+            state[f"transformer.{module}.lora_B.weight"] = k[f"{name}.lora_up.weight"][row:row + rows].contiguous()
+            state[f"transformer.{module}.alpha"] = k[f"{name}.alpha"].clone()
+            row += rows
+    save_file(state, str(tmp_path / "diffusers.safetensors"))
+    changed = {"double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight", "double_blocks.1.txt_mlp.0.weight"}
+    assert_matches_diffusers("flux", base, merged, tmp_path / "diffusers.safetensors", torch.float32, components, changed)
+
+
+def test_a_kohya_and_a_diffusers_lora_on_one_fused_weight_add(tmp_path):
+    """Two adapters in one output: the whole fused qkv (kohya) and its q slice (diffusers) add up."""
+    base, _ = write_single_file(tmp_path / "flux.safetensors", "flux")
+    kohya = kohya_lora(tmp_path / "kohya.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (48, 16, ())}, seed=5)
+    diff = diffusers_lora(tmp_path / "diff.safetensors", {"transformer_blocks.0.attn.to_q": (16, 16)}, seed=6)
+    adaptools.merge(base, [kohya, diff], weights=[0.5, 2.0], out=tmp_path / "merged.safetensors")
+    key = "double_blocks.0.img_attn.qkv.weight"
+    k, d = load_file(kohya), load_file(diff)
+    expected = load_file(base)[key].double()
+    expected += 0.5 * ALPHA / 2 * k[f"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].double() @ \
+        k["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].double()
+    expected[:16] += 2.0 * ALPHA / 2 * d["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].double() @ \
+        d["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].double()
+    torch.testing.assert_close(load_file(tmp_path / "merged.safetensors")[key].double(), expected, rtol=0, atol=1e-5)
+
+
+def test_each_writes_one_file_per_adapter(tmp_path):
+    base, _ = write_single_file(tmp_path / "sd15.safetensors", "sd1")
+    a = kohya_lora(tmp_path / "a.safetensors", dict(list(SD1_LORA.items())[:2]), seed=7)
+    b = kohya_lora(tmp_path / "b.safetensors", dict(list(SD1_LORA.items())[3:5]), seed=8)
+    report = adaptools.merge(base, [a, b], out=tmp_path / "out", each=True)
+    assert report.outputs == {"a": tmp_path / "out" / "a.safetensors", "b": tmp_path / "out" / "b.safetensors"}
+    for name, lora in (("a", a), ("b", b)):
+        alone = adaptools.merge(base, [lora], out=tmp_path / f"{name}.merged.safetensors")
+        assert load_file(report.outputs[name]).keys() == load_file(base).keys()
+        ours, single = load_file(report.outputs[name]), load_file(alone.outputs[f"{name}.merged.safetensors"])
+        assert all(torch.equal(ours[k], single[k]) for k in ours)
+
+
+def test_cli_merge_names_the_family_and_embeds_the_recipe(tmp_path, runner):
+    base, _ = write_single_file(tmp_path / "sd15.safetensors", "sd1")
+    lora = kohya_lora(tmp_path / "lora.safetensors", dict(list(SD1_LORA.items())[:3]), seed=9)
+    out = tmp_path / "merged.safetensors"
+    result = run_cli(runner, "merge", base, lora, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert "sd1 single file" in result.output and out.is_file()
+    with safe_open(str(out), "pt") as f:
+        metadata = f.metadata()
+    assert metadata["modelspec.title"] == "tiny sd1"
+    assert json.loads(metadata["adaptools_recipe"])["command"] == ["merge"]
+
+
+def test_cli_lora_matching_nothing_is_one_error_line_and_no_output(tmp_path, runner):
+    base, _ = write_single_file(tmp_path / "sd15.safetensors", "sd1")
+    lora = kohya_lora(tmp_path / "lora.safetensors", {"lora_unet_down_blocks_9_attentions_0_proj_in": (8, 8, ()),
+                                                       "lora_te_text_model_encoder_layers_7_mlp_fc1": (40, 24, ())},
+                      seed=10)
+    out = tmp_path / "merged.safetensors"
+    result = run_cli(runner, "merge", base, lora, "-o", out)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: 2 kohya module(s) match no weight of the base")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "sd15.safetensors"]
