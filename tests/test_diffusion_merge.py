@@ -273,3 +273,64 @@ def test_cli_lora_matching_nothing_is_one_error_line_and_no_output(tmp_path, run
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: 2 kohya module(s) match no weight of the base")
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "sd15.safetensors"]
+
+
+def save_pipeline(folder: Path, family: str) -> dict:
+    """A tiny pipeline folder of `family` (the models of `sd_components`, no VAE or tokenizer) and its components."""
+    from diffusers import DDIMScheduler, FluxPipeline, StableDiffusionPipeline
+
+    components = sd_components(family)
+    if family == "flux":
+        pipe = FluxPipeline(transformer=components["transformer"], scheduler=None, vae=None, text_encoder=None,
+                            tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    else:
+        pipe = StableDiffusionPipeline(vae=None, text_encoder=components["text_encoder"], tokenizer=None,
+                                       unet=components["unet"], scheduler=DDIMScheduler(), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    return components
+
+
+def load_pipeline(folder: Path, family: str):
+    from diffusers import FluxPipeline, StableDiffusionPipeline
+
+    if family == "flux":
+        return FluxPipeline.from_pretrained(folder, scheduler=None, vae=None, text_encoder=None, tokenizer=None,
+                                            text_encoder_2=None, tokenizer_2=None)
+    return StableDiffusionPipeline.from_pretrained(folder, vae=None, tokenizer=None, safety_checker=None,
+                                                   feature_extractor=None, image_encoder=None)
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_pipeline_folder_merges_and_loads_with_from_pretrained(tmp_path, runner, family, single_thread):
+    save_pipeline(tmp_path / "pipe", family)
+    (tmp_path / "pipe" / "scheduler").mkdir(exist_ok=True)
+    (tmp_path / "pipe" / "scheduler" / "note.txt").write_text("copied as is")
+    lora = (kohya_lora(tmp_path / "lora.safetensors", SD1_LORA, seed=11) if family == "sd1"
+            else diffusers_lora(tmp_path / "lora.safetensors", FLUX_DIFFUSERS_LORA, seed=12))
+    result = run_cli(runner, "merge", tmp_path / "pipe", lora, "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert f"{family} pipeline" in result.output
+    assert (tmp_path / "out" / "scheduler" / "note.txt").read_text() == "copied as is"
+    loaded = load_pipeline(tmp_path / "out", family)
+    theirs = diffusers_reference(family, lora, torch.float32)
+    for component, state in theirs.items():
+        ours = getattr(loaded, component).state_dict()
+        for key, value in state.items():
+            torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-5, msg=f"{component}.{key}")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_info_shows_family_components_and_dtypes(tmp_path, runner, family):
+    base, components = write_single_file(tmp_path / "model.safetensors", family, torch.float16)
+    result = run_cli(runner, "info", base, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert summary["family"] == family and summary["container"] == f"{family} single file"
+    for name, model in components.items():
+        if isinstance(model, torch.nn.Module):
+            params = sum(v.numel() for k, v in model.state_dict().items() if not k.endswith("position_ids"))
+            assert summary["components"][name]["parameters"] == params, name
+            assert set(summary["components"][name]["dtypes"]) == {"F16"}
+    table = run_cli(runner, "info", base)
+    assert table.exit_code == 0 and f"family: {family}" in table.output

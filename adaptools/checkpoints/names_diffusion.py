@@ -325,16 +325,20 @@ class DiffusionNames(NameMap):
         return self._keys.get(name)
 
     def kohya_names(self) -> dict[str, set[str]]:
-        """kohya name → module path: `lora_unet_` + a denoiser path (diffusers' or the original's, mapped to the
-        diffusers module where one is the whole stored weight), `lora_te_`/`lora_te1_` + a `text_encoder` path and
-        `lora_te2_` + a `text_encoder_2` path (with `text_model.`), dots as underscores."""
-        names: dict[str, set[str]] = {}
-        for module in self._targets:
-            component = module.split(".", 1)[0] if module.startswith(TEXT_ENCODERS) else None
-            inner = module if component is None else module[len(component) + 1:]
-            if component is not None and not inner.startswith("text_model."):
-                continue
-            for prefix, space in KOHYA_NAMESPACES.items():
-                if space == component:
-                    names.setdefault(prefix + inner.replace(".", "_"), set()).add(self._original.get(module, module))
-        return names
+        return kohya_namespace_names(self._targets, self._original)
+
+
+def kohya_namespace_names(modules: Iterable[str], canonical: Mapping[str, str]) -> dict[str, set[str]]:
+    """kohya name → module path: `lora_unet_` + a denoiser path (through `canonical`: an original-layout path to
+    the diffusers module that is all of its weight), `lora_te_`/`lora_te1_` + a `text_encoder` path and `lora_te2_`
+    + a `text_encoder_2` path (with `text_model.`), dots as underscores."""
+    names: dict[str, set[str]] = {}
+    for module in modules:
+        component = module.split(".", 1)[0] if module.startswith(TEXT_ENCODERS) else None
+        inner = module if component is None else module[len(component) + 1:]
+        if component is not None and not inner.startswith("text_model."):
+            continue
+        for prefix, space in KOHYA_NAMESPACES.items():
+            if space == component:
+                names.setdefault(prefix + inner.replace(".", "_"), set()).add(canonical.get(module, module))
+    return names
