@@ -334,3 +334,46 @@ def test_info_shows_family_components_and_dtypes(tmp_path, runner, family):
             assert set(summary["components"][name]["dtypes"]) == {"F16"}
     table = run_cli(runner, "info", base)
     assert table.exit_code == 0 and f"family: {family}" in table.output
+
+
+def tuned_copy(base: Path, out: Path, keys: list[str], seed: int) -> Path:
+    """`base` with the tensors `keys` changed by a random full-rank amount (everything else as stored)."""
+    g = torch.Generator().manual_seed(seed)
+    state = load_file(base)
+    for key in keys:
+        state[key] = state[key] + torch.randn(state[key].shape, generator=g).to(state[key].dtype) * 0.05
+    save_file(state, str(out))
+    return out
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_extract_full_rank_round_trip_with_locon_convs(tmp_path, runner, family, single_thread):
+    """Full-rank extraction from a single-file pair (kohya by default; convs as LoCon factors, the OpenCLIP in_proj
+    as q/k/v modules) merged back into the base reproduces the tuned file's changed weights."""
+    base, _ = write_single_file(tmp_path / "base.safetensors", family)
+    changed = (["model.diffusion_model.input_blocks.1.0.in_layers.2.weight",  # a 3x3 resnet conv
+                "model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_k.weight",
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.1.mlp.fc2.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"]
+               if family == "sdxl" else
+               ["double_blocks.0.img_attn.qkv.weight", "single_blocks.1.linear1.weight", "img_in.weight"])
+    tuned = tuned_copy(base, tmp_path / "tuned.safetensors", changed, seed=13)
+    lora = tmp_path / "extracted.safetensors"
+    result = run_cli(runner, "extract", base, tuned, "--rank", "200", "-o", lora)
+    assert result.exit_code == 0, result.output
+    assert adaptools.detect_format(lora) == "kohya"
+    names = list(load_file(lora))
+    if family == "sdxl":
+        assert "lora_te2_text_model_encoder_layers_0_self_attn_v_proj.lora_up.weight" in names
+        assert "lora_te1_text_model_encoder_layers_1_mlp_fc2.lora_down.weight" in names
+        down = load_file(lora)["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"]
+        assert down.shape[1:] == (8, 3, 3)  # LoCon: (r, in, kh, kw)
+    else:
+        assert "lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight" in names
+    adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    merged, want, stored = load_file(tmp_path / "merged.safetensors"), load_file(tuned), load_file(base)
+    for key in stored:
+        if key in changed:
+            torch.testing.assert_close(merged[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+        else:
+            assert torch.equal(merged[key], stored[key]), key

@@ -46,6 +46,11 @@ class NameMap:
         """The stored key of a full tensor an adapter names (a bias, a modules_to_save weight), or None."""
         return name if name in self._keys else None
 
+    def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
+        """The adapter module paths a stored weight `key` holds, each with its row block (None: all rows): what an
+        adapter extracted from this container names (here the key without `.weight`)."""
+        return [(key.removesuffix(".weight"), None)]
+
     def kohya_names(self) -> dict[str, set[str]]:
         """kohya module name → the module paths it may stand for: any kohya prefix + a path with `_` for `.`."""
         candidates: dict[str, set[str]] = {}

@@ -292,10 +292,13 @@ class DiffusionNames(NameMap):
         self._targets: dict[str, Target] = {}
         self._keys: dict[str, str] = {}
         whole: dict[str, str] = {}  # stored key → the diffusers module that is all of it
+        self._held: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
         for key, found in stored_to_diffusers(self.family, shapes).items():
             for m in found:
                 module, _, param = m.key.rpartition(".")
                 order = swap_halves(shapes[key][0]) if m.swapped else None
+                if param == "weight" and self.family != "flux":
+                    self._held.setdefault(key, []).append((module_names(m.component, module)[0], m.rows))
                 for name in module_names(m.component, module):
                     if param == "weight":
                         self._targets[name] = Target(key, m.rows, order)
@@ -305,6 +308,7 @@ class DiffusionNames(NameMap):
                         self._keys[f"{name}.{param}"] = key
         prefix = (flux_prefix(shapes.keys()) or "") if self.family == "flux" else UNET_PREFIX
         self._original: dict[str, str] = {}
+        self._prefix = prefix
         for key in shapes:  # the original names of the denoiser's modules (kohya's LDM- and BFL-style names)
             if key.startswith(prefix) and key.endswith(".weight"):
                 original = key[len(prefix): -len(".weight")]
@@ -323,6 +327,14 @@ class DiffusionNames(NameMap):
         """The stored key of a full tensor in diffusers' spelling (a bias), or None when it is not one stored key
         as a whole (a fused slice)."""
         return self._keys.get(name)
+
+    def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
+        """The diffusers modules a stored weight holds (q, k and v of an OpenCLIP in_proj by rows); Flux keeps its
+        BFL names (kohya's Flux convention, fused qkv whole); a key of no component keeps its own name."""
+        if key in self._held:
+            return self._held[key]
+        module = key.removesuffix(".weight")
+        return [(module[len(self._prefix):] if module.startswith(self._prefix) else module, None)]
 
     def kohya_names(self) -> dict[str, set[str]]:
         return kohya_namespace_names(self._targets, self._original)

@@ -89,6 +89,14 @@ class PipelineNames(NameMap):
     def kohya_names(self) -> dict[str, set[str]]:
         return kohya_namespace_names(self._targets, {})
 
+    def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
+        """`unet/x.weight` → x; `text_encoder/encoder...weight` → text_encoder.text_model.encoder..."""
+        component, _, inner = key.partition("/")
+        module = inner.removesuffix(".weight")
+        if component in DENOISERS:
+            return [(module, None)]
+        return [(f"{component}.text_model.{module.removeprefix('text_model.')}", None)]
+
 
 class Pipeline(Container):
     """A diffusers pipeline folder; its mergeable components' tensors keyed `<component>/<key>`."""

@@ -185,14 +185,23 @@ def unstorable(m: LoraModule) -> str | None:
     return None
 
 
+def kohya_prefixes(modules: Iterable[str], prefix: str) -> dict[str, str]:
+    """Module path prefix → kohya prefix: diffusers text-encoder components (`text_encoder.` → `lora_te_`, or
+    `lora_te1_` beside a `text_encoder_2.` → `lora_te2_`), and "" → `prefix` for the rest (the denoiser)."""
+    second = any(m.startswith("text_encoder_2.") for m in modules)
+    return {"text_encoder_2.": "lora_te2_", "text_encoder.": "lora_te1_" if second else "lora_te_", "": prefix}
+
+
 def kohya_state_dict(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> dict[str, Tensor]:
     """kohya keys for `adapter`: lora_down = A, lora_up = B, alpha = scale·r (so alpha/r is the scale)."""
     state: dict[str, Tensor] = {}
+    prefixes = kohya_prefixes(adapter.modules, prefix)
     for module, m in adapter.modules.items():
         reason = unstorable(m)
         if reason:
             raise AdapterFormatError(f"module {module!r}: kohya files cannot hold {reason}; use --to peft")
-        name = module if module.startswith(PREFIXES) else kohya_name(module, prefix)
+        head = next(h for h in prefixes if module.startswith(h))
+        name = module if module.startswith(PREFIXES) else kohya_name(module[len(head):], prefixes[head])
         down = m.A.reshape(m.rank, -1, *m.kernel) if m.kind == "conv" else m.A
         up = m.B.reshape(*m.B.shape, *([1] * len(m.kernel)))
         state[f"{name}.lora_down.weight"] = down
