@@ -377,3 +377,17 @@ def test_extract_full_rank_round_trip_with_locon_convs(tmp_path, runner, family,
             torch.testing.assert_close(merged[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
         else:
             assert torch.equal(merged[key], stored[key]), key
+
+
+def test_spectrum_base_reads_fused_slices_and_kohya_names(tmp_path):
+    """`spectrum --base` finds a slice's base rows through the name map, and kohya names through its namespaces."""
+    base, _ = write_single_file(tmp_path / "flux.safetensors", "flux")
+    diff = diffusers_lora(tmp_path / "diff.safetensors", {"single_transformer_blocks.1.proj_mlp": (64, 16)}, seed=14)
+    doc = adaptools.spectrum(diff, base=base, device="cpu")
+    (record,) = doc["modules"].values()
+    rows = load_file(base)["single_blocks.1.linear1.weight"][48:112]
+    assert record["base_frobenius_norm"] == pytest.approx(float(torch.linalg.matrix_norm(rows)), rel=1e-5)
+    sd1, _ = write_single_file(tmp_path / "sd15.safetensors", "sd1")
+    kohya = kohya_lora(tmp_path / "k.safetensors", dict(list(SD1_LORA.items())[5:6]), seed=15)
+    doc = adaptools.spectrum(kohya, base=sd1, device="cpu")
+    assert list(doc["modules"]) == ["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
