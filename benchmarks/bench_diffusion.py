@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import struct
 import sys
@@ -53,8 +54,8 @@ unet.save_pretrained(out)
 
 def sdxl_configs(scale: float) -> tuple[dict, dict, dict]:
     """(UNet, CLIP-L, OpenCLIP bigG) configs of SDXL with every width times `scale` (heads of 64 channels)."""
-    c = max(64, round(320 * scale / 64) * 64)
-    clip_l, clip_g = max(64, round(768 * scale / 64) * 64), max(64, round(1280 * scale / 64) * 64)
+    c = math.ceil(320 * scale / 64) * 64
+    clip_l, clip_g = math.ceil(768 * scale / 64) * 64, math.ceil(1280 * scale / 64) * 64
     unet = dict(block_out_channels=(c, 2 * c, 4 * c), layers_per_block=2, sample_size=128, in_channels=4,
                 out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),

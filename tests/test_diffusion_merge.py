@@ -229,7 +229,7 @@ def test_a_kohya_and_a_diffusers_lora_on_one_fused_weight_add(tmp_path):
     key = "double_blocks.0.img_attn.qkv.weight"
     k, d = load_file(kohya), load_file(diff)
     expected = load_file(base)[key].double()
-    expected += 0.5 * ALPHA / 2 * k[f"lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].double() @ \
+    expected += 0.5 * ALPHA / 2 * k["lora_unet_double_blocks_0_img_attn_qkv.lora_up.weight"].double() @ \
         k["lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight"].double()
     expected[:16] += 2.0 * ALPHA / 2 * d["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"].double() @ \
         d["transformer.transformer_blocks.0.attn.to_q.lora_A.weight"].double()

@@ -27,7 +27,7 @@ from .names import NameMap, Target
 from .names_diffusion import TEXT_ENCODERS, kohya_namespace_names
 from .safetensors_io import TensorInfo, read_header
 from .shards import Layout, OutputSink, copy_side_files, shard_names
-from .single_file import Component, dtype_counts
+from .single_file import Component, dtype_parameters
 
 NAME = "pipeline"
 INDEX = "model_index.json"
@@ -138,7 +138,7 @@ class Pipeline(Container):
             if component in self.present:
                 keys = [k for k in self.keys() if k.startswith(f"{component}/")]
                 found.append(Component(component, len(keys), sum(math.prod(self.shape(k)) for k in keys),
-                                       dtype_counts(self, keys)))
+                                       dtype_parameters(self.info(k) for k in keys)))
                 continue
             try:
                 _, files, _ = component_files(self.root / component)
@@ -146,7 +146,7 @@ class Pipeline(Container):
                 continue
             infos = [info for f in files for info in read_header(self.root / component / f)[0].values()]
             found.append(Component(component, len(infos), sum(math.prod(i.shape) for i in infos),
-                                   info_dtypes(infos)))
+                                   dtype_parameters(infos)))
         return found
 
     def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
@@ -190,14 +190,6 @@ class Pipeline(Container):
             sinks[component] = OutputSink(folder / component, Layout(files, indexed),
                                           index_name=f"{stem}.safetensors.index.json")
         return PipelineSink(sinks)
-
-
-def info_dtypes(infos: Sequence[TensorInfo]) -> dict[str, int]:
-    """safetensors dtype name → parameters, over tensor infos."""
-    counts: dict[str, int] = {}
-    for info in infos:
-        counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
-    return counts
 
 
 class PipelineSink:

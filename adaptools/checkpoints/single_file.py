@@ -18,8 +18,8 @@ import torch
 from ..errors import AdaptoolsError, InputNotFoundError, InvalidArgumentError
 from .codecs import choose_codecs
 from .container import Container
-from .names_diffusion import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, DiffusionNames, flux_prefix
-from .safetensors_io import read_header
+from .names_diffusion import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, DiffusionNames
+from .safetensors_io import TensorInfo, read_header
 from .shards import Layout, OutputSink
 
 NAME = "single-file"
@@ -90,8 +90,8 @@ class SingleFile(Container):
         for key in self.keys():
             grouped.setdefault(component_of(key, self.family), []).append(key)
         order = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae", "other")
-        return [Component(name, len(keys), sum(math.prod(self.shape(k)) for k in keys), dtype_counts(self, keys))
-                for name in order if (keys := grouped.get(name))]
+        return [Component(name, len(keys), sum(math.prod(self.shape(k)) for k in keys),
+                          dtype_parameters(self.info(k) for k in keys)) for name in order if (keys := grouped.get(name))]
 
     def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
         return choose_codecs(self, dtype, device=device, **options)
@@ -111,11 +111,9 @@ class SingleFile(Container):
                           reserve=RECIPE_RESERVE)
 
 
-def dtype_counts(ckpt: Container, keys: Iterable[str]) -> dict[str, int]:
-    """safetensors dtype name → number of parameters stored in it."""
+def dtype_parameters(infos: Iterable[TensorInfo]) -> dict[str, int]:
+    """safetensors dtype name → number of parameters stored in it, over tensor infos."""
     counts: dict[str, int] = {}
-    for key in keys:
-        counts[ckpt.dtype_name(key)] = counts.get(ckpt.dtype_name(key), 0) + math.prod(ckpt.shape(key))
+    for info in infos:
+        counts[info.dtype] = counts.get(info.dtype, 0) + math.prod(info.shape)
     return counts
-
-
