@@ -24,6 +24,7 @@ SDXL_UNET = dict(block_out_channels=(8, 16), layers_per_block=2, sample_size=8, 
                  up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=56, norm_num_groups=4,
                  attention_head_dim=2, transformer_layers_per_block=(1, 2), use_linear_projection=True,
                  addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=40)
+SD2_UNET = dict(SD1_UNET, cross_attention_dim=32, use_linear_projection=True)
 CLIP_L = dict(hidden_size=24, intermediate_size=40, num_attention_heads=4, num_hidden_layers=2, vocab_size=100,
               max_position_embeddings=16, projection_dim=24, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 CLIP_G = dict(CLIP_L, hidden_size=32, intermediate_size=48, projection_dim=32, hidden_act="gelu")
@@ -209,6 +210,9 @@ def to_diffusers(family: str, state: dict[str, Tensor], components: dict) -> dic
         inner = FLUX["num_attention_heads"] * FLUX["attention_head_dim"]
         return {"transformer": flux_converter(inner)(state)}
     out = {"unet": sfu.convert_ldm_unet_checkpoint(state, components["unet_config"])}
+    if family == "sd2":
+        out["text_encoder"] = sfu.convert_open_clip_checkpoint(components["text_encoder"], state,
+                                                               prefix="cond_stage_model.model.")
     if family == "sd1":
         out["text_encoder"] = sfu.convert_ldm_clip_checkpoint(state)
     if family == "sdxl":
@@ -222,9 +226,10 @@ def sd_components(family: str, seed: int = 0) -> dict:
     """The tiny diffusers/transformers models of a family, by component name (plus `unet_config`)."""
     if family == "flux":
         return {"transformer": make_flux(seed)}
-    config = SD1_UNET if family == "sd1" else SDXL_UNET
+    config = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}[family]
     components = {"unet": make_unet(config, seed), "unet_config": dict(config),
-                  "text_encoder": make_clip(CLIP_L, projection=False, seed=seed + 1)}
+                  "text_encoder": make_clip(CLIP_G, projection=True, seed=seed + 1) if family == "sd2"
+                  else make_clip(CLIP_L, projection=False, seed=seed + 1)}
     if family == "sdxl":
         components["text_encoder_2"] = make_clip(CLIP_G, projection=True, seed=seed + 2)
     return components
@@ -235,6 +240,9 @@ def original_state(family: str, components: dict, flux_prefix: str = "") -> dict
     if family == "flux":
         return flux_to_bfl(components["transformer"].state_dict(), flux_prefix)
     state = unet_to_ldm(components["unet"].state_dict(), components["unet_config"])
+    if family == "sd2":  # OpenCLIP ViT-H as SD2's only text encoder
+        state.update(open_clip_to_ldm(components["text_encoder"].state_dict(), "cond_stage_model.model."))
+        return state
     te_prefix = "cond_stage_model.transformer." if family == "sd1" else "conditioner.embedders.0.transformer."
     state.update(clip_to_ldm(components["text_encoder"].state_dict(), te_prefix))
     if family == "sdxl":

@@ -68,10 +68,10 @@ def diffusers_reference(family: str, lora: Path, dtype: torch.dtype) -> dict[str
         FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas,
                                                        transformer=components["transformer"])
         return {"transformer": merge_lora_layers(components["transformer"])}
-    mixin = StableDiffusionLoraLoaderMixin if family == "sd1" else StableDiffusionXLLoraLoaderMixin
+    mixin = StableDiffusionXLLoraLoaderMixin if family == "sdxl" else StableDiffusionLoraLoaderMixin
     state, alphas = mixin.lora_state_dict(str(lora), unet_config=components["unet"].config)
     mixin.load_lora_into_unet(state, alphas, unet=components["unet"])
-    encoders = ("text_encoder",) if family == "sd1" else ("text_encoder", "text_encoder_2")
+    encoders = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
     for name in encoders:
         if any(k.startswith(f"{name}.") for k in state):
             mixin.load_lora_into_text_encoder(state, alphas, text_encoder=components[name], prefix=name)
@@ -131,6 +131,30 @@ def test_sd1_kohya_with_locon_matches_diffusers(tmp_path, dtype, single_thread):
     assert_matches_diffusers("sd1", base, tmp_path / "merged.safetensors", lora, dtype, components, SD1_CHANGED)
     with safe_open(str(tmp_path / "merged.safetensors"), "pt") as f:
         assert f.metadata()["modelspec.title"] == "tiny sd1"  # the base's metadata kept
+
+
+SD2_LORA = {  # the only text encoder is OpenCLIP: q and v land in its fused in_proj
+    "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_v": (8, 32, ()),
+    "lora_unet_down_blocks_0_attentions_1_proj_out": (8, 8, ()),
+    "lora_te_text_model_encoder_layers_1_self_attn_q_proj": (32, 32, ()),
+    "lora_te_text_model_encoder_layers_1_self_attn_v_proj": (32, 32, ()),
+    "lora_te_text_model_encoder_layers_1_self_attn_out_proj": (32, 32, ()),
+}
+SD2_CHANGED = {
+    "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_v.weight",
+    "model.diffusion_model.input_blocks.2.1.proj_out.weight",
+    "cond_stage_model.model.transformer.resblocks.1.attn.in_proj_weight",
+    "cond_stage_model.model.transformer.resblocks.1.attn.out_proj.weight",
+}
+
+
+def test_sd2_kohya_on_the_openclip_text_encoder_matches_diffusers(tmp_path, single_thread):
+    base, components = write_single_file(tmp_path / "sd2.safetensors", "sd2", torch.float16)
+    lora = kohya_lora(tmp_path / "lora.safetensors", SD2_LORA, seed=16)
+    report = adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    assert report.base == "sd2 single file"
+    assert_matches_diffusers("sd2", base, tmp_path / "merged.safetensors", lora, torch.float16, components,
+                             SD2_CHANGED)
 
 
 SDXL_LORA = {  # kohya SDXL names in the LDM style, both text encoders (q/k/v of te2 land in the fused in_proj)

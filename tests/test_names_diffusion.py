@@ -8,7 +8,7 @@ from diffusion_fixtures import original_state, sd_components, to_diffusers
 from adaptools.checkpoints.names_diffusion import DiffusionNames, detect_family
 from adaptools.errors import BaseMismatchError
 
-CASES = [("sd1", ""), ("sdxl", ""), ("flux", ""), ("flux", "model.diffusion_model.")]
+CASES = [("sd1", ""), ("sd2", ""), ("sdxl", ""), ("flux", ""), ("flux", "model.diffusion_model.")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}{'-prefixed' if p else ''}" for f, p in CASES])
