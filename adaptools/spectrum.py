@@ -28,6 +28,7 @@ from .checkpoints.nf4_quant import (
     nf4_survival,
 )
 from .linalg import SVD, RankPolicy, choose_ranks, factored_svd, group_by, map_by_shape, randomized_svd
+from .checkpoints.names import target_rows
 from .sources import load, open_base
 
 __all__ = [
@@ -168,10 +169,7 @@ def _load_base_weight(base: Container, name: str, module: LoraModule) -> tuple[T
         stored = dequantize_nf4(packed, state)
     else:
         stored = base.get(key)
-    if target.rows is not None:
-        stored = stored[target.rows[0]:target.rows[1]]
-    if target.row_order is not None:
-        stored = stored[target.row_order]
+    stored = target_rows(stored, target)
     if tuple(stored.shape) != tuple(module.weight_shape):
         raise BaseMismatchError(
             f"module {name!r}: base weight has shape {tuple(stored.shape)}, the adapter expects {module.weight_shape}")

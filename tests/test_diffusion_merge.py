@@ -415,3 +415,14 @@ def test_spectrum_base_reads_fused_slices_and_kohya_names(tmp_path):
     kohya = kohya_lora(tmp_path / "k.safetensors", dict(list(SD1_LORA.items())[5:6]), seed=15)
     doc = adaptools.spectrum(kohya, base=sd1, device="cpu")
     assert list(doc["modules"]) == ["text_encoder.text_model.encoder.layers.0.self_attn.q_proj"]
+
+
+def test_lora_to_dora_on_a_fused_slice_uses_its_rows(tmp_path):
+    """`dora to-dora --base` on a single file: m = ‖W + s·B·A‖ per row, W the slice's own rows of the fused weight."""
+    base, _ = write_single_file(tmp_path / "flux.safetensors", "flux")
+    lora = diffusers_lora(tmp_path / "diff.safetensors", {"transformer_blocks.1.attn.add_v_proj": (16, 16)}, seed=17)
+    dora = adaptools.to_dora(adaptools.load(lora), base)
+    (module,) = dora.modules.values()
+    W = load_file(base)["double_blocks.1.txt_attn.qkv.weight"][32:48].double()
+    expected = torch.linalg.vector_norm(W + module.scale * module.B.double() @ module.A.double(), dim=1)
+    torch.testing.assert_close(module.magnitude.double(), expected, rtol=1e-5, atol=1e-6)

@@ -26,6 +26,18 @@ class Target:
     row_order: Tensor | None = None
 
 
+def target_rows(stored: Tensor, target: Target) -> Tensor:
+    """The part of a stored tensor that a module's weight is: its row block, rows in the module's order."""
+    if target.rows is not None:
+        stored = stored[target.rows[0]:target.rows[1]]
+    return stored if target.row_order is None else stored[target.row_order]
+
+
+def target_shape(shape: tuple[int, ...], target: Target) -> tuple[int, ...]:
+    """The shape of `target_rows` of a stored tensor of `shape`."""
+    return shape if target.rows is None else (target.rows[1] - target.rows[0], *shape[1:])
+
+
 class NameMap:
     """Module paths → targets for a container whose keys are `<module path>.weight` (Hugging Face folders)."""
 
