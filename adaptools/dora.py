@@ -32,7 +32,7 @@ from .errors import BaseMismatchError, DoraError, InvalidArgumentError, NonFinit
 from .checkpoints import Container
 from .checkpoints.names import target_rows, target_shape
 from .formats.kohya import PREFIXES, remap_to_base
-from .checkpoints.nf4_quant import dequantize_nf4, is_nf4_weight, quantize_nf4
+from .checkpoints.nf4_quant import dequantize_nf4, quantize_nf4
 from .linalg import (
     AUTO_EXACT_MAX_DIM,
     SVD,
@@ -47,7 +47,7 @@ from .linalg import (
     truncation_error,
 )
 from .merge.kernels import dora_merge_rows
-from .checkpoints.nf4 import NF4Decoder
+from .checkpoints.stored import StoredDecoder
 from .names import listed
 from .report import ErrorSummary, ModuleFitError, relative
 from .sources import open_base
@@ -160,12 +160,12 @@ def _check_modules(adapter: Adapter, names: Sequence[str], base: Container, base
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UnknownModuleError(f"{len(missing)} adapter module(s) have no weight in the base: {shown}")
+    specs = base.decoder().specs(base)
     for name in names:
         key = f"{name}.weight"
-        if key in adapter.extra:
-            _check_shape(name, adapter[name], tuple(adapter.extra[key].shape))
-        elif not is_nf4_weight((target := base.names.target(name)).key, base.weight_map):
-            _check_shape(name, adapter[name], target_shape(base.shape(target.key), target))
+        found = (adapter.extra[key].shape if key in adapter.extra
+                 else target_shape(specs[(target := base.names.target(name)).key].shape, target))
+        _check_shape(name, adapter[name], tuple(found))
         if adapter[name].bias is not None:
             raise DoraError(f"module {name!r} has a LoRA bias; PEFT's DoRA does not support lora_bias")
 
@@ -178,9 +178,10 @@ def _check_shape(name: str, module: LoraModule, found: tuple[int, ...]) -> None:
         )
 
 
-def _base_weight(base: Container, key: str, base_weights: BaseWeights, decoder: NF4Decoder) -> Tensor:
-    """The base weight `key` in its stored layout: NF4 dequantized, or rounded through NF4 when asked."""
-    if is_nf4_weight(key, base.weight_map):
+def _base_weight(base: Container, key: str, base_weights: BaseWeights, decoder: StoredDecoder) -> Tensor:
+    """The base weight `key` in its float layout: a quantized one decoded, an unquantized one as stored or rounded
+    through NF4 when asked."""
+    if decoder.specs(base)[key].encoded:
         return decoder.read(base, key)
     W = base.get(key)
     if base_weights == "stored":
@@ -195,7 +196,7 @@ def _weight_chunks(adapter: Adapter, names: Sequence[str], base: Container, base
 
     A full weight stored in the adapter (`extra`, e.g. a saved embedding) replaces the base's, as in PEFT.
     """
-    decoder = NF4Decoder(base)
+    decoder = base.decoder()
     shard_rank = {shard: i for i, shard in enumerate(base.shards)}
     targets = {n: base.names.target(n) for n in names if f"{n}.weight" not in adapter.extra}
     order = sorted(names, key=lambda n: shard_rank.get(base.weight_map.get(targets[n].key) if n in targets else None, -1))

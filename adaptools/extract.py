@@ -39,9 +39,7 @@ from .linalg import (
     select_ranks,
     truncation_error,
 )
-from .checkpoints.stored import StoredDecoder, TensorSpec
-from .checkpoints.nf4 import NF4Decoder, is_conv1d
-from .checkpoints.nf4 import detect as is_nf4_checkpoint
+from .checkpoints.stored import StoredDecoder, TensorSpec, is_conv1d
 from .names import listed
 from .report import ErrorSummary, ModuleFitError, relative
 from .rerank import policy_text, resolve_policy
@@ -114,7 +112,7 @@ class ExtractReport(ErrorSummary):
 
 @dataclass
 class Checkpoint:
-    """A checkpoint with its decoder: every tensor as the model uses it (NF4 weights dequantized)."""
+    """A checkpoint with its decoder: every tensor as the model uses it (quantized weights decoded)."""
 
     ckpt: Container
     decoder: StoredDecoder
@@ -123,7 +121,7 @@ class Checkpoint:
     @classmethod
     def open(cls, path: str | os.PathLike | Container) -> Checkpoint:
         ckpt = open_base(path)
-        decoder = NF4Decoder(ckpt) if is_nf4_checkpoint(ckpt) else StoredDecoder()
+        decoder = ckpt.decoder()
         return cls(ckpt, decoder, decoder.specs(ckpt))
 
     @property

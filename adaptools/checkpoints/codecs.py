@@ -25,6 +25,13 @@ def target_names() -> list[str]:
     return ["fp16", "bf16", "fp32", *(name for codec in CODECS for name in sorted(codec.TARGETS))]
 
 
+def decoder_for(container: Container) -> StoredDecoder:
+    """The decoder of the encoding the base is stored in (as stored when no codec detects one): every tensor as the
+    model uses it (quantized weights decoded, their side tensors not listed)."""
+    stored_in = next((c for c in CODECS if c.detect(container)), None)
+    return stored_in.decoder(container) if stored_in is not None else StoredDecoder()
+
+
 def choose_codecs(container: Container, dtype: str | torch.dtype | None, *, device: torch.device,
                   **options: Any) -> tuple[StoredDecoder, CastEncoder]:
     """(decoder, encoder) for a base and an output dtype: the decoder of the encoding the base is stored in (as
@@ -35,8 +42,8 @@ def choose_codecs(container: Container, dtype: str | torch.dtype | None, *, devi
     target = next((c for c in CODECS if name in c.TARGETS), None)
     if isinstance(dtype, str) and target is None and name not in DTYPES:
         raise InvalidArgumentError(f"unsupported output dtype {dtype!r} (choose {', '.join(target_names())})")
+    decoder = decoder_for(container)
     stored_in = next((c for c in CODECS if c.detect(container)), None)
-    decoder = stored_in.decoder(container) if stored_in is not None else StoredDecoder()
     encoding = target or (stored_in if dtype is None else None)
     given = {k: v for k, v in options.items() if v is not None}
     foreign = sorted(set(given) - (encoding.OPTIONS if encoding is not None else set()))

@@ -80,6 +80,10 @@ class Container:
         """Where adapter module paths land in this container (keys `<module>.weight` by default)."""
         return NameMap(self.weight_map)
 
+    def decoder(self) -> Any:
+        """The decoder of the container's stored tensors (quantized weights decoded to their float layout)."""
+        raise NotImplementedError
+
     def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
         """(decoder, encoder) of the merge for an output `dtype` (None keeps each tensor's stored encoding)."""
         raise NotImplementedError

@@ -14,7 +14,7 @@ import torch
 from ..errors import BaseMismatchError, InputNotFoundError
 from ..jsonio import check_fields, json_object, read_json_object, string
 from ..names import plain_name, shown
-from .codecs import choose_codecs
+from .codecs import choose_codecs, decoder_for
 from .container import Container
 from .shards import INDEX_NAME, SINGLE_NAME, Layout, OutputSink, copy_side_files, plan_shards, shard_names, write_new
 
@@ -81,6 +81,9 @@ class HFFolder(Container):
         config = read_json_object(cfg, BaseMismatchError)
         check_fields(config, CONFIG_FIELDS, str(cfg), BaseMismatchError, nullable=tuple(CONFIG_FIELDS))
         return config
+
+    def decoder(self) -> Any:
+        return decoder_for(self)
 
     def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
         return choose_codecs(self, dtype, device=device, **options)

@@ -46,7 +46,7 @@ from .nf4_quant import (
 )
 from ..names import listed
 from .safetensors_io import DTYPE_NAMES, TensorInfo
-from .stored import CONV1D_MODEL_TYPES, DTYPES, CastEncoder, StoredDecoder, TensorSpec, check_range
+from .stored import DTYPES, CastEncoder, StoredDecoder, TensorSpec, check_range, is_conv1d
 
 NAME = "nf4"
 TARGETS = frozenset({"nf4"})
@@ -57,8 +57,6 @@ OPTIONS = frozenset({"double_quant"})
 DEFAULT_SKIP = ("lm_head", r".*embed[^.]*", "wte", "wpe")
 """Modules left unquantized by default: the LM head and embeddings (embed_tokens, embed_in/out, word_embeddings,
 GPT-2's wte/wpe). Norms and biases are 1-D and never quantized."""
-CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
-"""transformers' Conv1D projections in CONV1D_MODEL_TYPES architectures (their weights are stored (in, out))."""
 QUANTIZABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 """Dtypes of the weights bitsandbytes' NF4 quantizes (the quant state names one of them)."""
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
@@ -109,12 +107,6 @@ def skipped(module: str, patterns: Sequence[str]) -> bool:
     """transformers' `llm_int8_skip_modules` rule: a pattern matching from the start up to a module boundary
     (as a regex), or a suffix of the module name."""
     return any(re.match(rf"(?:{p}){_BOUNDARY}", module) or module.endswith(p) for p in patterns)
-
-
-def is_conv1d(model_type: str | None, key: str) -> bool:
-    """True when weight `key` is a transformers Conv1D (stored (in, out)) of a GPT-2-style architecture."""
-    module = key.removesuffix(".weight").rsplit(".", 1)[-1]
-    return model_type in CONV1D_MODEL_TYPES and module in CONV1D_MODULES
 
 
 def _check_patterns(patterns: Sequence[str]) -> None:

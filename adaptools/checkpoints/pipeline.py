@@ -20,14 +20,12 @@ from torch import Tensor
 from ..errors import BaseMismatchError, InputNotFoundError, InvalidArgumentError
 from ..jsonio import read_json_object
 from ..names import plain_name
-from .codecs import choose_codecs
-from .container import Container
 from .hf_folder import read_index
 from .names import NameMap, Target
 from .names_diffusion import TEXT_ENCODERS, kohya_namespace_names
 from .safetensors_io import TensorInfo, read_header
 from .shards import Layout, OutputSink, copy_side_files, shard_names
-from .single_file import Component, dtype_parameters
+from .single_file import Component, DiffusionContainer, dtype_parameters
 
 NAME = "pipeline"
 INDEX = "model_index.json"
@@ -98,7 +96,7 @@ class PipelineNames(NameMap):
         return [(f"{component}.text_model.{module.removeprefix('text_model.')}", None)]
 
 
-class Pipeline(Container):
+class Pipeline(DiffusionContainer):
     """A diffusers pipeline folder; its mergeable components' tensors keyed `<component>/<key>`."""
 
     def __init__(self, path: str | os.PathLike):
@@ -148,9 +146,6 @@ class Pipeline(Container):
             found.append(Component(component, len(infos), sum(math.prod(i.shape) for i in infos),
                                    dtype_parameters(infos)))
         return found
-
-    def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
-        return choose_codecs(self, dtype, device=device, **options)
 
     def plan_layout(self, units: Sequence[tuple[dict[str, int], str]], max_shard_bytes: int | None) -> Layout:
         """Each component's own shard layout (files named by diffusers / transformers: `<stem>.safetensors` or

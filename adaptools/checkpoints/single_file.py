@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import AdaptoolsError, InputNotFoundError, InvalidArgumentError
-from .codecs import choose_codecs
+from .codecs import choose_codecs, decoder_for
 from .container import Container
 from .names_diffusion import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, DiffusionNames
 from .safetensors_io import TensorInfo, read_header
@@ -66,7 +66,23 @@ class Component:
     dtypes: dict[str, int]
 
 
-class SingleFile(Container):
+class DiffusionContainer(Container):
+    """A diffusion checkpoint of safetensors files (single file or pipeline): its `family`, `components()`, and the
+    codec registry's decoder and codecs."""
+
+    family = "unknown"
+
+    def components(self) -> list[Component]:
+        raise NotImplementedError
+
+    def decoder(self) -> Any:
+        return decoder_for(self)
+
+    def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
+        return choose_codecs(self, dtype, device=device, **options)
+
+
+class SingleFile(DiffusionContainer):
     """A single-file diffusion checkpoint read from its header: family, components, `names` (a DiffusionNames).
     Outputs are one file with the same keys, dtypes and `__metadata__` (tensors no adapter changes copied as
     stored)."""
@@ -92,9 +108,6 @@ class SingleFile(Container):
         order = ("unet", "transformer", "text_encoder", "text_encoder_2", "vae", "other")
         return [Component(name, len(keys), sum(math.prod(self.shape(k)) for k in keys),
                           dtype_parameters(self.info(k) for k in keys)) for name in order if (keys := grouped.get(name))]
-
-    def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
-        return choose_codecs(self, dtype, device=device, **options)
 
     def plan_layout(self, units: Sequence[tuple[dict[str, int], str]], max_shard_bytes: int | None) -> Layout:
         """One file holding every output key (its name is given when the output opens)."""

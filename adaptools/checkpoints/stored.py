@@ -33,6 +33,14 @@ MERGEABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torc
 """Stored dtypes of tensors the merge can change (float8 has no arithmetic here; integers are not weights)."""
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 """Architectures whose projections are transformers' Conv1D (weight stored (in, out)): a square weight is transposed."""
+CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
+"""transformers' Conv1D projections in CONV1D_MODEL_TYPES architectures (their weights are stored (in, out))."""
+
+
+def is_conv1d(model_type: str | None, key: str) -> bool:
+    """True when weight `key` is a transformers Conv1D (stored (in, out)) of a GPT-2-style architecture."""
+    module = key.removesuffix(".weight").rsplit(".", 1)[-1]
+    return model_type in CONV1D_MODEL_TYPES and module in CONV1D_MODULES
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
