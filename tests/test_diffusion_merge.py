@@ -426,3 +426,32 @@ def test_lora_to_dora_on_a_fused_slice_uses_its_rows(tmp_path):
     W = load_file(base)["double_blocks.1.txt_attn.qkv.weight"][32:48].double()
     expected = torch.linalg.vector_norm(W + module.scale * module.B.double() @ module.A.double(), dim=1)
     torch.testing.assert_close(module.magnitude.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_cli_each_writes_files_with_one_recipe_beside_them(tmp_path, runner):
+    base, _ = write_single_file(tmp_path / "sd15.safetensors", "sd1")
+    a = kohya_lora(tmp_path / "a.safetensors", dict(list(SD1_LORA.items())[:2]), seed=18)
+    b = kohya_lora(tmp_path / "b.safetensors", dict(list(SD1_LORA.items())[2:4]), seed=19)
+    result = run_cli(runner, "merge", base, a, b, "--each", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "README.md", "a.safetensors", "adaptools_recipe.json", "b.safetensors"]
+    assert load_file(tmp_path / "out" / "a.safetensors").keys() == load_file(base).keys()
+
+
+def test_convert_base_maps_kohya_names_to_diffusers_paths(tmp_path, runner):
+    """`convert --base CKPT.safetensors`: kohya names resolved through the family's map (LDM-style SDXL names to
+    diffusers paths); the converted diffusers file merges into the checkpoint as the kohya file does."""
+    base, _ = write_single_file(tmp_path / "sdxl.safetensors", "sdxl")
+    lora = kohya_lora(tmp_path / "lora.safetensors", SDXL_LORA, seed=20)
+    out = tmp_path / "converted.safetensors"
+    result = run_cli(runner, "convert", lora, "--base", base, "--to", "diffusers", "-o", out)
+    assert result.exit_code == 0, result.output
+    keys = set(load_file(out))
+    assert "unet.down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q.lora_A.weight" in keys
+    assert "text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj.lora_B.weight" in keys
+    adaptools.merge(base, [lora], out=tmp_path / "a.safetensors")
+    adaptools.merge(base, [out], out=tmp_path / "b.safetensors")
+    a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -191,4 +191,5 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
         quantized=encoder.quantized,
         survival={plan.name: kept for plan, kept in zip(plans, survival) if kept},
         base=ckpt.label,
+        output_files=ckpt.output_is_file,
     )

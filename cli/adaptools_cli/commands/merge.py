@@ -88,4 +88,5 @@ def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str 
                                  max_shard_size=max_shard_size, allow_pickle=allow_pickle, progress=True,
                                  hash_inputs=True)  # the recipe reuses these sha256
     echo_report(report)
-    return {"folders": list(report.outputs.values()), "summary": survival_rows(report)}
+    folders = [] if report.output_files else list(report.outputs.values())  # --each files: one card beside them
+    return {"folders": folders, "summary": survival_rows(report)}
