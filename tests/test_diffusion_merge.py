@@ -455,3 +455,21 @@ def test_convert_base_maps_kohya_names_to_diffusers_paths(tmp_path, runner):
     a, b = load_file(tmp_path / "a.safetensors"), load_file(tmp_path / "b.safetensors")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_lycoris_loha_merges_into_a_single_file(tmp_path):
+    """A LyCORIS LoHa file (kohya names) lands on the LDM key: ΔW = (alpha/r)·(w1a·w1b) ⊙ (w2a·w2b) (the LoHa
+    reading itself is checked against LyCORIS in test_lycoris.py)."""
+    base, _ = write_single_file(tmp_path / "sd15.safetensors", "sd1")
+    g = torch.Generator().manual_seed(21)
+    name = "lora_unet_up_blocks_1_attentions_2_transformer_blocks_0_attn2_to_k"
+    parts = {"hada_w1_a": (8, 2), "hada_w1_b": (2, 24), "hada_w2_a": (8, 2), "hada_w2_b": (2, 24)}
+    state = {f"{name}.{p}": torch.randn(shape, generator=g) for p, shape in parts.items()}
+    state[f"{name}.alpha"] = torch.tensor(1.0)
+    save_file(state, str(tmp_path / "loha.safetensors"), metadata={"ss_network_module": "lycoris.kohya"})
+    adaptools.merge(base, [tmp_path / "loha.safetensors"], out=tmp_path / "merged.safetensors")
+    key = "model.diffusion_model.output_blocks.5.1.transformer_blocks.0.attn2.to_k.weight"
+    s = {p: state[f"{name}.{p}"].double() for p in parts}
+    delta = 0.5 * (s["hada_w1_a"] @ s["hada_w1_b"]) * (s["hada_w2_a"] @ s["hada_w2_b"])
+    torch.testing.assert_close(load_file(tmp_path / "merged.safetensors")[key].double(),
+                               load_file(base)[key].double() + delta, rtol=0, atol=1e-5)
