@@ -183,9 +183,6 @@ def flux_to_diffusers(key: str, inner: int, rows: int) -> list[tuple[str, tuple[
 
 # ---- families -------------------------------------------------------------------------------------------------------
 
-FAMILIES = ("sd1", "sd2", "sdxl", "sdxl-refiner", "flux")
-
-
 def flux_prefix(keys: Iterable[str]) -> str | None:
     """"" or "model.diffusion_model." when the keys are a BFL Flux transformer's, else None."""
     for prefix in ("", UNET_PREFIX):
@@ -290,7 +287,7 @@ class DiffusionNames(NameMap):
         super().__init__(shapes)
         self.family = family or detect_family(shapes)
         self._targets: dict[str, Target] = {}
-        self._keys: dict[str, str] = {}
+        self._tensors: dict[str, str] = {}
         whole: dict[str, str] = {}  # stored key → the diffusers module that is all of it
         self._held: dict[str, list[tuple[str, tuple[int, int] | None]]] = {}
         for key, found in stored_to_diffusers(self.family, shapes).items():
@@ -305,7 +302,7 @@ class DiffusionNames(NameMap):
                         if m.rows is None and order is None:
                             whole.setdefault(key, name)
                     if m.rows is None and not m.swapped:
-                        self._keys[f"{name}.{param}"] = key
+                        self._tensors[f"{name}.{param}"] = key
         prefix = (flux_prefix(shapes.keys()) or "") if self.family == "flux" else UNET_PREFIX
         self._original: dict[str, str] = {}
         self._prefix = prefix
@@ -326,7 +323,7 @@ class DiffusionNames(NameMap):
     def key(self, name: str) -> str | None:
         """The stored key of a full tensor in diffusers' spelling (a bias), or None when it is not one stored key
         as a whole (a fused slice)."""
-        return self._keys.get(name)
+        return self._tensors.get(name)
 
     def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
         """The diffusers modules a stored weight holds (q, k and v of an OpenCLIP in_proj by rows); Flux keeps its

@@ -60,7 +60,7 @@ class PipelineNames(NameMap):
     def __init__(self, keys: Sequence[str]):
         super().__init__(keys)
         self._targets: dict[str, Target] = {}
-        self._keys: dict[str, str] = {}
+        self._tensors: dict[str, str] = {}
         for key in keys:
             component, _, inner = key.partition("/")
             module, _, param = inner.rpartition(".")
@@ -70,7 +70,7 @@ class PipelineNames(NameMap):
                 bare = module.removeprefix("text_model.")
                 names = [f"{component}.text_model.{bare}", f"{component}.{bare}"]
             for name in names:
-                self._keys[f"{name}.{param}"] = key
+                self._tensors[f"{name}.{param}"] = key
                 if param == "weight":
                     self._targets[name] = Target(key)
 
@@ -81,7 +81,7 @@ class PipelineNames(NameMap):
         return self._targets.get(module)
 
     def key(self, name: str) -> str | None:
-        return self._keys.get(name)
+        return self._tensors.get(name)
 
     def kohya_names(self) -> dict[str, set[str]]:
         return kohya_namespace_names(self._targets, {})
