@@ -32,6 +32,10 @@ FLUX = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, atte
             num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True,
             axes_dims_rope=(2, 2, 4))
 
+SD3 = dict(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+           joint_attention_dim=12, caption_projection_dim=16, pooled_projection_dim=10, out_channels=4,
+           pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
 
 def seeded(module: torch.nn.Module, seed: int) -> torch.nn.Module:
     """`module` with every parameter drawn again from N(0, 0.2²) (zero-initialised layers become non-trivial)."""
@@ -55,6 +59,13 @@ def make_clip(config: dict, projection: bool, seed: int = 0):
     torch.manual_seed(seed)
     cls = CLIPTextModelWithProjection if projection else CLIPTextModel
     return seeded(cls(CLIPTextConfig(**config)), seed)
+
+
+def make_sd3(seed: int = 0):
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return seeded(SD3Transformer2DModel(**SD3), seed)
 
 
 def make_flux(seed: int = 0):
@@ -187,6 +198,54 @@ def flux_to_bfl(state: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]
     return {prefix + k: v for k, v in out.items()}
 
 
+SD3_PLAIN = {"pos_embed.proj": "x_embedder.proj", "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+             "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "context_embedder": "context_embedder",
+             "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+             "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear"}
+SD3_BLOCK = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+             "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+             "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+             "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+             "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+             "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+             "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+             "ff_context.net.2": "context_block.mlp.fc2"}
+
+
+def swapped(value: Tensor) -> Tensor:
+    first, second = value.chunk(2)
+    return torch.cat([second, first])
+
+
+def sd3_to_original(state: dict[str, Tensor], prefix: str = "model.diffusion_model.") -> dict[str, Tensor]:
+    """An SD3Transformer2DModel state dict in the MMDiT layout (fused qkv; the last block's context modulation and
+    the final modulation stored shift, scale)."""
+    state = dict(state)
+    out = {"pos_embed": state.pop("pos_embed.pos_embed")}
+    for ours, theirs in SD3_PLAIN.items():
+        for param in ("weight", "bias"):
+            out[f"{theirs}.{param}"] = state.pop(f"{ours}.{param}")
+    for param in ("weight", "bias"):
+        out[f"final_layer.adaLN_modulation.1.{param}"] = swapped(state.pop(f"norm_out.linear.{param}"))
+    blocks = sorted({int(k.split(".")[1]) for k in state if k.startswith("transformer_blocks.")})
+    for n in blocks:
+        ours, theirs = f"transformer_blocks.{n}.", f"joint_blocks.{n}."
+        for fused, parts in (("x_block.attn.qkv", "attn.to_{}"), ("context_block.attn.qkv", "attn.add_{}_proj"),
+                             ("x_block.attn2.qkv", "attn2.to_{}")):
+            for param in ("weight", "bias"):
+                if f"{ours}{parts.format('q')}.{param}" in state:
+                    out[f"{theirs}{fused}.{param}"] = torch.cat(
+                        [state.pop(f"{ours}{parts.format(p)}.{param}") for p in "qkv"])
+        for a, b in SD3_BLOCK.items():
+            for param in ("weight", "bias"):
+                if f"{ours}{a}.{param}" in state:
+                    value = state.pop(f"{ours}{a}.{param}")
+                    last = n == blocks[-1] and a == "norm1_context.linear"
+                    out[f"{theirs}{b}.{param}"] = swapped(value) if last else value
+    assert not state, sorted(state)
+    return {prefix + k: v for k, v in out.items()}
+
+
 # ---- original → diffusers with diffusers' own converters ----------------------------------------------------------
 
 def flux_converter(inner_dim: int):
@@ -209,6 +268,8 @@ def to_diffusers(family: str, state: dict[str, Tensor], components: dict) -> dic
     if family == "flux":
         inner = FLUX["num_attention_heads"] * FLUX["attention_head_dim"]
         return {"transformer": flux_converter(inner)(state)}
+    if family == "sd3":
+        return {"transformer": sfu.convert_sd3_transformer_checkpoint_to_diffusers(state)}
     out = {"unet": sfu.convert_ldm_unet_checkpoint(state, components["unet_config"])}
     if family == "sd2":
         out["text_encoder"] = sfu.convert_open_clip_checkpoint(components["text_encoder"], state,
@@ -226,6 +287,8 @@ def sd_components(family: str, seed: int = 0) -> dict:
     """The tiny diffusers/transformers models of a family, by component name (plus `unet_config`)."""
     if family == "flux":
         return {"transformer": make_flux(seed)}
+    if family == "sd3":
+        return {"transformer": make_sd3(seed)}
     config = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}[family]
     components = {"unet": make_unet(config, seed), "unet_config": dict(config),
                   "text_encoder": make_clip(CLIP_G, projection=True, seed=seed + 1) if family == "sd2"
@@ -239,6 +302,8 @@ def original_state(family: str, components: dict, flux_prefix: str = "") -> dict
     """The components' weights in the family's original single-file layout."""
     if family == "flux":
         return flux_to_bfl(components["transformer"].state_dict(), flux_prefix)
+    if family == "sd3":
+        return sd3_to_original(components["transformer"].state_dict())
     state = unet_to_ldm(components["unet"].state_dict(), components["unet_config"])
     if family == "sd2":  # OpenCLIP ViT-H as SD2's only text encoder
         state.update(open_clip_to_ldm(components["text_encoder"].state_dict(), "cond_stage_model.model."))

@@ -31,14 +31,16 @@ def kohya_lora(path: Path, modules: dict[str, tuple[int, int, tuple[int, ...]]],
     return path
 
 
-def diffusers_lora(path: Path, modules: dict[str, tuple[int, int]], seed: int, rank: int = 2) -> Path:
-    """A diffusers (PEFT-style keys) transformer LoRA with `.alpha` keys."""
+def diffusers_lora(path: Path, modules: dict[str, tuple[int, int]], seed: int, rank: int = 2,
+                   alpha: float | None = ALPHA) -> Path:
+    """A diffusers (PEFT-style keys) transformer LoRA with `.alpha` keys (none when `alpha` is None: scale 1)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, (out, inp) in modules.items():
         state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, inp, generator=g) * 0.5
         state[f"transformer.{name}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.5
-        state[f"transformer.{name}.alpha"] = torch.tensor(ALPHA)
+        if alpha is not None:
+            state[f"transformer.{name}.alpha"] = torch.tensor(alpha)
     save_file(state, str(path))
     return path
 
@@ -55,7 +57,8 @@ def merge_lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def diffusers_reference(family: str, lora: Path, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
     """diffusers' own loading and fusing of `lora` into the tiny models (weights rounded to `dtype`, math fp32)."""
-    from diffusers.loaders import FluxLoraLoaderMixin, StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+    from diffusers.loaders import (FluxLoraLoaderMixin, SD3LoraLoaderMixin, StableDiffusionLoraLoaderMixin,
+                                   StableDiffusionXLLoraLoaderMixin)
 
     components = sd_components(family)
     for name, model in components.items():
@@ -63,6 +66,10 @@ def diffusers_reference(family: str, lora: Path, dtype: torch.dtype) -> dict[str
             with torch.no_grad():
                 for p in model.parameters():
                     p.copy_(p.to(dtype).float())
+    if family == "sd3":
+        state = SD3LoraLoaderMixin.lora_state_dict(str(lora))
+        SD3LoraLoaderMixin.load_lora_into_transformer(state, transformer=components["transformer"])
+        return {"transformer": merge_lora_layers(components["transformer"])}
     if family == "flux":
         state, alphas = FluxLoraLoaderMixin.lora_state_dict(str(lora), return_alphas=True)
         FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas,
@@ -473,3 +480,22 @@ def test_lycoris_loha_merges_into_a_single_file(tmp_path):
     delta = 0.5 * (s["hada_w1_a"] @ s["hada_w1_b"]) * (s["hada_w2_a"] @ s["hada_w2_b"])
     torch.testing.assert_close(load_file(tmp_path / "merged.safetensors")[key].double(),
                                load_file(base)[key].double() + delta, rtol=0, atol=1e-5)
+
+
+SD3_LORA = {  # slices of the fused qkv weights (attn, context, attn2) and the last block's swapped modulation
+    "transformer_blocks.0.attn.to_q": (16, 16), "transformer_blocks.0.attn2.to_v": (16, 16),
+    "transformer_blocks.1.attn.add_k_proj": (16, 16), "transformer_blocks.1.ff.net.0.proj": (64, 16),
+    "transformer_blocks.2.norm1_context.linear": (32, 16), "norm_out.linear": (32, 16),
+}
+
+
+def test_sd3_diffusers_lora_on_fused_slices_matches_diffusers(tmp_path, single_thread):
+    base, components = write_single_file(tmp_path / "sd3.safetensors", "sd3", torch.float16)
+    lora = diffusers_lora(tmp_path / "lora.safetensors", SD3_LORA, seed=22, alpha=None)  # SD3's loader reads no alphas
+    report = adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    assert report.base == "sd3 single file"
+    changed = {"model.diffusion_model." + k for k in (
+        "joint_blocks.0.x_block.attn.qkv.weight", "joint_blocks.0.x_block.attn2.qkv.weight",
+        "joint_blocks.1.context_block.attn.qkv.weight", "joint_blocks.1.x_block.mlp.fc1.weight",
+        "joint_blocks.2.context_block.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.weight")}
+    assert_matches_diffusers("sd3", base, tmp_path / "merged.safetensors", lora, torch.float16, components, changed)

@@ -8,7 +8,7 @@ from diffusion_fixtures import original_state, sd_components, to_diffusers
 from adaptools.checkpoints.names_diffusion import DiffusionNames, detect_family
 from adaptools.errors import BaseMismatchError
 
-CASES = [("sd1", ""), ("sd2", ""), ("sdxl", ""), ("flux", ""), ("flux", "model.diffusion_model.")]
+CASES = [("sd1", ""), ("sd2", ""), ("sdxl", ""), ("flux", ""), ("flux", "model.diffusion_model."), ("sd3", "")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}{'-prefixed' if p else ''}" for f, p in CASES])
@@ -82,6 +82,12 @@ def test_fused_rows_and_swaps(case):
         assert names.target("double_blocks.0.img_attn.qkv").rows is None  # kohya's BFL-style names: whole keys
         assert kohya(names, "lora_unet_double_blocks_0_img_attn_qkv") == "double_blocks.0.img_attn.qkv"
         assert kohya(names, "lora_unet_single_transformer_blocks_0_attn_to_q") == "single_transformer_blocks.0.attn.to_q"
+    elif family == "sd3":
+        target = names.target("transformer_blocks.0.attn2.to_v")
+        assert (target.key, target.rows) == ("model.diffusion_model.joint_blocks.0.x_block.attn2.qkv.weight", (32, 48))
+        assert names.target("transformer_blocks.2.norm1_context.linear").row_order is not None  # the last block's
+        assert names.target("transformer_blocks.1.norm1_context.linear").row_order is None
+        assert kohya(names, "lora_unet_joint_blocks_1_context_block_attn_qkv") == "joint_blocks.1.context_block.attn.qkv"
     elif family == "sdxl":
         q = names.target("text_encoder_2.text_model.encoder.layers.1.self_attn.v_proj")
         assert (q.key, q.rows) == ("conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight", (64, 96))
@@ -103,8 +109,7 @@ def test_fused_rows_and_swaps(case):
 def test_unknown_layout_is_named():
     with pytest.raises(BaseMismatchError, match="keys start with 'encoder', 'lm_head'"):
         detect_family({"lm_head.weight": (4, 4), "encoder.x.weight": (2, 2)})
-    with pytest.raises(BaseMismatchError, match="SD3"):
-        detect_family({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (6, 2)})
+    assert detect_family({"model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight": (6, 2)}) == "sd3"
 
 
 def test_unet_alone_by_cross_attention_width():

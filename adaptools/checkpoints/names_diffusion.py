@@ -23,8 +23,9 @@ from .names import NameMap, Target
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
-CLIP_PREFIXES = {"cond_stage_model.transformer.": "text_encoder", "conditioner.embedders.0.transformer.": "text_encoder"}
-"""HF-layout CLIP text encoders (SD1, SDXL's CLIP-L) → diffusers component."""
+CLIP_PREFIXES = {"cond_stage_model.transformer.": "text_encoder", "conditioner.embedders.0.transformer.": "text_encoder",
+                 "text_encoders.clip_l.transformer.": "text_encoder", "text_encoders.clip_g.transformer.": "text_encoder_2"}
+"""HF-layout CLIP text encoders (SD1, SDXL's CLIP-L, SD3's CLIP-L and CLIP-G) → diffusers component."""
 OPEN_CLIP_PREFIXES = {"cond_stage_model.model.": "text_encoder", "conditioner.embedders.1.model.": "text_encoder_2",
                       "conditioner.embedders.0.model.": "text_encoder_2"}
 """OpenCLIP text encoders (SD2; SDXL's bigG; the SDXL refiner's only encoder) → diffusers component."""
@@ -181,6 +182,49 @@ def flux_to_diffusers(key: str, inner: int, rows: int) -> list[tuple[str, tuple[
     return []
 
 
+# ---- SD3 / SD3.5 (MMDiT) ---------------------------------------------------------------------------------------------
+
+SD3_TOP = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+           "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2", "context_embedder": "context_embedder",
+           "y_embedder.mlp.0": "time_text_embed.text_embedder.linear_1",
+           "y_embedder.mlp.2": "time_text_embed.text_embedder.linear_2", "final_layer.linear": "proj_out"}
+SD3_BLOCK = {"x_block.attn.ln_q": "attn.norm_q", "x_block.attn.ln_k": "attn.norm_k",
+             "context_block.attn.ln_q": "attn.norm_added_q", "context_block.attn.ln_k": "attn.norm_added_k",
+             "x_block.attn.proj": "attn.to_out.0", "context_block.attn.proj": "attn.to_add_out",
+             "x_block.attn2.ln_q": "attn2.norm_q", "x_block.attn2.ln_k": "attn2.norm_k",
+             "x_block.attn2.proj": "attn2.to_out.0", "x_block.adaLN_modulation.1": "norm1.linear",
+             "context_block.adaLN_modulation.1": "norm1_context.linear", "x_block.mlp.fc1": "ff.net.0.proj",
+             "x_block.mlp.fc2": "ff.net.2", "context_block.mlp.fc1": "ff_context.net.0.proj",
+             "context_block.mlp.fc2": "ff_context.net.2"}
+SD3_FUSED = {"x_block.attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+             "context_block.attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+             "x_block.attn2.qkv": ("attn2.to_q", "attn2.to_k", "attn2.to_v")}
+
+
+def sd3_to_diffusers(key: str, rows: int, last: int) -> list[tuple[str, tuple[int, int] | None, bool]]:
+    """An SD3 MMDiT key (without `model.diffusion_model.`) as SD3Transformer2DModel keys: (key, row block, halves
+    swapped); `last` is the last joint block (its context modulation is stored shift, scale)."""
+    if key == "pos_embed":
+        return [("pos_embed.pos_embed", None, False)]
+    module, _, param = key.rpartition(".")
+    if module in SD3_TOP:
+        return [(f"{SD3_TOP[module]}.{param}", None, False)]
+    if module == "final_layer.adaLN_modulation.1":
+        return [(f"norm_out.linear.{param}", None, True)]
+    match = re.fullmatch(r"joint_blocks\.(\d+)\.(.+)", module)
+    if not match:
+        return []
+    n, inside = int(match.group(1)), match.group(2)
+    block = f"transformer_blocks.{n}."
+    if inside in SD3_FUSED:
+        third = rows // 3
+        return [(f"{block}{name}.{param}", (k * third, (k + 1) * third), False)
+                for k, name in enumerate(SD3_FUSED[inside])]
+    if inside in SD3_BLOCK:
+        return [(f"{block}{SD3_BLOCK[inside]}.{param}", None, n == last and inside == "context_block.adaLN_modulation.1")]
+    return []
+
+
 # ---- families -------------------------------------------------------------------------------------------------------
 
 def flux_prefix(keys: Iterable[str]) -> str | None:
@@ -191,6 +235,15 @@ def flux_prefix(keys: Iterable[str]) -> str | None:
     return None
 
 
+def denoiser_prefix(family: str, keys: Iterable[str]) -> str:
+    """The key prefix of the denoiser's tensors: `model.diffusion_model.`, or "" for a bare Flux / SD3 file."""
+    if family == "flux":
+        return flux_prefix(keys) or ""
+    if family == "sd3":
+        return UNET_PREFIX if any(k.startswith(UNET_PREFIX + "joint_blocks.") for k in keys) else ""
+    return UNET_PREFIX
+
+
 def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     """The model family of a single-file checkpoint from its keys and shapes; an unknown layout raises naming what
     it found (its top-level key prefixes)."""
@@ -198,7 +251,7 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
     if flux_prefix(keys) is not None:
         return "flux"
     if any(k.startswith(UNET_PREFIX + "joint_blocks.") or k.startswith("joint_blocks.") for k in keys):
-        raise BaseMismatchError("the checkpoint is an SD3 (MMDiT joint_blocks) model, which adaptools does not map yet")
+        return "sd3"
     unet = any(k.startswith(UNET_PREFIX + "input_blocks.") for k in keys)
     if unet and any(k.startswith("conditioner.embedders.1.model.") for k in keys):
         return "sdxl"
@@ -218,7 +271,7 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
         return "sd1"
     heads = sorted({k.split(".", 1)[0] for k in keys})
     raise BaseMismatchError(
-        f"not a single-file checkpoint layout adaptools knows (SD1.x/SD2.x/SDXL LDM, Flux BFL): its keys start with "
+        f"not a single-file checkpoint layout adaptools knows (SD1.x/SD2.x/SDXL LDM, Flux BFL, SD3): its keys start with "
         f"{listed([shown(h) for h in heads])}"
     )
 
@@ -238,23 +291,26 @@ def stored_to_diffusers(family: str, shapes: Mapping[str, tuple[int, ...]]) -> d
     text projections, unknown extras) are left out."""
     keys = list(shapes)
     mapped: dict[str, list[Mapped]] = {}
-    if family == "flux":
-        prefix = flux_prefix(keys) or ""
-        inner = shapes[f"{prefix}img_in.weight"][0]
+    if family in ("flux", "sd3"):
+        prefix = denoiser_prefix(family, keys)
+        inner = shapes[f"{prefix}img_in.weight"][0] if family == "flux" else 0
+        last = max((int(k.split(".")[1]) for k in (key[len(prefix):] for key in keys if key.startswith(prefix))
+                    if k.startswith("joint_blocks.")), default=0)
         for key in keys:
             if key.startswith(prefix):
-                found = flux_to_diffusers(key[len(prefix):], inner, shapes[key][0] if shapes[key] else 0)
+                rows = shapes[key][0] if shapes[key] else 0
+                found = (flux_to_diffusers(key[len(prefix):], inner, rows) if family == "flux"
+                         else sd3_to_diffusers(key[len(prefix):], rows, last))
                 if found:
-                    mapped[key] = [Mapped(None, k, rows, swapped) for k, rows, swapped in found]
-        return mapped
-    shape = unet_shape((k[len(UNET_PREFIX):] for k in keys if k.startswith(UNET_PREFIX)),
-                       "add_embedding" if family.startswith("sdxl") else "class_embedding")
-    for key in keys:
-        if key.startswith(UNET_PREFIX):
-            found = unet_to_diffusers(key[len(UNET_PREFIX):], shape)
+                    mapped[key] = [Mapped(None, k, r, swapped) for k, r, swapped in found]
+    else:
+        shape = unet_shape((k[len(UNET_PREFIX):] for k in keys if k.startswith(UNET_PREFIX)),
+                           "add_embedding" if family.startswith("sdxl") else "class_embedding")
+        for key in keys:
+            found = unet_to_diffusers(key[len(UNET_PREFIX):], shape) if key.startswith(UNET_PREFIX) else None
             if found:
                 mapped[key] = [Mapped(None, found)]
-            continue
+    for key in keys:
         for prefix, component in CLIP_PREFIXES.items():
             if key.startswith(prefix + "text_model."):
                 mapped[key] = [Mapped(component, key[len(prefix + "text_model."):])]
@@ -294,7 +350,7 @@ class DiffusionNames(NameMap):
             for m in found:
                 module, _, param = m.key.rpartition(".")
                 order = swap_halves(shapes[key][0]) if m.swapped else None
-                if param == "weight" and self.family != "flux":
+                if param == "weight" and self.family not in ("flux", "sd3"):
                     self._held.setdefault(key, []).append((module_names(m.component, module)[0], m.rows))
                 for name in module_names(m.component, module):
                     if param == "weight":
@@ -303,7 +359,7 @@ class DiffusionNames(NameMap):
                             whole.setdefault(key, name)
                     if m.rows is None and not m.swapped:
                         self._tensors[f"{name}.{param}"] = key
-        prefix = (flux_prefix(shapes.keys()) or "") if self.family == "flux" else UNET_PREFIX
+        prefix = denoiser_prefix(self.family, shapes.keys())
         self._original: dict[str, str] = {}
         self._prefix = prefix
         for key in shapes:  # the original names of the denoiser's modules (kohya's LDM- and BFL-style names)
@@ -326,8 +382,8 @@ class DiffusionNames(NameMap):
         return self._tensors.get(name)
 
     def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
-        """The diffusers modules a stored weight holds (q, k and v of an OpenCLIP in_proj by rows); Flux keeps its
-        BFL names (kohya's Flux convention, fused qkv whole); a key of no component keeps its own name."""
+        """The diffusers modules a stored weight holds (q, k and v of an OpenCLIP in_proj by rows); Flux and SD3 keep
+        their original names (kohya's convention for them, fused qkv whole); a key of no component keeps its own."""
         if key in self._held:
             return self._held[key]
         module = key.removesuffix(".weight")

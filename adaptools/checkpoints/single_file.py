@@ -44,16 +44,16 @@ def detect(path: Path) -> bool:
 
 def component_of(key: str, family: str) -> str:
     """The diffusers component a stored key belongs to: unet / transformer, text_encoder(_2), vae, or other."""
-    if family == "flux":
-        return "transformer" if not key.startswith((VAE_PREFIX, "text_encoders.")) else "other"
-    if key.startswith(UNET_PREFIX):
-        return "unet"
     if key.startswith(VAE_PREFIX):
         return "vae"
     for prefix, component in {**CLIP_PREFIXES, **OPEN_CLIP_PREFIXES}.items():
         if key.startswith(prefix):
             return component
-    return "other"
+    if key.startswith("text_encoders."):
+        return "other"
+    if family in ("flux", "sd3"):
+        return "transformer"
+    return "unet" if key.startswith(UNET_PREFIX) else "other"
 
 
 @dataclass(frozen=True)
