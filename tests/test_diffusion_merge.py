@@ -306,7 +306,7 @@ def test_cli_lora_matching_nothing_is_one_error_line_and_no_output(tmp_path, run
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors", "sd15.safetensors"]
 
 
-def save_pipeline(folder: Path, family: str) -> dict:
+def save_pipeline(folder: Path, family: str, max_shard_size: str | None = None) -> dict:
     """A tiny pipeline folder of `family` (the models of `sd_components`, no VAE or tokenizer) and its components."""
     from diffusers import DDIMScheduler, FluxPipeline, StableDiffusionPipeline
 
@@ -318,7 +318,7 @@ def save_pipeline(folder: Path, family: str) -> dict:
         pipe = StableDiffusionPipeline(vae=None, text_encoder=components["text_encoder"], tokenizer=None,
                                        unet=components["unet"], scheduler=DDIMScheduler(), safety_checker=None,
                                        feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
+    pipe.save_pretrained(folder, max_shard_size=max_shard_size)
     return components
 
 
@@ -332,9 +332,10 @@ def load_pipeline(folder: Path, family: str):
                                                    feature_extractor=None, image_encoder=None)
 
 
-@pytest.mark.parametrize("family", ["sd1", "flux"])
-def test_pipeline_folder_merges_and_loads_with_from_pretrained(tmp_path, runner, family, single_thread):
-    save_pipeline(tmp_path / "pipe", family)
+@pytest.mark.parametrize("family, shard", [("sd1", None), ("flux", None), ("flux", "40KB")],
+                         ids=["sd1", "flux", "flux-sharded"])
+def test_pipeline_folder_merges_and_loads_with_from_pretrained(tmp_path, runner, family, shard, single_thread):
+    save_pipeline(tmp_path / "pipe", family, shard)
     (tmp_path / "pipe" / "scheduler").mkdir(exist_ok=True)
     (tmp_path / "pipe" / "scheduler" / "note.txt").write_text("copied as is")
     lora = (kohya_lora(tmp_path / "lora.safetensors", SD1_LORA, seed=11) if family == "sd1"
@@ -343,6 +344,10 @@ def test_pipeline_folder_merges_and_loads_with_from_pretrained(tmp_path, runner,
     assert result.exit_code == 0, result.output
     assert f"{family} pipeline" in result.output
     assert (tmp_path / "out" / "scheduler" / "note.txt").read_text() == "copied as is"
+    if shard:
+        shards = sorted(p.name for p in (tmp_path / "out" / "transformer").glob("*.safetensors"))
+        assert len(shards) > 1 and shards[0] == f"diffusion_pytorch_model-00001-of-{len(shards):05d}.safetensors"
+        assert (tmp_path / "out" / "transformer" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     loaded = load_pipeline(tmp_path / "out", family)
     theirs = diffusers_reference(family, lora, torch.float32)
     for component, state in theirs.items():
