@@ -504,3 +504,13 @@ def test_sd3_diffusers_lora_on_fused_slices_matches_diffusers(tmp_path, single_t
         "joint_blocks.1.context_block.attn.qkv.weight", "joint_blocks.1.x_block.mlp.fc1.weight",
         "joint_blocks.2.context_block.adaLN_modulation.1.weight", "final_layer.adaLN_modulation.1.weight")}
     assert_matches_diffusers("sd3", base, tmp_path / "merged.safetensors", lora, torch.float16, components, changed)
+
+
+def test_dtype_casts_a_single_file_and_refuses_quantized_outputs(tmp_path, runner):
+    base, _ = write_single_file(tmp_path / "sd15.safetensors", "sd1")
+    lora = kohya_lora(tmp_path / "lora.safetensors", dict(list(SD1_LORA.items())[:2]), seed=23)
+    adaptools.merge(base, [lora], dtype="bf16", out=tmp_path / "bf16.safetensors")
+    assert {v.dtype for v in load_file(tmp_path / "bf16.safetensors").values()} == {torch.bfloat16}
+    result = run_cli(runner, "merge", base, lora, "--dtype", "nf4", "-o", tmp_path / "nf4.safetensors")
+    assert result.exit_code == 2 and "--dtype nf4 does not apply" in result.stderr
+    assert not (tmp_path / "nf4.safetensors").exists()

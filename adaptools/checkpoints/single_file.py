@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import AdaptoolsError, InputNotFoundError, InvalidArgumentError
-from .codecs import choose_codecs, decoder_for
+from .codecs import CODECS, choose_codecs, decoder_for
 from .container import Container
 from .names_diffusion import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, DiffusionNames
 from .safetensors_io import TensorInfo, read_header
@@ -79,6 +79,11 @@ class DiffusionContainer(Container):
         return decoder_for(self)
 
     def codecs(self, dtype: str | torch.dtype | None, *, device: torch.device, **options: Any) -> tuple[Any, Any]:
+        """The registry's codecs for a float output dtype; quantized encodings (NF4, ...) are refused: SD tools and
+        diffusers read these checkpoints' weights as floats."""
+        if isinstance(dtype, str) and any(dtype.lower() in codec.TARGETS for codec in CODECS):
+            raise InvalidArgumentError(f"a {self.label} is written in a float dtype (fp16, bf16 or fp32): --dtype "
+                                       f"{dtype} does not apply")
         return choose_codecs(self, dtype, device=device, **options)
 
 
