@@ -4,6 +4,7 @@ into diffusers' layout by diffusers' own single-file converters, equals diffuser
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -514,3 +515,30 @@ def test_dtype_casts_a_single_file_and_refuses_quantized_outputs(tmp_path, runne
     result = run_cli(runner, "merge", base, lora, "--dtype", "nf4", "-o", tmp_path / "nf4.safetensors")
     assert result.exit_code == 2 and "--dtype nf4 does not apply" in result.stderr
     assert not (tmp_path / "nf4.safetensors").exists()
+
+
+def test_extract_from_pipeline_folders_round_trips(tmp_path, runner, single_thread):
+    """extract on two pipeline folders (kohya by default) and the result merged into the base pipeline reproduces
+    the tuned one's changed weights (a resnet conv as LoCon factors, a text-encoder linear)."""
+    save_pipeline(tmp_path / "base", "sd1")
+    shutil.copytree(tmp_path / "base", tmp_path / "tuned")
+    for component, key in (("unet", "down_blocks.0.resnets.1.conv2.weight"),
+                           ("text_encoder", "encoder.layers.1.mlp.fc1.weight")):
+        folder = tmp_path / "tuned" / component
+        (weights,) = folder.glob("*.safetensors")
+        state = load_file(weights)
+        key = key if key in state else f"text_model.{key}"
+        state[key] = state[key] + 0.05 * torch.randn(state[key].shape, generator=torch.Generator().manual_seed(24))
+        save_file(state, str(weights))
+    lora = tmp_path / "extracted.safetensors"
+    result = run_cli(runner, "extract", tmp_path / "base", tmp_path / "tuned", "--rank", "400", "-o", lora)
+    assert result.exit_code == 0, result.output
+    assert sorted(k.split(".")[0] for k in load_file(lora) if k.endswith("lora_down.weight")) == [
+        "lora_te_text_model_encoder_layers_1_mlp_fc1", "lora_unet_down_blocks_0_resnets_1_conv2"]
+    adaptools.merge(tmp_path / "base", [lora], out=tmp_path / "merged")
+    for component in ("unet", "text_encoder"):
+        (merged,) = (tmp_path / "merged" / component).glob("*.safetensors")
+        (tuned,) = (tmp_path / "tuned" / component).glob("*.safetensors")
+        ours, want = load_file(merged), load_file(tuned)
+        for key in want:
+            torch.testing.assert_close(ours[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
