@@ -298,8 +298,8 @@ def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = (), record
                     weights: bool = False, root: Path | None = None) -> list[str]:
     """Copy the top-level files of `source` that are not weights (config, tokenizer, generation config, ...; with
     `weights` the weights too) into new files of `folder`; a link that points outside the base (`copy_source`) is
-    left out with a warning (`root`: the folder links may point into, default `source`). With `record_digests`, each file's sha256 is taken from the copy's own read
-    (`adaptools.digests`)."""
+    left out with a warning (`root`: the folder links may point into, default `source`). With `record_digests`,
+    each file's sha256 is taken from the copy's own read (`adaptools.digests`)."""
     copied = []
     for path in sorted(source.iterdir()):
         if (path.name.startswith(".") or (is_weight_file(path.name) and not weights) or path.name in skip

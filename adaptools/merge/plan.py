@@ -205,7 +205,8 @@ def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, Tens
             fit = fit_module(module, shape, square) if rows is None or rows[1] <= spec.shape[0] else None
             if fit is None or (ROWS in name and (fit.transposed or module.bias is not None)):
                 where = "" if rows is None else f" rows {rows[0]}..{rows[1]} of"
-                misfit.append(f"{stored.removesuffix('.weight')}: the adapter needs {module.weight_shape}, the base has{where} {spec.shape}"
+                misfit.append(f"{stored.removesuffix('.weight')}: the adapter needs {module.weight_shape}, the base has"
+                              f"{where} {spec.shape}"
                               + (" (a fused slice takes a plain LoRA: no bias, no transposed layout)" if fit else ""))
                 continue
             fitted[name] = fit
