@@ -542,3 +542,23 @@ def test_extract_from_pipeline_folders_round_trips(tmp_path, runner, single_thre
         ours, want = load_file(merged), load_file(tuned)
         for key in want:
             torch.testing.assert_close(ours[key], want[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+@pytest.mark.parametrize("hostile", ["index", "model_index"])
+def test_hostile_pipeline_folders_are_one_error_line(tmp_path, runner, hostile):
+    """A shard index naming a file outside its component, or a model_index.json that is no object: exit 2, one
+    `error:` line, nothing written."""
+    save_pipeline(tmp_path / "pipe", "flux", "40KB")
+    if hostile == "index":
+        index = tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        data["weight_map"][next(iter(data["weight_map"]))] = "../../victim.safetensors"
+        index.write_text(json.dumps(data))
+    else:
+        (tmp_path / "pipe" / "model_index.json").write_text("[1, 2]")
+    lora = diffusers_lora(tmp_path / "lora.safetensors", {"transformer_blocks.0.attn.to_q": (16, 16)}, seed=25)
+    for args in (["merge", tmp_path / "pipe", lora, "-o", tmp_path / "out"], ["info", tmp_path / "pipe"]):
+        result = run_cli(runner, *args)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "out").exists()
