@@ -180,19 +180,22 @@ def plot(table: dict[str, tuple[list[float], float, float]], path: Path) -> None
     import matplotlib.pyplot as plt
 
     methods = [m for m, _ in METHODS]
-    plain = [sum(table[m][0]) / len(table[m][0]) for m in methods]
-    pico = [sum(table[f"{m} + pico"][0]) / len(table[m][0]) for m in methods]
     x = torch.arange(len(methods)).numpy()
-    fig, ax = plt.subplots(figsize=(10, 4))
-    ax.bar(x - 0.2, plain, 0.4, label="method")
-    ax.bar(x + 0.2, pico, 0.4, label="method + pico")
+    fig, ax = plt.subplots(figsize=(11, 4.5))
+    bars = [("tuned α", lambda label: sum(table[label][0]) / len(table[label][0])),
+            ("α = 1", lambda label: table[label][2])]
+    for i, (how, value) in enumerate(bars):
+        for j, suffix in enumerate(("", " + pico")):
+            offset = (2 * i + j - 1.5) * 0.2
+            ax.bar(x + offset, [value(m + suffix) for m in methods], 0.2, label=f"method{suffix}, {how}",
+                   color=f"C{2 * i + j}")
     base = table["base (each task's probe head)"][0]
     ax.axhline(sum(base) / len(base), color="gray", linewidth=0.8, linestyle="--", label="base, no adapter")
     ax.set_ylim(0, 1)
     ax.set_xticks(x, methods, rotation=20)
     ax.set_ylabel("normalized accuracy (mean over tasks)")
     ax.set_title("Merging T synthetic-task LoRAs: accuracy kept per method")
-    ax.legend()
+    ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

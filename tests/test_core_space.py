@@ -331,16 +331,6 @@ def test_dora_is_refused_with_the_hint(adapters: list[Adapter]) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture(scope="module")
-def peft_pair(llama_base, tmp_path_factory):
-    from factories import make_peft_adapter
-
-    folder = tmp_path_factory.mktemp("core")
-    a = make_peft_adapter(llama_base, folder / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    b = make_peft_adapter(llama_base, folder / "b", seed=2, r=2, lora_alpha=2, target_modules=["v_proj", "o_proj"])
-    return a, b
-
-
 def test_cli_core_methods(runner, peft_pair, tmp_path) -> None:
     from conftest import run_cli
 
