@@ -42,7 +42,7 @@ ISO_CTS_COMMON = 0.8
 HOOI_TOL = 1e-6
 HOOI_MAX_SWEEPS = 1000
 MAX_CORE_ELEMENTS = 2**23
-"""Most elements of one chunk's stacked factors Σ_j R_j·(m_j + n_j) (64 MiB in float64)."""
+"""Most elements of one chunk's stacked factors and task cores, Σ_j R_j·(m_j + n_j + T_j·R_j) (64 MiB in float64)."""
 
 
 @dataclass(frozen=True)
@@ -332,7 +332,7 @@ def core_merge(adapters: Sequence[Adapter], weights: Sequence[float] | None = No
     options, chosen = check_core_options(method, density, beta, policy, majority_sign, seed)
     planned = plan_combination(adapters, weights, f"merge ({method})", dtype=dtype, full_tensors=full_tensors)
     keys = merge_keys(planned.terms)
-    sizes = {name: sum(ranks) * (m + n) for name, (m, n, ranks, _) in keys.items()}
+    sizes = {name: sum(ranks) * (m + n + len(ranks) * sum(ranks)) for name, (m, n, ranks, _) in keys.items()}
     float64 = any(m.dtype == torch.float64 for a in planned.adapters for _, m in a.items())
     store = torch.float64 if float64 else torch.float32
     dev = resolve_device(device)

@@ -281,6 +281,15 @@ def test_rank_policies_apply_last(adapters: list[Adapter]) -> None:
     assert sum(m.rank * (m.in_features + m.out_features) for _, m in result.items()) <= 600
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("method", CORE)
+def test_cuda_matches_cpu(adapters: list[Adapter], method: str) -> None:
+    cpu, _ = adaptools.combine(adapters, WEIGHTS, method=method, calibrate="pico", device="cpu", **OPTIONS.get(method, {}))
+    gpu, _ = adaptools.combine(adapters, WEIGHTS, method=method, calibrate="pico", device="cuda", **OPTIONS.get(method, {}))
+    for name in SHAPES:
+        assert rel(dense(gpu[name]), dense(cpu[name])) < 1e-8
+
+
 def test_zero_and_single_tasks() -> None:
     """A freshly initialised LoRA (B = 0) merges to zero; one adapter alone under iso_c keeps its singular vectors."""
     zero = make_adapter(5, 4, 1.0, {"x": (12, 9)})
