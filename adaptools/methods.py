@@ -111,7 +111,7 @@ def check_options(method: str, density: float | None, majority_sign: str) -> flo
             raise InvalidArgumentError(f"density applies to sparsifying methods only, not to {method!r}")
         return 1.0
     if density is None:
-        raise InvalidArgumentError(f"method {method!r} needs a density (fraction of entries kept, e.g. 0.2)")
+        raise InvalidArgumentError(f"method {method!r} needs a density (--density: the fraction of entries kept, e.g. 0.2)")
     if not 0 < density <= 1:
         raise InvalidArgumentError(f"density must be in (0, 1], got {density}")
     return float(density)

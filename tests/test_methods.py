@@ -324,4 +324,4 @@ def test_cli_combine_methods(runner, peft_pair, tmp_path) -> None:
     res = run_cli(runner, "combine", a, b, "--density", "0.5", "-o", tmp_path / "bad")
     assert res.exit_code == 2 and res.stderr.startswith("error: density") and not (tmp_path / "bad").exists()
     res = run_cli(runner, "combine", a, b, "--method", "dare_ties", "-o", tmp_path / "bad")
-    assert res.exit_code == 2 and "needs a density" in res.stderr
+    assert res.exit_code == 2 and "needs a density (--density" in res.stderr
