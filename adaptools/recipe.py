@@ -162,13 +162,18 @@ def write_recipe(recipe: Mapping, output: str | os.PathLike, is_file: bool) -> N
 
 
 def embed_recipe(recipe: Mapping, file: Path) -> None:
-    """Put `recipe` under `__metadata__`[RECIPE_KEY] of the safetensors `file`: a new header (padded to 8 bytes,
-    as safetensors writes it; data offsets are relative to the data, so they stay) and the data copied after it."""
-    with open(file, "rb") as src:
+    """Put `recipe` under `__metadata__`[RECIPE_KEY] of the safetensors `file`: in place when the header's space
+    holds it, else a new header (padded to 8 bytes, as safetensors writes it; data offsets are relative to the
+    data, so they stay) and the data copied after it."""
+    with open(file, "r+b") as src:
         (length,) = struct.unpack("<Q", src.read(8))
         header = json.loads(src.read(length))
         header["__metadata__"] = {**header.get("__metadata__", {}), RECIPE_KEY: json.dumps(recipe, indent=None)}
         text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) <= length:  # the header's padding holds it (single-file merges reserve room): rewrite in place
+            src.seek(8)
+            src.write(text.ljust(length, b" "))
+            return
         text += b" " * (-len(text) % 8)
         rewritten = file.with_name(f".{file.name}.new")
         with open(rewritten, "xb") as dst:

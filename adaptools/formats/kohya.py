@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -148,20 +148,15 @@ def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
     return adapter
 
 
-def remap_to_base(adapter: Adapter, base_keys: Iterable[str]) -> Adapter:
-    """Rename kohya modules to the base checkpoint's module paths (`lora_unet_a_b_c` → `a.b_c` as the base spells it)."""
-    candidates: dict[str, set[str]] = {}
-    for key in base_keys:
-        if key.endswith(".weight"):
-            module = key[: -len(".weight")]
-            for prefix in PREFIXES:
-                candidates.setdefault(kohya_name(module, prefix), set()).add(module)
+def remap_to_base(adapter: Adapter, candidates: Mapping[str, set[str]]) -> Adapter:
+    """Rename kohya modules to the base's module paths (`lora_unet_a_b_c` → `a.b_c` as the base spells it), through
+    `candidates` (kohya name → module paths: a base's `names.kohya_names()`); a name that already is a path stays."""
     paths = {m for found in candidates.values() for m in found}
     renamed: dict[str, LoraModule] = {}
     sources: dict[str, str] = {}
     missing, ambiguous, shared = [], [], []
     for name, module in adapter.modules.items():
-        found = {name} if name in paths else candidates.get(name, set())
+        found = {name} if name in paths else set(candidates.get(name, ()))
         if not found:
             missing.append(name)
         elif len(found) > 1:
@@ -190,14 +185,23 @@ def unstorable(m: LoraModule) -> str | None:
     return None
 
 
+def kohya_prefixes(modules: Iterable[str], prefix: str) -> dict[str, str]:
+    """Module path prefix → kohya prefix: diffusers text-encoder components (`text_encoder.` → `lora_te_`, or
+    `lora_te1_` beside a `text_encoder_2.` → `lora_te2_`), and "" → `prefix` for the rest (the denoiser)."""
+    second = any(m.startswith("text_encoder_2.") for m in modules)
+    return {"text_encoder_2.": "lora_te2_", "text_encoder.": "lora_te1_" if second else "lora_te_", "": prefix}
+
+
 def kohya_state_dict(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> dict[str, Tensor]:
     """kohya keys for `adapter`: lora_down = A, lora_up = B, alpha = scale·r (so alpha/r is the scale)."""
     state: dict[str, Tensor] = {}
+    prefixes = kohya_prefixes(adapter.modules, prefix)
     for module, m in adapter.modules.items():
         reason = unstorable(m)
         if reason:
             raise AdapterFormatError(f"module {module!r}: kohya files cannot hold {reason}; use --to peft")
-        name = module if module.startswith(PREFIXES) else kohya_name(module, prefix)
+        head = next(h for h in prefixes if module.startswith(h))
+        name = module if module.startswith(PREFIXES) else kohya_name(module[len(head):], prefixes[head])
         down = m.A.reshape(m.rank, -1, *m.kernel) if m.kind == "conv" else m.A
         up = m.B.reshape(*m.B.shape, *([1] * len(m.kernel)))
         state[f"{name}.lora_down.weight"] = down

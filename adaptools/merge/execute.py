@@ -129,24 +129,26 @@ def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
     return hashers
 
 
-def output_paths(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool) -> list[Path]:
-    """Where each plan's output ends up: `target`, `target/<plan name>` with `each`, or its own path of a list."""
+def output_paths(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool,
+                 is_file: bool) -> list[Path]:
+    """Where each plan's output is: `target`; with `each`, `target/<plan name>` (`<plan name>.safetensors` for
+    single-file outputs); or, for a list of paths, plan i's own path."""
     if isinstance(target, Path):
-        return [target / plan.name if each else target for plan in plans]
+        return [target / (f"{plan.name}.safetensors" if is_file else plan.name) if each else target for plan in plans]
     return list(target)
 
 
 @contextlib.contextmanager
-def output_folders(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool,
-                   overwrite: bool) -> Iterator[list[Path]]:
-    """The staged folder of every plan: `target/<plan name>` inside one atomic `target` with `each`, else one
-    atomic output per plan (`target` is then the list of their paths); all are renamed into place on success."""
+def output_folders(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool, overwrite: bool,
+                   is_file: bool) -> Iterator[list[Path]]:
+    """The staged place of every plan (output_paths inside one atomic `target`, or one atomic output per plan for
+    a list of paths); all are renamed into place on success. `is_file`: single-file outputs."""
     with contextlib.ExitStack() as stack:
         if isinstance(target, Path):
-            tmp = stack.enter_context(atomic_output(target, overwrite=overwrite))
-            yield [tmp / plan.name if each else tmp for plan in plans]
+            tmp = stack.enter_context(atomic_output(target, overwrite=overwrite, is_file=is_file and not each))
+            yield output_paths(tmp, plans, each, is_file)
         else:
-            yield [stack.enter_context(atomic_output(t, overwrite=overwrite)) for t in target]
+            yield [stack.enter_context(atomic_output(t, overwrite=overwrite, is_file=is_file)) for t in target]
 
 
 def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
@@ -179,11 +181,11 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
         return read
 
     sinks: list[Sink] = []
-    with output_folders(target, plans, each, overwrite) as folders:
+    with output_folders(target, plans, each, overwrite, ckpt.output_is_file) as places:
         try:
-            sinks += [ckpt.open_output(folder, encoder, layout, hash_inputs=hash_inputs and i == 0,
+            sinks += [ckpt.open_output(place, encoder, layout, hash_inputs=hash_inputs and i == 0,
                                        skip=(RECIPE_NAME,))  # the base's recipe is not this one's
-                      for i, folder in enumerate(folders)]
+                      for i, place in enumerate(places)]
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                       disable=not progress, file=sys.stderr) as bar, \
                     torch_threads(1 if device.type == "cpu" and workers > 1 else None):
@@ -198,7 +200,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
             for sink in sinks:
                 sink.abort()
     return MergeReport(
-        outputs={plan.name: path for plan, path in zip(plans, output_paths(target, plans, each))},
+        outputs=dict(zip((plan.name for plan in plans), output_paths(target, plans, each, ckpt.output_is_file))),
         modules={plan.name: len(plan.updates) for plan in plans},
         tensors=len(specs),
         bytes_read=total,
@@ -210,4 +212,6 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
         dtype=encoder.label,
         quantized=encoder.quantized,
         survival={plan.name: kept for plan, kept in zip(plans, survival) if kept},
+        base=ckpt.label,
+        output_files=ckpt.output_is_file,
     )
