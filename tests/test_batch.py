@@ -161,13 +161,15 @@ def test_pool_batch_equals_single_commands_and_reruns_skip(work, runner, tmp_pat
     jobs += [{"command": "rerank", "adapter": "in/a2", "rank": 2, "out": "out/r2"},
              {"command": "merge", "adapters": ["in/missing"], "out": "out/bad"},
              {"command": "merge", "adapters": ["in/a2"], "out": "s3://outputs/models/m2"},
-             {"command": "rerank", "adapter": "in/a1", "rank": 2, "out": "s3://outputs/lora/r1"}]
+             {"command": "rerank", "adapter": "in/a1", "rank": 2, "out": "s3://outputs/lora/r1"},
+             {"command": "combine", "adapters": ["in/a0", "in/a1"], "weights": "0.5,0.5", "out": "out/c01"},
+             {"command": "convert", "adapter": "in/a2", "to": "kohya", "out": "out/k2.safetensors"}]
     path = jobs_file(folder, jobs, defaults={"base": "in/base"})
     report = tmp_path / "report.json"
     result = run_cli(runner, "batch", path, "--workers", "2", "--report", report)
     assert result.exit_code == 1, result.output
     rows = json.loads(report.read_text())
-    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "ok", "failed", "ok", "ok"]
+    assert [r["status"] for r in rows] == ["ok", "ok", "ok", "ok", "failed", "ok", "ok", "ok", "ok"]
     assert "in/missing" in rows[4]["error"] and "\n" not in rows[4]["error"]
     assert not (folder / "out" / "bad").exists() and not list((folder / "out").glob(".*"))
 
@@ -177,7 +179,11 @@ def test_pool_batch_equals_single_commands_and_reruns_skip(work, runner, tmp_pat
         single(runner, expected, merge_argv(job, job["out"]))
         assert tree(folder / job["out"]) == tree(expected / job["out"]), job["out"]
     single(runner, expected, ["rerank", "in/a2", "--rank=2", "--base=in/base", "-o", "out/r2"])
-    assert tree(folder / "out" / "r2") == tree(expected / "out" / "r2")
+    single(runner, expected, ["combine", "in/a0", "in/a1", "--weights=0.5,0.5", "--base=in/base", "-o", "out/c01"])
+    single(runner, expected, ["convert", "in/a2", "--to=kohya", "--base=in/base", "-o", "out/k2.safetensors"])
+    for name in ("r2", "c01"):
+        assert tree(folder / "out" / name) == tree(expected / "out" / name), name
+    assert (folder / "out" / "k2.safetensors").read_bytes() == (expected / "out" / "k2.safetensors").read_bytes()
 
     # object-store outputs: every file uploaded, the same bytes as written by the command from the same depth
     # below the jobs folder (the recipe records inputs relative to the output: ../../in/base)
@@ -194,7 +200,7 @@ def test_pool_batch_equals_single_commands_and_reruns_skip(work, runner, tmp_pat
     before = mtimes(folder / "out")
     s3_before = {f: s3.info(f)["LastModified"] for f in s3.find("outputs")}
     result = run_cli(runner, "batch", path, "--workers", "2", "--report", report)
-    assert [r["status"] for r in json.loads(report.read_text())] == ["skipped"] * 4 + ["failed"] + ["skipped"] * 2
+    assert [r["status"] for r in json.loads(report.read_text())] == ["skipped"] * 4 + ["failed"] + ["skipped"] * 4
     assert mtimes(folder / "out") == before
     s3.invalidate_cache()
     assert {f: s3.info(f)["LastModified"] for f in s3.find("outputs")} == s3_before
@@ -205,7 +211,8 @@ def test_pool_batch_equals_single_commands_and_reruns_skip(work, runner, tmp_pat
     killer, killed = kill_writer(load_jobs(path)[6].target)
     result = run_cli(runner, "batch", path, "--workers", "1", "--report", report)
     killer.join(timeout=5)
-    assert killed and [r["status"] for r in json.loads(report.read_text())][5:] == ["skipped", "ok"]
+    statuses = [r["status"] for r in json.loads(report.read_text())]
+    assert killed and statuses[5:] == ["skipped", "ok", "skipped", "skipped"]
     s3.invalidate_cache()
     assert {f.split("lora/r1/", 1)[1]: s3.cat_file(f) for f in s3.find("outputs/lora/r1")} == tree(
         expected / "x" / "y" / "r1")
