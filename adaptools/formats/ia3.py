@@ -5,13 +5,13 @@
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from torch import Tensor
 
 from ..adapter import Adapter
 from ..errors import AdapterFormatError, UnsupportedAdapterError
+from ..patterns import UnsafePattern, compile_safe
 from ..ia3 import IA3_REFUSAL, IA3Adapter, IA3Module
 from .peft import PREFIX, base_key, locate
 from .peft_lycoris import peft_type
@@ -37,9 +37,9 @@ def is_feedforward(config: dict, module: str) -> bool:
     targets = config.get("feedforward_modules") or []
     if isinstance(targets, str):
         try:
-            return re.fullmatch(targets, module) is not None
-        except re.error as exc:
-            raise AdapterFormatError(f"feedforward_modules {targets!r} is not a regular expression ({exc})") from exc
+            return compile_safe(targets).fullmatch(module)
+        except UnsafePattern as exc:
+            raise AdapterFormatError(f"feedforward_modules {targets!r} is refused: {exc}") from None
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise AdapterFormatError(f"feedforward_modules must be a string or a list of strings, got {targets!r}")
     return any(module.endswith(t) for t in targets)

@@ -1,6 +1,7 @@
 """kohya-style LoRA files (`lora_down`/`lora_up`/`alpha`, optional `dora_scale`), read and written (DESIGN §4)."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -10,10 +11,11 @@ from torch import Tensor
 
 from ..adapter import KOHYA_PREFIXES as PREFIXES
 from ..adapter import Adapter, LoraModule
+from ..bounds import check_expansion, stored_numbers
 from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
 from ..linalg import map_by_shape
 from ..lycoris_math import tucker_down
-from .tensors import PICKLE_SUFFIXES, check_factors, check_magnitude, read_tensor_file, safetensors_header, write_safetensors
+from .tensors import PICKLE_SUFFIXES, check_factors, check_stored, check_magnitude, read_tensor_file, safetensors_header, write_safetensors
 
 NAME = "kohya"
 WRITES_FILE = True
@@ -102,6 +104,8 @@ def fold_tucker(name: str, parts: dict[str, Tensor]) -> tuple[Tensor, Tensor] | 
             f"kohya module {name!r}: lora_up {tuple(up.shape)}, lora_mid {tuple(mid.shape)} and lora_down "
             f"{tuple(down.shape)} are not a Tucker LoCon (up (out, r), mid (r, r, *kernel), down (r, in, 1, ...))"
         )
+    for role, tensor in (("lora_mid", mid), ("lora_down", down), ("lora_up", up)):
+        check_stored(name, role, tensor)
     return mid.float(), down.reshape(down.shape[0], -1).float()
 
 
@@ -109,6 +113,8 @@ def contract_tucker(grouped: dict[str, dict[str, Tensor]]) -> None:
     """Replace each Tucker LoCon's lora_down and lora_mid by their contraction (r, in, *kernel) (DESIGN §11), in place:
     ΔW = up · (mid ×₂ down) is then an ordinary conv LoRA of the same rank; one einsum per shape, in float32."""
     cores = {name: found for name, parts in grouped.items() if (found := fold_tucker(name, parts)) is not None}
+    check_expansion({name: core.shape[0] * down.shape[1] * math.prod(core.shape[2:]) for name, (core, down) in cores.items()},
+                    stored_numbers(grouped), "Tucker LoCon")
     for name, (A,) in map_by_shape(cores, tucker_down).items():
         parts = grouped[name]
         mid = parts.pop("mid")

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, DoraError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
+from ..patterns import UnsafePattern, first_match, peft_rule
 from ..jsonio import (
     boolean,
     booleans,
@@ -56,11 +57,12 @@ LORA_SUFFIXES = {
 
 
 def pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: the value of the first key (dict order) with re.match(rf"(.*\\.)?({key})$", module), else default."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    """PEFT's rule: the value of the first key (dict order) with re.match(rf"(.*\\.)?({key})$", module), else default;
+    AdapterFormatError for a key whose matching time has no small bound (adaptools.patterns)."""
+    try:
+        return first_match(patterns, module, default)
+    except UnsafePattern as exc:
+        raise AdapterFormatError(f"module {module!r}: rank/alpha {exc}") from None
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
@@ -123,13 +125,14 @@ def read_config(path: Path) -> dict:
 
 
 def check_patterns(config: dict, source: str) -> None:
-    """AdapterFormatError unless every rank_pattern / alpha_pattern key compiles in PEFT's matching rule."""
+    """AdapterFormatError unless every rank_pattern / alpha_pattern key compiles in PEFT's matching rule with a bound
+    on its matching time (adaptools.patterns)."""
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in config.get(key) or {}:
             try:
-                re.compile(rf"(.*\.)?({pattern})$")
-            except re.error as exc:
-                raise AdapterFormatError(f"{source!r}: {key} key {pattern!r} is not a regular expression ({exc})") from None
+                peft_rule(pattern)
+            except UnsafePattern as exc:
+                raise AdapterFormatError(f"{source!r}: {key} key {pattern!r} is refused: {exc}") from None
 
 
 def is_peft_key(key: str) -> bool:

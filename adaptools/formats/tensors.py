@@ -87,8 +87,24 @@ def safetensors_header(path: Path) -> tuple[list[str], dict[str, str]] | None:
         return None
 
 
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes adapter factors are read in: integers would wrap or round, float8 has no family that stores it."""
+
+
+def check_stored(module: str, role: str, tensor: Tensor) -> None:
+    """AdapterFormatError unless a stored factor is floating point (FACTOR_DTYPES) and not empty."""
+    if tensor.dtype not in FACTOR_DTYPES:
+        raise AdapterFormatError(
+            f"module {module!r}: {role} is stored as {str(tensor.dtype).removeprefix('torch.')}; adapter factors must "
+            "be float16, bfloat16, float32 or float64"
+        )
+    if tensor.numel() == 0:
+        raise AdapterFormatError(f"module {module!r}: {role} of shape {tuple(tensor.shape)} is empty")
+
+
 def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("lora_A", "lora_B")) -> None:
-    """Raise unless A (r, in[, k...]) and B (out, r[, 1...]) are LoRA factors: same number of dims, one rank, 1x1 kernel in B."""
+    """Raise unless A (r, in[, k...]) and B (out, r[, 1...]) are LoRA factors: floating point, same number of dims,
+    one rank ≥ 1, no empty dimension, 1x1 kernel in B."""
     if A.ndim < 2 or B.ndim != A.ndim:
         raise ShapeMismatchError(
             f"module {module!r}: {names[0]} of shape {tuple(A.shape)} and {names[1]} of shape {tuple(B.shape)} are not LoRA factors"
@@ -97,6 +113,8 @@ def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("
         raise RankMismatchError(f"module {module!r}: {names[0]} has rank {A.shape[0]} but {names[1]} has rank {B.shape[1]}")
     if A.shape[0] == 0:
         raise RankMismatchError(f"module {module!r}: {names[0]} and {names[1]} have rank 0 (an empty update)")
+    check_stored(module, names[0], A)
+    check_stored(module, names[1], B)
     if any(s != 1 for s in B.shape[2:]):
         raise ShapeMismatchError(f"module {module!r}: {names[1]} must have a 1x1 kernel, got {tuple(B.shape)}")
 
