@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from .errors import DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError, ShapeMismatchError
+from .errors import AdapterFormatError, DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError, ShapeMismatchError
 from .names import listed
 
 LayerKind = Literal["linear", "embedding", "conv"]
@@ -41,6 +41,10 @@ class LoraModule:
     bias: Tensor | None = None
 
     def __post_init__(self) -> None:
+        odd = [f"{n} {str(t.dtype).removeprefix('torch.')}" for n, t in (("A", self.A), ("B", self.B))
+               if not t.is_floating_point() or t.element_size() < 2]
+        if odd:
+            raise AdapterFormatError(f"LoRA factors must be float16, bfloat16, float32 or float64, got {', '.join(odd)}")
         if self.A.ndim != 2 or self.B.ndim != 2:
             raise ShapeMismatchError(f"LoRA factors must be 2-D, got A {tuple(self.A.shape)} and B {tuple(self.B.shape)}")
         if self.A.shape[0] != self.B.shape[1]:

@@ -36,6 +36,11 @@ def expansion_limit(stored: int) -> int:
     return max(EXPANSION_FLOOR, EXPANSION_FACTOR * stored)
 
 
+def archive_limit(size: int) -> int:
+    """The bytes an archive of `size` bytes may decompress to."""
+    return max(ARCHIVE_FLOOR, ARCHIVE_RATIO * size)
+
+
 def exact_fits(rank: int, out_features: int, in_features: int) -> bool:
     """True when exact factors of `rank` cost no more than a dense ΔW with an identity factor: rank ≤ min(out, in)."""
     return rank <= min(out_features, in_features)

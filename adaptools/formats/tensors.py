@@ -121,6 +121,7 @@ def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("
 
 def check_magnitude(module: str, magnitude: Tensor, name: str = "lora_magnitude_vector") -> None:
     """Raise AdapterFormatError unless every DoRA magnitude m (the norm of a row of W') is positive and finite."""
+    check_stored(module, name, magnitude)
     bad = ~(torch.isfinite(magnitude) & (magnitude > 0))
     if bool(bad.any()):
         value = float(magnitude.reshape(-1)[bad.reshape(-1)][0])
