@@ -257,6 +257,9 @@ def group_state(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]
     for key, tensor in tensors.items():
         key = key.removeprefix(PREFIX)
         module, role = split_key(key)
+        if role is None and "." not in key:
+            raise AdapterFormatError(f"key {PREFIX + key!r} names no module (a full tensor's key is <module path>."
+                                     "<parameter>)")
         if role is None:
             extra[base_key(key)] = tensor
         else:
