@@ -61,15 +61,25 @@ def lookup(path: str | os.PathLike) -> str | None:
     return found
 
 
+def changed_error(path: Path, detail: str) -> RecipeError:
+    """The error for an input that changed while a command read it."""
+    return RecipeError(f"input {str(path)!r} changed while the command ran ({detail}): no recipe can name the bytes "
+                       "the output was made from; run the command again")
+
+
 class SequentialHasher:
     """sha256 of one file, fed by byte ranges [start, end) that are done in any order (`done`, thread-safe);
     `finish` hashes what no range covered (the header, the end) and records the digest."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, size: int | None = None):
+        """`size`: the file's size when its header was read and validated; another size now means it changed."""
         self.path = Path(path)
         self._file = open(self.path, "rb", buffering=0)
         self.key = file_key(self.path)
         self._size = self.key[1]
+        if size is not None and size != self._size:
+            self._file.close()
+            raise changed_error(self.path, f"{size:,} bytes when its header was read, {self._size:,} now")
         self._sha = hashlib.sha256()
         self._position = 0
         self._pending: dict[int, int] = {}
@@ -122,6 +132,10 @@ class SequentialHasher:
                     self._hash(self._position, end)
             self._hash(self._position, self._size)
             self._file.close()
+        now = file_key(self.path)
+        if now != self.key:
+            raise changed_error(self.path, f"size {self.key[1]:,} and mtime {self.key[2]} when read, size {now[1]:,} "
+                                f"and mtime {now[2]} now")
         digest = self._sha.hexdigest()
         record(self.key, digest)
         return digest

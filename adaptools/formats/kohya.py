@@ -199,11 +199,16 @@ def unstorable(m: LoraModule) -> str | None:
 def kohya_state_dict(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> dict[str, Tensor]:
     """kohya keys for `adapter`: lora_down = A, lora_up = B, alpha = scale·r (so alpha/r is the scale)."""
     state: dict[str, Tensor] = {}
+    named: dict[str, str] = {}
     for module, m in adapter.modules.items():
         reason = unstorable(m)
         if reason:
             raise AdapterFormatError(f"module {module!r}: kohya files cannot hold {reason}; use --to peft")
         name = module if module.startswith(PREFIXES) else kohya_name(module, prefix)
+        if name in named:
+            raise AdapterFormatError(f"modules {named[name]!r} and {module!r} both become the kohya name {name!r} "
+                                     "(kohya replaces '.' by '_'): a kohya file cannot hold both; use --to peft")
+        named[name] = module
         down = m.A.reshape(m.rank, -1, *m.kernel) if m.kind == "conv" else m.A
         up = m.B.reshape(*m.B.shape, *([1] * len(m.kernel)))
         state[f"{name}.lora_down.weight"] = down

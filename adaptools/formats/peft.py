@@ -192,6 +192,9 @@ def adalora_factors(parts: dict[str, Tensor], module: str, config: dict) -> tupl
     if E.shape[0] != A.shape[0]:
         raise RankMismatchError(f"AdaLoRA module {module!r}: lora_A has rank {A.shape[0]} but lora_E has {E.shape[0]} values")
     mask = adalora_mask(config, module)
+    if mask is not None and not any(mask):
+        raise AdapterFormatError(f"AdaLoRA module {module!r} keeps no rank (its rank_pattern mask is all false): "
+                                 "pruning left it no update, and a rank-0 module cannot be written")
     if mask is not None and len(mask) == A.shape[0] != sum(mask):  # saved before pruning: apply the mask
         keep = torch.tensor(mask, dtype=torch.bool)
         A, B, E = A[keep], B[:, keep], E[keep]
