@@ -29,7 +29,7 @@ from ..jsonio import (
     string,
     string_or_strings,
 )
-from .tensors import check_factors, check_magnitude, read_tensor_file, require_exists, safetensors_header, write_safetensors
+from .tensors import check_factors, check_magnitude, check_stored, read_tensor_file, require_exists, safetensors_header, write_safetensors
 
 NAME = "peft"
 WRITES_FILE = False
@@ -189,6 +189,7 @@ def adalora_factors(parts: dict[str, Tensor], module: str, config: dict) -> tupl
         raise AdapterFormatError(f"AdaLoRA module {module!r} lacks {', '.join(missing)}")
     A, B, E = parts["A"], parts["B"], parts["E"].reshape(-1)
     check_factors(module, A, B)
+    check_stored(module, "lora_E", E)
     if E.shape[0] != A.shape[0]:
         raise RankMismatchError(f"AdaLoRA module {module!r}: lora_A has rank {A.shape[0]} but lora_E has {E.shape[0]} values")
     mask = adalora_mask(config, module)
