@@ -23,6 +23,7 @@ from ..bounds import archive_limit
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 from ..jsonio import check_fields, finite_number, json_object, positive_int, read_json_object, string
 from .layout import uniform_rank
+from .folders import weights_in
 from .tensors import check_magnitude, check_stored, read_safetensors, safetensors_header, write_safetensors
 
 NAME = "mlx"
@@ -47,9 +48,7 @@ def is_mlx_config(config: Path) -> bool:
 
 def weights_of(path: Path) -> Path | None:
     """The tensor file of an mlx adapter folder (adapters.safetensors, else adapters.npz) or the file itself."""
-    if path.is_file():
-        return path
-    return next((path / n for n in (WEIGHTS_NAME, NPZ_NAME) if (path / n).exists()), None)
+    return weights_in(path, (WEIGHTS_NAME, NPZ_NAME))
 
 
 def detect(path: Path) -> bool:
