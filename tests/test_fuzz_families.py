@@ -24,6 +24,7 @@ from test_fuzz_inputs import FUZZ, RUN_SECONDS, VALUES, outside, time_limit
 from test_untrusted_inputs import tree_digest
 
 import adaptools
+from adaptools import bounds
 from adaptools_cli.main import cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -183,7 +184,9 @@ def fuzz_root(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_fuzz_family_files(family, fuzz_root):
+def test_fuzz_family_files(family, fuzz_root, monkeypatch):
+    monkeypatch.setattr(bounds, "EXPANSION_FLOOR", 2**20)  # the bounds are exercised without 512 MiB expansions
+    monkeypatch.setattr(bounds, "EXPANSION_FACTOR", 64)
     @settings(max_examples=30, **FUZZ)
     @given(data=st.data())
     def check(data):

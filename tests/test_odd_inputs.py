@@ -11,23 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from factories import make_peft_adapter
 from safetensors.torch import load_file, save_file
 
 import adaptools
 from adaptools.digests import SequentialHasher
 from adaptools.errors import RecipeError
 
+from test_errors_cli import CONFIG, WEIGHTS, good  # noqa: F401  (good: a valid PEFT LoRA folder fixture)
+
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-WEIGHTS, CONFIG = "adapter_model.safetensors", "adapter_config.json"
 P = "base_model.model."
-
-
-@pytest.fixture(scope="module")
-def good(llama_base, tmp_path_factory) -> Path:
-    return make_peft_adapter(llama_base, tmp_path_factory.mktemp("good") / "peft", r=4, lora_alpha=8,
-                             target_modules=["q_proj", "v_proj"])
 
 
 def variant(good: Path, target: Path, *, config=None, state=None) -> Path:
