@@ -32,7 +32,8 @@ FORBIDDEN_IN_LOOP = (*LOOPS, sre.BRANCH, sre.ASSERT, sre.ASSERT_NOT, sre.GROUPRE
 
 
 class UnsafePattern(ValueError):
-    """A pattern whose matching time has no small bound (nested or ambiguous loops, back-references, too long)."""
+    """A pattern whose matching time has no small bound (nested or ambiguous loops, back-references, too long);
+    its message is a predicate ("is not a regular expression (...)") to follow the pattern's name."""
 
 
 def _children(op, av) -> list:
@@ -55,7 +56,8 @@ def _children(op, av) -> list:
 def _check_loop_body(seq) -> None:
     for op, av in seq:
         if op in FORBIDDEN_IN_LOOP:
-            raise UnsafePattern("a repeated part holds another repeat, a choice (|), a lookaround or a back-reference")
+            raise UnsafePattern("has a repeated part that holds another repeat, a choice (|), a lookaround or a "
+                                 "back-reference")
         for child in _children(op, av):
             _check_loop_body(child)
 
@@ -63,7 +65,7 @@ def _check_loop_body(seq) -> None:
 def _check(seq) -> None:
     for op, av in seq:
         if op in (sre.GROUPREF, sre.GROUPREF_EXISTS):
-            raise UnsafePattern("it uses a back-reference")
+            raise UnsafePattern("uses a back-reference")
         if op in LOOPS and av[1] > 1:
             _check_loop_body(av[2])
         else:
@@ -100,8 +102,8 @@ class SafePattern:
     def match(self, name: str) -> bool:
         """re.match(self.text, name) is not None; UnsafePattern when the bound on its work is above MAX_STEPS."""
         if self.steps(len(name)) > MAX_STEPS:
-            raise UnsafePattern(f"matching it against a name of {len(name):,} characters could take more than "
-                                f"{MAX_STEPS:,} steps")
+            raise UnsafePattern(f"could take more than {MAX_STEPS:,} steps to match a name of {len(name):,} "
+                                "characters")
         return self.regex.match(name) is not None
 
     def fullmatch(self, name: str) -> bool:
@@ -114,12 +116,12 @@ def compile_safe(text: str) -> SafePattern:
     """The SafePattern of `text`; UnsafePattern (with the reason) for a pattern that is too long, does not compile,
     or has no small bound on its matching time."""
     if len(text) > MAX_PATTERN_CHARS:
-        raise UnsafePattern(f"it is {len(text):,} characters long (at most {MAX_PATTERN_CHARS:,})")
+        raise UnsafePattern(f"is {len(text):,} characters long (at most {MAX_PATTERN_CHARS:,})")
     try:
         regex = re.compile(text)
         parsed = sre_parse.parse(text)
     except (re.error, RecursionError, OverflowError) as exc:
-        raise UnsafePattern(f"it is not a regular expression ({exc})") from None
+        raise UnsafePattern(f"is not a regular expression ({getattr(exc, 'msg', exc)})") from None
     _check(parsed)
     return SafePattern(text, regex, parsed)
 
@@ -137,7 +139,7 @@ def first_match(patterns: dict, module: str, default):
         try:
             hit = peft_rule(key).match(module)
         except UnsafePattern as exc:
-            raise UnsafePattern(f"pattern {key!r}: {exc}") from None
+            raise UnsafePattern(f"pattern {key!r} {exc}") from None
         if hit:
             return value
     return default

@@ -38,7 +38,7 @@ def is_feedforward(config: dict, module: str) -> bool:
         try:
             return compile_safe(targets).fullmatch(module)
         except UnsafePattern as exc:
-            raise AdapterFormatError(f"feedforward_modules {targets!r} is refused: {exc}") from None
+            raise AdapterFormatError(f"feedforward_modules {targets!r} {exc}") from None
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise AdapterFormatError(f"feedforward_modules must be a string or a list of strings, got {targets!r}")
     return any(module.endswith(t) for t in targets)

@@ -111,7 +111,7 @@ def check_patterns(config: dict, source: str) -> None:
             try:
                 peft_rule(pattern)
             except UnsafePattern as exc:
-                raise AdapterFormatError(f"{source!r}: {key} key {pattern!r} is refused: {exc}") from None
+                raise AdapterFormatError(f"{source!r}: {key} key {pattern!r} {exc}") from None
 
 
 def is_peft_key(key: str) -> bool:
