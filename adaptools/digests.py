@@ -8,10 +8,12 @@ results keyed by (resolved path, size, mtime_ns, inode): a file changed since it
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import RecipeError
@@ -46,8 +48,8 @@ def forget() -> None:
 
 
 def lookup(path: str | os.PathLike) -> str | None:
-    """The recorded sha256 of the file at `path`; None when it was never hashed by a read. RecipeError when it was,
-    but the file changed since (a recipe would name bytes the operation did not read)."""
+    """The recorded sha256 of the file at `path`; None when it was never hashed by a read. RecipeError when it was
+    hashed or read (`reading`), but the file changed since (a recipe would name bytes the operation did not read)."""
     try:
         key = file_key(path)
     except OSError:
@@ -55,7 +57,7 @@ def lookup(path: str | os.PathLike) -> str | None:
     with _lock:
         found = _digests.get(key)
         earlier = _hashed.get(key[0])
-    if found is None and earlier is not None:
+    if found is None and earlier is not None and earlier != key:
         raise RecipeError(f"input {str(path)!r} changed while the command ran (after it was read): the output was "
                           "made from other bytes than the file now holds; run the command again")
     return found
@@ -65,6 +67,28 @@ def changed_error(path: Path, detail: str) -> RecipeError:
     """The error for an input that changed while a command read it."""
     return RecipeError(f"input {str(path)!r} changed while the command ran ({detail}): no recipe can name the bytes "
                        "the output was made from; run the command again")
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Around a whole read of the file at `path`: its (size, mtime, inode) must be the same after the read as before
+    (else RecipeError: it changed while it was read), and is noted, so that a recipe's sha256 of the file taken
+    later (`lookup`) is refused if the file changed after the command's last read of it."""
+    try:
+        before = file_key(path)
+    except OSError:  # the reader reports a missing or unreadable file
+        yield
+        return
+    yield
+    try:
+        after = file_key(path)
+    except OSError:
+        after = None
+    if after != before:
+        raise changed_error(Path(path), "while it was read")
+    with _lock:
+        if _hashed.get(before[0]) != before:  # the latest read counts (the digest of an earlier one is stale)
+            _hashed[before[0]] = before
 
 
 class SequentialHasher:

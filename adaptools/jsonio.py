@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .digests import reading
 from .errors import AdaptoolsError
 from .names import shown
 
@@ -137,7 +138,7 @@ def parse_json(text: str | bytes, source: str, error: Error) -> object:
 def read_json_object(path: Path, error: Error) -> dict:
     """The JSON object in file `path` (at most MAX_JSON_BYTES); `error` when it is unreadable, not a file,
     too large, not valid JSON (see the module doc) or not an object."""
-    with open_regular(path, error) as f:
+    with reading(path), open_regular(path, error) as f:
         size = os.fstat(f.fileno()).st_size
         data = read_exactly(f, min(size, MAX_JSON_BYTES) + 1)
     if len(data) > MAX_JSON_BYTES:

@@ -278,7 +278,9 @@ def input_path(entry: Mapping, root: Path) -> Path:
 
 
 def verify_inputs(recipe: Mapping, root: Path) -> None:
-    """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone)."""
+    """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone);
+    the files are hashed as they are now (digests of earlier reads in this process are dropped)."""
+    digests.forget()
     for entry in recipe["inputs"]:
         if "repo_id" in entry:  # the recorded files at the recorded commit, downloaded where not cached
             snapshot = fetch_files(entry["repo_id"], entry["revision"], list(entry["files"]))

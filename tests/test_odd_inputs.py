@@ -245,3 +245,20 @@ def test_a_shard_that_changes_while_it_is_read_fails_cleanly(good, llama_base, t
     monkeypatch.setattr(execute, "run_step", run_step_then_append)
     assert "changed while the command ran" in one_error(run_cli(runner, "merge", base, good, "-o", tmp_path / "o"),
                                                         tmp_path / "o")
+
+
+def test_an_adapter_that_changes_after_it_was_read_is_not_named_by_a_recipe(good, tmp_path, monkeypatch, runner):
+    """The recipe's sha256 of an input is taken after the work: a file changed since the read is refused, so the
+    recipe never names bytes the output was not made from."""
+    source = shutil.copytree(good, tmp_path / "input")
+    peft = importlib.import_module("adaptools.formats.peft")
+    original = peft.write
+
+    def edit_then_write(adapter, folder):
+        config = json.loads((source / CONFIG).read_text())
+        (source / CONFIG).write_text(json.dumps({**config, "lora_alpha": config["lora_alpha"] * 2}))
+        original(adapter, folder)
+
+    monkeypatch.setattr(peft, "write", edit_then_write)
+    assert "changed while the command ran" in one_error(
+        run_cli(runner, "convert", source / WEIGHTS, "--to", "peft", "-o", tmp_path / "o"), tmp_path / "o")

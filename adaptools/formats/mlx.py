@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..bounds import archive_limit
+from ..digests import reading
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 from ..jsonio import check_fields, finite_number, json_object, positive_int, read_json_object, string
 from .layout import uniform_rank
@@ -86,7 +87,7 @@ def read_npz(path: Path) -> dict[str, Tensor]:
     """The arrays of a numpy .npz archive, without pickle (object arrays are refused), after checking that the
     members decompress to no more than adaptools.bounds allows for the archive's size."""
     try:
-        with zipfile.ZipFile(path) as archive:
+        with reading(path), zipfile.ZipFile(path) as archive:
             infos = [info for info in archive.infolist() if not info.is_dir()]
             total, limit = sum(i.file_size for i in infos), archive_limit(path.stat().st_size)
             if total > limit:

@@ -9,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..digests import reading
 from ..errors import (
     AdapterFormatError,
     InputNotFoundError,
@@ -69,7 +70,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     """All tensors and the metadata of a safetensors file; a corrupt or truncated file raises AdapterFormatError."""
     path = require_exists(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with reading(path), safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             return {key: f.get_tensor(key) for key in f.keys()}, metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -136,10 +137,11 @@ def read_pickle(path: str | os.PathLike, allow_pickle: bool) -> dict[str, Tensor
         raise PickleNotAllowedError(
             f"{str(path)!r} is a pickle file; pass --allow-pickle (allow_pickle=True) to load it with weights_only=True"
         )
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a broken or unsafe pickle
-        raise AdapterFormatError(f"{str(path)!r} is not a readable torch state dict ({exc})") from exc
+    with reading(path):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a broken or unsafe pickle
+            raise AdapterFormatError(f"{str(path)!r} is not a readable torch state dict ({exc})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise AdapterFormatError(f"{str(path)!r} does not hold a flat dict of tensors")
     return state
