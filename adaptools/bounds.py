@@ -7,6 +7,8 @@
   times the numbers the file stores, and never less than EXPANSION_FLOOR.
 - Archives (.npz): the members' declared sizes must agree with their array headers, and the total they decompress to
   must stay within ARCHIVE_RATIO times the archive's size (at least ARCHIVE_FLOOR bytes).
+- Dense intermediates (merge methods such as TIES or DARE build each module's dense task matrices): the largest one
+  module needs must stay within the same expansion_limit of what the adapters store.
 - Padded layouts: padding every module to one rank may grow an adapter by PADDING_GROWTH at most; beyond that the
   writer falls back to the compact layout (adaptools.formats.layout).
 """
@@ -70,4 +72,18 @@ def check_expansion(costs: Mapping[str, int], stored: int, what: str) -> None:
             f"expanding the {what} factors would allocate {total:,} numbers ({worst!r} alone {costs[worst]:,}) from a "
             f"file that stores {stored:,}: more than {EXPANSION_FACTOR:,} per stored number (at least "
             f"{EXPANSION_FLOOR:,} are always allowed; adaptools.bounds): the shapes claim far more than the file holds"
+        )
+
+
+def check_peak(costs: Mapping[str, int], stored: int, what: str) -> None:
+    """AdapterFormatError, before anything is allocated, when the largest single module's dense intermediates
+    (`costs`: name → numbers, worked on one module group at a time) exceed expansion_limit(stored)."""
+    if not costs:
+        return
+    worst = max(costs, key=costs.__getitem__)
+    if costs[worst] > expansion_limit(stored):
+        raise AdapterFormatError(
+            f"{what} would hold {costs[worst]:,} numbers at once for module {worst!r} alone, from adapters that store "
+            f"{stored:,}: more than {EXPANSION_FACTOR:,} per stored number (at least {EXPANSION_FLOOR:,} are always "
+            "allowed; adaptools.bounds): the shapes claim far more than the files hold"
         )

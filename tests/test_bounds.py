@@ -261,3 +261,15 @@ def test_bombs_stay_within_an_address_space_limit_and_seconds(tmp_path):
         "loha.safetensors": "read", "lokr.safetensors": "read", "lokr-full.safetensors": "refused",
         "tucker.safetensors": "refused", "adapters.npz": "refused", "redos": "refused"}
     assert all(seconds < 10 for _, seconds in outcome.values()), outcome
+
+
+def test_a_merge_method_on_a_module_claiming_a_huge_dense_delta_is_refused(tmp_path, runner):
+    """A rank-1 module of (65,536 x 65,536) stores 131,072 numbers; TIES would build 2 dense 16 GiB task matrices."""
+    folder = tmp_path / "wide"
+    folder.mkdir()
+    save_file({f"{P}m.lora_A.weight": torch.randn(1, 65536), f"{P}m.lora_B.weight": torch.randn(65536, 1)},
+              folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
+    error = one_error(run_cli(runner, "combine", folder, folder, "--method", "ties", "--density", "0.5",
+                              "-o", tmp_path / "o"))
+    assert "'m'" in error and "per stored number" in error and not (tmp_path / "o").exists()
