@@ -262,3 +262,17 @@ def test_an_adapter_that_changes_after_it_was_read_is_not_named_by_a_recipe(good
     monkeypatch.setattr(peft, "write", edit_then_write)
     assert "changed while the command ran" in one_error(
         run_cli(runner, "convert", source / WEIGHTS, "--to", "peft", "-o", tmp_path / "o"), tmp_path / "o")
+
+
+@pytest.mark.parametrize("key", [f"{P}.lora_A.weight", ".lora_down.weight", ".lora_a"], ids=["peft", "kohya", "mlx"])
+def test_a_factor_key_with_an_empty_module_path_is_one_error(key, tmp_path, runner):
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    name = {"peft": "adapter_model.safetensors", "kohya": "k.safetensors", "mlx": "adapters.safetensors"}
+    family = "peft" if key.startswith(P) else "kohya" if "down" in key else "mlx"
+    other = key.replace("lora_A", "lora_B").replace("lora_down", "lora_up").replace("lora_a", "lora_b")
+    save_file({key: torch.randn(2, 4), other: torch.randn(4, 2)}, folder / name[family])
+    if family == "peft":
+        (folder / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
+    path = folder / name[family] if family == "kohya" else folder
+    assert "names no module" in one_error(run_cli(runner, "info", path, *(["--scale", "1"] if family == "mlx" else [])))

@@ -1,6 +1,7 @@
 """Adapter folders, read one way for every family: the weights file of a folder (or the file itself), and
 PEFT-style folders (adapter_config.json beside adapter_model.safetensors/.bin, keys `base_model.model.<path>.<role>`):
-locate the files, read and check the config, group the state-dict keys by module."""
+locate the files, read and check the config, group the state-dict keys by module; and grouping keys by role suffix
+(kohya, LyCORIS, mlx)."""
 from __future__ import annotations
 
 import os
@@ -83,6 +84,8 @@ def group_keys(tensors: Mapping[str, Tensor], split: Callable[[str], tuple[str, 
     for key, tensor in tensors.items():
         key = key.removeprefix(PREFIX)
         module, role = split(key)
+        if role is not None and not module:
+            raise AdapterFormatError(f"key {PREFIX + key!r} names no module (an empty module path)")
         if role is not None:
             grouped.setdefault(module, {})[role] = tensor
         elif "." not in key:
@@ -91,3 +94,21 @@ def group_keys(tensors: Mapping[str, Tensor], split: Callable[[str], tuple[str, 
         else:
             extra[base_key(key)] = tensor
     return grouped, extra
+
+
+def group_by_role(path: str | os.PathLike, tensors: dict[str, Tensor], roles: dict[str, str],
+                  what: str) -> dict[str, dict[str, Tensor]]:
+    """{module name: {role: tensor}} by key suffix (`roles`: suffix → role); a key of no role, or no module, raises."""
+    grouped: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        for suffix, role in roles.items():
+            if key.endswith(suffix):
+                if len(key) == len(suffix):
+                    raise AdapterFormatError(f"{str(path)!r}: key {key!r} names no module")
+                grouped.setdefault(key[: -len(suffix)], {})[role] = tensor
+                break
+        else:
+            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in {what}")
+    if not grouped:
+        raise AdapterFormatError(f"{str(path)!r} holds no LoRA tensors")
+    return grouped

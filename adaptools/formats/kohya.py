@@ -15,6 +15,7 @@ from ..bounds import check_expansion, stored_numbers
 from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
 from ..linalg import map_by_shape
 from ..lycoris_math import tucker_down
+from .folders import group_by_role
 from .tensors import PICKLE_SUFFIXES, check_factors, check_stored, check_magnitude, read_tensor_file, safetensors_header, write_safetensors
 
 NAME = "kohya"
@@ -119,22 +120,6 @@ def contract_tucker(grouped: dict[str, dict[str, Tensor]]) -> None:
         parts = grouped[name]
         mid = parts.pop("mid")
         parts["down"], parts["up"] = A.reshape(A.shape[0], -1, *mid.shape[2:]), parts["up"].float()
-
-
-def group_by_role(path: str | os.PathLike, tensors: dict[str, Tensor], roles: dict[str, str],
-                  what: str) -> dict[str, dict[str, Tensor]]:
-    """{module name: {role: tensor}} by key suffix (`roles`: suffix → role); a key of no role, or no module, raises."""
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        for suffix, role in roles.items():
-            if key.endswith(suffix):
-                grouped.setdefault(key[: -len(suffix)], {})[role] = tensor
-                break
-        else:
-            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in {what}")
-    if not grouped:
-        raise AdapterFormatError(f"{str(path)!r} holds no LoRA tensors")
-    return grouped
 
 
 def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:

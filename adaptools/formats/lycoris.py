@@ -20,7 +20,8 @@ from ..errors import AdapterFormatError, ShapeMismatchError, UnsupportedAdapterE
 from ..linalg import group_by, map_by_shape
 from ..lycoris_math import dense_factors, face_split, kron, kron_factors, svd_factors, tucker_down
 from .kohya import ROLES as KOHYA_ROLES
-from .kohya import contract_tucker, group_by_role, kohya_module, row_magnitude
+from .folders import group_by_role
+from .kohya import contract_tucker, kohya_module, row_magnitude
 from .tensors import check_stored, read_tensor_file, safetensors_header
 
 NAME = "lycoris"

@@ -24,7 +24,7 @@ from ..digests import reading
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 from ..jsonio import check_fields, finite_number, json_object, positive_int, read_json_object, string
 from .layout import uniform_rank
-from .folders import weights_in
+from .folders import group_by_role, weights_in
 from .tensors import check_magnitude, check_stored, read_safetensors, safetensors_header, write_safetensors
 
 NAME = "mlx"
@@ -167,14 +167,7 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
         )
     rank = params.get("rank")
     tensors = read_npz(weights) if weights.suffix == ".npz" else read_safetensors(weights)[0]
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        suffix = next((s for s in ROLES if key.endswith(s)), None)
-        if suffix is None:
-            raise AdapterFormatError(f"{str(weights)!r}: unexpected key {key!r} in an mlx adapter")
-        grouped.setdefault(key[: -len(suffix)], {})[ROLES[suffix]] = tensor
-    if not grouped:
-        raise AdapterFormatError(f"{str(weights)!r} holds no LoRA tensors")
+    grouped = group_by_role(weights, tensors, ROLES, "an mlx adapter")
     modules = {name: mlx_module(name, parts, float(scale), rank) for name, parts in grouped.items()}
     dora = [m.is_dora for m in modules.values()]
     if config and any(dora) != (config.get("fine_tune_type") == "dora"):
