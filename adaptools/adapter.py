@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from .errors import AdapterFormatError, DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError, ShapeMismatchError
+from .errors import (AdapterFormatError, DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError,
+                     ShapeMismatchError)
 from .names import listed
 
 LayerKind = Literal["linear", "embedding", "conv"]

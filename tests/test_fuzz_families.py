@@ -90,7 +90,8 @@ def tucker(data: st.DataObject, folder: Path) -> Path:
 def lycoris_file(data: st.DataObject, folder: Path, parts: dict[str, tuple[int, ...]]) -> Path:
     tensors = {f"lora_unet_x.{role}": tensor(data, shape(data, s)) for role, s in parts.items()}
     if data.draw(st.booleans()):
-        tensors["lora_unet_x.alpha"] = torch.full(data.draw(st.sampled_from([(), (2,)])), data.draw(NUMBERS), dtype=torch.float64).float()
+        alpha_shape = data.draw(st.sampled_from([(), (2,)]))
+        tensors["lora_unet_x.alpha"] = torch.full(alpha_shape, data.draw(NUMBERS), dtype=torch.float64).float()
     path = folder / "lycoris.safetensors"
     save_file(tensors, path, metadata={"ss_network_module": "lycoris.kohya"})
     return path
@@ -149,7 +150,8 @@ def adalora(data: st.DataObject, folder: Path) -> Path:
     save_file({f"{P}{module}.lora_A": tensor(data, shape(data, (r, 8))),
                f"{P}{module}.lora_B": tensor(data, shape(data, (8, r))),
                f"{P}{module}.lora_E": tensor(data, shape(data, (r, 1))),
-               f"{P}{module}.ranknum": torch.tensor(data.draw(NUMBERS), dtype=torch.float64).float()}, folder / "adapter_model.safetensors")
+               f"{P}{module}.ranknum": torch.tensor(data.draw(NUMBERS), dtype=torch.float64).float()},
+              folder / "adapter_model.safetensors")
     mask = data.draw(st.lists(st.booleans(), max_size=5))
     config = {"peft_type": "ADALORA", "r": max(r, 1), "init_r": max(r, 1), "lora_alpha": data.draw(NUMBERS),
               "rank_pattern": {f"{P}{module}.lora_E": mask}}

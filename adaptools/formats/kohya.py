@@ -16,7 +16,8 @@ from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
 from ..linalg import map_by_shape
 from ..lycoris_math import tucker_down
 from .folders import group_by_role
-from .tensors import PICKLE_SUFFIXES, check_factors, check_stored, check_magnitude, read_tensor_file, safetensors_header, write_safetensors
+from .tensors import (PICKLE_SUFFIXES, check_factors, check_magnitude, check_stored, read_tensor_file,
+                      safetensors_header, write_safetensors)
 
 NAME = "kohya"
 WRITES_FILE = True
@@ -114,8 +115,8 @@ def contract_tucker(grouped: dict[str, dict[str, Tensor]]) -> None:
     """Replace each Tucker LoCon's lora_down and lora_mid by their contraction (r, in, *kernel) (DESIGN §11), in place:
     ΔW = up · (mid ×₂ down) is then an ordinary conv LoRA of the same rank; one einsum per shape, in float32."""
     cores = {name: found for name, parts in grouped.items() if (found := fold_tucker(name, parts)) is not None}
-    check_expansion({name: core.shape[0] * down.shape[1] * math.prod(core.shape[2:]) for name, (core, down) in cores.items()},
-                    stored_numbers(grouped), "Tucker LoCon")
+    costs = {name: core.shape[0] * down.shape[1] * math.prod(core.shape[2:]) for name, (core, down) in cores.items()}
+    check_expansion(costs, stored_numbers(grouped), "Tucker LoCon")
     for name, (A,) in map_by_shape(cores, tucker_down).items():
         parts = grouped[name]
         mid = parts.pop("mid")

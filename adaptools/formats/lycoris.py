@@ -181,7 +181,8 @@ def loha_dense(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor) -> tuple[Tens
     return dense_factors((w1a @ w1b) * (w2a @ w2b))
 
 
-def loha_tucker_dense(t1: Tensor, w1a: Tensor, w1b: Tensor, t2: Tensor, w2a: Tensor, w2b: Tensor) -> tuple[Tensor, Tensor]:
+def loha_tucker_dense(t1: Tensor, w1a: Tensor, w1b: Tensor, t2: Tensor, w2a: Tensor,
+                      w2b: Tensor) -> tuple[Tensor, Tensor]:
     """Batched LoHa with Tucker cores as dense factors of the product of its two halves."""
     return dense_factors((w1a.mT @ tucker_down(t1, w1b)) * (w2a.mT @ tucker_down(t2, w2b)))
 
@@ -285,7 +286,8 @@ def lokr_halves(name: str, parts: Mapping[str, Tensor]) -> KronHalves:
         kernel = tuple(w2b.shape[2:])
         w2 = (w2a, w2b.reshape(w2b.shape[0], -1))
     for pair, label in ((w1, "lokr_w1"), (w2, "lokr_w2")):
-        if len(pair) != 3 and (any(t.ndim != 2 for t in pair) or (len(pair) == 2 and pair[0].shape[1] != pair[1].shape[0])):
+        bad = any(t.ndim != 2 for t in pair) or (len(pair) == 2 and pair[0].shape[1] != pair[1].shape[0])
+        if len(pair) != 3 and bad:
             raise ShapeMismatchError(f"LoKr module {name!r}: the factors of {label} do not form a product")
     # LyCORIS divides alpha by the rank of the decomposed factor: w1's when it is decomposed, else w2's.
     rank = factor_rank(w1) if len(w1) > 1 else (factor_rank(w2) if len(w2) > 1 else None)

@@ -94,8 +94,8 @@ def read_npz(path: Path) -> dict[str, Tensor]:
                 raise AdapterFormatError(
                     f"{str(path)!r}: its members decompress to {total:,} bytes, more than {limit:,} for an archive of "
                     f"{path.stat().st_size:,} bytes (adaptools.bounds): a compression bomb?")
-            return {info.filename.removesuffix(".npy"): torch.from_numpy(np.ascontiguousarray(npz_member(archive, info, path)))
-                    for info in infos}
+            arrays = {info.filename.removesuffix(".npy"): npz_member(archive, info, path) for info in infos}
+            return {key: torch.from_numpy(np.ascontiguousarray(array)) for key, array in arrays.items()}
     except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
         raise AdapterFormatError(f"{str(path)!r} is not a readable numpy .npz archive: this file is truncated or corrupt ({exc})") from exc
     except (ValueError, OSError, NotImplementedError) as exc:

@@ -29,7 +29,8 @@ from ..jsonio import (
     string_or_strings,
 )
 from .folders import CONFIG_NAME, PREFIX, WEIGHTS_NAMES, adapter_name, group_keys, read_folder, weights_in
-from .tensors import check_factors, check_magnitude, check_stored, read_tensor_file, safetensors_header, write_safetensors
+from .tensors import (check_factors, check_magnitude, check_stored, read_tensor_file, safetensors_header,
+                      write_safetensors)
 
 NAME = "peft"
 WRITES_FILE = False
