@@ -9,8 +9,8 @@
   must stay within ARCHIVE_RATIO times the archive's size (at least ARCHIVE_FLOOR bytes).
 - Dense intermediates (merge methods such as TIES or DARE build each module's dense task matrices): the largest one
   module needs must stay within the same expansion_limit of what the adapters store.
-- Padded layouts: padding every module to one rank may grow an adapter by PADDING_GROWTH at most; beyond that the
-  writer falls back to the compact layout (adaptools.formats.layout).
+- Padded layouts: padding every module to one rank may grow an adapter by PADDING_GROWTH at most (or add less than
+  PADDING_FLOOR bytes); beyond that the writer falls back to the compact layout (adaptools.formats.layout).
 """
 from __future__ import annotations
 
@@ -29,8 +29,10 @@ ARCHIVE_RATIO = 100
 savez_compressed of trained float weights compresses about 1.1:1)."""
 ARCHIVE_FLOOR = 64 * 2**20
 """Bytes any .npz archive may decompress to, whatever its size."""
-PADDING_GROWTH = 4.0
-"""The most that padding every module to one rank may grow an adapter's parameters (portable layout)."""
+PADDING_GROWTH = 16.0
+"""The most that padding every module to one rank may grow an adapter's parameters (portable layout) ..."""
+PADDING_FLOOR = 64 * 2**20
+"""... unless the padding adds less than this many bytes (small adapters are always padded)."""
 
 
 def expansion_limit(stored: int) -> int:

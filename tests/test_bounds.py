@@ -164,19 +164,31 @@ def test_an_npz_member_whose_header_disagrees_with_its_size_is_refused(tmp_path,
 def test_portable_padding_beyond_the_growth_bound_falls_back_to_compact(tmp_path, runner):
     source = tmp_path / "big-rank"
     source.mkdir()
-    save_file({f"{P}a.lora_A.weight": torch.randn(4096, 1), f"{P}a.lora_B.weight": torch.randn(1, 4096),
+    save_file({f"{P}a.lora_A.weight": torch.randn(65536, 1), f"{P}a.lora_B.weight": torch.randn(1, 65536),
                f"{P}b.lora_A.weight": torch.randn(8, 512), f"{P}b.lora_B.weight": torch.randn(512, 8)},
-              source / "adapter_model.safetensors")
+              source / "adapter_model.safetensors")  # 1 MB; padded to rank 65,536: +268 MB
     (source / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 8,
-                                                            "rank_pattern": {"a": 4096}}))
+                                                            "rank_pattern": {"a": 65536}}))
     result = run_cli(runner, "convert", source, "--to", "peft", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "writing the compact layout instead" in result.stderr and "%" not in result.stdout
     written = load_file(tmp_path / "out" / "adapter_model.safetensors")
-    assert written[f"{P}b.lora_A.weight"].shape == (8, 512)  # not padded to 4096
+    assert written[f"{P}b.lora_A.weight"].shape == (8, 512)  # not padded to 65,536
     assert json.loads((tmp_path / "out" / "adapter_config.json").read_text())["rank_pattern"]
-    assert "would grow the adapter" in one_error(run_cli(runner, "convert", source, "--to", "mlx", "-o", tmp_path / "m"))
-    assert not (tmp_path / "m").exists()
+    error = one_error(run_cli(runner, "convert", source, "--to", "mlx", "-o", tmp_path / "m"))
+    assert "would grow the adapter" in error and not (tmp_path / "m").exists()
+
+
+def test_small_adapters_are_always_padded(tmp_path):
+    """Growth beyond 16x that adds under 64 MiB is still the portable layout (one rank for every consumer)."""
+    from adaptools.formats.layout import growth_refusal
+
+    modules = {f"m{i}": adaptools.LoraModule(torch.randn(1, 32), torch.randn(32, 1)) for i in range(100)}
+    modules["big"] = adaptools.LoraModule(torch.randn(512, 32), torch.randn(32, 512))
+    small = adaptools.Adapter(modules)  # padding to 512 grows it 84x, by 13 MB
+    assert growth_refusal(small, None) is None
+    assert "would grow" in growth_refusal(small.with_modules({**modules, "big": adaptools.LoraModule(
+        torch.randn(8192, 32), torch.randn(32, 8192))}), None)  # 1,300x, +210 MB
 
 
 # --------------------------------------------------------------------------- patterns

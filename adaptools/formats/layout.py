@@ -14,7 +14,7 @@ from typing import Literal, get_args
 import torch
 
 from ..adapter import Adapter, LoraModule
-from ..bounds import PADDING_GROWTH
+from ..bounds import PADDING_FLOOR, PADDING_GROWTH
 from ..errors import InvalidArgumentError
 
 Layout = Literal["portable", "compact"]
@@ -59,16 +59,17 @@ class PaddingTooLarge(InvalidArgumentError):
 
 def growth_refusal(adapter: Adapter, rank: int | None, requested: bool = False) -> str | None:
     """Why padding to `rank` (None: the largest) would grow the adapter too much (more than PADDING_GROWTH times its
-    parameters; a requested rank up to the largest a server serves, 512, is always allowed), from shapes alone;
-    None when it would not."""
+    parameters and by PADDING_FLOOR bytes or more; a requested rank up to the largest a server serves, 512, is always
+    allowed), from shapes alone; None when it would not."""
     cost = padding_cost(adapter, rank)
     grown = (cost.params_before + cost.params_added) / max(1, cost.params_before)
-    if grown <= PADDING_GROWTH or (requested and cost.rank <= max(SERVING_RANKS["vllm"])):
+    small = grown <= PADDING_GROWTH or cost.bytes_added < PADDING_FLOOR
+    if small or (requested and cost.rank <= max(SERVING_RANKS["vllm"])):
         return None
     worst = max(adapter.ranks, key=adapter.ranks.get)
     return (f"padding every module to rank {cost.rank:,}{'' if requested else f' (the rank of {worst!r})'} would grow "
             f"the adapter from {cost.params_before:,} to {cost.params_before + cost.params_added:,} parameters "
-            f"({grown:,.1f}x, more than {PADDING_GROWTH:g}x)")
+            f"({grown:,.1f}x, more than {PADDING_GROWTH:g}x; +{cost.bytes_added / 1e6:,.0f} MB)")
 
 
 def uniform_rank(adapter: Adapter, rank: int | None = None) -> Adapter:
