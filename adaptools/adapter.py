@@ -50,6 +50,9 @@ class LoraModule:
             raise ShapeMismatchError(f"LoRA factors must be 2-D, got A {tuple(self.A.shape)} and B {tuple(self.B.shape)}")
         if self.A.shape[0] != self.B.shape[1]:
             raise RankMismatchError(f"A has rank {self.A.shape[0]} but B has rank {self.B.shape[1]}")
+        if 0 in (*self.A.shape, *self.B.shape):
+            raise ShapeMismatchError(f"LoRA factors must not be empty (rank ≥ 1), got A {tuple(self.A.shape)} and "
+                                     f"B {tuple(self.B.shape)}")
         if self.magnitude is not None and self.magnitude.shape != (self.out_features,):
             raise ShapeMismatchError(
                 f"DoRA magnitude has shape {tuple(self.magnitude.shape)}, expected ({self.out_features},)"

@@ -276,3 +276,11 @@ def test_a_factor_key_with_an_empty_module_path_is_one_error(key, tmp_path, runn
         (folder / CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 2, "lora_alpha": 2}))
     path = folder / name[family] if family == "kohya" else folder
     assert "names no module" in one_error(run_cli(runner, "info", path, *(["--scale", "1"] if family == "mlx" else [])))
+
+
+def test_an_empty_lora_module_is_refused_in_the_api():
+    """The API's edge: a LoraModule of rank 0 (spectrum raised IndexError on one) or with an empty dimension."""
+    with pytest.raises(adaptools.ShapeMismatchError, match="empty"):
+        adaptools.LoraModule(torch.zeros(0, 4), torch.zeros(4, 0))
+    with pytest.raises(adaptools.ShapeMismatchError, match="empty"):
+        adaptools.LoraModule(torch.zeros(2, 0), torch.zeros(4, 2))
