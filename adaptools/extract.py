@@ -226,6 +226,12 @@ def plan(base: Checkpoint, tuned: Checkpoint, *, include: str | Sequence[str] | 
         module = _module(key)
         if (keep and not any(p.search(module) for p in keep)) or any(p.search(module) for p in drop):
             continue
+        odd = [f"{name} {str(c.specs[key].dtype).removeprefix('torch.')}"
+               for name, c in (("base", base), ("tuned", tuned))
+               if c.specs[key].dtype.is_floating_point and c.specs[key].dtype.itemsize < 2]
+        if odd:
+            raise InvalidArgumentError(f"{key!r} is stored as {' and '.join(odd)}: extract reads float16, bfloat16, "
+                                       "float32 and float64 weights (dequantize the checkpoint first)")
         last = _last_name(key)
         embedding = EMBEDDINGS.fullmatch(last) is not None
         weight = key.endswith((".weight", ".in_proj_weight"))  # OpenCLIP's fused attention input projection

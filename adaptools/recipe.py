@@ -54,6 +54,11 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+COMPANION_FILES = ("adapter_config.json",)
+"""Files beside a weights file that its reader takes too (PEFT, LyCORIS-in-PEFT, IA3 and mlx-lm read the adapter's
+config beside the weights the user names): hashed with it, so that a replay notices an edited config."""
+
+
 def sha256_file(path: str | os.PathLike, remember: bool = False) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
     LFS file: weights) is not read, its blob's name is taken. With `remember`, the digest is recorded
@@ -80,12 +85,17 @@ def folder_digest(files: Mapping[str, str]) -> str:
 
 def hash_input(path: str | os.PathLike, remember: bool = False) -> dict:
     """{"sha256"} of a file, plus "files" {relative path: sha256} for a folder (every file in it, hashed on one
-    thread per CPU); `remember`: as sha256_file's."""
+    thread per CPU) and for a file read with a companion beside it (COMPANION_FILES: a weights file's config);
+    `remember`: as sha256_file's."""
     path = Path(path).absolute()
     if not path.exists():
         raise InputNotFoundError(f"input {str(path)!r} does not exist")
     if path.is_file():
-        return {"sha256": sha256_file(path, remember)}
+        companions = [path.with_name(name) for name in COMPANION_FILES if name != path.name]
+        companions = [p for p in companions if p.is_file()]
+        if not companions:
+            return {"sha256": sha256_file(path, remember)}
+        return hash_files(path.parent, [path.name, *(p.name for p in companions)], remember)
     paths = [p for p in sorted(path.rglob("*")) if p.is_file()]
     with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1) or 1) as pool:  # hashlib releases the GIL
         hexes = pool.map(lambda p: sha256_file(p, remember), paths)
@@ -93,9 +103,10 @@ def hash_input(path: str | os.PathLike, remember: bool = False) -> dict:
     return {"sha256": folder_digest(files), "files": files}
 
 
-def hash_files(root: Path, names: Iterable[str]) -> dict:
-    """{"sha256", "files"} of the files `names` (relative paths) under `root`, as hash_input gives for a folder."""
-    files = {name: sha256_file(root / name) for name in sorted(names)}
+def hash_files(root: Path, names: Iterable[str], remember: bool = False) -> dict:
+    """{"sha256", "files"} of the files `names` (relative paths) under `root`, as hash_input gives for a folder;
+    `remember`: as sha256_file's."""
+    files = {name: sha256_file(root / name, remember) for name in sorted(names)}
     return {"sha256": folder_digest(files), "files": files}
 
 
@@ -280,8 +291,11 @@ def input_path(entry: Mapping, root: Path) -> Path:
 
 def verify_inputs(recipe: Mapping, root: Path, remember: bool = False) -> None:
     """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if
-    gone); `remember`: local inputs' digests are recorded (until the next command), so checking several recipes
-    with one input reads it once (adaptools batch)."""
+    gone); the files are hashed as they are now (digests of earlier reads in this process are dropped), unless
+    `remember`: then local inputs' digests are recorded and kept, so that checking several recipes with one input
+    reads it once (adaptools batch; a file changed since it was recorded is a RecipeError)."""
+    if not remember:
+        digests.forget()
     for entry in recipe["inputs"]:
         if "repo_id" in entry:  # the recorded files at the recorded commit, downloaded where not cached
             snapshot = fetch_files(entry["repo_id"], entry["revision"], list(entry["files"]))

@@ -280,18 +280,41 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES)
 
 
+def hub_cache_roots() -> list[Path]:
+    """The Hugging Face cache folders named now: HF_HUB_CACHE (or the older HUGGINGFACE_HUB_CACHE), HF_HOME/hub,
+    ~/.cache/huggingface/hub, and huggingface_hub's own setting."""
+    named = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HUGGINGFACE_HUB_CACHE"),
+             os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None,
+             os.path.join("~", ".cache", "huggingface", "hub")]
+    try:
+        from huggingface_hub import constants
+        named.append(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        pass
+    return [Path(p).expanduser().resolve() for p in named if p]
+
+
+def cache_blob(target: Path, root: Path) -> bool:
+    """True when `root` is a snapshot of the real Hugging Face cache layout (`<cache>/models--org--name/snapshots/
+    <revision>`, the cache one of hub_cache_roots, `blobs/` a real folder of that repository) and `target` (resolved)
+    is a regular file in that `blobs/`."""
+    repo = root.parent.parent
+    if root.parent.name != "snapshots" or not repo.name.startswith(("models--", "datasets--", "spaces--")):
+        return False
+    blobs = repo / "blobs"
+    if blobs.is_symlink() or not blobs.is_dir() or repo.resolve().parent not in hub_cache_roots():
+        return False
+    return target.parent == blobs.resolve() and target.is_file()
+
+
 def copy_source(path: Path, root: Path) -> bool:
-    """True when file `path` of folder `root` may be copied: a regular file, or a link to a file inside `root`'s
-    tree or, where `root` is a Hugging Face cache snapshot (`.../snapshots/<revision>`), inside its repository's
-    `blobs/` (where the cache's links point). A link elsewhere could carry any local file into an output that is
-    then pushed."""
+    """True when file `path` of folder `root` may be copied: a regular file, a link to a file inside `root`'s tree,
+    or, where `root` is a snapshot in the Hugging Face cache, a link to a blob of its repository (`cache_blob`). A
+    link elsewhere could carry any local file into an output that is then pushed."""
     if not path.is_symlink():
         return True
     target = path.resolve()
-    allowed = [root.resolve()]
-    if root.parent.name == "snapshots":
-        allowed.append((root.parent.parent / "blobs").resolve())
-    return any(target.is_relative_to(folder) for folder in allowed)
+    return target.is_relative_to(root.resolve()) or cache_blob(target, root)
 
 
 def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = (), record_digests: bool = False,
@@ -306,8 +329,8 @@ def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = (), record
                 or not path.is_file()):
             continue
         if not copy_source(path, root or source):
-            warnings.warn(f"{path.name!r} in the base folder links to {str(path.resolve())!r}, outside the base: it is "
-                          "not copied into the output", stacklevel=2)
+            warnings.warn(f"{path.name!r} in the base folder links to {str(path.resolve())!r}, outside the base (and "
+                          "not to a blob of the Hugging Face cache): it is not copied into the output", stacklevel=2)
             continue
         key = file_key(path) if record_digests else None
         digest = hashlib.sha256()

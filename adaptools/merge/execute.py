@@ -123,8 +123,10 @@ def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
     """A file-order sha256 per base shard, its header (read when the checkpoint was opened) already counted."""
     hashers = {}
     for shard in ckpt.shards:
-        hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard)
-        starts = [ckpt.info(key).start for key in ckpt.shard_keys(shard)]
+        infos = [ckpt.info(key) for key in ckpt.shard_keys(shard)]
+        size = max((info.end for info in infos), default=None)  # the header's validation: no byte after the data
+        hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard, size)
+        starts = [info.start for info in infos]
         hasher.done(0, min(starts, default=0))
     return hashers
 
