@@ -1,0 +1,320 @@
+"""FP8 (e4m3) weights of base checkpoints (DESIGN §16): the two layouts, which scheme each stored weight has, its
+scale tensors' checks, and the codec math W = q·s per tensor, per output channel or per block, decoded to float32
+and encoded with fresh scales bit-exact with each layout's reference quantizer:
+
+- compressed-tensors `float-quantized` (`FloatQuantizationCompressor` with `calculate_qparams`' scales):
+  s = amax/448 in the weight's dtype (0 → that dtype's eps), stored in the scale's dtype; q = fp8(clamp(W/s, ±448))
+  with W/s in the promoted dtype of W and s.
+- the fine-grained / DeepSeek-V3 layout (`weight_quant`): s = amax/448 in float32 (0 → 1); q = fp8(W/s), stored as
+  `weight_scale_inv` (a multiplier despite its name).
+
+Every function is one torch call per rectangle of equal-size blocks (at most four per weight), never a loop per
+block. Nothing here reads files: `checkpoints.fp8` applies it to a container's tensors.
+"""
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ..errors import BaseMismatchError, InvalidArgumentError, NonFiniteError
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = 448.0
+"""The largest finite e4m3fn value (casts beyond it saturate to ±448 in torch)."""
+COMPRESSED_TENSORS, FINE_GRAINED = "compressed-tensors", "fine-grained"
+LAYOUTS = (COMPRESSED_TENSORS, FINE_GRAINED)
+STRATEGIES = ("tensor", "channel", "block")
+DEFAULT_BLOCK = (128, 128)
+SCALE_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+MAX_BLOCK = 1 << 20
+"""Largest block side a config may give (a sanity bound on a value read from a file)."""
+
+
+@dataclass(frozen=True)
+class FP8Scheme:
+    """How one weight is stored in FP8: the layout (which rule, which scale name), the strategy, the block
+    (strategy "block"), the stored scale's dtype and whether a static `input_scale` goes with it."""
+
+    layout: str
+    strategy: str
+    block: tuple[int, int] | None = None
+    scale_dtype: torch.dtype = torch.float32
+    input_scale: bool = False
+
+    @property
+    def scale_suffix(self) -> str:
+        """The scale tensor's name after the module path."""
+        return "weight_scale_inv" if self.layout == FINE_GRAINED else "weight_scale"
+
+    def scale_key(self, key: str) -> str:
+        """`m.weight` → `m.weight_scale` (or `m.weight_scale_inv`)."""
+        return f"{key.removesuffix('weight')}{self.scale_suffix}"
+
+    def scale_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
+        """The scale's shape for a weight of `shape` (out, in): [1] (fine-grained per tensor: []), [out, 1] or
+        [⌈out/bh⌉, ⌈in/bw⌉]."""
+        if self.strategy == "channel":
+            return (shape[0], 1)
+        if self.strategy == "block":
+            return (-(-shape[0] // self.block[0]), -(-shape[1] // self.block[1]))
+        return () if self.layout == FINE_GRAINED else (1,)
+
+    def entries(self, key: str, shape: Sequence[int]) -> dict[str, int]:
+        """The weight's and its scale's keys in this scheme with their bytes."""
+        return {key: math.prod(shape),
+                self.scale_key(key): math.prod(self.scale_shape(shape)) * self.scale_dtype.itemsize}
+
+
+def input_scale_key(key: str) -> str:
+    """`m.weight` → `m.input_scale` (a static activation scale: kept as stored)."""
+    return f"{key.removesuffix('weight')}input_scale"
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def _regions(shape: Sequence[int], block: tuple[int, int]) -> Iterator[tuple[slice, slice, slice, slice, int, int]]:
+    """Rectangles of equal-size blocks covering a (rows, cols) matrix: (rows, cols, block rows, block cols, block
+    height, block width); partial edge blocks form their own rectangles (at most four in all)."""
+    def parts(size: int, side: int) -> list[tuple[slice, slice, int]]:
+        full = size // side * side
+        out = [(slice(0, full), slice(0, full // side), side)] if full else []
+        if full < size:
+            out.append((slice(full, size), slice(full // side, full // side + 1), size - full))
+        return out
+
+    for rows, brows, height in parts(shape[0], block[0]):
+        for cols, bcols, width in parts(shape[1], block[1]):
+            yield rows, cols, brows, bcols, height, width
+
+
+def _blocks(t: Tensor, rows: slice, cols: slice, height: int, width: int) -> Tensor:
+    """The view (block rows, height, block cols, width) of a rectangle of `t`."""
+    return t[rows, cols].unflatten(0, (-1, height)).unflatten(2, (-1, width))
+
+
+def _grid(scale: Tensor) -> Tensor:
+    """A block-grid slice of scales broadcast over its blocks' elements."""
+    return scale[:, None, :, None]
+
+
+def dequantize_fp8(q: Tensor, scale: Tensor, scheme: FP8Scheme) -> Tensor:
+    """W = q·s in float32 (each element times the scale of its tensor, row or block)."""
+    weight = q.to(torch.float32)
+    scale = scale.to(weight.device, torch.float32)
+    if scheme.strategy != "block":
+        return weight.mul_(scale.reshape(-1, 1) if scheme.strategy == "channel" else scale.reshape(()))
+    for rows, cols, brows, bcols, height, width in _regions(weight.shape, scheme.block):
+        _blocks(weight, rows, cols, height, width).mul_(_grid(scale[brows, bcols]))
+    return weight
+
+
+def _amax(weight: Tensor, scheme: FP8Scheme) -> Tensor:
+    """max |W| per tensor (shape [1]), per row ([out, 1]) or per block ([⌈out/bh⌉, ⌈in/bw⌉]), in W's dtype."""
+    magnitude = weight.abs()
+    if scheme.strategy == "tensor":
+        return magnitude.amax().reshape(1)
+    if scheme.strategy == "channel":
+        return magnitude.amax(dim=1, keepdim=True)
+    amax = weight.new_empty(scheme.scale_shape(weight.shape))
+    for rows, cols, brows, bcols, height, width in _regions(weight.shape, scheme.block):
+        amax[brows, bcols] = _blocks(magnitude, rows, cols, height, width).amax(dim=(1, 3))
+    return amax
+
+
+def fresh_scales(weight: Tensor, scheme: FP8Scheme) -> Tensor:
+    """The scales the layout's reference gives W, in the scheme's scale dtype and shape.
+
+    compressed-tensors: amax/448 computed in float32 and rounded to W's dtype, zeros → eps of W's dtype, then
+    stored in the scale dtype; fine-grained: amax/448 in float32, zeros → 1.
+    """
+    amax = _amax(weight, scheme).to(torch.float32)
+    if scheme.layout == FINE_GRAINED:
+        scale = amax.div_(E4M3_MAX)
+        scale = scale.masked_fill_(scale == 0, 1.0)
+    else:
+        scale = amax.div_(E4M3_MAX).to(weight.dtype)
+        scale = scale.masked_fill_(scale == 0, torch.finfo(weight.dtype).eps)
+    return scale.to(scheme.scale_dtype).reshape(scheme.scale_shape(weight.shape))
+
+
+def _encode_into(out: Tensor, weight: Tensor, scale: Tensor, fine_grained: bool) -> None:
+    """out ← fp8(clamp(W/s, ±448)), W/s in the promoted dtype of W and s (float32 in the fine-grained rule)."""
+    scaled = weight.float() / scale if fine_grained else weight / scale
+    out.copy_(scaled.clamp_(-E4M3_MAX, E4M3_MAX))
+
+
+def quantize_fp8(weight: Tensor, scheme: FP8Scheme) -> tuple[Tensor, Tensor]:
+    """(q, s): W quantized to e4m3 with fresh scales (`fresh_scales`), bit-exact with the layout's reference."""
+    if weight.dim() != 2:
+        raise InvalidArgumentError(f"FP8 quantizes 2-D weights, not shape {tuple(weight.shape)}")
+    scale = fresh_scales(weight, scheme)
+    q = torch.empty(weight.shape, dtype=E4M3, device=weight.device)
+    fine = scheme.layout == FINE_GRAINED
+    if scheme.strategy != "block":
+        _encode_into(q, weight, scale.reshape(-1, 1) if scheme.strategy == "channel" else scale.reshape(()), fine)
+    else:
+        for rows, cols, brows, bcols, height, width in _regions(weight.shape, scheme.block):
+            _encode_into(_blocks(q, rows, cols, height, width), _blocks(weight, rows, cols, height, width),
+                         _grid(scale[brows, bcols]), fine)
+    if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+        raise NonFiniteError(f"the FP8 scales of a weight of shape {tuple(weight.shape)} under- or overflow "
+                             f"{str(scheme.scale_dtype).removeprefix('torch.')}; write the merge in bf16 or fp32")
+    return q, scale
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def _field(config: Mapping, name: str, types: type | tuple[type, ...], where: str, default: object = ...) -> object:
+    """config[name], checked to be of `types` (BaseMismatchError naming the field otherwise)."""
+    if name not in config:
+        if default is ...:
+            raise BaseMismatchError(f"{where} has no {name!r}")
+        return default
+    value = config[name]
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise BaseMismatchError(f"{where}: {name!r} is {value!r}, not of the expected type")
+    return value
+
+
+def _block(value: object, where: str) -> tuple[int, int]:
+    """A [height, width] block of positive ints."""
+    if (not isinstance(value, list) or len(value) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_BLOCK for v in value)):
+        raise BaseMismatchError(f"{where} must be two positive integers, not {value!r}")
+    return value[0], value[1]
+
+
+@dataclass(frozen=True)
+class FP8Group:
+    """One compressed-tensors config group: the modules it targets and the weight scheme (scale dtype unset)."""
+
+    targets: tuple[str, ...]
+    scheme: FP8Scheme
+
+    def matches(self, module: str) -> bool:
+        """compressed-tensors' name rule for checkpoints: `re:` entries match by regex, plain names exactly; a class
+        name such as "Linear" (unknowable from a file) matches every module."""
+        return any(re.match(t[3:], module) if t.startswith("re:") else t == module or "." not in t and t[:1].isupper()
+                   for t in self.targets)
+
+
+@dataclass(frozen=True)
+class FP8Config:
+    """A checkpoint's FP8 quantization_config: its layout, groups (fine-grained: one) and unconverted modules."""
+
+    layout: str
+    groups: tuple[FP8Group, ...]
+    ignore: tuple[str, ...]
+
+    def scheme(self, module: str) -> FP8Scheme | None:
+        """The scheme of the first group whose targets match `module` (None: no group does)."""
+        return next((g.scheme for g in self.groups if g.matches(module)), None)
+
+
+def is_fp8_config(config: Mapping) -> bool:
+    """True when config.json's quantization_config declares FP8 weights (fine-grained, or compressed-tensors
+    float-quantized)."""
+    qc = config.get("quantization_config")
+    if not isinstance(qc, Mapping):
+        return False
+    if qc.get("quant_method") == "fp8":
+        return True
+    return qc.get("quant_method") == "compressed-tensors" and (
+        qc.get("format") == "float-quantized"
+        or any(isinstance(g, Mapping) and g.get("format") == "float-quantized"
+               for g in (qc.get("config_groups") or {}).values() if isinstance(qc.get("config_groups"), Mapping)))
+
+
+def parse_fp8_config(config: Mapping) -> FP8Config:
+    """The FP8Config of config.json, every field checked (BaseMismatchError naming the field)."""
+    qc = config["quantization_config"]
+    where = "config.json quantization_config"
+    if qc.get("quant_method") == "fp8":
+        fmt = _field(qc, "fmt", str, where, "e4m3")
+        if fmt != "e4m3":
+            raise BaseMismatchError(f"{where}: fmt {fmt!r} is not supported (FP8 bases must be e4m3)")
+        if _field(qc, "scale_fmt", str, where, "float") != "float":
+            raise BaseMismatchError(f"{where}: scale_fmt {qc['scale_fmt']!r} is not supported (float32 scales only)")
+        block = _field(qc, "weight_block_size", (list, type(None)), where, list(DEFAULT_BLOCK))
+        block = None if block is None else _block(block, f"{where}: weight_block_size")
+        static = _field(qc, "activation_scheme", str, where, "dynamic") == "static"
+        skip = _names(_field(qc, "modules_to_not_convert", (list, type(None)), where, None) or [], where)
+        scheme = FP8Scheme(FINE_GRAINED, "tensor" if block is None else "block", block, torch.float32, static)
+        return FP8Config(FINE_GRAINED, (FP8Group(("Linear",), scheme),), skip)
+    groups = _field(qc, "config_groups", dict, where)
+    parsed = []
+    for name, group in groups.items():
+        at = f"{where}: config_groups[{name!r}]"
+        if not isinstance(group, dict):
+            raise BaseMismatchError(f"{at} is not an object")
+        weights = _field(group, "weights", dict, at)
+        if (_field(weights, "type", str, at) != "float" or _field(weights, "num_bits", int, at) != 8
+                or not _field(weights, "symmetric", bool, at, True)):
+            raise BaseMismatchError(f"{at}: only symmetric 8-bit float weights are FP8 (got {weights!r})")
+        strategy = _field(weights, "strategy", str, at)
+        if strategy not in STRATEGIES:
+            raise BaseMismatchError(f"{at}: weight strategy {strategy!r} is not one of {', '.join(STRATEGIES)}")
+        block = _block(weights.get("block_structure"), f"{at}: block_structure") if strategy == "block" else None
+        acts = _field(group, "input_activations", (dict, type(None)), at, None)
+        static = bool(acts) and not _field(acts, "dynamic", (bool, str), at, False)
+        parsed.append(FP8Group(_names(_field(group, "targets", list, at), at),
+                               FP8Scheme(COMPRESSED_TENSORS, strategy, block, torch.float32, static)))
+    return FP8Config(COMPRESSED_TENSORS, tuple(parsed), _names(_field(qc, "ignore", (list, type(None)), where, None) or [], where))
+
+
+def _names(values: list, where: str) -> tuple[str, ...]:
+    """A list of module names / patterns (strings)."""
+    if not all(isinstance(v, str) for v in values):
+        raise BaseMismatchError(f"{where}: module lists must hold strings")
+    return tuple(values)
+
+
+def check_scale(key: str, scale_key: str, scale: Tensor) -> None:
+    """BaseMismatchError naming the scale tensor of `key` unless every value is finite and positive."""
+    values = scale.float()
+    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
+        bad = values[~(torch.isfinite(values) & (values > 0))].flatten()[0].item()
+        raise BaseMismatchError(f"FP8 scale {scale_key!r} of {key!r} holds {bad!r}: scales must be finite and positive")
+
+
+def output_config(scheme: FP8Scheme, ignore: Sequence[str]) -> dict:
+    """The quantization_config of an FP8 output in `scheme`, leaving the `ignore` modules unconverted."""
+    if scheme.layout == FINE_GRAINED:
+        return {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                "weight_block_size": None if scheme.block is None else list(scheme.block),
+                "modules_to_not_convert": list(ignore)}
+    weights = {"num_bits": 8, "type": "float", "symmetric": True, "group_size": None, "strategy": scheme.strategy,
+               "dynamic": False, "actorder": None, "observer": None, "observer_kwargs": {}}
+    if scheme.block is not None:
+        weights["block_structure"] = list(scheme.block)
+    return {
+        "quant_method": "compressed-tensors", "format": "float-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
+                                      "output_activations": None, "format": "float-quantized"}},
+        "ignore": list(ignore), "kv_cache_scheme": None, "global_compression_ratio": None,
+        "sparsity_config": {}, "transform_config": {},
+    }
+
+
+def output_scheme(layout: str = COMPRESSED_TENSORS, strategy: str | None = None,
+                  scale_dtype: torch.dtype = torch.float32) -> FP8Scheme:
+    """The scheme of a `--dtype fp8` output: compressed-tensors (default strategy block) or fine-grained
+    (block only; float32 scales)."""
+    if layout not in LAYOUTS:
+        raise InvalidArgumentError(f"FP8 format {layout!r} is not one of {', '.join(LAYOUTS)}")
+    strategy = strategy or "block"
+    if strategy not in STRATEGIES:
+        raise InvalidArgumentError(f"FP8 scheme {strategy!r} is not one of {', '.join(STRATEGIES)}")
+    if layout == FINE_GRAINED:
+        if strategy != "block":
+            raise InvalidArgumentError("the fine-grained FP8 format stores 128x128 blocks: use --fp8-scheme block "
+                                       "or --fp8-format compressed-tensors")
+        return FP8Scheme(FINE_GRAINED, "block", DEFAULT_BLOCK, torch.float32)
+    return FP8Scheme(COMPRESSED_TENSORS, strategy, DEFAULT_BLOCK if strategy == "block" else None, scale_dtype)
