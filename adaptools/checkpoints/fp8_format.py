@@ -78,94 +78,115 @@ def input_scale_key(key: str) -> str:
 # --------------------------------------------------------------------------- the math
 
 
-def _regions(shape: Sequence[int], block: tuple[int, int]) -> Iterator[tuple[slice, slice, slice, slice, int, int]]:
-    """Rectangles of equal-size blocks covering a (rows, cols) matrix: (rows, cols, block rows, block cols, block
-    height, block width); partial edge blocks form their own rectangles (at most four in all)."""
-    def parts(size: int, side: int) -> list[tuple[slice, slice, int]]:
-        full = size // side * side
-        out = [(slice(0, full), slice(0, full // side), side)] if full else []
-        if full < size:
-            out.append((slice(full, size), slice(full // side, full // side + 1), size - full))
-        return out
-
-    for rows, brows, height in parts(shape[0], block[0]):
-        for cols, bcols, width in parts(shape[1], block[1]):
-            yield rows, cols, brows, bcols, height, width
+BAND_ELEMENTS = 1 << 16
+"""Elements per row band of the codec loops (its temporaries stay in the cache)."""
+_SIGN_SHIFT_CLEAR = ~(1 << 14)
+"""int16 mask clearing the bit that the sign extension of an e4m3 byte shifted into fp16's top exponent bit."""
 
 
-def _blocks(t: Tensor, rows: slice, cols: slice, height: int, width: int) -> Tensor:
-    """The view (block rows, height, block cols, width) of a rectangle of `t`."""
-    return t[rows, cols].unflatten(0, (-1, height)).unflatten(2, (-1, width))
+def _splits(size: int, side: int) -> list[tuple[slice, slice, int]]:
+    """(elements, blocks, block width) of the full blocks of a dimension and of its partial last block."""
+    full = size // side * side
+    parts = [(slice(0, full), slice(0, full // side), side)] if full else []
+    if full < size:
+        parts.append((slice(full, size), slice(full // side, full // side + 1), size - full))
+    return parts
 
 
-def _grid(scale: Tensor) -> Tensor:
-    """A block-grid slice of scales broadcast over its blocks' elements."""
-    return scale[:, None, :, None]
+def _grid_shape(shape: Sequence[int], scheme: FP8Scheme) -> tuple[int, int]:
+    """The scales as a 2-D grid: (1, 1) per tensor, (out, 1) per channel, the block grid per block."""
+    if scheme.strategy == "block":
+        return scheme.scale_shape(shape)  # type: ignore[return-value]
+    return (shape[0], 1) if scheme.strategy == "channel" else (1, 1)
+
+
+def _bands(shape: Sequence[int], scheme: FP8Scheme) -> Iterator[tuple[slice, slice]]:
+    """Row bands of about BAND_ELEMENTS elements, none crossing a block row: (rows, their rows of the scale grid)."""
+    rows, cols = shape
+    height = scheme.block[0] if scheme.strategy == "block" else max(rows, 1)
+    step = max(1, BAND_ELEMENTS // max(cols, 1))
+    for top in range(0, rows, height):
+        end = min(top + height, rows)
+        grid_row = slice(top // height, top // height + 1)
+        for start in range(top, end, step):
+            band = slice(start, min(start + step, end))
+            yield band, band if scheme.strategy == "channel" else grid_row
+
+
+def _per_column(grid: Tensor, scheme: FP8Scheme, cols: int) -> Tensor:
+    """The scale grid broadcastable against a band of rows: block scales repeated over their columns."""
+    return grid.repeat_interleave(scheme.block[1], dim=1)[:, :cols] if scheme.strategy == "block" else grid
+
+
+def _half_bits(q: Tensor) -> Tensor:
+    """e4m3 values as float16 of value·2⁻⁸, exactly (fp16's wider exponent holds every e4m3 value, subnormals
+    included, when the byte's 7 magnitude bits move up by 7): sign-extend, shift, clear the sign's copy."""
+    bits = q.view(torch.int8).to(torch.int16)
+    bits <<= 7
+    bits &= _SIGN_SHIFT_CLEAR
+    return bits.view(torch.float16)
+
+
+def _has_nan(q: Tensor) -> bool:
+    """True when some e4m3 byte is NaN (magnitude bits all set)."""
+    return q.numel() > 0 and int(torch.bitwise_and(q.view(torch.uint8), 0x7F).amax()) == 0x7F
 
 
 def dequantize_fp8(q: Tensor, scale: Tensor, scheme: FP8Scheme) -> Tensor:
-    """W = q·s in float32 (each element times the scale of its tensor, row or block)."""
-    weight = q.to(torch.float32)
-    scale = scale.to(weight.device, torch.float32)
-    if scheme.strategy != "block":
-        return weight.mul_(scale.reshape(-1, 1) if scheme.strategy == "channel" else scale.reshape(()))
-    for rows, cols, brows, bcols, height, width in _regions(weight.shape, scheme.block):
-        _blocks(weight, rows, cols, height, width).mul_(_grid(scale[brows, bcols]))
+    """W = q·s in float32 (each element times the scale of its tensor, row or block), in cache-sized row bands;
+    the e4m3→float conversion goes through float16 bits (`_half_bits`, 2⁻⁸ folded into the scales), exact."""
+    weight = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    grid = scale.to(q.device, torch.float32).reshape(_grid_shape(q.shape, scheme))
+    exact = _has_nan(q)  # NaN bytes would decode finite through float16 bits: convert them the plain way
+    if not exact:
+        grid = grid * 256.0
+    grid = _per_column(grid, scheme, q.shape[1])
+    for band, row in _bands(q.shape, scheme):
+        torch.mul(q[band].float() if exact else _half_bits(q[band]), grid[row], out=weight[band])
     return weight
 
 
-def _amax(weight: Tensor, scheme: FP8Scheme) -> Tensor:
-    """max |W| per tensor (shape [1]), per row ([out, 1]) or per block ([⌈out/bh⌉, ⌈in/bw⌉]), in W's dtype."""
-    magnitude = weight.abs()
-    if scheme.strategy == "tensor":
-        return magnitude.amax().reshape(1)
-    if scheme.strategy == "channel":
-        return magnitude.amax(dim=1, keepdim=True)
-    amax = weight.new_empty(scheme.scale_shape(weight.shape))
-    for rows, cols, brows, bcols, height, width in _regions(weight.shape, scheme.block):
-        amax[brows, bcols] = _blocks(magnitude, rows, cols, height, width).amax(dim=(1, 3))
-    return amax
-
-
 def fresh_scales(weight: Tensor, scheme: FP8Scheme) -> Tensor:
-    """The scales the layout's reference gives W, in the scheme's scale dtype and shape.
+    """The scales the layout's reference gives W, as a 2-D grid (`_grid_shape`) in the scheme's scale dtype.
 
     compressed-tensors: amax/448 computed in float32 and rounded to W's dtype, zeros → eps of W's dtype, then
     stored in the scale dtype; fine-grained: amax/448 in float32, zeros → 1.
     """
-    amax = _amax(weight, scheme).to(torch.float32)
+    amax = weight.new_zeros(_grid_shape(weight.shape, scheme))
+    width = scheme.block[1] if scheme.strategy == "block" else max(weight.shape[1], 1)
+    columns = _splits(weight.shape[1], width)
+    for band, row in _bands(weight.shape, scheme):
+        magnitude = weight[band].abs()
+        for cols, blocks, size in columns:
+            part = magnitude[:, cols].unflatten(1, (-1, size)).amax(dim=2)
+            if scheme.strategy != "channel":
+                part = part.amax(dim=0, keepdim=True)
+            index = (row, blocks if scheme.strategy == "block" else slice(0, 1))
+            torch.maximum(amax[index], part, out=amax[index])
+    scale = amax.float().div_(E4M3_MAX)
     if scheme.layout == FINE_GRAINED:
-        scale = amax.div_(E4M3_MAX)
-        scale = scale.masked_fill_(scale == 0, 1.0)
-    else:
-        scale = amax.div_(E4M3_MAX).to(weight.dtype)
-        scale = scale.masked_fill_(scale == 0, torch.finfo(weight.dtype).eps)
-    return scale.to(scheme.scale_dtype).reshape(scheme.scale_shape(weight.shape))
-
-
-def _encode_into(out: Tensor, weight: Tensor, scale: Tensor, fine_grained: bool) -> None:
-    """out ← fp8(clamp(W/s, ±448)), W/s in the promoted dtype of W and s (float32 in the fine-grained rule)."""
-    scaled = weight.float() / scale if fine_grained else weight / scale
-    out.copy_(scaled.clamp_(-E4M3_MAX, E4M3_MAX))
+        return scale.masked_fill_(scale == 0, 1.0)
+    scale = scale.to(weight.dtype)
+    return scale.masked_fill_(scale == 0, torch.finfo(weight.dtype).eps).to(scheme.scale_dtype)
 
 
 def quantize_fp8(weight: Tensor, scheme: FP8Scheme) -> tuple[Tensor, Tensor]:
-    """(q, s): W quantized to e4m3 with fresh scales (`fresh_scales`), bit-exact with the layout's reference."""
+    """(q, s): W quantized to e4m3 with fresh scales (`fresh_scales`), bit-exact with the layout's reference:
+    q = fp8(clamp(W/s, ±448)), W/s in the promoted dtype of W and s (float32 in the fine-grained rule)."""
     if weight.dim() != 2:
         raise InvalidArgumentError(f"FP8 quantizes 2-D weights, not shape {tuple(weight.shape)}")
     scale = fresh_scales(weight, scheme)
-    q = torch.empty(weight.shape, dtype=E4M3, device=weight.device)
-    fine = scheme.layout == FINE_GRAINED
-    if scheme.strategy != "block":
-        _encode_into(q, weight, scale.reshape(-1, 1) if scheme.strategy == "channel" else scale.reshape(()), fine)
-    else:
-        for rows, cols, brows, bcols, height, width in _regions(weight.shape, scheme.block):
-            _encode_into(_blocks(q, rows, cols, height, width), _blocks(weight, rows, cols, height, width),
-                         _grid(scale[brows, bcols]), fine)
     if not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-        raise NonFiniteError(f"the FP8 scales of a weight of shape {tuple(weight.shape)} under- or overflow "
-                             f"{str(scheme.scale_dtype).removeprefix('torch.')}; write the merge in bf16 or fp32")
-    return q, scale
+        raise NonFiniteError(f"the FP8 scales of a weight of shape {list(weight.shape)} are not finite and positive "
+                             f"in {str(scheme.scale_dtype).removeprefix('torch.')} (NaN/Inf in the weight, or "
+                             "values out of the scale dtype's range); write the merge in bf16 or fp32")
+    q = torch.empty(weight.shape, dtype=E4M3, device=weight.device)
+    grid = _per_column(scale, scheme, weight.shape[1])
+    fine = scheme.layout == FINE_GRAINED
+    for band, row in _bands(weight.shape, scheme):
+        scaled = (weight[band].float() if fine else weight[band]) / grid[row]
+        q[band].copy_(scaled.clamp_(-E4M3_MAX, E4M3_MAX))
+    return q, scale.reshape(scheme.scale_shape(weight.shape))
 
 
 # --------------------------------------------------------------------------- configs

@@ -1,0 +1,224 @@
+"""FP8 codecs (DESIGN §16): read FP8 bases, write FP8 outputs, on the merge engine's decoder/encoder interface.
+
+- `FP8Decoder` reads a checkpoint whose config declares FP8 (fine-grained `quant_method: fp8`, or
+  compressed-tensors `float-quantized`): each F8_E4M3 weight, with its scale (`weight_scale_inv` /
+  `weight_scale`) and static `input_scale`, is one tensor to the merge, dequantized to float32 (W = q·s).
+- `FP8Encoder` writes FP8: from an FP8 base it requantizes each merged weight in the base's own scheme with fresh
+  scales (unchanged weights are copied byte for byte, input scales kept) and measures how much of ΔW survives;
+  from an unquantized or NF4 base it quantizes the linear weights (`quantize --to fp8`, `merge --dtype fp8`) in
+  compressed-tensors' format (default) or the fine-grained layout, leaving embeddings, norms, lm_head and the
+  skip patterns' modules unquantized and listed in the config's `ignore` / `modules_to_not_convert`.
+- An FP8 base merged with `--dtype bf16|fp16|fp32` is written dequantized (the shared DequantizedEncoder).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ..errors import BaseMismatchError, InvalidArgumentError
+from ..formats.checkpoint import DTYPE_NAMES, BaseCheckpoint, TensorInfo
+from ..merge.codecs import CastEncoder, StoredDecoder, TensorSpec, check_range
+from ..merge.nf4_codecs import DEFAULT_SKIP, chosen_weights, is_conv1d, retained_fraction
+from .fp8_format import (
+    COMPRESSED_TENSORS,
+    E4M3,
+    FP8Config,
+    FP8Scheme,
+    check_scale,
+    dequantize_fp8,
+    input_scale_key,
+    is_fp8_config,
+    output_config,
+    output_scheme,
+    parse_fp8_config,
+    quantize_fp8,
+)
+
+NAME = "fp8"
+TARGETS = frozenset({"fp8"})
+FLOAT8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz})
+
+
+def detect(ckpt: BaseCheckpoint) -> bool:
+    """True when the base's config.json declares FP8 weights."""
+    return is_fp8_config(ckpt.config)
+
+
+@dataclass(frozen=True)
+class FP8Spec(TensorSpec):
+    """An FP8 weight of the base as the merge sees it: float32 of its stored shape, its scheme, and the stored
+    keys that go with it (weight, scale[, input_scale]); `nbytes` counts all of them."""
+
+    fmt: FP8Scheme
+    keys: tuple[str, ...] = ()
+
+
+# --------------------------------------------------------------------------- reading an FP8 base
+
+
+class FP8Decoder(StoredDecoder):
+    """An FP8 checkpoint's weights dequantized to float32 (scales folded in); other tensors as stored."""
+
+    def __init__(self, ckpt: BaseCheckpoint):
+        self.config: FP8Config = parse_fp8_config(ckpt.config)
+        self._specs: dict[str, TensorSpec] | None = None
+
+    def specs(self, ckpt: BaseCheckpoint) -> dict[str, TensorSpec]:
+        """{key: spec} in shard order: FP8Spec per FP8 weight (its scales are not listed), TensorSpec otherwise."""
+        if self._specs is None:
+            weights = {k: self._fp8_spec(ckpt, k) for k in ckpt.keys() if ckpt.dtype(k) in FLOAT8_DTYPES
+                       and k.endswith(".weight")}
+            side = {k for spec in weights.values() for k in spec.keys[1:]}
+            self._specs = {k: weights.get(k, spec) for k, spec in super().specs(ckpt).items() if k not in side}
+        return self._specs
+
+    def _fp8_spec(self, ckpt: BaseCheckpoint, key: str) -> FP8Spec:
+        """The weight's spec, its scale tensor checked from the header (present, floating, of the scheme's shape)."""
+        shape = ckpt.shape(key)
+        if ckpt.dtype(key) != E4M3:
+            raise BaseMismatchError(f"FP8 weight {key!r} is stored as {DTYPE_NAMES[ckpt.dtype(key)]}; only F8_E4M3 "
+                                    "weights can be decoded")
+        scheme = self.config.scheme(key.removesuffix(".weight"))
+        if scheme is None:
+            raise BaseMismatchError(f"FP8 weight {key!r} matches no config group of quantization_config")
+        if len(shape) != 2:
+            raise BaseMismatchError(f"FP8 weight {key!r} has shape {list(shape)}; FP8 weights are 2-D")
+        scale = scheme.scale_key(key)
+        if scale not in ckpt:
+            raise BaseMismatchError(f"FP8 weight {key!r} has no scale tensor {scale!r}")
+        expected = scheme.scale_shape(shape)
+        allowed = {expected, (), (1,)} if expected in {(), (1,)} else {expected}
+        if ckpt.shape(scale) not in allowed or ckpt.dtype(scale) not in (torch.float32, torch.bfloat16, torch.float16):
+            raise BaseMismatchError(
+                f"FP8 scale {scale!r} is {DTYPE_NAMES.get(ckpt.dtype(scale), ckpt.dtype(scale))} of shape "
+                f"{list(ckpt.shape(scale))}; the {scheme.strategy} scheme of a {list(shape)} weight needs a float "
+                f"tensor of shape {list(expected)}")
+        keys = [key, scale]
+        act = input_scale_key(key)
+        if act in ckpt:
+            if ckpt.dtype(act) not in (torch.float32, torch.bfloat16, torch.float16) or len(ckpt.shape(act)) > 1 \
+                    or ckpt.nbytes(act) > 4:
+                raise BaseMismatchError(f"input scale {act!r} must be one float, not {list(ckpt.shape(act))}")
+            keys.append(act)
+        fmt = FP8Scheme(scheme.layout, scheme.strategy, scheme.block, ckpt.dtype(scale), act in ckpt)
+        return FP8Spec(shape, torch.float32, ckpt.weight_map[key], sum(ckpt.nbytes(k) for k in keys), fmt,
+                       tuple(keys))
+
+    def read(self, ckpt: BaseCheckpoint, key: str) -> Tensor:
+        """The weight dequantized to float32 (its scales checked: finite and positive), or the tensor as stored."""
+        spec = self.specs(ckpt).get(key)
+        if not isinstance(spec, FP8Spec):
+            return ckpt.mapped(key)
+        scale = ckpt.get(spec.keys[1])
+        check_scale(key, spec.keys[1], scale)
+        return dequantize_fp8(ckpt.mapped(key), scale.reshape(spec.fmt.scale_shape(spec.shape)), spec.fmt)
+
+    def sources(self, ckpt: BaseCheckpoint, key: str) -> dict[str, tuple[Path, TensorInfo]]:
+        """The stored bytes of every tensor of weight `key`."""
+        spec = self.specs(ckpt).get(key)
+        keys = spec.keys if isinstance(spec, FP8Spec) else (key,)
+        return {k: (ckpt.path(k), ckpt.info(k)) for k in keys}
+
+
+# --------------------------------------------------------------------------- writing FP8
+
+
+class FP8Encoder(CastEncoder):
+    """FP8 output: the weights in `formats` quantized (weight + scale), the others as in the base.
+
+    With `requantize` (an FP8 base) merged weights arrive in float32 and are requantized in their own scheme and
+    scale dtype (the stored scale's shape and input scale kept), unchanged weights are copied as stored and
+    `survival` measures each merged weight; otherwise tensors arrive in the base's dtype (the model one would
+    have after merging) and are quantized as the reference quantizes that model.
+    """
+
+    row_wise = False
+    """Blocks and per-tensor scales span rows: a weight is quantized whole."""
+
+    def __init__(self, formats: dict[str, FP8Scheme], specs: dict[str, TensorSpec], device: torch.device,
+                 requantize: bool, ckpt: BaseCheckpoint, config: dict | None = None):
+        super().__init__(None)
+        self.formats, self.specs, self.device = formats, specs, device
+        self.requantize, self.ckpt, self.config = requantize, ckpt, config
+
+    @classmethod
+    def requantizing(cls, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], device: torch.device) -> FP8Encoder:
+        """The encoder that writes an FP8 base's merge in FP8, each weight in its own scheme."""
+        formats = {k: s.fmt for k, s in specs.items() if isinstance(s, FP8Spec)}
+        return cls(formats, specs, device, requantize=True, ckpt=ckpt)
+
+    @classmethod
+    def quantizing(cls, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], device: torch.device, *,
+                   scheme: str | None = None, layout: str | None = None, skip: Sequence[str] = ()) -> FP8Encoder:
+        """The encoder that quantizes an unquantized (or NF4) base's linear weights to FP8 in `layout`
+        (compressed-tensors by default: scales in each weight's dtype; fine-grained: float32 block scales)."""
+        template = output_scheme(layout or COMPRESSED_TENSORS, scheme)
+        model_type = ckpt.config.get("model_type")
+        chosen = [k for k in chosen_weights(specs, skip, "FP8") if not is_conv1d(model_type, k)]
+        formats = {k: template if template.layout != COMPRESSED_TENSORS else
+                   FP8Scheme(template.layout, template.strategy, template.block, specs[k].dtype) for k in chosen}
+        kept = sorted(k.removesuffix(".weight") for k, s in specs.items() if k.endswith(".weight")
+                      and len(s.shape) == 2 and k not in formats)
+        ignore = ["lm_head", *(m for m in kept if m != "lm_head")]
+        return cls(formats, specs, device, requantize=False, ckpt=ckpt, config=output_config(template, ignore))
+
+    @property
+    def label(self) -> str:
+        return "fp8"
+
+    @property
+    def quantized(self) -> int:
+        return len(self.formats)
+
+    def dtype_for(self, spec: TensorSpec) -> torch.dtype:
+        return torch.float32 if isinstance(spec, FP8Spec) else spec.dtype
+
+    def keeps(self, key: str, spec: TensorSpec) -> bool:
+        return self.requantize or key not in self.formats and getattr(spec, "fmt", None) is None
+
+    def entries(self, key: str, spec: TensorSpec) -> dict[str, int]:
+        if isinstance(spec, FP8Spec):
+            return {k: self.ckpt.nbytes(k) for k in spec.keys}
+        fmt = self.formats.get(key)
+        return {key: spec.numel * spec.dtype.itemsize} if fmt is None else fmt.entries(key, spec.shape)
+
+    def encode(self, key: str, tensor: Tensor) -> dict[str, Tensor]:
+        """FP8 weight and scale of a weight in `formats` (quantized on the encoder's device); others cast to the
+        base's dtype."""
+        spec, fmt = self.specs[key], self.formats.get(key)
+        if fmt is None:
+            if tensor.dtype != spec.dtype:
+                check_range([key], tensor.unsqueeze(0), spec.dtype)
+            return {key: tensor.to(spec.dtype)}
+        if self.requantize:
+            q, scale = quantize_fp8(tensor.to(self.device, torch.float32), fmt)
+            encoded = {key: q, spec.keys[1]: scale.reshape(self.ckpt.shape(spec.keys[1]))}
+            return {**encoded, **{k: self.ckpt.get(k) for k in spec.keys[2:]}}
+        if tensor.dtype != spec.dtype:
+            check_range([key], tensor.unsqueeze(0), spec.dtype)
+        q, scale = quantize_fp8(tensor.to(self.device, spec.dtype), fmt)
+        return {key: q, fmt.scale_key(key): scale}
+
+    def survival(self, key: str, base: Tensor, merged: Tensor, encoded: dict[str, Tensor]) -> float | None:
+        """retained_fraction of the merged weight after requantization (FP8 base only)."""
+        fmt = self.formats.get(key)
+        if not self.requantize or fmt is None:
+            return None
+        scale = encoded[fmt.scale_key(key)].reshape(fmt.scale_shape(base.shape))
+        after = dequantize_fp8(encoded[key], scale, fmt)
+        return retained_fraction(base.to(self.device), after, merged.to(self.device))
+
+    def update_config(self, config: dict) -> dict:
+        return config if self.config is None else {**config, "quantization_config": self.config}
+
+
+def codecs(ckpt: BaseCheckpoint, dtype: str | torch.dtype | None, *, device: torch.device,
+           fp8_scheme: str | None = None, fp8_format: str | None = None,
+           skip: Sequence[str] = (), **_options: object) -> tuple[StoredDecoder, CastEncoder]:
+    """The decoder and encoder for an FP8 base (kept FP8 with dtype None or "fp8", else written dequantized), or
+    for an FP8 output of another base (`dtype` "fp8": `fp8_scheme`, `fp8_format`, `skip`)."""
+    raise NotImplementedError  # wired to the codec registry once checkpoints/codecs.py exists
