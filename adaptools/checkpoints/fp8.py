@@ -20,9 +20,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BaseMismatchError, InvalidArgumentError
-from ..formats.checkpoint import DTYPE_NAMES, BaseCheckpoint, TensorInfo
-from ..merge.codecs import CastEncoder, StoredDecoder, TensorSpec, check_range
-from ..merge.nf4_codecs import DEFAULT_SKIP, chosen_weights, is_conv1d, retained_fraction
+from .container import Container
 from .fp8_format import (
     COMPRESSED_TENSORS,
     E4M3,
@@ -37,15 +35,25 @@ from .fp8_format import (
     parse_fp8_config,
     quantize_fp8,
 )
+from .quantizing import chosen_weights, retained_fraction
+from .safetensors_io import DTYPE_NAMES, TensorInfo
+from .stored import CastEncoder, StoredDecoder, TensorSpec, check_range, is_conv1d
 
 NAME = "fp8"
 TARGETS = frozenset({"fp8"})
+"""The output dtypes this codec encodes into."""
+OPTIONS = frozenset({"fp8_scheme", "fp8_format"})
+"""The keyword options its encoder takes (besides `skip`, which `quantize` passes)."""
 FLOAT8_DTYPES = frozenset({torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e4m3fnuz, torch.float8_e5m2fnuz})
+SCALE_SUFFIXES = (".weight_scale", ".weight_scale_inv")
 
 
-def detect(ckpt: BaseCheckpoint) -> bool:
-    """True when the base's config.json declares FP8 weights."""
-    return is_fp8_config(ckpt.config)
+def detect(ckpt: Container) -> bool:
+    """True when the base's config.json declares FP8 weights, or float8 weights come with scale tensors."""
+    if is_fp8_config(ckpt.config):
+        return True
+    weights = (k[: k.rindex("_scale")] for k in ckpt.keys() if k.endswith(SCALE_SUFFIXES))
+    return any(w in ckpt and ckpt.dtype(w) in FLOAT8_DTYPES for w in weights)
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class FP8Spec(TensorSpec):
 
     fmt: FP8Scheme
     keys: tuple[str, ...] = ()
+    encoded = True
 
 
 # --------------------------------------------------------------------------- reading an FP8 base
@@ -63,11 +72,14 @@ class FP8Spec(TensorSpec):
 class FP8Decoder(StoredDecoder):
     """An FP8 checkpoint's weights dequantized to float32 (scales folded in); other tensors as stored."""
 
-    def __init__(self, ckpt: BaseCheckpoint):
+    def __init__(self, ckpt: Container):
+        if not is_fp8_config(ckpt.config):
+            raise BaseMismatchError(f"{str(ckpt.root)!r} holds float8 weights with scale tensors, but its config.json "
+                                    "declares no FP8 quantization_config (quant_method fp8 or compressed-tensors)")
         self.config: FP8Config = parse_fp8_config(ckpt.config)
         self._specs: dict[str, TensorSpec] | None = None
 
-    def specs(self, ckpt: BaseCheckpoint) -> dict[str, TensorSpec]:
+    def specs(self, ckpt: Container) -> dict[str, TensorSpec]:
         """{key: spec} in shard order: FP8Spec per FP8 weight (its scales are not listed), TensorSpec otherwise."""
         if self._specs is None:
             weights = {k: self._fp8_spec(ckpt, k) for k in ckpt.keys() if ckpt.dtype(k) in FLOAT8_DTYPES
@@ -76,7 +88,7 @@ class FP8Decoder(StoredDecoder):
             self._specs = {k: weights.get(k, spec) for k, spec in super().specs(ckpt).items() if k not in side}
         return self._specs
 
-    def _fp8_spec(self, ckpt: BaseCheckpoint, key: str) -> FP8Spec:
+    def _fp8_spec(self, ckpt: Container, key: str) -> FP8Spec:
         """The weight's spec, its scale tensor checked from the header (present, floating, of the scheme's shape)."""
         shape = ckpt.shape(key)
         if ckpt.dtype(key) != E4M3:
@@ -108,7 +120,7 @@ class FP8Decoder(StoredDecoder):
         return FP8Spec(shape, torch.float32, ckpt.weight_map[key], sum(ckpt.nbytes(k) for k in keys), fmt,
                        tuple(keys))
 
-    def read(self, ckpt: BaseCheckpoint, key: str) -> Tensor:
+    def read(self, ckpt: Container, key: str) -> Tensor:
         """The weight dequantized to float32 (its scales checked: finite and positive), or the tensor as stored."""
         spec = self.specs(ckpt).get(key)
         if not isinstance(spec, FP8Spec):
@@ -117,7 +129,7 @@ class FP8Decoder(StoredDecoder):
         check_scale(key, spec.keys[1], scale)
         return dequantize_fp8(ckpt.mapped(key), scale.reshape(spec.fmt.scale_shape(spec.shape)), spec.fmt)
 
-    def sources(self, ckpt: BaseCheckpoint, key: str) -> dict[str, tuple[Path, TensorInfo]]:
+    def sources(self, ckpt: Container, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """The stored bytes of every tensor of weight `key`."""
         spec = self.specs(ckpt).get(key)
         keys = spec.keys if isinstance(spec, FP8Spec) else (key,)
@@ -140,19 +152,19 @@ class FP8Encoder(CastEncoder):
     """Blocks and per-tensor scales span rows: a weight is quantized whole."""
 
     def __init__(self, formats: dict[str, FP8Scheme], specs: dict[str, TensorSpec], device: torch.device,
-                 requantize: bool, ckpt: BaseCheckpoint, config: dict | None = None):
+                 requantize: bool, ckpt: Container, config: dict | None = None):
         super().__init__(None)
         self.formats, self.specs, self.device = formats, specs, device
         self.requantize, self.ckpt, self.config = requantize, ckpt, config
 
     @classmethod
-    def requantizing(cls, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], device: torch.device) -> FP8Encoder:
+    def requantizing(cls, ckpt: Container, specs: dict[str, TensorSpec], device: torch.device) -> FP8Encoder:
         """The encoder that writes an FP8 base's merge in FP8, each weight in its own scheme."""
         formats = {k: s.fmt for k, s in specs.items() if isinstance(s, FP8Spec)}
         return cls(formats, specs, device, requantize=True, ckpt=ckpt)
 
     @classmethod
-    def quantizing(cls, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], device: torch.device, *,
+    def quantizing(cls, ckpt: Container, specs: dict[str, TensorSpec], device: torch.device, *,
                    scheme: str | None = None, layout: str | None = None, skip: Sequence[str] = ()) -> FP8Encoder:
         """The encoder that quantizes an unquantized (or NF4) base's linear weights to FP8 in `layout`
         (compressed-tensors by default: scales in each weight's dtype; fine-grained: float32 block scales)."""
@@ -216,9 +228,27 @@ class FP8Encoder(CastEncoder):
         return config if self.config is None else {**config, "quantization_config": self.config}
 
 
-def codecs(ckpt: BaseCheckpoint, dtype: str | torch.dtype | None, *, device: torch.device,
-           fp8_scheme: str | None = None, fp8_format: str | None = None,
-           skip: Sequence[str] = (), **_options: object) -> tuple[StoredDecoder, CastEncoder]:
-    """The decoder and encoder for an FP8 base (kept FP8 with dtype None or "fp8", else written dequantized), or
-    for an FP8 output of another base (`dtype` "fp8": `fp8_scheme`, `fp8_format`, `skip`)."""
-    raise NotImplementedError  # wired to the codec registry once checkpoints/codecs.py exists
+def decoder(ckpt: Container) -> FP8Decoder:
+    """The decoder of an FP8 base."""
+    return FP8Decoder(ckpt)
+
+
+def encoder(ckpt: Container, decoder: StoredDecoder, dtype: str | None, *, device: torch.device,
+            fp8_scheme: str | None = None, fp8_format: str | None = None, skip: Sequence[str] = ()) -> FP8Encoder:
+    """FP8 output: an FP8 base requantized in its own scheme (`fp8_scheme` / `fp8_format` must agree with it), or
+    the linear weights of an unquantized or NF4 base quantized (compressed-tensors block scheme by default)."""
+    specs = decoder.specs(ckpt)
+    if isinstance(decoder, FP8Decoder):
+        schemes = {(s.fmt.layout, s.fmt.strategy) for s in specs.values() if isinstance(s, FP8Spec)}
+        wanted = {(fp8_format or layout, fp8_scheme or strategy) for layout, strategy in schemes}
+        if skip or wanted != schemes:
+            have = ", ".join(f"{layout} {strategy}" for layout, strategy in sorted(schemes))
+            raise InvalidArgumentError(
+                f"merging into an FP8 base keeps its own scheme ({have}); drop the FP8 options, or merge with "
+                "--dtype bf16 and quantize the result")
+        return FP8Encoder.requantizing(ckpt, specs, device)
+    if type(decoder) is StoredDecoder and ckpt.config.get("quantization_config"):
+        method = ckpt.config["quantization_config"].get("quant_method", "unknown")
+        raise InvalidArgumentError(f"the base is quantized ({method}); FP8 outputs are made from fp16/bf16/fp32, "
+                                   "NF4 or FP8 bases")
+    return FP8Encoder.quantizing(ckpt, specs, device, scheme=fp8_scheme, layout=fp8_format, skip=skip)
