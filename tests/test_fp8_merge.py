@@ -249,3 +249,55 @@ def test_extract_dora_and_spectrum_read_fp8_bases(fp8_base, adapter, deltas, tmp
     for name in deltas:
         W = dequantized(strategy, stored, f"{name}.weight")
         assert doc["modules"][name]["base_frobenius_norm"] == pytest.approx(W.double().norm().item(), rel=1e-5)
+
+
+def edit_tensors(folder: Path, change) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    change(tensors)
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+HOSTILE = {
+    "nan scale": ("ct", lambda t: t[Q + "_scale"].view(-1).__setitem__(0, float("nan")), Q + "_scale"),
+    "zero scale": ("ct", lambda t: t[Q + "_scale"].view(-1).__setitem__(-1, 0.0), "finite, positive"),
+    "negative scale": ("fg", lambda t: t[Q + "_scale_inv"].view(-1).__setitem__(0, -1.0), Q + "_scale_inv"),
+    "huge scale": ("fg", lambda t: t[Q + "_scale_inv"].view(-1).__setitem__(0, 1e37), "at most"),
+    "missing scale": ("ct", lambda t: t.pop(Q + "_scale"), f"has no scale tensor '{Q}_scale'"),
+    "scale shape": ("ct", lambda t: t.__setitem__(Q + "_scale", t[Q + "_scale"].reshape(-1)), "of shape [2, 2]"),
+    "int scale": ("fg", lambda t: t.__setitem__(Q + "_scale_inv", t[Q + "_scale_inv"].to(torch.int32)), "float tensor"),
+    "e5m2 weight": ("ct", lambda t: t.__setitem__(Q, t[Q].to(torch.float8_e5m2)), "only F8_E4M3"),
+    "block size": ("fg", {"weight_block_size": [0, 128]}, "weight_block_size must be two positive integers"),
+    "block type": ("fg", {"weight_block_size": "128"}, "weight_block_size"),
+    "fmt": ("fg", {"fmt": "e5m2"}, "fmt 'e5m2' is not supported"),
+    "ue8m0": ("fg", {"scale_fmt": "ue8m0"}, "scale_fmt"),
+    "strategy": ("ct", {"config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 8, "type": "float", "strategy": "group", "symmetric": True}}}}, "strategy 'group'"),
+    "int weights": ("ct", {"config_groups": {"g": {"targets": ["Linear"], "weights": {
+        "num_bits": 4, "type": "int", "strategy": "channel"}}}}, "8-bit float"),
+    "no group": ("ct", {"config_groups": {"g": {"targets": ["re:lm_head"], "weights": {
+        "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]}}}}, "matches no config group"),
+    "no config": ("ct", None, "declares no FP8 quantization_config"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_hostile_scales_and_configs_are_one_error_line(case, adapter, tmp_path, runner):
+    which, change, fragment = HOSTILE[case]
+    base = tmp_path / "base"
+    make_ct_fp8_base(base, "block") if which == "ct" else make_fine_grained_base(base)
+    if change is None or isinstance(change, dict):
+        data = config(base)
+        if change is None:
+            data.pop("quantization_config")
+        else:
+            data["quantization_config"].update(change)
+        (base / "config.json").write_text(json.dumps(data))
+    else:
+        edit_tensors(base, change)
+    for command in (["merge", base, adapter], ["extract", base, base, "--rank", "2"]):
+        result = run_cli(runner, *command, "-o", tmp_path / "out")
+        assert_no_output(result, tmp_path / "out")
+        assert fragment in result.stderr, result.stderr

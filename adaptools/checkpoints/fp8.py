@@ -89,7 +89,8 @@ class FP8Decoder(StoredDecoder):
         return self._specs
 
     def _fp8_spec(self, ckpt: Container, key: str) -> FP8Spec:
-        """The weight's spec, its scale tensor checked from the header (present, floating, of the scheme's shape)."""
+        """The weight's spec, its scale tensor checked: present, floating, of the scheme's shape (header), finite and
+        positive (read: scales are small), so that a bad one fails before anything is written."""
         shape = ckpt.shape(key)
         if ckpt.dtype(key) != E4M3:
             raise BaseMismatchError(f"FP8 weight {key!r} is stored as {DTYPE_NAMES[ckpt.dtype(key)]}; only F8_E4M3 "
@@ -109,6 +110,7 @@ class FP8Decoder(StoredDecoder):
                 f"FP8 scale {scale!r} is {DTYPE_NAMES.get(ckpt.dtype(scale), ckpt.dtype(scale))} of shape "
                 f"{list(ckpt.shape(scale))}; the {scheme.strategy} scheme of a {list(shape)} weight needs a float "
                 f"tensor of shape {list(expected)}")
+        check_scale(key, scale, ckpt.get(scale))
         keys = [key, scale]
         act = input_scale_key(key)
         if act in ckpt:
@@ -121,13 +123,12 @@ class FP8Decoder(StoredDecoder):
                        tuple(keys))
 
     def read(self, ckpt: Container, key: str) -> Tensor:
-        """The weight dequantized to float32 (its scales checked: finite and positive), or the tensor as stored."""
+        """The weight dequantized to float32, or the tensor as stored."""
         spec = self.specs(ckpt).get(key)
         if not isinstance(spec, FP8Spec):
             return ckpt.mapped(key)
-        scale = ckpt.get(spec.keys[1])
-        check_scale(key, spec.keys[1], scale)
-        return dequantize_fp8(ckpt.mapped(key), scale.reshape(spec.fmt.scale_shape(spec.shape)), spec.fmt)
+        scale = ckpt.get(spec.keys[1]).reshape(spec.fmt.scale_shape(spec.shape))
+        return dequantize_fp8(ckpt.mapped(key), scale, spec.fmt)
 
     def sources(self, ckpt: Container, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """The stored bytes of every tensor of weight `key`."""

@@ -297,12 +297,18 @@ def _names(values: list, where: str) -> tuple[str, ...]:
     return tuple(values)
 
 
+MAX_SCALE = torch.finfo(torch.float32).max / E4M3_MAX
+"""The largest scale whose dequantized weights stay finite in float32."""
+
+
 def check_scale(key: str, scale_key: str, scale: Tensor) -> None:
-    """BaseMismatchError naming the scale tensor of `key` unless every value is finite and positive."""
+    """BaseMismatchError naming the scale tensor of `key` unless every value is finite, positive and small enough
+    for q·s to stay finite in float32."""
     values = scale.float()
-    if not bool(torch.isfinite(values).all()) or not bool((values > 0).all()):
-        bad = values[~(torch.isfinite(values) & (values > 0))].flatten()[0].item()
-        raise BaseMismatchError(f"FP8 scale {scale_key!r} of {key!r} holds {bad!r}: scales must be finite and positive")
+    bad = values[~((values > 0) & (values <= MAX_SCALE))].flatten()  # NaN fails both comparisons
+    if bad.numel():
+        raise BaseMismatchError(f"FP8 scale {scale_key!r} of {key!r} holds {bad[0].item()!r}: scales must be finite, "
+                                f"positive and at most {MAX_SCALE:.3g}")
 
 
 def output_config(scheme: FP8Scheme, ignore: Sequence[str]) -> dict:
