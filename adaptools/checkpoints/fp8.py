@@ -28,6 +28,7 @@ from .fp8_format import (
     FP8Scheme,
     check_scale,
     dequantize_fp8,
+    dequantized_bands,
     input_scale_key,
     is_fp8_config,
     output_config,
@@ -35,7 +36,7 @@ from .fp8_format import (
     parse_fp8_config,
     quantize_fp8,
 )
-from .quantizing import chosen_weights, retained_fraction
+from .quantizing import chosen_weights, ratio, retained_sums
 from .safetensors_io import DTYPE_NAMES, TensorInfo
 from .stored import CastEncoder, StoredDecoder, TensorSpec, check_range, is_conv1d
 
@@ -222,8 +223,10 @@ class FP8Encoder(CastEncoder):
         if not self.requantize or fmt is None:
             return None
         scale = encoded[fmt.scale_key(key)].reshape(fmt.scale_shape(base.shape))
-        after = dequantize_fp8(encoded[key], scale, fmt)
-        return retained_fraction(base.to(self.device), after, merged.to(self.device))
+        base, merged = base.to(self.device), merged.to(self.device)
+        bands = dequantized_bands(encoded[key], scale, fmt)
+        return ratio(sum((retained_sums(base[rows], after, merged[rows]) for rows, after in bands),
+                         torch.zeros(2, dtype=torch.float64)))
 
     def update_config(self, config: dict) -> dict:
         return config if self.config is None else {**config, "quantization_config": self.config}

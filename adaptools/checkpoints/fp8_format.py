@@ -128,21 +128,28 @@ def _half_bits(q: Tensor) -> Tensor:
 
 
 def _has_nan(q: Tensor) -> bool:
-    """True when some e4m3 byte is NaN (magnitude bits all set)."""
-    return q.numel() > 0 and int(torch.bitwise_and(q.view(torch.uint8), 0x7F).amax()) == 0x7F
+    """True when some e4m3 byte is NaN: 0x7F (the largest int8) or 0xFF (the largest uint8)."""
+    return q.numel() > 0 and (int(q.view(torch.int8).max()) == 0x7F or int(q.view(torch.uint8).max()) == 0xFF)
+
+
+def dequantized_bands(q: Tensor, scale: Tensor, scheme: FP8Scheme) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, W[rows] = q·s in float32) per cache-sized row band; the e4m3→float conversion goes through float16
+    bits (`_half_bits`, 2⁻⁸ folded into the scales), exact. Each band must be used before the next is asked for."""
+    grid = scale.to(q.device, torch.float32).reshape(_grid_shape(q.shape, scheme))
+    exact = _has_nan(q)  # NaN bytes would decode finite through float16 bits: convert them the plain way
+    grid = _per_column(grid if exact else grid * 256.0, scheme, q.shape[1])
+    buffer = torch.empty(min(q.numel(), max(BAND_ELEMENTS, q.shape[1])), dtype=torch.float32, device=q.device)
+    for band, row in _bands(q.shape, scheme):
+        out = buffer[: (band.stop - band.start) * q.shape[1]].view(band.stop - band.start, q.shape[1])
+        yield band, out.copy_(q[band] if exact else _half_bits(q[band])).mul_(grid[row])  # float32 multiply: a
+        # mixed-dtype broadcast multiply is many times slower
 
 
 def dequantize_fp8(q: Tensor, scale: Tensor, scheme: FP8Scheme) -> Tensor:
-    """W = q·s in float32 (each element times the scale of its tensor, row or block), in cache-sized row bands;
-    the e4m3→float conversion goes through float16 bits (`_half_bits`, 2⁻⁸ folded into the scales), exact."""
+    """W = q·s in float32 (each element times the scale of its tensor, row or block)."""
     weight = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    grid = scale.to(q.device, torch.float32).reshape(_grid_shape(q.shape, scheme))
-    exact = _has_nan(q)  # NaN bytes would decode finite through float16 bits: convert them the plain way
-    if not exact:
-        grid = grid * 256.0
-    grid = _per_column(grid, scheme, q.shape[1])
-    for band, row in _bands(q.shape, scheme):
-        torch.mul(q[band].float() if exact else _half_bits(q[band]), grid[row], out=weight[band])
+    for band, values in dequantized_bands(q, scale, scheme):
+        weight[band] = values
     return weight
 
 
@@ -181,10 +188,11 @@ def quantize_fp8(weight: Tensor, scheme: FP8Scheme) -> tuple[Tensor, Tensor]:
                              f"in {str(scheme.scale_dtype).removeprefix('torch.')} (NaN/Inf in the weight, or "
                              "values out of the scale dtype's range); write the merge in bf16 or fp32")
     q = torch.empty(weight.shape, dtype=E4M3, device=weight.device)
-    grid = _per_column(scale, scheme, weight.shape[1])
     fine = scheme.layout == FINE_GRAINED
+    work = torch.float32 if fine else torch.promote_types(weight.dtype, scale.dtype)  # the reference's W/s dtype
+    grid = _per_column(scale.to(work), scheme, weight.shape[1])  # widened exactly: one dtype, the fast kernels
     for band, row in _bands(weight.shape, scheme):
-        scaled = (weight[band].float() if fine else weight[band]) / grid[row]
+        scaled = weight[band].to(work, copy=True).div_(grid[row])
         q[band].copy_(scaled.clamp_(-E4M3_MAX, E4M3_MAX))
     return q, scale.reshape(scheme.scale_shape(weight.shape))
 

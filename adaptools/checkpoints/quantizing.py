@@ -67,9 +67,9 @@ def chosen_weights(specs: dict[str, TensorSpec], skip: Sequence[str], target: st
     return chosen
 
 
-def retained_fraction(base: Tensor, after: Tensor, merged: Tensor) -> float | None:
-    """⟨after − base, ΔW⟩ / ‖ΔW‖² with ΔW = merged − base: the part of the change that `after` (the stored
-    result) keeps (1: all, 0: erased); None when ΔW = 0. Differences in float32, in cache-sized chunks."""
+def retained_sums(base: Tensor, after: Tensor, merged: Tensor) -> Tensor:
+    """(⟨after − base, ΔW⟩, ‖ΔW‖²) in float64 with ΔW = merged − base: differences in float32, in cache-sized
+    chunks."""
     base, after, merged = base.reshape(-1), after.reshape(-1), merged.reshape(-1)
     sums = []
     for start in range(0, base.numel(), RETAINED_CHUNK):
@@ -77,5 +77,16 @@ def retained_fraction(base: Tensor, after: Tensor, merged: Tensor) -> float | No
         low = base[part].float()
         delta = torch.sub(merged[part], low)
         sums.append(torch.stack((torch.vdot(low.neg_().add_(after[part]), delta), torch.vdot(delta, delta))))
-    kept, energy = torch.stack(sums).double().sum(dim=0).tolist()
+    return torch.stack(sums).double().sum(dim=0) if sums else torch.zeros(2, dtype=torch.float64)
+
+
+def retained_fraction(base: Tensor, after: Tensor, merged: Tensor) -> float | None:
+    """⟨after − base, ΔW⟩ / ‖ΔW‖² with ΔW = merged − base: the part of the change that `after` (the stored
+    result) keeps (1: all, 0: erased); None when ΔW = 0."""
+    return ratio(retained_sums(base, after, merged))
+
+
+def ratio(sums: Tensor) -> float | None:
+    """kept / energy of `retained_sums` (None when ΔW = 0)."""
+    kept, energy = sums.tolist()
     return None if energy == 0 else kept / energy
