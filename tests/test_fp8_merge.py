@@ -301,3 +301,13 @@ def test_hostile_scales_and_configs_are_one_error_line(case, adapter, tmp_path, 
         result = run_cli(runner, *command, "-o", tmp_path / "out")
         assert_no_output(result, tmp_path / "out")
         assert fragment in result.stderr, result.stderr
+
+
+def test_small_updates_warn_that_fp8_requantization_erases_them(adapter, tmp_path):
+    base = make_ct_fp8_base(tmp_path / "ct" / "base", "channel")
+    lora = adaptools.load(adapter)
+    small = lora.with_modules({n: m.with_factors(m.B * 1e-4, m.A, m.scale) for n, m in lora.items()})
+    with pytest.warns(UserWarning, match=r"FP8 requantization keeps less than 50% .*--dtype fp8\)"):
+        report = adaptools.merge(base, small, out=tmp_path / "out")
+    assert report.dtype == "fp8" and len(report.survival["out"]) == 6
+    assert all(v < 0.5 for v in report.survival["out"].values())
