@@ -132,24 +132,29 @@ def _has_nan(q: Tensor) -> bool:
     return q.numel() > 0 and (int(q.view(torch.int8).max()) == 0x7F or int(q.view(torch.uint8).max()) == 0xFF)
 
 
-def dequantized_bands(q: Tensor, scale: Tensor, scheme: FP8Scheme) -> Iterator[tuple[slice, Tensor]]:
-    """(rows, W[rows] = q·s in float32) per cache-sized row band; the e4m3→float conversion goes through float16
-    bits (`_half_bits`, 2⁻⁸ folded into the scales), exact. Each band must be used before the next is asked for."""
+def dequantized_bands(q: Tensor, scale: Tensor, scheme: FP8Scheme,
+                      out: Tensor | None = None) -> Iterator[tuple[slice, Tensor]]:
+    """(rows, W[rows] = q·s in float32) per cache-sized row band, written into `out` (float32, q's shape) or else
+    into one reused band buffer (then each band must be used before the next is asked for). The e4m3→float
+    conversion goes through float16 bits (`_half_bits`, 2⁻⁸ folded into the scales), exact."""
     grid = scale.to(q.device, torch.float32).reshape(_grid_shape(q.shape, scheme))
     exact = _has_nan(q)  # NaN bytes would decode finite through float16 bits: convert them the plain way
     grid = _per_column(grid if exact else grid * 256.0, scheme, q.shape[1])
-    buffer = torch.empty(min(q.numel(), max(BAND_ELEMENTS, q.shape[1])), dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(min(q.numel(), max(BAND_ELEMENTS, q.shape[1])), dtype=torch.float32, device=q.device)
+    flat = out.view(-1)
     for band, row in _bands(q.shape, scheme):
-        out = buffer[: (band.stop - band.start) * q.shape[1]].view(band.stop - band.start, q.shape[1])
-        yield band, out.copy_(q[band] if exact else _half_bits(q[band])).mul_(grid[row])  # float32 multiply: a
-        # mixed-dtype broadcast multiply is many times slower
+        values = flat[: (band.stop - band.start) * q.shape[1]] if out.dim() == 1 else out[band]
+        values = values.view(band.stop - band.start, q.shape[1])
+        # convert, then scale in float32 (a mixed-dtype broadcast multiply is many times slower)
+        yield band, values.copy_(q[band] if exact else _half_bits(q[band])).mul_(grid[row])
 
 
 def dequantize_fp8(q: Tensor, scale: Tensor, scheme: FP8Scheme) -> Tensor:
     """W = q·s in float32 (each element times the scale of its tensor, row or block)."""
     weight = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    for band, values in dequantized_bands(q, scale, scheme):
-        weight[band] = values
+    for _ in dequantized_bands(q, scale, scheme, weight):
+        pass
     return weight
 
 
