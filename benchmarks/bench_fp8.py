@@ -12,7 +12,8 @@ Merge: the fp16 base of bench_merge.py (`--layers` decoder layers; 22 = TinyLlam
 finishes in a few minutes on 2 busy CPUs) and an r=16 all-linear LoRA; `adaptools quantize --to fp8` makes the
 block-FP8 base (compressed-tensors format), then `merge fp16` (the reference), `fp8 → fp8` (merge into the FP8 base,
 requantized in its scheme) and `merge → fp8` (quantize after merging) each run as a CLI subprocess (wall time, peak
-RSS, CPU seconds; the fastest of `--merge-repeats` runs: on a shared machine wall times vary by 2x). Targets on a 2-core CPU: codec >= 2x compressed-tensors both ways; fp8 → fp8 <= 1.5x the fp16 merge; peak
+RSS, CPU seconds; the fastest of `--merge-repeats` runs: on a shared machine wall times vary by 2x).
+Targets on a 2-core CPU: codec >= 2x compressed-tensors both ways; fp8 → fp8 <= 1.5x the fp16 merge; peak
 RSS <= 1 GB.
 """
 from __future__ import annotations
@@ -110,7 +111,8 @@ def merges(layers: int, rank: int, cpus: int, repeats: int) -> None:
         fp16 = results["merge fp16"]
         for name in ("fp8 → fp8", "merge → fp8"):
             wall, inside, rss, cpu = results[name]
-            print(f"  {name} vs merge fp16: wall {wall / fp16[0]:.2f}x (target <= 1.5x), inside {inside / fp16[1]:.2f}x, "
+            print(f"  {name} vs merge fp16: wall {wall / fp16[0]:.2f}x (target <= 1.5x), "
+                  f"inside {inside / fp16[1]:.2f}x, "
                   f"CPU {cpu / fp16[3]:.2f}x; peak RSS {rss / 1e6:.0f} MB (target <= 1000)")
 
 

@@ -278,7 +278,8 @@ HOSTILE = {
     "int weights": ("ct", {"config_groups": {"g": {"targets": ["Linear"], "weights": {
         "num_bits": 4, "type": "int", "strategy": "channel"}}}}, "8-bit float"),
     "no group": ("ct", {"config_groups": {"g": {"targets": ["re:lm_head"], "weights": {
-        "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]}}}}, "matches no config group"),
+        "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]}}}},
+                 "matches no config group"),
     "no config": ("ct", None, "declares no FP8 quantization_config"),
 }
 

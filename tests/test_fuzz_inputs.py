@@ -233,7 +233,8 @@ SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch
 def poison_scale(data: st.DataObject, path: Path) -> None:
     """Write a hostile value into one element of one FP8 scale tensor of a safetensors file (header unchanged)."""
     header, body = split_file(path)
-    scales = sorted(k for k, v in header.items() if k.endswith(("_scale", "_scale_inv")) and v["dtype"] in SAFETENSORS_DTYPES)
+    scales = sorted(k for k, v in header.items()
+                    if k.endswith(("_scale", "_scale_inv")) and v["dtype"] in SAFETENSORS_DTYPES)
     key = data.draw(st.sampled_from(scales))
     entry = header[key]
     dtype = SAFETENSORS_DTYPES[entry["dtype"]]

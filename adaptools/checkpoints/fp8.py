@@ -192,7 +192,7 @@ class FP8Encoder(CastEncoder):
         return torch.float32 if isinstance(spec, FP8Spec) else spec.dtype
 
     def keeps(self, key: str, spec: TensorSpec) -> bool:
-        return self.requantize or key not in self.formats and getattr(spec, "fmt", None) is None
+        return self.requantize or key not in self.formats and not spec.encoded
 
     def entries(self, key: str, spec: TensorSpec) -> dict[str, int]:
         if isinstance(spec, FP8Spec):

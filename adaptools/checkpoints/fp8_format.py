@@ -211,8 +211,8 @@ def _field(config: Mapping, name: str, types: type | tuple[type, ...], where: st
         if default is ...:
             raise BaseMismatchError(f"{where} has no {name!r}")
         return default
-    value = config[name]
-    if not isinstance(value, types) or isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+    value, types = config[name], types if isinstance(types, tuple) else (types,)
+    if not isinstance(value, types) or isinstance(value, bool) and bool not in types:  # JSON true is no integer
         raise BaseMismatchError(f"{where}: {name!r} is {value!r}, not of the expected type")
     return value
 
@@ -241,11 +241,12 @@ class FP8Group:
 
 @dataclass(frozen=True)
 class FP8Config:
-    """A checkpoint's FP8 quantization_config: its layout, groups (fine-grained: one) and unconverted modules."""
+    """A checkpoint's FP8 quantization_config: its layout and groups (fine-grained: one). Which weights are FP8 is
+    what the file stores (F8_E4M3 with a scale); the config's unconverted modules (`ignore`,
+    `modules_to_not_convert`) are checked for type and kept in outputs as they are."""
 
     layout: str
     groups: tuple[FP8Group, ...]
-    ignore: tuple[str, ...]
 
     def scheme(self, module: str) -> FP8Scheme | None:
         """The scheme of the first group whose targets match `module` (None: no group does)."""
@@ -279,9 +280,9 @@ def parse_fp8_config(config: Mapping) -> FP8Config:
         block = _field(qc, "weight_block_size", (list, type(None)), where, list(DEFAULT_BLOCK))
         block = None if block is None else _block(block, f"{where}: weight_block_size")
         static = _field(qc, "activation_scheme", str, where, "dynamic") == "static"
-        skip = _names(_field(qc, "modules_to_not_convert", (list, type(None)), where, None) or [], where)
+        _names(_field(qc, "modules_to_not_convert", (list, type(None)), where, None) or [], where)
         scheme = FP8Scheme(FINE_GRAINED, "tensor" if block is None else "block", block, torch.float32, static)
-        return FP8Config(FINE_GRAINED, (FP8Group(("Linear",), scheme),), skip)
+        return FP8Config(FINE_GRAINED, (FP8Group(("Linear",), scheme),))
     groups = _field(qc, "config_groups", dict, where)
     parsed = []
     for name, group in groups.items():
@@ -300,7 +301,8 @@ def parse_fp8_config(config: Mapping) -> FP8Config:
         static = bool(acts) and not _field(acts, "dynamic", (bool, str), at, False)
         parsed.append(FP8Group(_names(_field(group, "targets", list, at), at),
                                FP8Scheme(COMPRESSED_TENSORS, strategy, block, torch.float32, static)))
-    return FP8Config(COMPRESSED_TENSORS, tuple(parsed), _names(_field(qc, "ignore", (list, type(None)), where, None) or [], where))
+    _names(_field(qc, "ignore", (list, type(None)), where, None) or [], where)
+    return FP8Config(COMPRESSED_TENSORS, tuple(parsed))
 
 
 def _names(values: list, where: str) -> tuple[str, ...]:

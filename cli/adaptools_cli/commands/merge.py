@@ -48,7 +48,8 @@ def echo_report(report: MergeReport, verb: str = "merged {modules} modules into"
         kept = report.survival.get(name)
         if kept:
             worst = min(kept, key=kept.get)
-            click.echo(f"  ΔW surviving {(report.dtype or '').upper()} requantization: mean {sum(kept.values()) / len(kept):.1%} over "
+            click.echo(f"  ΔW surviving {(report.dtype or '').upper()} requantization: "
+                       f"mean {sum(kept.values()) / len(kept):.1%} over "
                        f"{len(kept)} modules, min {kept[worst]:.1%} ({worst})")
     memory = f"peak memory {_size(report.peak_rss)} (RSS)"
     if report.peak_device_memory is not None:

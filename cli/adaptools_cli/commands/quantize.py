@@ -24,7 +24,8 @@ COMPUTE_DTYPES = ("bf16", "fp16", "fp32")
 @click.option("--blocksize", type=click.Choice([str(b) for b in BLOCKSIZES]),
               help="NF4: weights per absmax block (default 64).")
 @click.option("--compute-dtype", type=click.Choice(COMPUTE_DTYPES),
-              help="NF4: bnb_4bit_compute_dtype, the dtype bitsandbytes computes in when the model runs (default bf16).")
+              help="NF4: bnb_4bit_compute_dtype, the dtype bitsandbytes computes in when the model runs "
+                   "(default bf16).")
 @fp8_options
 @click.option("--skip", multiple=True, metavar="PATTERN",
               help="Also keep these modules unquantized (repeatable): a regex matched from the start of the module "
