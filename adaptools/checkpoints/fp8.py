@@ -24,6 +24,7 @@ from .container import Container
 from .fp8_format import (
     COMPRESSED_TENSORS,
     E4M3,
+    SCALE_DTYPES,
     FP8Config,
     FP8Scheme,
     check_scale,
@@ -106,7 +107,7 @@ class FP8Decoder(StoredDecoder):
             raise BaseMismatchError(f"FP8 weight {key!r} has no scale tensor {scale!r}")
         expected = scheme.scale_shape(shape)
         allowed = {expected, (), (1,)} if expected in {(), (1,)} else {expected}
-        if ckpt.shape(scale) not in allowed or ckpt.dtype(scale) not in (torch.float32, torch.bfloat16, torch.float16):
+        if ckpt.shape(scale) not in allowed or ckpt.dtype(scale) not in SCALE_DTYPES:
             raise BaseMismatchError(
                 f"FP8 scale {scale!r} is {DTYPE_NAMES.get(ckpt.dtype(scale), ckpt.dtype(scale))} of shape "
                 f"{list(ckpt.shape(scale))}; the {scheme.strategy} scheme of a {list(shape)} weight needs a float "
@@ -115,7 +116,7 @@ class FP8Decoder(StoredDecoder):
         keys = [key, scale]
         act = input_scale_key(key)
         if act in ckpt:
-            if ckpt.dtype(act) not in (torch.float32, torch.bfloat16, torch.float16) or len(ckpt.shape(act)) > 1 \
+            if ckpt.dtype(act) not in SCALE_DTYPES or len(ckpt.shape(act)) > 1 \
                     or ckpt.nbytes(act) > 4:
                 raise BaseMismatchError(f"input scale {act!r} must be one float, not {list(ckpt.shape(act))}")
             keys.append(act)
