@@ -127,7 +127,7 @@ def test_merge_into_fp8_base_keeps_the_scheme_bit_exact(fp8_base, adapter, delta
 def test_merge_each_into_fp8_base_equals_single_merges(adapter, bf16_base, tmp_path):
     base = make_ct_fp8_base(tmp_path / "ct" / "base", "block")
     other = make_peft_adapter(bf16_base, tmp_path / "adapters" / "other", seed=9, r=2,
-                              target_modules=["o_proj", "up_proj"])
+                              target_modules=["q_proj", "up_proj"])  # q_proj in both: one decoded base for two
     report = adaptools.merge(base, [adapter, other], out=tmp_path / "each", each=True)
     assert report.dtype == "fp8" and set(report.survival) == {"lora", "other"}
     for name, path in (("lora", adapter), ("other", other)):

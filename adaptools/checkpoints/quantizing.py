@@ -74,9 +74,9 @@ def retained_sums(base: Tensor, after: Tensor, merged: Tensor) -> Tensor:
     sums = []
     for start in range(0, base.numel(), RETAINED_CHUNK):
         part = slice(start, start + RETAINED_CHUNK)
-        low = base[part].float()
+        low = base[part].float()  # base itself when it is float32: not changed here (other outputs read it)
         delta = torch.sub(merged[part], low)
-        sums.append(torch.stack((torch.vdot(low.neg_().add_(after[part]), delta), torch.vdot(delta, delta))))
+        sums.append(torch.stack((torch.vdot(torch.sub(after[part], low), delta), torch.vdot(delta, delta))))
     return torch.stack(sums).double().sum(dim=0) if sums else torch.zeros(2, dtype=torch.float64)
 
 
