@@ -91,3 +91,21 @@ def test_all_zero_weight_scales():
     assert torch.equal(s, torch.full((2, 2), torch.finfo(torch.bfloat16).eps, dtype=torch.bfloat16))
     _, s = quantize_fp8(w, FP8Scheme(FINE_GRAINED, "block", (128, 128)))
     assert torch.equal(s, torch.ones(2, 2))
+
+
+@pytest.mark.parametrize("dtype, most", [(torch.float32, 1e-5), (torch.bfloat16, 5e-3)])
+def test_transformers_fine_grained_rule_differs_only_in_scale_rounding(dtype, most):
+    """transformers' Fp8Quantize stores 1/(448/amax) and multiplies by 448/amax: its scales differ from DeepSeek's
+    amax/448 in the last bit only, its fp8 bytes hardly ever from fp32 weights; bf16 weights hit e4m3 ties far more
+    often (a ratio of two bf16 values times 448 is often exactly halfway), so there about 0.1% of bytes differ."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+    w = weight((512, 768), dtype, zero_block=True)
+    config = SimpleNamespace(weight_block_size=[128, 128], scale_fmt="float")
+    theirs = Fp8Quantize(SimpleNamespace(quantization_config=config))._quantize_one("m.weight", w)
+    q, s = quantize_fp8(w, FP8Scheme(FINE_GRAINED, "block", (128, 128), torch.float32))
+    differ = (q.view(torch.uint8) != theirs["m.weight"].view(torch.uint8)).float().mean().item()
+    assert differ <= most
+    torch.testing.assert_close(s, theirs["m.weight_scale_inv"], rtol=2.5e-7, atol=0)

@@ -312,3 +312,20 @@ def test_small_updates_warn_that_fp8_requantization_erases_them(adapter, tmp_pat
         report = adaptools.merge(base, small, out=tmp_path / "out")
     assert report.dtype == "fp8" and len(report.survival["out"]) == 6
     assert all(v < 0.5 for v in report.survival["out"].values())
+
+
+def test_quantize_to_fp8_with_skip_lists_the_kept_modules_and_loads(bf16_base, tmp_path):
+    """`--skip down_proj`: those weights stay bf16 and are named in `ignore`, so compressed-tensors leaves them
+    nn.Linear when transformers loads the output (else it would look for their scales)."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    report = adaptools.quantize(bf16_base, tmp_path / "fp8", to="fp8", skip=["down_proj"])
+    ours, stored = folder_tensors(tmp_path / "fp8"), folder_tensors(bf16_base)
+    ignore = config(tmp_path / "fp8")["quantization_config"]["ignore"]
+    assert report.quantized == 12 and ignore == ["lm_head", "model.embed_tokens", "model.layers.0.mlp.down_proj",
+                                                 "model.layers.1.mlp.down_proj"]
+    kept = [f"model.layers.{i}.mlp.down_proj.weight" for i in range(2)]
+    assert all(torch.equal(ours[key], stored[key]) for key in kept)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "fp8", quantization_config=CompressedTensorsConfig(
+        dequantize=True))
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, stored["model.layers.1.mlp.down_proj.weight"])
