@@ -281,6 +281,7 @@ HOSTILE = {
         "num_bits": 8, "type": "float", "strategy": "block", "block_structure": [128, 128]}}}},
                  "matches no config group"),
     "no config": ("ct", None, "declares no FP8 quantization_config"),
+    "static without input scale": ("fg", {"activation_scheme": "static"}, "static activation scheme"),
 }
 
 

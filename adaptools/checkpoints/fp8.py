@@ -115,12 +115,15 @@ class FP8Decoder(StoredDecoder):
         check_scale(key, scale, ckpt.get(scale))
         keys = [key, scale]
         act = input_scale_key(key)
+        if scheme.input_scale and act not in ckpt:
+            raise BaseMismatchError(f"FP8 weight {key!r} has no input scale {act!r}, which the config's static "
+                                    "activation scheme needs")
         if act in ckpt:
             if ckpt.dtype(act) not in SCALE_DTYPES or len(ckpt.shape(act)) > 1 \
                     or ckpt.nbytes(act) > 4:
                 raise BaseMismatchError(f"input scale {act!r} must be one float, not {list(ckpt.shape(act))}")
             keys.append(act)
-        fmt = FP8Scheme(scheme.layout, scheme.strategy, scheme.block, ckpt.dtype(scale), act in ckpt)
+        fmt = FP8Scheme(scheme.layout, scheme.strategy, scheme.block, ckpt.dtype(scale), scheme.input_scale)
         return FP8Spec(shape, torch.float32, ckpt.weight_map[key], sum(ckpt.nbytes(k) for k in keys), fmt,
                        tuple(keys))
 

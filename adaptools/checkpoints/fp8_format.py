@@ -8,8 +8,8 @@ and encoded with fresh scales bit-exact with each layout's reference quantizer:
 - the fine-grained / DeepSeek-V3 layout (`weight_quant`): s = amax/448 in float32 (0 → 1); q = fp8(W/s), stored as
   `weight_scale_inv` (a multiplier despite its name).
 
-Every function is one torch call per rectangle of equal-size blocks (at most four per weight), never a loop per
-block. Nothing here reads files: `checkpoints.fp8` applies it to a container's tensors.
+The math runs in cache-sized row bands, a few torch calls per band (never a loop per block). Nothing here reads
+files: `checkpoints.fp8` applies it to a container's tensors.
 """
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ MAX_BLOCK = 1 << 20
 @dataclass(frozen=True)
 class FP8Scheme:
     """How one weight is stored in FP8: the layout (which rule, which scale name), the strategy, the block
-    (strategy "block"), the stored scale's dtype and whether a static `input_scale` goes with it."""
+    (strategy "block"), the stored scale's dtype and whether the config's static activation scheme needs an
+    `input_scale` with it."""
 
     layout: str
     strategy: str
