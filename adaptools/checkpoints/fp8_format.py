@@ -198,8 +198,8 @@ def quantize_fp8(weight: Tensor, scheme: FP8Scheme) -> tuple[Tensor, Tensor]:
     work = torch.float32 if fine else torch.promote_types(weight.dtype, scale.dtype)  # the reference's W/s dtype
     grid = _per_column(scale.to(work), scheme, weight.shape[1])  # widened exactly: one dtype, the fast kernels
     for band, row in _bands(weight.shape, scheme):
-        scaled = weight[band].to(work, copy=True).div_(grid[row])
-        q[band].copy_(scaled.clamp_(-E4M3_MAX, E4M3_MAX))
+        scaled = weight[band].to(work, copy=True).div_(grid[row]).clamp_(-E4M3_MAX, E4M3_MAX)
+        q[band].copy_(scaled.float())  # exact; torch casts float32 to e4m3 5-8x faster than bf16/fp16
     return q, scale.reshape(scheme.scale_shape(weight.shape))
 
 
