@@ -1,7 +1,8 @@
-"""Plain-data summaries of adapters (what `info --json` prints)."""
+"""Plain-data summaries of adapters and diffusion checkpoints (what `info --json` prints)."""
 from __future__ import annotations
 
 from .adapter import Adapter
+from .checkpoints import Container
 from .ia3 import IA3Adapter
 
 
@@ -47,3 +48,12 @@ def ia3_summary(adapter: IA3Adapter) -> dict:
             for name, m in adapter.items()
         },
     }
+
+
+def checkpoint_summary(container: Container) -> dict:
+    """A diffusion checkpoint (single file or pipeline folder): what it is, its family, and per component the
+    tensors, parameters and parameters per stored dtype, as JSON-ready data."""
+    components = {c.name: {"tensors": c.tensors, "parameters": c.parameters, "dtypes": c.dtypes}
+                  for c in container.components()}
+    return {"container": container.label, "family": container.family,
+            "parameters": sum(c["parameters"] for c in components.values()), "components": components}
