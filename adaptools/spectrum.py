@@ -19,6 +19,7 @@ from .adapter import Adapter, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, InvalidArgumentError, ShapeMismatchError, UnknownModuleError
 from .checkpoints import Container
+from .checkpoints.stored import StoredDecoder
 from .checkpoints.nf4_quant import (
     NF4State,
     dequantize_nf4,
@@ -155,9 +156,11 @@ def _module_records(adapter: Adapter, svds: Mapping[str, SVD]) -> dict[str, dict
 # --------------------------------------------------------------------------- base-relative metrics
 
 
-def _load_base_weight(base: Container, name: str, module: LoraModule) -> tuple[Tensor, Tensor, NF4State | None]:
+def _load_base_weight(base: Container, decoder: StoredDecoder, name: str,
+                      module: LoraModule) -> tuple[Tensor, Tensor, NF4State | None]:
     """(canonical fp32 W (out, in), W in its stored layout and dtype, NF4 state or None) of module `name`, found
-    through the base's name map (a fused weight's row block, rows in the module's order)."""
+    through the base's name map (a fused weight's row block, rows in the module's order); other quantized weights
+    (FP8) decoded by the base's decoder."""
     target = base.names.target(name)
     if target is None:
         raise UnknownModuleError(f"module {name!r} is not in the base ({name + '.weight'!r} missing)")
@@ -168,7 +171,7 @@ def _load_base_weight(base: Container, name: str, module: LoraModule) -> tuple[T
         packed, state = nf4_from_state_dict(key, tensors)
         stored = dequantize_nf4(packed, state)
     else:
-        stored = base.get(key)
+        stored = decoder.read(base, key) if decoder.specs(base)[key].encoded else base.get(key)
     stored = target_rows(stored, target)
     if tuple(stored.shape) != tuple(module.weight_shape):
         raise BaseMismatchError(
@@ -181,13 +184,14 @@ def _base_metrics(adapter: Adapter, records: dict[str, dict], base: Container, d
     σ₁(ΔW)/σ₁(W) and, for NF4 weights, `nf4_survival` (dense ΔW of that one module). Same-shape modules are
     stacked, at most BASE_BATCH_BYTES of fp32 weights per call; one module's base tensor is read at a time."""
     shapes = {n: (m.out_features, m.in_features) for n, m in adapter.items()}
+    decoder = base.decoder()
     for (m, n), names in group_by(shapes).items():
         step = max(1, BASE_BATCH_BYTES // (4 * m * n))
         for start in range(0, len(names), step):
             chunk = names[start:start + step]
             stack = torch.empty(len(chunk), m, n, device=device)
             for i, name in enumerate(chunk):
-                W, stored, state = _load_base_weight(base, name, adapter[name])
+                W, stored, state = _load_base_weight(base, decoder, name, adapter[name])
                 stack[i] = W
                 if state is not None:
                     survival = nf4_survival(stored, adapter[name].delta().to(stored.device),

@@ -5,6 +5,7 @@ against the ecosystem on the same bytes.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -206,3 +207,27 @@ def tuned_copy(base: Path, out: Path, *, seed: int = 5, scale: float = 0.02, ski
                 p.add_(torch.randn(p.shape, generator=g) * scale)
     model.save_pretrained(out, **save_kwargs)
     return out
+
+
+def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint folder (all shards)."""
+    from safetensors.torch import load_file
+
+    return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
+
+
+def config(folder: Path) -> dict:
+    """A folder's config.json."""
+    return json.loads((folder / "config.json").read_text())
+
+
+def messages(stderr: str) -> list[str]:
+    """The lines of stderr other than the tqdm progress bar's."""
+    return [line for line in stderr.split("\n") if line and not line.startswith("\r")]
+
+
+def assert_no_output(result, out: Path) -> None:
+    """A CLI run that failed with one `error:` line and left nothing at `out` (no temporary folder either)."""
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]

@@ -1,5 +1,7 @@
 """Seeded fuzz of the files adaptools reads (issue 13): mutated safetensors headers, adapter configs, base configs and
-shard indexes of valid fixtures, run through `info`, `convert`, `combine` and `merge` in-process.
+shard indexes of valid fixtures, run through `info`, `convert`, `combine` and `merge` in-process; FP8 bases
+(issue 24) with mutated quantization configs, scale headers and hostile scale values (NaN, ±Inf, 0, negative,
+subnormal, huge) through `merge` and `extract`.
 
 Every mutant must end in exit status 2 with one `error:` line, or exit 0 with a valid output; never a traceback,
 never a hang (an alarm per run), and no file outside the job's output target may change (every file beside the
@@ -21,6 +23,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from factories import make_base, make_peft_adapter
+from fp8_factories import make_ct_fp8_base, make_fine_grained_base
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -223,6 +226,46 @@ def test_fuzz_base_files(fuzz_inputs, data):
     shutil.rmtree(work)
 
 
+HOSTILE_SCALES = [float("nan"), float("inf"), float("-inf"), 0.0, -0.0, -1.0, 1e-45, 3e38, 65504.0, 1e-30]
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+
+
+def poison_scale(data: st.DataObject, path: Path) -> None:
+    """Write a hostile value into one element of one FP8 scale tensor of a safetensors file (header unchanged)."""
+    header, body = split_file(path)
+    scales = sorted(k for k, v in header.items()
+                    if k.endswith(("_scale", "_scale_inv")) and v["dtype"] in SAFETENSORS_DTYPES)
+    key = data.draw(st.sampled_from(scales))
+    entry = header[key]
+    dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+    start, end = entry["data_offsets"]
+    index = data.draw(st.integers(0, (end - start) // dtype.itemsize - 1))
+    value = torch.tensor([data.draw(st.sampled_from(HOSTILE_SCALES))]).to(dtype).view(torch.uint8).numpy().tobytes()
+    at = start + index * dtype.itemsize
+    join_file(path, header, body[:at] + value + body[at + len(value):])
+
+
+def mutate_quantization_config(data: st.DataObject, path: Path) -> None:
+    """A JSON mutation inside config.json's quantization_config (the rest kept valid)."""
+    config = json.loads(path.read_text())
+    config["quantization_config"] = json.loads(mutate_json(data, config["quantization_config"]).decode(
+        "utf-8", "surrogatepass") or "null") if data.draw(st.booleans()) else config["quantization_config"]
+    path.write_text(json.dumps(config))
+
+
+@pytest.fixture(scope="module")
+def fp8_bases(llama_base, tmp_path_factory) -> dict[str, Path]:
+    """The fuzz adapter's base (fp32 tiny Llama, same seed) saved by compressed-tensors per block and per tensor
+    (static input scales), and in the fine-grained layout (block 16x16: several blocks per weight)."""
+    root = tmp_path_factory.mktemp("fp8")
+    shape = dict(hidden_size=32, intermediate_size=48)
+    return {
+        "block": make_ct_fp8_base(root / "block", "block", dtype=torch.float32, **shape),
+        "tensor": make_ct_fp8_base(root / "tensor", "tensor", dtype=torch.bfloat16, **shape),
+        "fine-grained": make_fine_grained_base(root / "fine", dtype=torch.float32, block=(16, 16), **shape),
+    }
+
+
 @pytest.fixture(scope="module")
 def single_file_inputs(tmp_path_factory) -> dict[str, Path]:
     """A tiny SD1.x single-file checkpoint and a kohya LoRA on two of its modules (a UNet linear, a text encoder's)."""
@@ -246,6 +289,30 @@ def valid_single_file(path: Path) -> None:
         return valid_model(path)
     read_header(path)
     load_file(path)
+
+
+@settings(max_examples=60, **FUZZ)
+@given(data=st.data())
+def test_fuzz_fp8_bases(fuzz_inputs, fp8_bases, data):
+    work = work_folder(fuzz_inputs)
+    base = work / "base"
+    shutil.copytree(fp8_bases[data.draw(st.sampled_from(sorted(fp8_bases)))], base)
+    target = data.draw(st.sampled_from(["scale", "scale", "config", "header"]))
+    if target == "scale":
+        poison_scale(data, base / "model.safetensors")
+    elif target == "config":
+        try:
+            mutate_quantization_config(data, base / "config.json")
+        except ValueError:  # a byte-level mutant that is no JSON: write it as the whole quantization_config's text
+            mutate_json_file(data, base / "config.json")
+    else:
+        mutate_safetensors(data, base / "model.safetensors")
+    if data.draw(st.booleans()):
+        run_mutant(work, ["merge", base, fuzz_inputs["adapter"], "-o", work / "out"], "out", valid_model)
+    else:
+        run_mutant(work, ["extract", base, fuzz_inputs["base"], "--rank", "2", "-o", work / "out"], "out",
+                   valid_adapter)
+    shutil.rmtree(work)
 
 
 @settings(max_examples=60, **FUZZ)

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import run_cli
 from factories import make_base, make_peft_adapter, tuned_copy
+from fp8_factories import make_ct_fp8_base
 from huggingface_hub import ModelCard, constants
 from hub_server import FakeHub
 from safetensors.torch import load_file
@@ -50,6 +51,7 @@ def local(llama_base, tmp_path_factory) -> dict[str, Path]:
     torch.save(load_file(inputs["other"] / "adapter_model.safetensors"), pickled / "adapter_model.bin")
     inputs["pickled"] = pickled
     inputs["tuned"] = tuned_copy(llama_base, root / "tuned")
+    inputs["fp8"] = make_ct_fp8_base(root / "fp8", "block", dtype=torch.float32, hidden_size=32, intermediate_size=48)
     return inputs
 
 
@@ -102,6 +104,7 @@ def hub(local, monkeypatch, tmp_path):
         server.add_commit("org/kohya", {"style.safetensors": local["kohya"].read_bytes(), "README.md": b"# style\n"})
         server.add_commit("org/pickled", files_of(local["pickled"]))
         server.add_commit("org/tuned", files_of(local["tuned"]))
+        server.add_commit("org/fp8", files_of(local["fp8"]))
         server.add_commit("org/private", lora, private=True)
         server.add_commit("org/gated", lora, gated=True)
         point_client_at(monkeypatch, server.url, tmp_path / "hf")
@@ -303,6 +306,18 @@ def test_extract_from_repo_ids_equals_the_local_extract_and_names_the_base_by_re
     assert not any(path.endswith((".bin", ".pt", ".pth")) for path in fetched(hub))
     recipe = json.loads((tmp_path / "hub" / "adaptools_recipe.json").read_text())
     assert {entry.get("repo_id") for entry in recipe["inputs"]} == {"org/base", "org/tuned"}
+
+
+def test_fp8_base_from_a_repo_id_merges_and_extracts_as_the_local_one(hub, local, runner, tmp_path):
+    """A compressed-tensors FP8 base by repo id: merge (kept FP8; org/lora at main is lora_v2) and extract equal
+    the local runs."""
+    for command, args in (("merge", ["org/lora"]), ("extract", ["org/tuned", "--rank", "4"])):
+        result = run_cli(runner, command, "org/fp8", *args, "-o", tmp_path / f"hub-{command}")
+        assert result.exit_code == 0, result.output
+        local_args = [local["lora_v2"]] if command == "merge" else [local["tuned"], "--rank", "4"]
+        assert run_cli(runner, command, local["fp8"], *local_args, "-o", tmp_path / f"local-{command}").exit_code == 0
+        assert_same_files(tmp_path / f"hub-{command}", tmp_path / f"local-{command}",
+                          skip=("README.md", "adaptools_recipe.json", "adapter_config.json"))
 
 
 def test_quantize_from_a_repo_id_equals_the_local_quantize(hub, local, runner, tmp_path):

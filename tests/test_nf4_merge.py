@@ -14,8 +14,17 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import run_cli
-from factories import input_ids, make_base, make_peft_adapter, peft_delta_weights, peft_model
-from safetensors.torch import load_file
+from factories import (
+    assert_no_output,
+    config,
+    folder_tensors,
+    input_ids,
+    make_base,
+    make_peft_adapter,
+    messages,
+    peft_delta_weights,
+    peft_model,
+)
 
 import adaptools
 from adaptools.checkpoints.shards import INDEX_NAME
@@ -27,14 +36,6 @@ F = pytest.importorskip("bitsandbytes.functional")
 LLAMA = dict(hidden_size=64, intermediate_size=128)
 QLORA = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
              bnb_4bit_compute_dtype="bfloat16")
-
-
-def folder_tensors(folder: Path) -> dict[str, torch.Tensor]:
-    return {k: v for shard in sorted(folder.glob("*.safetensors")) for k, v in load_file(shard).items()}
-
-
-def config(folder: Path) -> dict:
-    return json.loads((folder / "config.json").read_text())
 
 
 def load(path: Path, **kwargs):
@@ -69,17 +70,6 @@ def bnb_quantize(weight: torch.Tensor, key: str, double_quant: bool = True) -> d
     """The checkpoint tensors bitsandbytes writes for `weight` quantized to NF4 (blocksize 64)."""
     packed, state = F.quantize_4bit(weight, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
     return {key: packed} | {f"{key}.{k}": v for k, v in state.as_dict(packed=True).items()}
-
-
-def messages(stderr: str) -> list[str]:
-    """The lines of stderr other than the tqdm progress bar's."""
-    return [line for line in stderr.split("\n") if line and not line.startswith("\r")]
-
-
-def assert_no_output(result, out: Path) -> None:
-    assert result.exit_code == 2, result.output
-    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
-    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +117,7 @@ def test_quantize_equals_transformers_quantization_and_loads_as_linear4bit(bf16_
 def test_skip_patterns_follow_transformers_rule():
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from adaptools.checkpoints.nf4 import DEFAULT_SKIP, skipped
+    from adaptools.checkpoints.quantizing import DEFAULT_SKIP, skipped
 
     names = ["lm_head", "model.embed_tokens", "transformer.wte", "gpt_neox.embed_out", "model.layers.1.mlp.down_proj",
              "model.layers.11.mlp.gate_proj", "model.layers.1.self_attn.q_proj", "transformer.h.0.attn.c_attn"]

@@ -12,11 +12,11 @@ from typing import Any
 import torch
 
 from ..errors import InvalidArgumentError
-from . import nf4
+from . import fp8, nf4
 from .container import Container
 from .stored import DTYPES, CastEncoder, DequantizedEncoder, StoredDecoder, parse_dtype
 
-CODECS: list[Any] = [nf4]
+CODECS: list[Any] = [nf4, fp8]
 """Codec modules, tried in order."""
 
 

@@ -9,11 +9,8 @@
 - `detect`, `decoder` and `encoder` are this codec's entries in the registry (`adaptools.checkpoints.codecs`);
   an NF4 base merged into another dtype is written by `stored.DequantizedEncoder`.
 
-Which weights are quantized: every 2-D floating `X.weight` except the modules a skip pattern matches.
-The default patterns keep embeddings and the LM head unquantized (norms are 1-D). A pattern follows
-transformers' `llm_int8_skip_modules` rule: it matches module name M when `re.match(pattern, M)` ends at a
-module boundary ("layers.1" matches "layers.1.mlp", not "layers.11.mlp"; "layers\\.1.*\\.mlp" is a regex)
-or when M ends with it ("down_proj"). The patterns are written into the output's `quantization_config`, so
+Which weights are quantized: `quantizing.chosen_weights` (2-D floating weights outside the skip patterns, by
+transformers' `llm_int8_skip_modules` rule). The patterns are written into the output's `quantization_config`, so
 transformers leaves exactly those modules unconverted when it loads the checkpoint.
 
 GPT-2-style architectures store their projections (Conv1D) as (in, out); transformers quantizes them
@@ -22,7 +19,6 @@ transposed (out, in), so they are transposed on the way in and out and the merge
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,8 +40,8 @@ from .nf4_quant import (
     quantization_config,
     quantize_nf4,
 )
-from ..names import listed
-from .safetensors_io import DTYPE_NAMES, TensorInfo
+from .safetensors_io import TensorInfo
+from .quantizing import DEFAULT_SKIP, chosen_weights, retained_fraction
 from .stored import DTYPES, CastEncoder, StoredDecoder, TensorSpec, check_range, is_conv1d
 
 NAME = "nf4"
@@ -54,12 +50,6 @@ TARGETS = frozenset({"nf4"})
 OPTIONS = frozenset({"double_quant"})
 """The keyword options its encoder takes."""
 
-DEFAULT_SKIP = ("lm_head", r".*embed[^.]*", "wte", "wpe")
-"""Modules left unquantized by default: the LM head and embeddings (embed_tokens, embed_in/out, word_embeddings,
-GPT-2's wte/wpe). Norms and biases are 1-D and never quantized."""
-QUANTIZABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
-"""Dtypes of the weights bitsandbytes' NF4 quantizes (the quant state names one of them)."""
-_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 _OFFSET_FOR_SIZE = -1.2345678901234567e-05  # a nested_offset with a long repr: quant-state sizes for shard planning
 
 
@@ -103,42 +93,11 @@ class NF4Spec(TensorSpec):
     encoded = True
 
 
-def skipped(module: str, patterns: Sequence[str]) -> bool:
-    """transformers' `llm_int8_skip_modules` rule: a pattern matching from the start up to a module boundary
-    (as a regex), or a suffix of the module name."""
-    return any(re.match(rf"(?:{p}){_BOUNDARY}", module) or module.endswith(p) for p in patterns)
-
-
-def _check_patterns(patterns: Sequence[str]) -> None:
-    for pattern in patterns:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            raise InvalidArgumentError(f"skip pattern {pattern!r} is not a valid regular expression ({exc})") from None
-
-
 def quantized_formats(specs: dict[str, TensorSpec], model_type: str | None, *, blocksize: int, double_quant: bool,
                       skip: Sequence[str] = ()) -> dict[str, NF4Format]:
-    """{key: format} of the base's weights to quantize: 2-D floating `*.weight` tensors whose module no pattern of
-    DEFAULT_SKIP + `skip` matches. A `skip` pattern that matches none of these weights' modules is an error."""
-    _check_patterns(skip)
-    linear = [k for k, s in specs.items() if k.endswith(".weight") and len(s.shape) == 2 and s.dtype.is_floating_point]
-    modules = [k.removesuffix(".weight") for k in linear]
-    unused = [p for p in skip if not any(skipped(m, [p]) for m in modules)]
-    if unused:
-        raise InvalidArgumentError(
-            f"skip pattern(s) {', '.join(map(repr, unused))} match no 2-D weight of the base (a pattern is a regex "
-            "matched from the start of a module name up to a '.', or a suffix of it, e.g. 'down_proj')"
-        )
-    patterns = [*DEFAULT_SKIP, *skip]
-    chosen = [k for k, m in zip(linear, modules) if not skipped(m, patterns)]
-    refused = [f"{k} ({DTYPE_NAMES[specs[k].dtype]})" for k in chosen if specs[k].dtype not in QUANTIZABLE_DTYPES]
-    if refused:
-        raise BaseMismatchError(
-            f"{len(refused)} weight(s) to quantize are stored in a dtype NF4 cannot take (fp16, bf16 or fp32): "
-            f"{listed(refused)}; leave them as stored with a skip pattern"
-        )
-    return {k: NF4Format(blocksize, double_quant, specs[k].dtype, is_conv1d(model_type, k)) for k in chosen}
+    """{key: format} of the base's weights to quantize (`quantizing.chosen_weights`)."""
+    return {k: NF4Format(blocksize, double_quant, specs[k].dtype, is_conv1d(model_type, k))
+            for k in chosen_weights(specs, skip, "NF4")}
 
 
 # --------------------------------------------------------------------------- reading an NF4 base
@@ -194,24 +153,6 @@ class NF4Decoder(StoredDecoder):
 
 
 # --------------------------------------------------------------------------- writing NF4 or dequantized outputs
-
-
-RETAINED_CHUNK = 2**16
-"""Elements per pass of retained_fraction (its float32 temporaries stay in the cache)."""
-
-
-def retained_fraction(base: Tensor, after: Tensor, merged: Tensor) -> float | None:
-    """⟨after − base, ΔW⟩ / ‖ΔW‖² with ΔW = merged − base: the part of the change that `after` (the stored
-    result) keeps (1: all, 0: erased); None when ΔW = 0. Differences in float32, in cache-sized chunks."""
-    base, after, merged = base.reshape(-1), after.reshape(-1), merged.reshape(-1)
-    sums = []
-    for start in range(0, base.numel(), RETAINED_CHUNK):
-        part = slice(start, start + RETAINED_CHUNK)
-        low = base[part].float()
-        delta = torch.sub(merged[part], low)
-        sums.append(torch.stack((torch.vdot(low.neg_().add_(after[part]), delta), torch.vdot(delta, delta))))
-    kept, energy = torch.stack(sums).double().sum(dim=0).tolist()
-    return None if energy == 0 else kept / energy
 
 
 class NF4Encoder(CastEncoder):

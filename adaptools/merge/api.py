@@ -24,23 +24,28 @@ from .report import MergeReport, survival_warnings
 
 def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[AdapterLike],
           weights: Sequence[float] | None = None, *, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
-          double_quant: bool | None = None, device: str | torch.device = "auto", overwrite: bool = False,
-          each: bool = False, max_shard_size: str | int | None = None, allow_pickle: bool = False,
-          batch_bytes: int | None = None, progress: bool = False, hash_inputs: bool = False) -> MergeReport:
+          double_quant: bool | None = None, fp8_scheme: str | None = None, fp8_format: str | None = None,
+          device: str | torch.device = "auto", overwrite: bool = False, each: bool = False,
+          max_shard_size: str | int | None = None, allow_pickle: bool = False, batch_bytes: int | None = None,
+          progress: bool = False, hash_inputs: bool = False) -> MergeReport:
     """Merge adapters into a base checkpoint folder, streaming shard by shard: W' = W + Σ_i w_i·s_i·B_i@A_i.
 
     Args:
-        base: a Hugging Face folder (model.safetensors, or shards + index) of fp16/bf16/fp32 weights, or a
-            bitsandbytes NF4 checkpoint (its weights are dequantized, merged in float32 and requantized).
+        base: a Hugging Face folder (model.safetensors, or shards + index) of fp16/bf16/fp32 weights, a
+            bitsandbytes NF4 checkpoint or an FP8 one (fine-grained / compressed-tensors): quantized weights are
+            dequantized, merged in float32 and requantized in the base's own scheme.
         adapters: PEFT folders, kohya files or Adapter objects (LoRA, rsLoRA, DoRA; linear, Conv1D, embedding, conv).
         weights: one factor per adapter (default 1): w·s·B@A for LoRA, V = W + w·s·B@A for DoRA (magnitudes
             kept); a full tensor T (modules_to_save) becomes W + w·(T − W).
         out: the output folder; with `each`, a folder holding one `<adapter name>/` per adapter.
-        dtype: "fp16", "bf16" or "fp32" for every floating tensor (an NF4 base is then written dequantized);
-            "nf4" quantizes the merged linear weights (adaptools.quantize's defaults; an NF4 base stays NF4 with
-            each weight's own settings); default: keep each tensor's dtype (and an NF4 base's quantization).
+        dtype: "fp16", "bf16" or "fp32" for every floating tensor (an NF4/FP8 base is then written dequantized);
+            "nf4" or "fp8" quantizes the merged linear weights (adaptools.quantize's defaults; an NF4/FP8 base
+            stays as it is with each weight's own settings); default: keep each tensor's dtype (and a quantized
+            base's quantization).
         double_quant: for NF4 outputs of an unquantized base, quantize the block scales too (default True);
             with an NF4 base it must agree with the base's own setting.
+        fp8_scheme, fp8_format: for FP8 outputs of another base, "block" (128x128, default), "channel" or
+            "tensor" scales, written as "compressed-tensors" (default) or "fine-grained" (block only).
         device: where the merge math runs ("auto": CUDA when available); the math is float32.
         overwrite: replace an existing output.
         each: one merged model per adapter from a single read of the base, instead of one with all adapters.
@@ -53,19 +58,20 @@ def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[
 
     Raises UnknownModuleError / ShapeMismatchError before writing anything when the adapters do not fit the base,
     NonFiniteError (nothing left behind) when a merged tensor holds NaN/Inf or overflows the output dtype.
-    A base other than the adapter's `base_model_name_or_path` gives a warning, and so does an NF4 base whose
+    A base other than the adapter's `base_model_name_or_path` gives a warning, and so does a quantized base whose
     requantization erases most of some modules' updates (MergeReport.survival).
     """
     target = check_output(out, overwrite)
-    return merge_outputs(base, [(adapters, weights)], target, each=each, dtype=dtype, double_quant=double_quant,
-                         device=device, overwrite=overwrite, max_shard_size=max_shard_size,
-                         allow_pickle=allow_pickle, batch_bytes=batch_bytes, progress=progress,
-                         hash_inputs=hash_inputs)
+    return merge_outputs(base, [(adapters, weights)], target, each=each, dtype=dtype, device=device,
+                         overwrite=overwrite, max_shard_size=max_shard_size, allow_pickle=allow_pickle,
+                         batch_bytes=batch_bytes, progress=progress, hash_inputs=hash_inputs,
+                         double_quant=double_quant, fp8_scheme=fp8_scheme, fp8_format=fp8_format)
 
 
 def merge_many(base: str | os.PathLike | Container,
                outputs: Sequence[tuple[AdapterLike | Iterable[AdapterLike], Sequence[float] | None, str | os.PathLike]],
                *, dtype: str | torch.dtype | None = None, double_quant: bool | None = None,
+               fp8_scheme: str | None = None, fp8_format: str | None = None,
                device: str | torch.device = "auto", overwrite: bool = False, max_shard_size: str | int | None = None,
                allow_pickle: bool = False, batch_bytes: int | None = None, progress: bool = False,
                hash_inputs: bool = False) -> MergeReport:
@@ -76,25 +82,27 @@ def merge_many(base: str | os.PathLike | Container,
     if len(set(targets)) < len(targets):
         raise InvalidArgumentError("the same path is given for two outputs")
     return merge_outputs(base, [(a, w) for a, w, _ in outputs], targets, each=False, dtype=dtype,
-                         double_quant=double_quant, device=device, overwrite=overwrite,
-                         max_shard_size=max_shard_size, allow_pickle=allow_pickle, batch_bytes=batch_bytes,
-                         progress=progress, hash_inputs=hash_inputs)
+                         device=device, overwrite=overwrite, max_shard_size=max_shard_size,
+                         allow_pickle=allow_pickle, batch_bytes=batch_bytes, progress=progress,
+                         hash_inputs=hash_inputs, double_quant=double_quant, fp8_scheme=fp8_scheme,
+                         fp8_format=fp8_format)
 
 
 def merge_outputs(base: str | os.PathLike | Container,
                   jobs: Sequence[tuple[AdapterLike | Iterable[AdapterLike], Sequence[float] | None]],
                   target: Path | Sequence[Path], *, each: bool, dtype: str | torch.dtype | None,
-                  double_quant: bool | None, device: str | torch.device, overwrite: bool,
-                  max_shard_size: str | int | None, allow_pickle: bool, batch_bytes: int | None, progress: bool,
-                  hash_inputs: bool) -> MergeReport:
+                  device: str | torch.device, overwrite: bool, max_shard_size: str | int | None, allow_pickle: bool,
+                  batch_bytes: int | None, progress: bool, hash_inputs: bool,
+                  **codec_options: object) -> MergeReport:
     """The merges `jobs` ((adapters, weights) each) from one read of the base: into `target` (one job; with
-    `each`, one subfolder per adapter) or into target[i] for job i."""
+    `each`, one subfolder per adapter) or into target[i] for job i; `codec_options` (double_quant, fp8_scheme,
+    fp8_format) go to the codecs."""
     start = time.perf_counter()
     device = resolve_device(device)
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     ckpt = open_base(base, "model")
     config = ckpt.config
-    decoder, encoder = ckpt.codecs(dtype, double_quant=double_quant, device=device)
+    decoder, encoder = ckpt.codecs(dtype, device=device, **codec_options)
     specs = decoder.specs(ckpt)
     plans = []
     names = [target.name] if isinstance(target, Path) else [str(t) for t in target]

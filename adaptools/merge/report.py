@@ -1,5 +1,5 @@
-"""What a merge reports: its outputs, sizes, time, peak memory and, for NF4 outputs of an NF4 base, how much of
-each update survives requantization."""
+"""What a merge reports: its outputs, sizes, time, peak memory and, for NF4/FP8 outputs of an NF4/FP8 base, how
+much of each update survives requantization."""
 from __future__ import annotations
 
 import resource
@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 LOW_SURVIVAL = 0.5
-"""Below this fraction of ΔW surviving requantization, a module's merge into an NF4 base is mostly erased."""
+"""Below this fraction of ΔW surviving requantization, a module's merge into a quantized base is mostly erased."""
 
 
 def peak_rss() -> int:
@@ -19,8 +19,8 @@ def peak_rss() -> int:
 
 @dataclass
 class MergeReport:
-    """What a merge wrote: output folders, modules merged per output, sizes, time and peak memory; for NF4
-    outputs the weights stored quantized and, from an NF4 base, per output and module the fraction of ΔW that
+    """What a merge wrote: output folders, modules merged per output, sizes, time and peak memory; for NF4/FP8
+    outputs the weights stored quantized and, from an NF4/FP8 base, per output and module the fraction of ΔW that
     survives requantization (⟨deq(Q(W + ΔW)) − W, ΔW⟩ / ‖ΔW‖², W the dequantized base)."""
 
     outputs: dict[str, Path]
@@ -50,13 +50,14 @@ class MergeReport:
 def survival_warnings(report: MergeReport) -> list[str]:
     """One message per output where some module keeps less than LOW_SURVIVAL of its ΔW after requantization."""
     messages = []
+    label = (report.dtype or "nf4").upper()
     for name, kept in report.survival.items():
         low = [v for v in kept.values() if v < LOW_SURVIVAL]
         if low:
             mean = sum(kept.values()) / len(kept)
             messages.append(
-                f"{name}: NF4 requantization keeps less than {LOW_SURVIVAL:.0%} of ΔW in {len(low)} of {len(kept)} "
-                f"modules (mean {mean:.0%}); merge into the original fp16/bf16 base and quantize after the merge "
-                "(adaptools merge BASE ADAPTER --dtype nf4)"
+                f"{name}: {label} requantization keeps less than {LOW_SURVIVAL:.0%} of ΔW in {len(low)} of "
+                f"{len(kept)} modules (mean {mean:.0%}); merge into the original fp16/bf16 base and quantize after "
+                f"the merge (adaptools merge BASE ADAPTER --dtype {label.lower()})"
             )
     return messages

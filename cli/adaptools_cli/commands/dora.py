@@ -17,7 +17,7 @@ from ..render import echo_table
 from .rerank import save
 
 base_option = click.option(
-    "--base", required=True, type=click.Path(), help="Base checkpoint folder (HF safetensors; NF4 is dequantized)."
+    "--base", required=True, type=click.Path(), help="Base checkpoint folder (HF safetensors; NF4 and FP8 are dequantized)."
 )
 base_weights_option = click.option(
     "--base-weights",

@@ -49,8 +49,8 @@ def extract(base: str, tuned: str, rank: int | None, energy: float | None, ratio
             threshold: float | None, budget: float | None, include: tuple[str, ...], exclude: tuple[str, ...],
             svd: str, device: str, fmt: str | None, dtype: str | None, full_tensors: bool, report_path: str | None,
             output: str, overwrite: bool, layout: str | None, pad_rank: int | None, serve: str | None) -> dict:
-    """LoRA of TUNED − BASE (checkpoint folders or Hub repo ids, NF4 dequantized): best rank-k fit of each changed
-    weight.
+    """LoRA of TUNED − BASE (checkpoint folders or Hub repo ids, NF4 and FP8 dequantized): best rank-k fit of each
+    changed weight.
 
     k by exactly one of --rank/--energy/--ratio/--threshold/--budget; changed norms and biases are kept whole.
     """

@@ -14,7 +14,19 @@ from ..options import allow_pickle, output_options
 from ..provenance import provenance
 from .combine import parse_weights
 
-DTYPE_CHOICES = ("fp16", "bf16", "fp32", "nf4")
+DTYPE_CHOICES = ("fp16", "bf16", "fp32", "nf4", "fp8")
+FP8_SCHEMES = ("block", "channel", "tensor")
+FP8_FORMATS = ("compressed-tensors", "fine-grained")
+
+
+def fp8_options(command):
+    """--fp8-scheme and --fp8-format (FP8 outputs of another base)."""
+    command = click.option("--fp8-format", type=click.Choice(FP8_FORMATS),
+                           help="FP8 output layout: compressed-tensors (default; vLLM and transformers load it) or "
+                                "fine-grained (DeepSeek's 128x128 blocks with weight_scale_inv).")(command)
+    return click.option("--fp8-scheme", type=click.Choice(FP8_SCHEMES),
+                        help="FP8 output scales: one per 128x128 block (default), per output channel, or per "
+                             "tensor.")(command)
 
 
 def _size(nbytes: float) -> str:
@@ -38,7 +50,8 @@ def echo_report(report: MergeReport, verb: str = "merged {modules} modules into"
         kept = report.survival.get(name)
         if kept:
             worst = min(kept, key=kept.get)
-            click.echo(f"  ΔW surviving NF4 requantization: mean {sum(kept.values()) / len(kept):.1%} over "
+            click.echo(f"  ΔW surviving {(report.dtype or '').upper()} requantization: "
+                       f"mean {sum(kept.values()) / len(kept):.1%} over "
                        f"{len(kept)} modules, min {kept[worst]:.1%} ({worst})")
     memory = f"peak memory {_size(report.peak_rss)} (RSS)"
     if report.peak_device_memory is not None:
@@ -51,7 +64,7 @@ def echo_report(report: MergeReport, verb: str = "merged {modules} modules into"
 
 
 def survival_rows(report: MergeReport) -> list[dict]:
-    """The card's per-module table: the fraction of ΔW surviving NF4 requantization (output column with --each)."""
+    """The card's per-module table: the fraction of ΔW surviving requantization (output column with --each)."""
     several = len(report.outputs) > 1
     return [{**({"output": name} if several else {}), "module": module, "survival": value}
             for name, kept in report.survival.items() for module, value in kept.items()]
@@ -67,7 +80,8 @@ def merge_group(contexts: Sequence[click.Context]) -> list[dict]:
         report = adaptools.merge_many(
             first["base"], [(list(c.params["adapters"]), parse_weights(c.params["weights"]), c.params["output"])
                             for c in contexts],
-            dtype=first["dtype"], double_quant=first["double_quant"], device=first["device"],
+            dtype=first["dtype"], double_quant=first["double_quant"], fp8_scheme=first["fp8_scheme"],
+            fp8_format=first["fp8_format"], device=first["device"],
             overwrite=first["overwrite"], max_shard_size=first["max_shard_size"], allow_pickle=first["allow_pickle"],
             hash_inputs=True)
     return [{"folders": [] if report.output_files else [folder], "summary": survival_rows(dataclasses.replace(
@@ -80,10 +94,12 @@ def merge_group(contexts: Sequence[click.Context]) -> list[dict]:
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--weights", help="One factor per adapter, comma-separated (e.g. 0.7,0.3); default 1 each.")
 @click.option("--dtype", type=click.Choice(DTYPE_CHOICES),
-              help="dtype of the output's floating tensors (default: the base's, NF4 for an NF4 base); nf4 quantizes "
-                   "the merged linear weights (as `adaptools quantize`), fp16/bf16/fp32 write an NF4 base dequantized.")
+              help="dtype of the output's floating tensors (default: the base's; an NF4/FP8 base stays NF4/FP8); nf4 "
+                   "or fp8 quantizes the merged linear weights (as `adaptools quantize`), fp16/bf16/fp32 write an "
+                   "NF4/FP8 base dequantized.")
 @click.option("--double-quant/--no-double-quant", default=None,
               help="NF4 output of an unquantized base: quantize the block scales too (default: on).")
+@fp8_options
 @click.option("--device", default="auto", show_default=True, help="Where the merge math runs: auto, cpu or cuda.")
 @click.option("--max-shard-size", help="Re-shard the output, e.g. 5GB or 200MB (default: the base's own shards).")
 @click.option("--each", is_flag=True,
@@ -93,19 +109,21 @@ def merge_group(contexts: Sequence[click.Context]) -> list[dict]:
 @provenance("merge", kind="model", group=merge_group, group_varies=("adapters", "weights"),
             group_when=lambda params: not params["each"])
 def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str | None, double_quant: bool | None,
-          device: str, max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> dict:
+          fp8_scheme: str | None, fp8_format: str | None, device: str, max_shard_size: str | None, each: bool,
+          output: str, overwrite: bool, allow_pickle: bool) -> dict:
     """Merge ADAPTERS (PEFT folders or kohya files) into the checkpoint folder BASE, streaming shard by shard.
 
     All adapters go into one model (W + Σ w·ΔW), or with --each into one model each. Config, tokenizer and
     generation files are copied; the shard layout is kept unless --max-shard-size is given. An NF4 base
-    (bitsandbytes 4-bit) is dequantized, merged in float32 and requantized with its own settings; the
-    summary then shows how much of each ΔW survives requantization.
+    (bitsandbytes 4-bit) or an FP8 base (fine-grained or compressed-tensors) is dequantized, merged in float32
+    and requantized with its own settings; the summary then shows how much of each ΔW survives requantization.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = _warn
         report = adaptools.merge(base, list(adapters), parse_weights(weights), out=output, dtype=dtype,
-                                 double_quant=double_quant, device=device, overwrite=overwrite, each=each,
+                                 double_quant=double_quant, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
+                                 device=device, overwrite=overwrite, each=each,
                                  max_shard_size=max_shard_size, allow_pickle=allow_pickle, progress=True,
                                  hash_inputs=True)  # the recipe reuses these sha256
     echo_report(report)

@@ -127,8 +127,8 @@ def _labels(paths: Sequence[str]) -> list[str]:
 @click.command()
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
 @click.option("--base", type=click.Path(),
-              help="Base checkpoint: adds |ΔW|/|W|, σ1(ΔW)/σ1(W) and, for NF4 bases, the part of ΔW that survives "
-                   "requantization (also maps kohya names to module paths).")
+              help="Base checkpoint (NF4 and FP8 dequantized): adds |ΔW|/|W|, σ1(ΔW)/σ1(W) and, for NF4 bases, the "
+                   "part of ΔW that survives requantization (also maps kohya names to module paths).")
 @click.option("--json", "json_path", type=click.Path(), metavar="FILE",
               help="Write the results as JSON to FILE ('-' prints the JSON instead of the tables).")
 @click.option("--plot", "plot_path", type=click.Path(), metavar="FILE.png",
