@@ -23,10 +23,14 @@ Done = Callable[[list[JobResult]], None]
 
 
 def pool_context() -> multiprocessing.context.BaseContext:
-    """Fork where there is fork (the workers start with adaptools and torch imported: no interpreter start, the
-    driver has run no torch op, so no thread pool is copied), spawn elsewhere."""
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    """A fork server where there is one (it starts once, imports adaptools and torch, and forks each worker from
+    itself: no interpreter start per worker, and no thread pool of a driver that has run torch ops is copied into a
+    child, where it would deadlock), spawn elsewhere."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "adaptools", "adaptools.batch.tasks"])
+    return context
 
 
 def run_pool(jobs: Sequence[Job], runner: JobRunner, workers: int, retries: int, overwrite: bool,
