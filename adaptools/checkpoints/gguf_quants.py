@@ -2,7 +2,7 @@
 
 Decoding is `gguf.quants.dequantize` (one correct float32 result: exact products, one rounding). Encoding:
 F32/F16/BF16 and the legacy block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) through `gguf.quants.quantize` (equal to
-ggml's `_ref` encoders bit for bit); the K-quants (Q2_K .. Q6_K) by a batched port of ggml's
+ggml's `_ref` encoders bit for bit except the sign of a zero scale or minimum, set here as ggml sets it); the K-quants (Q2_K .. Q6_K) by a batched port of ggml's
 `quantize_row_q*_K_ref` (no importance matrix). The port keeps ggml's float32 arithmetic exactly: every sum is a
 sequential float32 accumulation (`np.add.accumulate` down the element axis, one call for all sub-blocks) and every
 rounding is ggml's `nearest_int` (add 1.5 * 2**23, keep the low mantissa bits), so the bytes equal the C reference's.
@@ -48,7 +48,8 @@ def decode(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
     if qtype in (T.F32, T.F16):
         values = data.view(np.float32 if qtype == T.F32 else np.float16)
     else:
-        values = gguf.quants.dequantize(data.view(np.uint8).reshape(-1), qtype)
+        with np.errstate(all="ignore"):  # stored NaN/inf scales decode to NaN/inf; the engine's checks report them
+            values = gguf.quants.dequantize(data.view(np.uint8).reshape(-1), qtype)
     return values.astype(np.float32, copy=False).reshape(shape)
 
 
@@ -56,7 +57,7 @@ def encode(values: np.ndarray, qtype: T) -> np.ndarray:
     """float32 array (..., columns) → stored bytes (uint8, ..., row_bytes), bit-exact with ggml's reference."""
     values = np.ascontiguousarray(values, dtype=np.float32)
     if qtype in LEGACY:
-        return gguf.quants.quantize(values, qtype).view(np.uint8).reshape(*values.shape[:-1], -1)
+        return legacy(values, qtype).reshape(*values.shape[:-1], -1)
     if qtype not in K_QUANTS:
         raise NotImplementedError(f"no encoder for ggml type {qtype.name}")
     blocks = values.reshape(-1, QK_K)
@@ -65,6 +66,32 @@ def encode(values: np.ndarray, qtype: T) -> np.ndarray:
         for start in range(0, len(blocks), CHUNK_BLOCKS):
             out[start:start + CHUNK_BLOCKS] = ENCODERS[qtype](blocks[start:start + CHUNK_BLOCKS])
     return out.reshape(*values.shape[:-1], -1)
+
+
+def legacy(values: np.ndarray, qtype: T) -> np.ndarray:
+    """gguf-py's encoder, with ggml's signed zeros where the two differ: blocks whose scale or minimum is a zero.
+
+    ggml's Q4_0/Q5_0 scale is `max / -8` (or -16) with max starting at +0, so an all-zero block stores -0;
+    Q4_1/Q5_1 keep the sign of the block's first zero when the minimum or maximum is zero. The quants agree.
+    """
+    stored = gguf.quants.quantize(values, qtype).view(np.uint8)
+    if qtype not in (T.Q4_0, T.Q5_0, T.Q4_1, T.Q5_1):
+        return stored
+    elements, size = block_shape(qtype)
+    blocks, out = values.reshape(-1, elements), stored.reshape(-1, size)
+    if qtype in (T.Q4_0, T.Q5_0):
+        out[~blocks.any(axis=1), :2] = halves(np.full(1, -0.0, dtype=F32))
+        return stored
+    lo, hi = blocks.min(axis=1), blocks.max(axis=1)
+    fix = np.flatnonzero((lo == 0) | (hi == 0))
+    if len(fix):
+        rows = blocks[fix]
+        first_zero = rows[np.arange(len(fix)), np.argmax(rows == 0, axis=1)]
+        lo_c = np.where(lo[fix] == 0, first_zero, lo[fix])
+        hi_c = np.where(hi[fix] == 0, first_zero, hi[fix])
+        out[fix, :2] = halves((hi_c - lo_c) / F32(15 if qtype == T.Q4_1 else 31))
+        out[fix, 2:4] = halves(lo_c)
+    return stored
 
 
 # --- ggml's scalar helpers, vectorized ------------------------------------------------------------------------
