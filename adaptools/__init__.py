@@ -35,7 +35,8 @@ from .errors import (
 )
 from .combine import combine, interpolate, negate
 from .extract import ExtractReport, ModuleExtract, extract
-from .formats import BaseCheckpoint, detect_format, save_adapter
+from .checkpoints import BaseCheckpoint, Container, open_container
+from .formats import detect_format, save_adapter
 from .sources import load
 from .formats.ia3 import read_ia3 as load_ia3
 from .hub import push
@@ -50,6 +51,7 @@ __all__ = [
     "AdapterFormatError",
     "AdaptoolsError",
     "BaseCheckpoint",
+    "Container",
     "BaseMismatchError",
     "DoraError",
     "ExtractReport",
@@ -87,6 +89,7 @@ __all__ = [
     "load_ia3",
     "merge",
     "negate",
+    "open_container",
     "push",
     "quantize",
     "rerank",

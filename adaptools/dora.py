@@ -29,9 +29,9 @@ from torch import Tensor
 from .adapter import Adapter, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, DoraError, InvalidArgumentError, NonFiniteError, UnknownModuleError
-from .formats.checkpoint import BaseCheckpoint
+from .checkpoints import Container
 from .formats.kohya import PREFIXES, remap_to_base
-from .formats.nf4 import dequantize_nf4, is_nf4_weight, quantize_nf4
+from .checkpoints.nf4_quant import dequantize_nf4, quantize_nf4
 from .linalg import (
     AUTO_EXACT_MAX_DIM,
     SVD,
@@ -46,7 +46,7 @@ from .linalg import (
     truncation_error,
 )
 from .merge.kernels import dora_merge_rows
-from .merge.nf4_codecs import NF4Decoder
+from .checkpoints.stored import StoredDecoder
 from .names import listed
 from .report import ErrorSummary, ModuleFitError, relative
 from .sources import open_base
@@ -138,20 +138,20 @@ def delta_energy(terms: tuple[Tensor, Tensor, Tensor], gain: Tensor) -> Tensor:
 # --------------------------------------------------------------------------- reading the base
 
 
-def _open_base(base: BaseCheckpoint | str | os.PathLike | None, what: str) -> BaseCheckpoint:
+def _open_base(base: Container | str | os.PathLike | None, what: str) -> Container:
     if base is None:
         raise InvalidArgumentError(f"{what} needs the base checkpoint the adapter was trained on (base=...)")
     return open_base(base)
 
 
-def _on_base(adapter: Adapter, base: BaseCheckpoint) -> Adapter:
+def _on_base(adapter: Adapter, base: Container) -> Adapter:
     """The adapter with kohya module names mapped to the base's module paths (PEFT paths are kept)."""
     if any(name.startswith(PREFIXES) and f"{name}.weight" not in base for name in adapter.modules):
         return remap_to_base(adapter, base.keys())
     return adapter
 
 
-def _check_modules(adapter: Adapter, names: Sequence[str], base: BaseCheckpoint, base_weights: str) -> None:
+def _check_modules(adapter: Adapter, names: Sequence[str], base: Container, base_weights: str) -> None:
     """UnknownModuleError for modules the base lacks, BaseMismatchError for other shapes (NF4 ones: when read);
     DoraError for LoRA biases (PEFT's DoRA has none); InvalidArgumentError for an unknown `base_weights`."""
     _check_choice(base_weights, BaseWeights, "base_weights")
@@ -159,12 +159,11 @@ def _check_modules(adapter: Adapter, names: Sequence[str], base: BaseCheckpoint,
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UnknownModuleError(f"{len(missing)} adapter module(s) have no weight in the base: {shown}")
+    specs = base.decoder().specs(base)
     for name in names:
         key = f"{name}.weight"
-        if key in adapter.extra:
-            _check_shape(name, adapter[name], tuple(adapter.extra[key].shape))
-        elif not is_nf4_weight(key, base.weight_map):
-            _check_shape(name, adapter[name], base.shape(key))
+        found = adapter.extra[key].shape if key in adapter.extra else specs[key].shape
+        _check_shape(name, adapter[name], tuple(found))
         if adapter[name].bias is not None:
             raise DoraError(f"module {name!r} has a LoRA bias; PEFT's DoRA does not support lora_bias")
 
@@ -177,9 +176,10 @@ def _check_shape(name: str, module: LoraModule, found: tuple[int, ...]) -> None:
         )
 
 
-def _base_weight(base: BaseCheckpoint, key: str, base_weights: BaseWeights, decoder: NF4Decoder) -> Tensor:
-    """The base weight `key` in its stored layout: NF4 dequantized, or rounded through NF4 when asked."""
-    if is_nf4_weight(key, base.weight_map):
+def _base_weight(base: Container, key: str, base_weights: BaseWeights, decoder: StoredDecoder) -> Tensor:
+    """The base weight `key` in its float layout: a quantized one decoded, an unquantized one as stored or rounded
+    through NF4 when asked."""
+    if decoder.specs(base)[key].encoded:
         return decoder.read(base, key)
     W = base.get(key)
     if base_weights == "stored":
@@ -187,14 +187,14 @@ def _base_weight(base: BaseCheckpoint, key: str, base_weights: BaseWeights, deco
     return dequantize_nf4(*quantize_nf4(W, NF4_BLOCKSIZE, double_quant=base_weights == "nf4-dq"))
 
 
-def _weight_chunks(adapter: Adapter, names: Sequence[str], base: BaseCheckpoint, base_weights: BaseWeights,
+def _weight_chunks(adapter: Adapter, names: Sequence[str], base: Container, base_weights: BaseWeights,
                    device: torch.device, dtype: torch.dtype,
                    max_bytes: int = CHUNK_BYTES) -> Iterator[dict[str, Tensor]]:
     """Canonical base weights {name: W (out, in)} on `device`, read shard by shard, about `max_bytes` at a time.
 
     A full weight stored in the adapter (`extra`, e.g. a saved embedding) replaces the base's, as in PEFT.
     """
-    decoder = NF4Decoder(base)
+    decoder = base.decoder()
     shard_rank = {shard: i for i, shard in enumerate(base.shards)}
     order = sorted(names, key=lambda n: shard_rank.get(base.weight_map.get(f"{n}.weight"), -1))
     chunk: dict[str, Tensor] = {}
@@ -225,7 +225,7 @@ def _factors(module: LoraModule, device: torch.device, dtype: torch.dtype) -> tu
 # --------------------------------------------------------------------------- LoRA → DoRA
 
 
-def to_dora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *, base_weights: BaseWeights = "stored",
+def to_dora(adapter: Adapter, base: Container | str | os.PathLike | None, *, base_weights: BaseWeights = "stored",
             device: str | torch.device = "auto") -> Adapter:
     """Exact LoRA → DoRA: keep A, B and set m = ‖W + s·B·A‖ per output row, so outputs are unchanged.
 
@@ -371,7 +371,7 @@ def _fit_group(W: Tensor, B: Tensor, A: Tensor, scale: Tensor, magnitude: Tensor
     return (*svd, k, total.sqrt(), _residual_energy(W, B, A, scale, gain, svd, k).sqrt())
 
 
-def to_lora(adapter: Adapter, base: BaseCheckpoint | str | os.PathLike | None, *, rank: int | None = None,
+def to_lora(adapter: Adapter, base: Container | str | os.PathLike | None, *, rank: int | None = None,
             energy: float | None = None, svd: SvdMethod = "auto", base_weights: BaseWeights = "stored",
             device: str | torch.device = "auto", oversample: int = 10, power_iters: int = 2,
             seed: int = 0) -> tuple[Adapter, LoraFitReport]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .adapter import Adapter, LayerKind, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from .formats.checkpoint import BaseCheckpoint
+from .checkpoints import Container
 from .linalg import (
     OVERSAMPLE,
     RankPolicy,
@@ -38,8 +38,7 @@ from .linalg import (
     select_ranks,
     truncation_error,
 )
-from .merge.codecs import StoredDecoder, TensorSpec
-from .merge.nf4_codecs import NF4Decoder, is_conv1d, is_nf4_checkpoint
+from .checkpoints.stored import StoredDecoder, TensorSpec, is_conv1d
 from .names import listed
 from .report import ErrorSummary, ModuleFitError, relative
 from .rerank import policy_text, resolve_policy
@@ -112,16 +111,16 @@ class ExtractReport(ErrorSummary):
 
 @dataclass
 class Checkpoint:
-    """A checkpoint with its decoder: every tensor as the model uses it (NF4 weights dequantized)."""
+    """A checkpoint with its decoder: every tensor as the model uses it (quantized weights decoded)."""
 
-    ckpt: BaseCheckpoint
+    ckpt: Container
     decoder: StoredDecoder
     specs: dict[str, TensorSpec]
 
     @classmethod
-    def open(cls, path: str | os.PathLike | BaseCheckpoint) -> Checkpoint:
+    def open(cls, path: str | os.PathLike | Container) -> Checkpoint:
         ckpt = open_base(path)
-        decoder = NF4Decoder(ckpt) if is_nf4_checkpoint(ckpt) else StoredDecoder()
+        decoder = ckpt.decoder()
         return cls(ckpt, decoder, decoder.specs(ckpt))
 
     @property
@@ -364,7 +363,7 @@ def budget_ranks_for(base: Checkpoint, tuned: Checkpoint, targets: Sequence[Targ
 # --------------------------------------------------------------------------- the operation
 
 
-def extract(base: str | os.PathLike | BaseCheckpoint, tuned: str | os.PathLike | BaseCheckpoint, *,
+def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Container, *,
             rank: int | None = None, energy: float | None = None, ratio: float | None = None,
             threshold: float | None = None, budget: int | None = None, policy: RankPolicy | str | None = None,
             include: str | Sequence[str] | None = None, exclude: str | Sequence[str] | None = None,
@@ -425,7 +424,7 @@ def extract(base: str | os.PathLike | BaseCheckpoint, tuned: str | os.PathLike |
         raise InvalidArgumentError(f"nothing to extract as LoRA: {what}")
     root = pair[0].ckpt.root
     ref = hub_ref(base)
-    base_model = ref.repo_id if ref is not None else str(root if isinstance(base, BaseCheckpoint) else base)
+    base_model = ref.repo_id if ref is not None else str(root if isinstance(base, Container) else base)
     adapter = Adapter(modules=modules, extra=extra, base_model=base_model, config=config, source_format="peft",
                       name=Path(root).name)
     report = ExtractReport(policy_text(chosen), svd, {name: fits[name].entry for name in order}, sorted(extra),

@@ -1,5 +1,5 @@
 """`quantize`: an unquantized checkpoint folder to bitsandbytes NF4 (DESIGN §7), streamed through the merge
-engine's pass with no adapters and the NF4 encoder (adaptools.merge.nf4_codecs)."""
+engine's pass with no adapters and the NF4 encoder (adaptools.checkpoints.nf4)."""
 from __future__ import annotations
 
 import os
@@ -12,16 +12,17 @@ import torch
 from .atomic import check_output
 from .device import resolve_device
 from .errors import InvalidArgumentError
-from .formats.checkpoint import BaseCheckpoint
-from .formats.checkpoint_writer import parse_size
+from .checkpoints import Container
+from .checkpoints.shards import parse_size
 from .merge import MergeReport, OutputPlan, StoredDecoder, write_outputs
-from .merge.nf4_codecs import NF4Encoder, is_nf4_checkpoint
+from .checkpoints.nf4 import NF4Encoder
+from .checkpoints.nf4 import detect as is_nf4_checkpoint
 from .sources import open_base
 
 __all__ = ["quantize"]
 
 
-def quantize(base: str | os.PathLike | BaseCheckpoint, out: str | os.PathLike, *, blocksize: int = 64,
+def quantize(base: str | os.PathLike | Container, out: str | os.PathLike, *, blocksize: int = 64,
              double_quant: bool = True, compute_dtype: str | torch.dtype = "bf16", skip: Sequence[str] = (),
              device: str | torch.device = "auto", overwrite: bool = False, max_shard_size: str | int | None = None,
              batch_bytes: int | None = None, progress: bool = False, hash_inputs: bool = False) -> MergeReport:

@@ -10,7 +10,7 @@ top-level files of the repo or of the folder named), by kind of input (`Kind`):
     adapter     adapter_config.json, the adapter weights (PEFT, mlx and diffusers names) and README.md; the
                 pickled ones (adapter_model.bin, ...) only with allow_pickle and when no other weights are there
     checkpoint  config.json, README.md and the weights: the shards named by model.safetensors.index.json, else the
-                *.safetensors files (what BaseCheckpoint reads)
+                *.safetensors files (what Container reads)
     model       a checkpoint plus the tokenizer, chat template and generation files (what a merged or quantized
                 model carries along)
 Never pickled bases, optimizer or training states, code, or files of sub-folders. A file named in the ref is
@@ -61,8 +61,9 @@ from .errors import (
     InvalidArgumentError,
     PickleNotAllowedError,
 )
-from .formats import BaseCheckpoint, load_adapter
-from .formats.checkpoint import INDEX_NAME
+from .checkpoints import Container, open_container
+from .formats import load_adapter
+from .checkpoints.shards import INDEX_NAME
 from .formats.peft import CONFIG_NAME
 from .formats.tensors import PICKLE_SUFFIXES
 from .jsonio import read_json_object
@@ -182,9 +183,9 @@ def resolve(source: str | os.PathLike, kind: Kind = "adapter", *, allow_pickle: 
     return found.local
 
 
-def open_base(base: str | os.PathLike | BaseCheckpoint, kind: Kind = "checkpoint") -> BaseCheckpoint:
-    """A BaseCheckpoint of a local folder or file, or of a Hub ref ("model": with tokenizer and generation files)."""
-    return base if isinstance(base, BaseCheckpoint) else BaseCheckpoint(resolve(base, kind))
+def open_base(base: str | os.PathLike | Container, kind: Kind = "checkpoint") -> Container:
+    """The base container (`adaptools.checkpoints`) of a local folder or file, or of a Hub ref ("model": with tokenizer and generation files)."""
+    return base if isinstance(base, Container) else open_container(resolve(base, kind))
 
 
 def load(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None,
@@ -271,7 +272,7 @@ def fetch_files(repo_id: str, commit: str, files: list[str]) -> Path:
 
 def shard_patterns(index: Path, folder: str) -> list[str]:
     """Patterns for the shard files that a safetensors index names (the index is untrusted: names are matched
-    against the repo's own listing, and BaseCheckpoint validates them when it reads)."""
+    against the repo's own listing, and Container validates them when it reads)."""
     weight_map = read_json_object(index, BaseMismatchError).get("weight_map")
     if not isinstance(weight_map, dict):
         raise BaseMismatchError(f"{str(index)!r} is not a valid safetensors index (no weight_map object)")

@@ -18,8 +18,8 @@ from torch import Tensor
 from .adapter import Adapter, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, InvalidArgumentError, ShapeMismatchError, UnknownModuleError
-from .formats import BaseCheckpoint
-from .formats.nf4 import (
+from .checkpoints import Container
+from .checkpoints.nf4_quant import (
     NF4State,
     dequantize_nf4,
     is_nf4_weight,
@@ -62,7 +62,7 @@ OTHER_COLUMN = "other"
 _LAYER = re.compile(r"^(?P<block>(?:[^.]+\.)*?(?P<layer>\d+))\.(?P<type>.+)$")
 
 AdapterLike = Adapter | str | os.PathLike
-BaseLike = BaseCheckpoint | str | os.PathLike
+BaseLike = Container | str | os.PathLike
 
 
 def parse_module_path(path: str) -> tuple[str | None, int | None, str]:
@@ -154,7 +154,7 @@ def _module_records(adapter: Adapter, svds: Mapping[str, SVD]) -> dict[str, dict
 # --------------------------------------------------------------------------- base-relative metrics
 
 
-def _load_base_weight(base: BaseCheckpoint, name: str, module: LoraModule) -> tuple[Tensor, Tensor, NF4State | None]:
+def _load_base_weight(base: Container, name: str, module: LoraModule) -> tuple[Tensor, Tensor, NF4State | None]:
     """(canonical fp32 W (out, in), W in its stored layout and dtype, NF4 state or None) of module `name`."""
     key = f"{name}.weight"
     if key not in base:
@@ -172,7 +172,7 @@ def _load_base_weight(base: BaseCheckpoint, name: str, module: LoraModule) -> tu
     return module.from_base_layout(stored.float()), stored, state
 
 
-def _base_metrics(adapter: Adapter, records: dict[str, dict], base: BaseCheckpoint, device: torch.device) -> None:
+def _base_metrics(adapter: Adapter, records: dict[str, dict], base: Container, device: torch.device) -> None:
     """Fill the base fields of `records`: ‖W‖_F, σ₁(W) (randomized subspace iteration), ‖ΔW‖_F/‖W‖_F,
     σ₁(ΔW)/σ₁(W) and, for NF4 weights, `nf4_survival` (dense ΔW of that one module). Same-shape modules are
     stacked, at most BASE_BATCH_BYTES of fp32 weights per call; one module's base tensor is read at a time."""
@@ -226,15 +226,15 @@ def _suggestion(policy: Mapping, total: int) -> dict:
 def _as_adapter(adapter: AdapterLike, base: BaseLike | None, allow_pickle: bool) -> Adapter:
     if isinstance(adapter, Adapter):
         return adapter
-    root = base.root if isinstance(base, BaseCheckpoint) else base
+    root = base.root if isinstance(base, Container) else base
     return load(adapter, allow_pickle=allow_pickle, base=root)
 
 
-def _as_base(base: BaseLike | None) -> BaseCheckpoint | None:
+def _as_base(base: BaseLike | None) -> Container | None:
     return None if base is None else open_base(base)
 
 
-def _analyse(adapter: Adapter, base: BaseCheckpoint | None, device: torch.device) -> tuple[dict, dict[str, SVD]]:
+def _analyse(adapter: Adapter, base: Container | None, device: torch.device) -> tuple[dict, dict[str, SVD]]:
     if not adapter.modules:
         raise InvalidArgumentError(f"adapter {adapter.name or ''!r} has no LoRA modules to analyse")
     svds = _factored_svds(adapter, device)

@@ -21,7 +21,7 @@ import bitsandbytes.functional as F
 import torch
 
 from adaptools.device import resolve_device
-from adaptools.formats.nf4 import dequantize_nf4, nf4_state_dict, quantize_nf4
+from adaptools.checkpoints.nf4_quant import dequantize_nf4, nf4_state_dict, quantize_nf4
 
 
 def _median_time(fn: Callable[[], object], device: torch.device, repeats: int) -> float:

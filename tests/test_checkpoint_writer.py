@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptools.formats.checkpoint_writer import SMALL_BYTES, ShardWriter
+from adaptools.checkpoints.shards import SMALL_BYTES, ShardWriter
 
 
 def nbytes(tensor: torch.Tensor) -> int:

@@ -17,7 +17,7 @@ from factories import make_base, make_peft_adapter
 import adaptools
 from adaptools import digests, recipe
 from adaptools.errors import RecipeError
-from adaptools.formats.checkpoint import INDEX_NAME
+from adaptools.checkpoints.shards import INDEX_NAME
 
 
 def sha256(path: Path) -> str:

@@ -20,7 +20,7 @@ from adaptools.dora import (
     row_norm_terms,
 )
 from adaptools.errors import BaseMismatchError, DoraError, InvalidArgumentError, UnknownModuleError
-from adaptools.formats.nf4 import dequantize_nf4, nf4_state_dict, quantize_nf4
+from adaptools.checkpoints.nf4_quant import dequantize_nf4, nf4_state_dict, quantize_nf4
 
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "embed_tokens"]
 GPT2_TARGETS = ["c_attn", "c_proj", "c_fc"]

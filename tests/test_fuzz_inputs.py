@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from test_untrusted_inputs import join_file, split_file, tree_digest
 
 import adaptools
-from adaptools.formats.checkpoint import INDEX_NAME, read_header
+from adaptools.checkpoints.safetensors_io import read_header
+from adaptools.checkpoints.shards import INDEX_NAME
 from adaptools_cli.main import cli
 
 pytestmark = pytest.mark.usefixtures("single_thread")

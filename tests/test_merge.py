@@ -27,7 +27,7 @@ from safetensors import safe_open
 
 import adaptools
 from adaptools.errors import NonFiniteError, ShapeMismatchError, UnknownModuleError
-from adaptools.formats.checkpoint import INDEX_NAME
+from adaptools.checkpoints.shards import INDEX_NAME
 
 FP32_RTOL = 1e-5
 
@@ -175,7 +175,7 @@ def test_row_tiles_write_what_whole_steps_write(case, dtype, small_bytes, llama_
     """Merging in tiles of one row (written into planned byte ranges, or gathered in memory for small tensors)
     gives the tensors a merge of whole steps gives, for LoRA, DoRA (rows, and columns of Conv1D weights) and
     embeddings, several outputs at once; NF4 outputs are quantized from whole weights either way."""
-    from adaptools.formats import checkpoint_writer
+    from adaptools.checkpoints import shards as checkpoint_writer
 
     merge_module = importlib.import_module("adaptools.merge.execute")
     arch, configs = TILED_CASES[case]
@@ -338,7 +338,7 @@ def test_a_full_disk_is_one_error_line_and_leaves_nothing(llama_base, tmp_path, 
     """A write failing half way (ENOSPC from a worker thread) ends in one `error:` line, exit 2, no output."""
     import errno
 
-    from adaptools.formats import checkpoint_writer
+    from adaptools.checkpoints import shards as checkpoint_writer
 
     adapter = make_peft_adapter(llama_base, tmp_path / "adapter", r=2, target_modules=["q_proj", "v_proj"])
     real = checkpoint_writer._positioned
@@ -391,7 +391,7 @@ def test_side_files_are_copied_and_weights_are_not(llama_base, tmp_path):
 
 def test_steps_alternate_between_shards_and_keep_each_shards_order():
     """Steps running at once should write different files: the execution order takes the shards in turn."""
-    from adaptools.merge.codecs import TensorSpec
+    from adaptools.checkpoints.stored import TensorSpec
     from adaptools.merge.plan import Step, interleave_shards
 
     specs = {f"{shard}.{i}": TensorSpec((4, 4), torch.float16, shard, 32) for shard, n in [("a", 3), ("b", 1), ("c", 2)]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import adaptools
 from adaptools.errors import BaseMismatchError
-from adaptools.formats.checkpoint import INDEX_NAME
-from adaptools.formats.checkpoint_writer import SHARD_NAME, ShardWriter, copy_side_files, write_new
+from adaptools.checkpoints.shards import INDEX_NAME
+from adaptools.checkpoints.shards import SHARD_NAME, ShardWriter, copy_side_files, write_new
 
 
 def tree_digest(folder: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from adaptools.errors import AdapterFormatError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from adaptools.formats.nf4 import (
+from adaptools.checkpoints.nf4_quant import (
     NF4_CODE,
     create_dynamic_map,
     dequantize_nf4,
@@ -90,7 +90,7 @@ def _bnb_cpu_dequantize_is_exact(shape, blocksize, dtype) -> bool:
 
 def test_nested_quantization_matches_bitsandbytes_kernel():
     """The 8-bit step alone, on values that hit the 65,536-bin table's bin edges and the ends of [-1, 1]."""
-    from adaptools.formats.nf4 import _quantize_dynamic
+    from adaptools.checkpoints.nf4_quant import _quantize_dynamic
 
     g = torch.Generator().manual_seed(5)
     bins = torch.randint(0, 65536, (256 * 400,), generator=g).float()
@@ -286,7 +286,7 @@ def test_ties_and_neighbours_of_every_midpoint_match_bitsandbytes():
 def test_nibble_lookup_is_bucketize_at_every_16_bit_interval():
     """The top-16-bit table against the nearest-midpoint search, at both ends of every interval in [-1, 1] and
     one value inside each."""
-    from adaptools.formats.nf4 import _nf4_bounds, _pack_codes, _Scratch
+    from adaptools.checkpoints.nf4_quant import _nf4_bounds, _pack_codes, _Scratch
 
     top = torch.arange(1 << 16, dtype=torch.int64) << 16
     x = torch.cat([(top | low).to(torch.int32).view(torch.float32) for low in (0, 0x1234, 0xFFFF)])
@@ -301,7 +301,7 @@ def test_nibble_lookup_is_bucketize_at_every_16_bit_interval():
 @pytest.mark.parametrize("threads", (1, 2))
 def test_chunked_on_threads_matches_bitsandbytes(threads, monkeypatch):
     """Many chunks (a small chunk size), split over threads, with a short last block and an odd length."""
-    import adaptools.formats.nf4 as nf4
+    import adaptools.checkpoints.nf4_quant as nf4
 
     monkeypatch.setattr(nf4, "CHUNK_ELEMENTS", 256)
     before = torch.get_num_threads()

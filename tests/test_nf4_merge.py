@@ -18,8 +18,8 @@ from factories import input_ids, make_base, make_peft_adapter, peft_delta_weight
 from safetensors.torch import load_file
 
 import adaptools
-from adaptools.formats.checkpoint import INDEX_NAME
-from adaptools.formats.nf4 import QUANT_STATE_SUFFIX
+from adaptools.checkpoints.shards import INDEX_NAME
+from adaptools.checkpoints.nf4_quant import QUANT_STATE_SUFFIX
 
 bnb = pytest.importorskip("bitsandbytes")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -127,7 +127,7 @@ def test_quantize_equals_transformers_quantization_and_loads_as_linear4bit(bf16_
 def test_skip_patterns_follow_transformers_rule():
     from transformers.quantizers.quantizers_utils import should_convert_module
 
-    from adaptools.merge.nf4_codecs import DEFAULT_SKIP, skipped
+    from adaptools.checkpoints.nf4 import DEFAULT_SKIP, skipped
 
     names = ["lm_head", "model.embed_tokens", "transformer.wte", "gpt_neox.embed_out", "model.layers.1.mlp.down_proj",
              "model.layers.11.mlp.gate_proj", "model.layers.1.self_attn.q_proj", "transformer.h.0.attn.c_attn"]

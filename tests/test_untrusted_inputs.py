@@ -23,7 +23,8 @@ from test_errors_cli import assert_one_line_error
 
 import adaptools
 from adaptools import AdapterFormatError, BaseCheckpoint, BaseMismatchError, DoraError, NonFiniteError
-from adaptools.formats.checkpoint import INDEX_NAME, MAX_HEADER_BYTES, read_header
+from adaptools.checkpoints.safetensors_io import MAX_HEADER_BYTES, read_header
+from adaptools.checkpoints.shards import INDEX_NAME
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

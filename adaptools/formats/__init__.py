@@ -16,7 +16,7 @@ from ..adapter import Adapter, has_kohya_names, register_writer
 from ..atomic import atomic_output
 from ..errors import InvalidArgumentError
 from . import diffusers, ia3, kohya, lycoris, mlx, peft, peft_lycoris
-from .checkpoint import BaseCheckpoint
+from ..checkpoints import open_container
 from .kohya import remap_to_base
 from .tensors import require_exists
 from .unsupported import unsupported_error
@@ -63,7 +63,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
         raise InvalidArgumentError("pass --scale or --alpha, not both")
     adapter = detect_family(path).read(Path(path), allow_pickle=allow_pickle, scale=scale, alpha=alpha)
     if base is not None and has_kohya_names(adapter):
-        return remap_to_base(adapter, BaseCheckpoint(base).keys())
+        return remap_to_base(adapter, [f"{m}.weight" for m in open_container(base).names.modules()])
     return adapter
 
 
@@ -100,4 +100,4 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, format: str = "peft"
 
 register_writer(save_adapter)
 
-__all__ = ["BaseCheckpoint", "FAMILIES", "FORMATS", "default_format", "detect_family", "detect_format", "load_adapter", "save_adapter"]
+__all__ = ["FAMILIES", "FORMATS", "default_format", "detect_family", "detect_format", "load_adapter", "save_adapter"]

@@ -19,7 +19,7 @@ from ..errors import (
 )
 from ..jsonio import parse_json
 from ..names import listed
-from .checkpoint import MAX_HEADER_BYTES
+from ..checkpoints.safetensors_io import MAX_HEADER_BYTES
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 

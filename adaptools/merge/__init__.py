@@ -10,14 +10,15 @@ The engine, one module per job (arrows point down):
 - `kernels`: the batched math, one class per kind of update (`LoraUpdate`: W' = W + L·R with one `baddbmm` per
   tile of rows; `DoraUpdate`: then each row scaled to its magnitude). A new kind is one `Update` subclass.
 - `report`: the MergeReport and its warnings.
-- `codecs`, `nf4_codecs`: the layer below the engine: how stored base tensors become the tensors that are
-  merged (as stored, NF4 dequantized) and how results are stored (cast, NF4 quantized); `adaptools.quantize`
-  uses the same pass with no adapters and an NF4 encoder.
+Below the engine, `adaptools.checkpoints` (DESIGN §14): the base's container (what it lists and how its outputs
+are written), its name map (where each module's update lands) and the codecs (how stored base tensors become the
+tensors that are merged, and how results are stored); `adaptools.quantize` uses the same pass with no adapters
+and a quantizing encoder.
 """
 from __future__ import annotations
 
 from .api import merge
-from .codecs import DTYPES, CastEncoder, StoredDecoder, TensorSpec, parse_dtype
+from ..checkpoints.stored import DTYPES, CastEncoder, StoredDecoder, TensorSpec, parse_dtype
 from .execute import BATCH_BYTES, write_outputs
 from .kernels import DoraUpdate, LoraUpdate, Update, dora_merge_rows, lora_merge
 from .plan import OutputPlan

@@ -12,16 +12,15 @@ import torch
 from ..atomic import check_output
 from ..adapter import check_weights
 from ..device import resolve_device
-from ..formats.checkpoint import BaseCheckpoint
-from ..formats.checkpoint_writer import parse_size
+from ..checkpoints import Container
+from ..checkpoints.shards import parse_size
 from ..sources import open_base
 from .execute import write_outputs
-from .nf4_codecs import checkpoint_codecs
 from .plan import AdapterLike, base_mismatch, fit_adapters, load_adapters, output_names, plan_output
 from .report import MergeReport, survival_warnings
 
 
-def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iterable[AdapterLike],
+def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[AdapterLike],
           weights: Sequence[float] | None = None, *, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
           double_quant: bool | None = None, device: str | torch.device = "auto", overwrite: bool = False,
           each: bool = False, max_shard_size: str | int | None = None, allow_pickle: bool = False,
@@ -61,11 +60,11 @@ def merge(base: str | os.PathLike | BaseCheckpoint, adapters: AdapterLike | Iter
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     ckpt = open_base(base, "model")
     config = ckpt.config
-    decoder, encoder = checkpoint_codecs(ckpt, dtype, double_quant=double_quant, device=device)
+    decoder, encoder = ckpt.codecs(dtype, double_quant=double_quant, device=device)
     loaded = load_adapters(adapters, ckpt, allow_pickle)
     factors = check_weights(loaded, weights)
     specs = decoder.specs(ckpt)
-    fitted = fit_adapters(loaded, specs, config.get("model_type"))
+    fitted = fit_adapters(loaded, specs, config.get("model_type"), ckpt.names)
     for message in filter(None, (base_mismatch(a, ckpt, config) for a in loaded)):
         warnings.warn(message, stacklevel=2)
     if each:

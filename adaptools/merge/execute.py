@@ -8,7 +8,6 @@ changes are copied file to file.
 """
 from __future__ import annotations
 
-import json
 import queue
 import sys
 import time
@@ -23,10 +22,9 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_output
 from ..device import torch_threads
 from ..digests import SequentialHasher
-from ..formats.checkpoint import BaseCheckpoint
-from ..formats.checkpoint_writer import Layout, OutputSink, copy_side_files, write_new
+from ..checkpoints.container import Container, Sink
 from ..recipe import RECIPE_NAME
-from .codecs import CastEncoder, StoredDecoder, TensorSpec, check_range
+from ..checkpoints.stored import CastEncoder, StoredDecoder, TensorSpec, check_range
 from .kernels import Buffers, changed_value, merge_weights
 from .plan import OutputPlan, Step, interleave_shards, plan_layout, plan_steps
 from .report import MergeReport, peak_rss
@@ -62,8 +60,8 @@ def merge_step(step: Step, stored: dict[str, Tensor], specs: dict[str, TensorSpe
             yield key, 0, current[key].to(dtype)
 
 
-def run_step(step: Step, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
-             sinks: Sequence[OutputSink], decoder: StoredDecoder, encoder: CastEncoder, device: torch.device,
+def run_step(step: Step, ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
+             sinks: Sequence[Sink], decoder: StoredDecoder, encoder: CastEncoder, device: torch.device,
              buffers: Buffers, tile_elems: int | None, survival: Sequence[dict[str, float]]) -> int:
     """Read the step's tensors that some output changes or casts (once), merge them per output, write everything;
     the encoder's survival of each merged weight goes into `survival` (one dict per output). Returns the step's
@@ -120,7 +118,7 @@ def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], worker
             raise
 
 
-def shard_hashers(ckpt: BaseCheckpoint) -> dict[Path, SequentialHasher]:
+def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
     """A file-order sha256 per base shard, its header (read when the checkpoint was opened) already counted."""
     hashers = {}
     for shard in ckpt.shards:
@@ -130,19 +128,7 @@ def shard_hashers(ckpt: BaseCheckpoint) -> dict[Path, SequentialHasher]:
     return hashers
 
 
-def open_output(folder: Path, ckpt: BaseCheckpoint, encoder: CastEncoder, layout: Layout,
-                hash_inputs: bool = False) -> OutputSink:
-    """An output folder with the base's side files (their sha256 recorded with `hash_inputs`) and its config.json
-    (dtype set by the encoder), ready for shards."""
-    folder.mkdir(parents=True, exist_ok=True)
-    copy_side_files(ckpt.root, folder, skip=("config.json", RECIPE_NAME), record_digests=hash_inputs)  # a recipe of the base is not this one's
-    if (ckpt.root / "config.json").exists():
-        config = json.dumps(encoder.update_config(ckpt.config), indent=2, sort_keys=True)
-        write_new(folder / "config.json", config + "\n")
-    return OutputSink(folder, layout)
-
-
-def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
+def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
                   decoder: StoredDecoder, encoder: CastEncoder, target: Path, *, each: bool, device: torch.device,
                   overwrite: bool, shard_bytes: int | None, batch_bytes: int | None, progress: bool,
                   hash_inputs: bool = False, desc: str = "merging") -> MergeReport:
@@ -169,11 +155,12 @@ def write_outputs(ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], plans: Seq
                 hashers[path].done(info.start, info.end)
         return read
 
-    sinks: list[OutputSink] = []
+    sinks: list[Sink] = []
     with atomic_output(target, overwrite=overwrite) as tmp:
         try:
-            sinks += [open_output(tmp / plan.name if each else tmp, ckpt, encoder, layout, hash_inputs and i == 0)
-                     for i, plan in enumerate(plans)]
+            sinks += [ckpt.open_output(tmp / plan.name if each else tmp, encoder, layout,
+                                       hash_inputs=hash_inputs and i == 0, skip=(RECIPE_NAME,))  # the base's recipe is not this one's
+                      for i, plan in enumerate(plans)]
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                       disable=not progress, file=sys.stderr) as bar, \
                     torch_threads(1 if device.type == "cpu" and workers > 1 else None):

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..linalg import group_by
-from .codecs import check_range
+from ..checkpoints.stored import check_range
 
 
 def lora_merge(W: Tensor, B: Tensor, A: Tensor, *, inplace: bool = False) -> Tensor:

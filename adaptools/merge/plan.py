@@ -17,12 +17,14 @@ from ..errors import BaseMismatchError, DoraError, InvalidArgumentError, ShapeMi
 from ..formats import ia3
 from ..sources import cached_repo_id, resolve
 from ..sources import load as load_adapter
-from ..formats.checkpoint import DTYPE_NAMES, BaseCheckpoint
-from ..formats.checkpoint_writer import Layout, plan_shards, shard_names
+from ..checkpoints import Container
+from ..checkpoints.safetensors_io import DTYPE_NAMES
+from ..checkpoints.names import NameMap
+from ..checkpoints.shards import Layout
 from ..formats.kohya import PREFIXES, remap_to_base
 from ..ia3 import IA3Adapter
 from ..linalg import group_by
-from .codecs import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec
+from ..checkpoints.stored import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec
 from ..names import listed, plain_name
 from .kernels import DoraUpdate, LoraUpdate, ScaleUpdate, Update
 
@@ -124,14 +126,47 @@ def fit_ia3(adapter: IA3Adapter, specs: dict[str, TensorSpec], model_type: str |
     return FittedIA3(adapter, scalings)
 
 
-def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, TensorSpec],
-                 model_type: str | None) -> list[Adapter | FittedIA3]:
-    """The adapters with every module laid out for its base weight; all missing or misfit tensors raise at once."""
+def targeted(adapter: Adapter, names: NameMap, missing: list[str]) -> Adapter:
+    """The adapter with its modules named by the stored weights they land in (`names`), rows in the stored order
+    (a Target's `row_order` permutes B's rows: ΔW[order] = B[order]·A) and its full tensors by their stored keys;
+    modules and tensors the container does not hold are added to `missing` (under the adapter's own names)."""
+    modules: dict[str, LoraModule] = {}
+    for name, module in adapter.items():
+        target = names.target(name)
+        if target is None:
+            missing.append(f"{name}.weight")
+            continue
+        if target.rows is not None:
+            raise BaseMismatchError(f"module {name!r} updates rows {target.rows[0]}..{target.rows[1]} of the fused "
+                                    f"weight {target.key!r}, which this base's merge cannot apply")
+        order = target.row_order
+        if order is not None:
+            module = replace(module, B=module.B[order],
+                             magnitude=None if module.magnitude is None else module.magnitude[order],
+                             bias=None if module.bias is None else module.bias[order])
+        modules[target.key.removesuffix(".weight")] = module
+    extra = {}
+    for key, tensor in adapter.extra.items():
+        stored = names.key(key)
+        if stored is None:
+            missing.append(f"{key} (a full tensor of the adapter)")
+        else:
+            extra[stored] = tensor
+    return adapter.with_modules(modules, extra=extra)
+
+
+def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, TensorSpec], model_type: str | None,
+                 names: NameMap | None = None) -> list[Adapter | FittedIA3]:
+    """The adapters with every module laid out for its base weight (found through the container's `names`; by
+    default keys `<module>.weight`); all missing or misfit tensors raise at once."""
     missing: list[str] = []
     misfit: list[str] = []
     unsupported: list[str] = []
     fitted_adapters: list[Adapter | FittedIA3] = []
+    names = NameMap(specs) if names is None else names
     for adapter in adapters:
+        if isinstance(adapter, Adapter):
+            adapter = targeted(adapter, names, missing)
         lora = isinstance(adapter, Adapter)
         square = square_orientation(adapter, specs, model_type) if lora else False
         fitted: dict[str, LoraModule] = {}
@@ -244,29 +279,17 @@ def interleave_shards(steps: Sequence[Step], specs: dict[str, TensorSpec]) -> li
     return [step for turn in itertools.zip_longest(*per_shard.values()) for step in turn if step is not None]
 
 
-def plan_layout(ckpt: BaseCheckpoint, steps: Sequence[Step], specs: dict[str, TensorSpec], encoder: CastEncoder,
+def plan_layout(ckpt: Container, steps: Sequence[Step], specs: dict[str, TensorSpec], encoder: CastEncoder,
                 max_shard_bytes: int | None) -> Layout:
-    """The base's own shard layout (default: an output key stays in its base shard, a new one goes to its tensor's),
-    or new shards of at most `max_shard_bytes` in write order. Either way the files get transformers' names
-    (`shard_names`), never names taken from the base's index: those are strings from a downloaded file."""
+    """The output files of the container's kind for the encoder's entries, in write order."""
     units = [(encoder.entries(key, specs[key]), specs[key].shard) for step in steps for key in step.keys]
-    if max_shard_bytes is None:
-        files: dict[str, dict[str, int]] = {shard: {} for shard in ckpt.shards}
-        for entries, shard in units:
-            for key, nbytes in entries.items():
-                files[ckpt.weight_map.get(key, shard)][key] = nbytes
-        groups = [files[shard] for shard in sorted(files) if files[shard]]  # numbered in the base's name order
-        indexed = ckpt.indexed or len(groups) > 1
-    else:
-        groups = plan_shards([entries for entries, _ in units], max_shard_bytes)
-        indexed = len(groups) > 1
-    return Layout(dict(zip(shard_names(len(groups)), groups)), indexed)
+    return ckpt.plan_layout(units, max_shard_bytes)
 
 
 AdapterLike = Adapter | str | os.PathLike
 
 
-def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: BaseCheckpoint,
+def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: Container,
                   allow_pickle: bool) -> list[Adapter]:
     """Adapters from paths (PEFT or kohya) or as given; kohya names mapped to the base's module paths."""
     items = [adapters] if isinstance(adapters, (Adapter, IA3Adapter, str, os.PathLike)) else list(adapters)
@@ -280,14 +303,14 @@ def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: BaseCheck
             local = resolve(item, "adapter", allow_pickle=allow_pickle)
             reader = ia3.read_ia3 if ia3.detect(local) else load_adapter
             adapter = reader(local, allow_pickle=allow_pickle)
-        if isinstance(adapter, Adapter) and any(name.startswith(PREFIXES) and f"{name}.weight" not in ckpt
+        if isinstance(adapter, Adapter) and any(name.startswith(PREFIXES) and ckpt.names.target(name) is None
                                                 for name in adapter.modules):
-            adapter = remap_to_base(adapter, ckpt.keys())
+            adapter = remap_to_base(adapter, [f"{module}.weight" for module in ckpt.names.modules()])
         loaded.append(adapter)
     return loaded
 
 
-def base_mismatch(adapter: Adapter, ckpt: BaseCheckpoint, config: dict) -> str | None:
+def base_mismatch(adapter: Adapter, ckpt: Container, config: dict) -> str | None:
     """A warning when the adapter names a base model other than this one (compared by last path component)."""
     wanted = adapter.base_model
     have = [config.get("_name_or_path"), str(ckpt.root), str(ckpt.root.resolve()), cached_repo_id(ckpt.root)]

@@ -6,7 +6,7 @@ import warnings
 import click
 
 import adaptools
-from adaptools.formats.nf4 import BLOCKSIZES
+from adaptools.checkpoints.nf4_quant import BLOCKSIZES
 
 from ..options import output_options
 from ..provenance import provenance

@@ -24,8 +24,10 @@ from torch import Tensor
 
 from ..digests import file_key, record
 from ..errors import InvalidArgumentError
-from .checkpoint import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, TensorInfo
+from .safetensors_io import DTYPE_NAMES, TensorInfo
 
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
 SHARD_NAME = "model-{:05d}-of-{:05d}.safetensors"
 HEADER_BYTES_PER_KEY = 256
 """Header space reserved per tensor besides its name: dtype, up to 8 dimensions and two offsets fit with room."""

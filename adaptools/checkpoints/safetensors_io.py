@@ -1,15 +1,13 @@
-"""Base model checkpoints: a Hugging Face folder (model.safetensors or shards + index), read tensor by tensor.
+"""The safetensors file format, header first: validated headers (DESIGN §10) and positioned tensor reads.
 
 A safetensors file is an 8-byte little-endian header length, a JSON header {key: {dtype, shape, data_offsets}}
 and the raw tensor bytes. The header is parsed once and validated by the format's rules (`read_header`, DESIGN
 §10); each tensor is then read with one positioned read into its own buffer, or memory-mapped on its own
-(`mapped`): nothing else of the file is held in memory, and a mapping goes with its tensor. Shard names from the
-index are plain file names inside the folder (`read_index`).
+(`adaptools.checkpoints.container.Container.mapped`): nothing else of the file is held in memory.
 """
 from __future__ import annotations
 
 import math
-import mmap
 import os
 import struct
 from dataclasses import dataclass
@@ -18,12 +16,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ..errors import AdaptoolsError, BaseMismatchError, InputNotFoundError
-from ..jsonio import check_fields, json_object, open_regular, parse_json, read_exactly, read_json_object, string
-from ..names import plain_name, shown
-
-INDEX_NAME = "model.safetensors.index.json"
-SINGLE_NAME = "model.safetensors"
+from ..errors import AdaptoolsError, BaseMismatchError
+from ..jsonio import open_regular, parse_json, read_exactly
+from ..names import shown
 
 _DTYPE_ATTRS = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -153,117 +148,3 @@ def read_tensor(f, info: TensorInfo, out: Tensor | None = None) -> Tensor:
             raise BaseMismatchError(f"{f.name!r} ends before the tensor data at bytes {info.start}..{info.end}")
         done += n
     return buffer.view(DTYPES[info.dtype]).reshape(info.shape)
-
-
-CONFIG_FIELDS = {"model_type": string, "_name_or_path": string, "quantization_config": json_object}
-"""Keys of a base's config.json that adaptools reads, with their checks (null means absent)."""
-
-
-def read_index(index: Path) -> list[str]:
-    """Shard file names of a model.safetensors.index.json, in first-use order: `weight_map` must map tensor names
-    to plain file names (`adaptools.names.plain_name`); BaseMismatchError naming the file and key otherwise."""
-    weight_map = read_json_object(index, BaseMismatchError).get("weight_map")
-    if not isinstance(weight_map, dict):
-        raise BaseMismatchError(f"{str(index)!r}: 'weight_map' must be a JSON object of tensor name -> shard file, "
-                                f"got {shown(weight_map)}")
-    for key, shard in weight_map.items():
-        plain_name(shard, f"{str(index)!r}: the shard of {shown(key)} in 'weight_map'", BaseMismatchError)
-    return list(dict.fromkeys(weight_map.values()))
-
-
-class BaseCheckpoint:
-    """Lazy view of a base checkpoint: key → (shard, shape, dtype) without loading tensors."""
-
-    def __init__(self, path: str | os.PathLike):
-        path = Path(path)
-        if not path.exists():
-            raise InputNotFoundError(f"base {str(path)!r} does not exist")
-        self.root = path if path.is_dir() else path.parent
-        self.indexed = path.is_dir() and (path / INDEX_NAME).exists()
-        self.shards = self._find_shards(path)
-        self.weight_map: dict[str, str] = {}
-        self._info: dict[str, TensorInfo] = {}
-        for shard in self.shards:
-            infos, _ = read_header(self.root / shard)
-            for key, info in infos.items():
-                if key in self.weight_map:
-                    raise BaseMismatchError(f"tensor {shown(key)} is in two shards of {str(self.root)!r}: "
-                                            f"{self.weight_map[key]!r} and {shard!r}")
-                self.weight_map[key] = shard
-                self._info[key] = info
-
-    def _find_shards(self, path: Path) -> list[str]:
-        if path.is_file():
-            return [path.name]
-        index = path / INDEX_NAME
-        if index.exists():
-            return read_index(index)
-        if (path / SINGLE_NAME).exists():
-            return [SINGLE_NAME]
-        found = sorted(p.name for p in path.glob("*.safetensors"))
-        if not found:
-            raise BaseMismatchError(f"{str(path)!r} holds no model.safetensors, index or *.safetensors file")
-        return found
-
-    @property
-    def config(self) -> dict:
-        """config.json of the base folder, or {} when there is none; the keys adaptools reads are type-checked."""
-        cfg = self.root / "config.json"
-        if not cfg.exists():
-            return {}
-        config = read_json_object(cfg, BaseMismatchError)
-        check_fields(config, CONFIG_FIELDS, str(cfg), BaseMismatchError, nullable=tuple(CONFIG_FIELDS))
-        return config
-
-    def keys(self) -> list[str]:
-        return list(self.weight_map)
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.weight_map
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return self._info[key].shape
-
-    def dtype_name(self, key: str) -> str:
-        """safetensors dtype name of `key` (e.g. "F16", "BF16", "F32", "U8")."""
-        return self._info[key].dtype
-
-    def dtype(self, key: str) -> torch.dtype:
-        """torch dtype of `key`."""
-        return DTYPES[self._info[key].dtype]
-
-    def nbytes(self, key: str) -> int:
-        """Stored size of `key` in bytes."""
-        return self._info[key].nbytes
-
-    def shard_keys(self, shard: str) -> list[str]:
-        return [k for k, s in self.weight_map.items() if s == shard]
-
-    def info(self, key: str) -> TensorInfo:
-        """dtype, shape and byte range of `key` in its shard file."""
-        return self._info[key]
-
-    def path(self, key: str) -> Path:
-        """The shard file holding `key`."""
-        return self.root / self.weight_map[key]
-
-    def mapped(self, key: str) -> Tensor:
-        """`key` as a view of its stored bytes, memory-mapped copy-on-write (the file is never changed): pages are
-        read as they are touched, and the mapping is released with the last view of it."""
-        info = self._info[key]
-        dtype = DTYPES[info.dtype]
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=dtype)
-        start = info.start - info.start % mmap.ALLOCATIONGRANULARITY
-        try:
-            with open(self.path(key), "rb") as f:
-                mapping = mmap.mmap(f.fileno(), info.end - start, offset=start, access=mmap.ACCESS_COPY)
-        except (OSError, ValueError):  # a file system without memory maps: read it
-            return self.get(key)
-        count = info.nbytes // dtype.itemsize
-        return torch.frombuffer(mapping, dtype=dtype, count=count, offset=info.start - start).reshape(info.shape)
-
-    def get(self, key: str, out: Tensor | None = None) -> Tensor:
-        """Load one tensor (one positioned read of its bytes), into `out` (a uint8 buffer) when given."""
-        with open(self.path(key), "rb", buffering=0) as f:
-            return read_tensor(f, self._info[key], out)

@@ -6,8 +6,8 @@
 - `NF4Encoder` writes NF4: from an NF4 base it requantizes the merged weights with each weight's own
   blocksize and double-quant setting (unchanged weights are copied byte for byte) and measures how much of
   each ΔW survives; from an unquantized base it quantizes the linear weights (`quantize`, `merge --dtype nf4`).
-- `DequantizedEncoder` writes an NF4 base's merge unquantized (`merge --dtype bf16`).
-- `checkpoint_codecs` picks the decoder and encoder for a base and an output dtype.
+- `detect`, `decoder` and `encoder` are this codec's entries in the registry (`adaptools.checkpoints.codecs`);
+  an NF4 base merged into another dtype is written by `stored.DequantizedEncoder`.
 
 Which weights are quantized: every 2-D floating `X.weight` except the modules a skip pattern matches.
 The default patterns keep embeddings and the LM head unquantized (norms are 1-D). A pattern follows
@@ -31,9 +31,8 @@ import torch
 from torch import Tensor
 
 from ..errors import BaseMismatchError, InvalidArgumentError
-from ..formats.checkpoint import DTYPE_NAMES, BaseCheckpoint, TensorInfo
-from ..formats.checkpoint_writer import config_with_dtype
-from ..formats.nf4 import (
+from .container import Container
+from .nf4_quant import (
     NESTED_BLOCKSIZE,
     QUANT_STATE_SUFFIX,
     NF4State,
@@ -46,13 +45,18 @@ from ..formats.nf4 import (
     quantize_nf4,
 )
 from ..names import listed
-from .codecs import CONV1D_MODEL_TYPES, DTYPES, CastEncoder, StoredDecoder, TensorSpec, check_range, parse_dtype
+from .safetensors_io import DTYPE_NAMES, TensorInfo
+from .stored import DTYPES, CastEncoder, StoredDecoder, TensorSpec, check_range, is_conv1d
+
+NAME = "nf4"
+TARGETS = frozenset({"nf4"})
+"""The output dtypes this codec encodes into."""
+OPTIONS = frozenset({"double_quant"})
+"""The keyword options its encoder takes."""
 
 DEFAULT_SKIP = ("lm_head", r".*embed[^.]*", "wte", "wpe")
 """Modules left unquantized by default: the LM head and embeddings (embed_tokens, embed_in/out, word_embeddings,
 GPT-2's wte/wpe). Norms and biases are 1-D and never quantized."""
-CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
-"""transformers' Conv1D projections in CONV1D_MODEL_TYPES architectures (their weights are stored (in, out))."""
 QUANTIZABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32})
 """Dtypes of the weights bitsandbytes' NF4 quantizes (the quant state names one of them)."""
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
@@ -96,18 +100,13 @@ class NF4Spec(TensorSpec):
     `nbytes` counts every stored tensor of the weight (each 64-byte aligned in the read buffer)."""
 
     fmt: NF4Format
+    encoded = True
 
 
 def skipped(module: str, patterns: Sequence[str]) -> bool:
     """transformers' `llm_int8_skip_modules` rule: a pattern matching from the start up to a module boundary
     (as a regex), or a suffix of the module name."""
     return any(re.match(rf"(?:{p}){_BOUNDARY}", module) or module.endswith(p) for p in patterns)
-
-
-def is_conv1d(model_type: str | None, key: str) -> bool:
-    """True when weight `key` is a transformers Conv1D (stored (in, out)) of a GPT-2-style architecture."""
-    module = key.removesuffix(".weight").rsplit(".", 1)[-1]
-    return model_type in CONV1D_MODEL_TYPES and module in CONV1D_MODULES
 
 
 def _check_patterns(patterns: Sequence[str]) -> None:
@@ -142,27 +141,22 @@ def quantized_formats(specs: dict[str, TensorSpec], model_type: str | None, *, b
     return {k: NF4Format(blocksize, double_quant, specs[k].dtype, is_conv1d(model_type, k)) for k in chosen}
 
 
-def is_nf4_checkpoint(ckpt: BaseCheckpoint) -> bool:
-    """True when the checkpoint holds bitsandbytes NF4 weights."""
-    return any(key.endswith(QUANT_STATE_SUFFIX) for key in ckpt.keys())
-
-
 # --------------------------------------------------------------------------- reading an NF4 base
 
 
 class NF4Decoder(StoredDecoder):
     """An NF4 checkpoint's weights dequantized (one tensor per weight, its stats folded in); other tensors as stored."""
 
-    def __init__(self, ckpt: BaseCheckpoint):
+    def __init__(self, ckpt: Container):
         self.model_type = ckpt.config.get("model_type")
         self._specs: dict[str, TensorSpec] | None = None
 
     @staticmethod
-    def group(ckpt: BaseCheckpoint, key: str) -> list[str]:
+    def group(ckpt: Container, key: str) -> list[str]:
         """`key` and the stored statistics of NF4 weight `key`."""
         return [key, *(k for k in nf4_state_keys(key) if k in ckpt)]
 
-    def specs(self, ckpt: BaseCheckpoint) -> dict[str, TensorSpec]:
+    def specs(self, ckpt: Container) -> dict[str, TensorSpec]:
         """{key: spec} in shard order: NF4Spec per NF4 weight (its statistics are not listed), TensorSpec otherwise."""
         if self._specs is None:
             weights = [k.removesuffix(QUANT_STATE_SUFFIX) for k in ckpt.keys() if k.endswith(QUANT_STATE_SUFFIX)]
@@ -172,7 +166,7 @@ class NF4Decoder(StoredDecoder):
                            for key, spec in super().specs(ckpt).items() if key not in stats}
         return self._specs
 
-    def _nf4_spec(self, ckpt: BaseCheckpoint, key: str, group: list[str]) -> NF4Spec:
+    def _nf4_spec(self, ckpt: Container, key: str, group: list[str]) -> NF4Spec:
         """The weight's spec from its quant-state JSON, checked against the other tensors' headers (not read)."""
         tensors = {k: torch.empty(ckpt.shape(k), dtype=ckpt.dtype(k), device="meta") for k in group}
         tensors[key + QUANT_STATE_SUFFIX] = ckpt.get(key + QUANT_STATE_SUFFIX)
@@ -187,14 +181,14 @@ class NF4Decoder(StoredDecoder):
         shape = state.shape[::-1] if fmt.transposed else state.shape
         return NF4Spec(shape, fmt.dtype, ckpt.weight_map[key], sum(ckpt.nbytes(k) for k in group), fmt)
 
-    def read(self, ckpt: BaseCheckpoint, key: str) -> Tensor:
+    def read(self, ckpt: Container, key: str) -> Tensor:
         """The weight dequantized, in the unquantized checkpoint layout (its stored tensors memory-mapped)."""
         if not is_nf4_weight(key, ckpt.weight_map):
             return ckpt.mapped(key)
         weight = dequantize_nf4(*nf4_from_state_dict(key, {k: ckpt.mapped(k) for k in self.group(ckpt, key)}))
         return weight.T if is_conv1d(self.model_type, key) else weight
 
-    def sources(self, ckpt: BaseCheckpoint, key: str) -> dict[str, tuple[Path, TensorInfo]]:
+    def sources(self, ckpt: Container, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """The stored bytes of every tensor of weight `key`."""
         return {k: (ckpt.path(k), ckpt.info(k)) for k in self.group(ckpt, key)}
 
@@ -238,7 +232,7 @@ class NF4Encoder(CastEncoder):
         self.requantize, self.config = requantize, config
 
     @classmethod
-    def quantizing(cls, ckpt: BaseCheckpoint, specs: dict[str, TensorSpec], device: torch.device, *,
+    def quantizing(cls, ckpt: Container, specs: dict[str, TensorSpec], device: torch.device, *,
                    blocksize: int = 64, double_quant: bool = True, compute_dtype: str | torch.dtype = "bf16",
                    skip: Sequence[str] = ()) -> NF4Encoder:
         """The encoder that quantizes an unquantized base's linear weights (see `quantize`)."""
@@ -318,39 +312,21 @@ class NF4Encoder(CastEncoder):
         return config if self.config is None else {**config, "quantization_config": self.config}
 
 
-class DequantizedEncoder(CastEncoder):
-    """An NF4 base's merge written unquantized in `dtype`, without `quantization_config`."""
-
-    def keeps(self, key: str, spec: TensorSpec) -> bool:
-        return not isinstance(spec, NF4Spec) and super().keeps(key, spec)
-
-    def update_config(self, config: dict) -> dict:
-        return config_with_dtype({k: v for k, v in config.items() if k != "quantization_config"}, self.dtype)
+def detect(ckpt: Container) -> bool:
+    """True when the checkpoint holds bitsandbytes NF4 weights."""
+    return any(key.endswith(QUANT_STATE_SUFFIX) for key in ckpt.keys())
 
 
-def checkpoint_codecs(ckpt: BaseCheckpoint, dtype: str | torch.dtype | None, *, double_quant: bool | None = None,
-                      device: torch.device = torch.device("cpu")) -> tuple[StoredDecoder, CastEncoder]:
-    """The merge's decoder and encoder for this base and output dtype (None, "fp16", "bf16", "fp32" or "nf4").
-
-    Unquantized base: as stored → cast, or → NF4 (`double_quant` default True). NF4 base: dequantized → NF4 with
-    each weight's settings (dtype None or "nf4"; `double_quant` must agree), or → unquantized in `dtype`.
-    """
-    wants_nf4 = isinstance(dtype, str) and dtype.lower() == "nf4"
-    if isinstance(dtype, str) and not wants_nf4 and dtype.lower() not in DTYPES:
-        raise InvalidArgumentError(f"unsupported output dtype {dtype!r} (choose fp16, bf16, fp32 or nf4)")
-    if not is_nf4_checkpoint(ckpt):
-        decoder = StoredDecoder()
-        if wants_nf4:
-            dq = True if double_quant is None else double_quant
-            return decoder, NF4Encoder.quantizing(ckpt, decoder.specs(ckpt), device, double_quant=dq)
-        encoder: CastEncoder = CastEncoder(parse_dtype(dtype))
-    else:
-        decoder = NF4Decoder(ckpt)
-        if dtype is None or wants_nf4:
-            return decoder, NF4Encoder.requantizing(decoder.specs(ckpt), device, double_quant)
-        encoder = DequantizedEncoder(parse_dtype(dtype))
-    if double_quant is not None:
-        raise InvalidArgumentError("double quant applies to NF4 outputs only (--dtype nf4, or an NF4 base)")
-    return decoder, encoder
+def decoder(ckpt: Container) -> NF4Decoder:
+    """The decoder of an NF4 base."""
+    return NF4Decoder(ckpt)
 
 
+def encoder(ckpt: Container, decoder: StoredDecoder, dtype: str | None, *, device: torch.device,
+            double_quant: bool | None = None) -> NF4Encoder:
+    """NF4 output: an NF4 base requantized with each weight's own settings (`double_quant` must agree), or an
+    unquantized base's linear weights quantized (`double_quant` default True)."""
+    if isinstance(decoder, NF4Decoder):
+        return NF4Encoder.requantizing(decoder.specs(ckpt), device, double_quant)
+    dq = True if double_quant is None else double_quant
+    return NF4Encoder.quantizing(ckpt, decoder.specs(ckpt), device, double_quant=dq)

@@ -1,6 +1,7 @@
 """Stored-tensor codecs of the merge engine: how a base tensor becomes the tensor that is merged (a decoder) and
 how a result becomes the stored output tensors (an encoder). This module holds the plain ones: as stored, and a
-cast to one dtype; `nf4_codecs` adds NF4 decode and encode on the same interface.
+cast to one dtype, and a quantized base written unquantized; `nf4` adds NF4 decode and encode on the same
+interface, and `codecs` chooses among them.
 
 A decoder lists the base's tensors as the merge sees them (`TensorSpec`), reads one, and says where the stored
 bytes of a tensor kept unchanged lie (copied file to file). An encoder says which dtype a tensor is merged into,
@@ -18,8 +19,9 @@ import torch
 from torch import Tensor
 
 from ..errors import InvalidArgumentError, NonFiniteError
-from ..formats.checkpoint import BaseCheckpoint, TensorInfo
-from ..formats.checkpoint_writer import config_with_dtype
+from .container import Container
+from .safetensors_io import TensorInfo
+from .shards import config_with_dtype
 from ..names import listed
 
 DTYPES = {
@@ -31,6 +33,14 @@ MERGEABLE_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torc
 """Stored dtypes of tensors the merge can change (float8 has no arithmetic here; integers are not weights)."""
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 """Architectures whose projections are transformers' Conv1D (weight stored (in, out)): a square weight is transposed."""
+CONV1D_MODULES = ("c_attn", "c_proj", "c_fc", "q_attn")
+"""transformers' Conv1D projections in CONV1D_MODEL_TYPES architectures (their weights are stored (in, out))."""
+
+
+def is_conv1d(model_type: str | None, key: str) -> bool:
+    """True when weight `key` is a transformers Conv1D (stored (in, out)) of a GPT-2-style architecture."""
+    module = key.removesuffix(".weight").rsplit(".", 1)[-1]
+    return model_type in CONV1D_MODEL_TYPES and module in CONV1D_MODULES
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -84,6 +94,8 @@ class TensorSpec:
     dtype: torch.dtype
     shard: str
     nbytes: int
+    encoded = False
+    """True for a tensor decoded from a quantized encoding (its stored bytes are not the tensor's own)."""
 
     @property
     def numel(self) -> int:
@@ -93,15 +105,15 @@ class TensorSpec:
 class StoredDecoder:
     """Base tensors as stored, one checkpoint key each (the NF4 decoder groups and dequantizes keys here)."""
 
-    def specs(self, ckpt: BaseCheckpoint) -> dict[str, TensorSpec]:
+    def specs(self, ckpt: Container) -> dict[str, TensorSpec]:
         """{key: spec} for every tensor, in shard order."""
         return {k: TensorSpec(ckpt.shape(k), ckpt.dtype(k), ckpt.weight_map[k], ckpt.nbytes(k)) for k in ckpt.keys()}
 
-    def read(self, ckpt: BaseCheckpoint, key: str) -> Tensor:
+    def read(self, ckpt: Container, key: str) -> Tensor:
         """The tensor to merge (memory-mapped: its pages are read as they are used and released with it)."""
         return ckpt.mapped(key)
 
-    def sources(self, ckpt: BaseCheckpoint, key: str) -> dict[str, tuple[Path, TensorInfo]]:
+    def sources(self, ckpt: Container, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """Where the stored bytes of `key` lie, per output key, for outputs that keep it unchanged (copied file to
         file)."""
         return {key: (ckpt.path(key), ckpt.info(key))}
@@ -146,3 +158,13 @@ class CastEncoder:
     def update_config(self, config: dict) -> dict:
         """config.json of the output."""
         return config if self.dtype is None else config_with_dtype(config, self.dtype)
+
+
+class DequantizedEncoder(CastEncoder):
+    """A quantized base's merge written unquantized in `dtype`, without `quantization_config`."""
+
+    def keeps(self, key: str, spec: TensorSpec) -> bool:
+        return not spec.encoded and super().keeps(key, spec)
+
+    def update_config(self, config: dict) -> dict:
+        return config_with_dtype({k: v for k, v in config.items() if k != "quantization_config"}, self.dtype)

@@ -1,0 +1,36 @@
+"""Base checkpoints (DESIGN §14): containers (how a base is stored: a Hugging Face folder, ...), name maps (where
+an adapter module's update lands in one) and codecs (how stored tensors decode to float32 and merged ones encode
+back). The merge engine, extract, dora and spectrum read every base through `open_container`.
+
+A container module has `NAME`, `detect(path) -> bool` and a class taking the path; `CONTAINERS` lists them in
+the order they are tried (the most specific first). A new container is a new module listed there.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from . import hf_folder
+from .container import Container
+from .hf_folder import HFFolder
+from .names import NameMap, Target
+
+CONTAINERS: list[tuple[Any, type[Container]]] = [(hf_folder, HFFolder)]
+"""(module, container class) pairs, tried in order; the Hugging Face folder comes last (it takes any folder)."""
+
+BaseCheckpoint = HFFolder
+"""The Hugging Face folder container under its earlier name."""
+
+
+def open_container(path: str | os.PathLike) -> Container:
+    """The container of a local base path: the first of CONTAINERS whose `detect` takes it (a folder or file that
+    none takes is opened as a Hugging Face folder, whose reader says what is wrong with it)."""
+    path = Path(path)
+    for module, cls in CONTAINERS:
+        if path.exists() and module.detect(path):
+            return cls(path)
+    return HFFolder(path)
+
+
+__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "HFFolder", "NameMap", "Target", "open_container"]
