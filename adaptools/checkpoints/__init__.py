@@ -11,12 +11,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import hf_folder
+from . import gguf, hf_folder
 from .container import Container
+from .gguf import GGUFFile
 from .hf_folder import HFFolder
 from .names import NameMap, Target
 
-CONTAINERS: list[tuple[Any, type[Container]]] = [(hf_folder, HFFolder)]
+CONTAINERS: list[tuple[Any, type[Container]]] = [(gguf, GGUFFile), (hf_folder, HFFolder)]
 """(module, container class) pairs, tried in order; the Hugging Face folder comes last (it takes any folder)."""
 
 BaseCheckpoint = HFFolder
@@ -33,4 +34,4 @@ def open_container(path: str | os.PathLike) -> Container:
     return HFFolder(path)
 
 
-__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "HFFolder", "NameMap", "Target", "open_container"]
+__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "GGUFFile", "HFFolder", "NameMap", "Target", "open_container"]

@@ -22,14 +22,15 @@ from .report import MergeReport, survival_warnings
 
 def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[AdapterLike],
           weights: Sequence[float] | None = None, *, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
-          double_quant: bool | None = None, device: str | torch.device = "auto", overwrite: bool = False,
+          double_quant: bool | None = None, gguf_type: str | None = None, device: str | torch.device = "auto", overwrite: bool = False,
           each: bool = False, max_shard_size: str | int | None = None, allow_pickle: bool = False,
           batch_bytes: int | None = None, progress: bool = False, hash_inputs: bool = False) -> MergeReport:
     """Merge adapters into a base checkpoint folder, streaming shard by shard: W' = W + Σ_i w_i·s_i·B_i@A_i.
 
     Args:
-        base: a Hugging Face folder (model.safetensors, or shards + index) of fp16/bf16/fp32 weights, or a
-            bitsandbytes NF4 checkpoint (its weights are dequantized, merged in float32 and requantized).
+        base: a Hugging Face folder (model.safetensors, or shards + index) of fp16/bf16/fp32 weights, a
+            bitsandbytes NF4 checkpoint (its weights are dequantized, merged in float32 and requantized), or a
+            GGUF file (each merged tensor decoded and re-encoded in its own ggml type; `out` is then a file).
         adapters: PEFT folders, kohya files or Adapter objects (LoRA, rsLoRA, DoRA; linear, Conv1D, embedding, conv).
         weights: one factor per adapter (default 1): w·s·B@A for LoRA, V = W + w·s·B@A for DoRA (magnitudes
             kept); a full tensor T (modules_to_save) becomes W + w·(T − W).
@@ -37,6 +38,8 @@ def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[
         dtype: "fp16", "bf16" or "fp32" for every floating tensor (an NF4 base is then written dequantized);
             "nf4" quantizes the merged linear weights (adaptools.quantize's defaults; an NF4 base stays NF4 with
             each weight's own settings); default: keep each tensor's dtype (and an NF4 base's quantization).
+        gguf_type: for a GGUF base, the ggml type (q8_0, q6_k, f16, ...) merged tensors stored in types adaptools
+            cannot encode (IQ*, ...) are written in; every other tensor keeps its type.
         double_quant: for NF4 outputs of an unquantized base, quantize the block scales too (default True);
             with an NF4 base it must agree with the base's own setting.
         device: where the merge math runs ("auto": CUDA when available); the math is float32.
@@ -60,7 +63,8 @@ def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     ckpt = open_base(base, "model")
     config = ckpt.config
-    decoder, encoder = ckpt.codecs(dtype, double_quant=double_quant, device=device)
+    decoder, encoder = ckpt.codecs(dtype, double_quant=double_quant, device=device,
+                                   **({} if gguf_type is None else {"gguf_type": gguf_type}))
     loaded = load_adapters(adapters, ckpt, allow_pickle)
     factors = check_weights(loaded, weights)
     specs = decoder.specs(ckpt)

@@ -138,6 +138,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
     start = time.perf_counter()
     batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
     steps = plan_steps(specs, batch_bytes)
+    encoder.check({key for plan in plans for key in (*plan.updates, *plan.biases, *plan.full)})
     layout = plan_layout(ckpt, steps, specs, encoder, shard_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -156,9 +157,9 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
         return read
 
     sinks: list[Sink] = []
-    with atomic_output(target, overwrite=overwrite) as tmp:
+    with atomic_output(target, overwrite=overwrite, is_file=ckpt.output_is_file and not each) as tmp:
         try:
-            sinks += [ckpt.open_output(tmp / plan.name if each else tmp, encoder, layout,
+            sinks += [ckpt.open_output(tmp / f"{plan.name}{ckpt.output_suffix}" if each else tmp, encoder, layout,
                                        hash_inputs=hash_inputs and i == 0, skip=(RECIPE_NAME,))  # the base's recipe is not this one's
                       for i, plan in enumerate(plans)]
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
@@ -175,7 +176,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
             for sink in sinks:
                 sink.abort()
     return MergeReport(
-        outputs={plan.name: target / plan.name if each else target for plan in plans},
+        outputs={plan.name: target / f"{plan.name}{ckpt.output_suffix}" if each else target for plan in plans},
         modules={plan.name: len(plan.updates) for plan in plans},
         tensors=len(specs),
         bytes_read=total,
