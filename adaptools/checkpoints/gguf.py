@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import struct
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -20,7 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType, LlamaFileType
 from torch import Tensor
 
 from ..errors import BaseMismatchError, InputNotFoundError, InvalidArgumentError
@@ -42,7 +41,6 @@ FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.B
               T.Q3_K: LlamaFileType.MOSTLY_Q3_K_M, T.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
               T.Q5_K: LlamaFileType.MOSTLY_Q5_K_M, T.Q6_K: LlamaFileType.MOSTLY_Q6_K}
 """llama.cpp's file type named after the type most weights are stored in (written only when a type changed)."""
-FILE_TYPE_KEY = "general.file_type"
 
 
 def detect(path: Path) -> bool:
@@ -251,7 +249,7 @@ class GGUFSink:
         self.path = Path(path)
         self.types = types
         self.offsets, data_size = plan_offsets(header, types)
-        head = header_bytes(header, types, self.offsets, file_type, extra or {})
+        head = gguf_file.header_bytes(header, types, self.offsets, file_type, extra or {})
         self.data_start = len(head)
         self.total_size = self.data_start + data_size
         self._missing = set(types)
@@ -296,19 +294,3 @@ def plan_offsets(header: gguf_file.GGUFHeader, types: dict[str, GGMLQuantization
             at += -(-gguf_file.tensor_nbytes(tensors[name].shape, types[name]) // align) * align
     end = max((offsets[n] + gguf_file.tensor_nbytes(t.shape, types[n]) for n, t in tensors.items()), default=0)
     return offsets, -(-end // align) * align
-
-
-def header_bytes(header: gguf_file.GGUFHeader, types: dict[str, GGMLQuantizationType], offsets: dict[str, int],
-                 file_type: int | None, extra: dict[str, str]) -> bytes:
-    """The output header: the base's key/values as stored (file type replaced when given, `extra` strings
-    appended), then the tensor infos in the base's order, zero-padded to the alignment."""
-    kvs = []
-    for key, field in header.fields.items():
-        if key == FILE_TYPE_KEY and file_type is not None:
-            kvs.append(gguf_file.pack_value(key, field.type, file_type))
-        elif key not in extra:
-            kvs.append(field.raw)
-    kvs += [gguf_file.pack_value(key, GGUFValueType.STRING, value) for key, value in extra.items()]
-    infos = [gguf_file.pack_tensor_info(name, t.shape, types[name], offsets[name]) for name, t in header.tensors.items()]
-    head = b"".join([gguf_file.MAGIC, struct.pack("<IQQ", header.version, len(header.tensors), len(kvs)), *kvs, *infos])
-    return head + bytes(-len(head) % header.alignment)

@@ -27,6 +27,8 @@ from ..names import shown
 from .safetensors_io import TensorInfo
 
 MAGIC = b"GGUF"
+FILE_TYPE_KEY = "general.file_type"
+COPY_CHUNK = 16 * 2**20
 VERSIONS = (2, 3)
 DEFAULT_ALIGNMENT = 32
 MAX_DIMS = 4
@@ -275,3 +277,35 @@ def pack_tensor_info(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationT
 def tensor_nbytes(shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
     elements, block_bytes = gguf.GGML_QUANT_SIZES[qtype]
     return math.prod(shape) // elements * block_bytes
+
+
+def header_bytes(header: GGUFHeader, types: dict[str, GGMLQuantizationType], offsets: dict[str, int],
+                 file_type: int | None, extra: dict[str, str]) -> bytes:
+    """The output header: the base's key/values as stored (file type replaced when given, `extra` strings
+    appended), then the tensor infos in the base's order, zero-padded to the alignment."""
+    kvs = []
+    for key, field in header.fields.items():
+        if key == FILE_TYPE_KEY and file_type is not None:
+            kvs.append(pack_value(key, field.type, file_type))
+        elif key not in extra:
+            kvs.append(field.raw)
+    kvs += [pack_value(key, GGUFValueType.STRING, value) for key, value in extra.items()]
+    infos = [pack_tensor_info(name, t.shape, types[name], offsets[name]) for name, t in header.tensors.items()]
+    head = b"".join([MAGIC, struct.pack("<IQQ", header.version, len(header.tensors), len(kvs)), *kvs, *infos])
+    return head + bytes(-len(head) % header.alignment)
+
+
+def embed_strings(path: Path, strings: dict[str, str]) -> None:
+    """Rewrite the GGUF file `path` with string key/values `strings` added (replacing same-named ones): a new
+    header, then the data section copied (tensor offsets are relative to it, so they stay)."""
+    header = read_header(path)
+    types = {name: t.type for name, t in header.tensors.items()}
+    offsets = {name: t.start - header.data_start for name, t in header.tensors.items()}
+    head = header_bytes(header, types, offsets, None, strings)
+    rewritten = path.with_name(f".{path.name}.new")
+    with open(path, "rb") as src, open(rewritten, "xb") as dst:
+        dst.write(head)
+        src.seek(header.data_start)
+        while chunk := src.read(COPY_CHUNK):
+            dst.write(chunk)
+    os.replace(rewritten, path)

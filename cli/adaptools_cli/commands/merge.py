@@ -36,7 +36,7 @@ def echo_report(report: MergeReport, verb: str = "merged {modules} modules into"
         kept = report.survival.get(name)
         if kept:
             worst = min(kept, key=kept.get)
-            click.echo(f"  ΔW surviving NF4 requantization: mean {sum(kept.values()) / len(kept):.1%} over "
+            click.echo(f"  ΔW surviving {'NF4 ' if report.dtype == 'nf4' else ''}requantization: mean {sum(kept.values()) / len(kept):.1%} over "
                        f"{len(kept)} modules, min {kept[worst]:.1%} ({worst})")
     memory = f"peak memory {_size(report.peak_rss)} (RSS)"
     if report.peak_device_memory is not None:
@@ -64,6 +64,9 @@ def survival_rows(report: MergeReport) -> list[dict]:
                    "the merged linear weights (as `adaptools quantize`), fp16/bf16/fp32 write an NF4 base dequantized.")
 @click.option("--double-quant/--no-double-quant", default=None,
               help="NF4 output of an unquantized base: quantize the block scales too (default: on).")
+@click.option("--gguf-type", metavar="TYPE",
+              help="GGUF base: the ggml type (q8_0, q6_k, q4_k, f16, ...) to write merged tensors stored in types "
+                   "adaptools cannot encode (IQ*, ...); every other tensor keeps its own type.")
 @click.option("--device", default="auto", show_default=True, help="Where the merge math runs: auto, cpu or cuda.")
 @click.option("--max-shard-size", help="Re-shard the output, e.g. 5GB or 200MB (default: the base's own shards).")
 @click.option("--each", is_flag=True,
@@ -72,20 +75,22 @@ def survival_rows(report: MergeReport) -> list[dict]:
 @allow_pickle
 @provenance("merge", kind="model")
 def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str | None, double_quant: bool | None,
-          device: str, max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> dict:
-    """Merge ADAPTERS (PEFT folders or kohya files) into the checkpoint folder BASE, streaming shard by shard.
+          gguf_type: str | None, device: str, max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> dict:
+    """Merge ADAPTERS (PEFT folders or kohya files) into the checkpoint folder (or GGUF file) BASE, streaming.
 
     All adapters go into one model (W + Σ w·ΔW), or with --each into one model each. Config, tokenizer and
     generation files are copied; the shard layout is kept unless --max-shard-size is given. An NF4 base
     (bitsandbytes 4-bit) is dequantized, merged in float32 and requantized with its own settings; the
-    summary then shows how much of each ΔW survives requantization.
+    summary then shows how much of each ΔW survives requantization. A GGUF base (llama.cpp, ollama) gives a
+    GGUF file: each merged tensor re-encoded in its own ggml type, everything else copied as stored.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = _warn
         report = adaptools.merge(base, list(adapters), parse_weights(weights), out=output, dtype=dtype,
-                                 double_quant=double_quant, device=device, overwrite=overwrite, each=each,
+                                 double_quant=double_quant, gguf_type=gguf_type, device=device, overwrite=overwrite, each=each,
                                  max_shard_size=max_shard_size, allow_pickle=allow_pickle, progress=True,
                                  hash_inputs=True)  # the recipe reuses these sha256
     echo_report(report)
-    return {"folders": list(report.outputs.values()), "summary": survival_rows(report)}
+    folders = [path for path in report.outputs.values() if path.suffix != ".gguf"]  # a GGUF output is a file
+    return {"folders": folders, "summary": survival_rows(report)}

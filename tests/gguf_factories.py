@@ -1,0 +1,90 @@
+"""GGUF test inputs made by llama.cpp's own tools: a tiny Hugging Face Llama (with a tokenizer.json, as
+convert_hf_to_gguf.py needs one) converted by convert_hf_to_gguf.py, K-quant files re-encoded by ggml's C
+quantizer and written by gguf-py's GGUFWriter, and adapters whose factors lie on a power-of-two grid (ΔW exact)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from factories import make_base, make_peft_adapter
+from llama_cpp import llama_cpp_tree, reference_quantize
+from safetensors.torch import load_file, save_file
+
+GRID = 16
+"""Adapter factors are multiples of 1/GRID (|x| <= 1/2): products and sums of rank-4 ΔW are exact in float32."""
+
+
+def make_tokenizer(folder: Path) -> int:
+    """A byte-fallback BPE tokenizer.json (what gguf-py's LlamaHfVocab reads); returns the vocabulary size."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}, "▁": 259}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    tokenizer.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                           decoders.Strip(" ", 1, 0)])
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>",
+                            unk_token="<unk>").save_pretrained(folder)
+    return len(vocab)
+
+
+def make_gguf_source(folder: Path, **overrides) -> Path:
+    """A tiny Llama (hidden 256: one K-quant super-block per row; GQA 4/2 heads) with its tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(folder)
+    params = dict(hidden_size=256, intermediate_size=512, vocab_size=vocab, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64)
+    return make_base(folder, "llama", **{**params, **overrides})
+
+
+def convert_hf(source: Path, out: Path, outtype: str) -> Path:
+    """llama.cpp's convert_hf_to_gguf.py SOURCE --outtype OUTTYPE --outfile OUT."""
+    script = llama_cpp_tree() / "convert_hf_to_gguf.py"
+    run = subprocess.run([sys.executable, str(script), str(source), "--outtype", outtype, "--outfile", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+def requantized(lib, source: Path, out: Path, types: dict[str, object]) -> Path:
+    """SOURCE (an F32 GGUF) with each tensor whose name contains a key of `types` re-encoded by ggml's C quantizer
+    in that type, written by gguf-py's GGUFWriter (metadata copied)."""
+    import gguf
+
+    reader = gguf.GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(out, arch)
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        kind = field.types[0]
+        sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
+    for tensor in reader.tensors:
+        values = np.asarray(tensor.data, dtype=np.float32)
+        qtype = next((t for part, t in types.items() if part in tensor.name), None)
+        if qtype is None or values.ndim < 2:
+            writer.add_tensor(tensor.name, values)
+            continue
+        encoded = reference_quantize(lib, values, qtype)
+        writer.add_tensor(tensor.name, encoded, raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def grid_adapter(base: Path, folder: Path, seed: int = 1, **lora_kwargs) -> Path:
+    """A PEFT adapter whose factors are multiples of 1/GRID (scale alpha/r a power of two): ΔW is exact."""
+    make_peft_adapter(base, folder, seed=seed, **lora_kwargs)
+    path = folder / "adapter_model.safetensors"
+    state = load_file(path)
+    gen = torch.Generator().manual_seed(seed)
+    save_file({k: (torch.randint(-GRID // 2, GRID // 2 + 1, v.shape, generator=gen) / GRID).to(v.dtype)
+               if "lora_" in k and "magnitude" not in k else v for k, v in state.items()}, path)
+    return folder
