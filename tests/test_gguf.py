@@ -189,7 +189,7 @@ def test_cli_refuses_dtype_and_unknown_gguf_types(bases, lora, tmp_path, runner)
                           (("--max-shard-size", "1MB"), "max-shard-size does not apply")):
         result = run_cli(runner, "merge", bases["q8_0"], lora, "-o", tmp_path / "x.gguf", *args)
         assert result.exit_code == 2, result.output
-        assert result.stderr.count("\n") == 1 and message in result.stderr
+        assert result.stderr.splitlines()[-1].startswith("error: ") and message in result.stderr
         assert not (tmp_path / "x.gguf").exists()
 
 

@@ -94,7 +94,10 @@ class GGUFFile(Container):
 
     @property
     def config(self) -> dict:
-        return {"model_type": self.header.architecture}
+        """The architecture as `model_type`; the file's `general.basename` (the converter's model name) as the name
+        an adapter's base_model is compared with."""
+        name = self.header.get("general.basename")
+        return {"model_type": self.header.architecture, "_name_or_path": name if isinstance(name, str) else None}
 
     @cached_property
     def names(self) -> GGUFNames:
@@ -102,8 +105,9 @@ class GGUFFile(Container):
         get = self.header.get
         heads, kv_heads = get(f"{arch}.attention.head_count"), get(f"{arch}.attention.head_count_kv")
         block_count = get(f"{arch}.block_count")
-        if not isinstance(block_count, int):
-            raise BaseMismatchError(f"{str(self.file)!r}: {arch}.block_count is missing or not an integer")
+        if not isinstance(block_count, int) or not 0 < block_count <= len(self.weight_map):
+            raise BaseMismatchError(f"{str(self.file)!r}: {arch}.block_count is missing or not a block count of its "
+                                    f"{len(self.weight_map)} tensors")
         return GGUFNames(self.weight_map, arch, block_count, heads if isinstance(heads, int) else None,
                          kv_heads if isinstance(kv_heads, int) else None, {k: self.shape(k) for k in self.weight_map})
 

@@ -7,7 +7,8 @@ import click
 
 import adaptools
 from adaptools.sources import resolve
-from adaptools.summary import adapter_summary, ia3_summary
+from adaptools.checkpoints import gguf_file
+from adaptools.summary import adapter_summary, gguf_summary, ia3_summary
 
 from ..options import reading_options
 from ..render import echo_table
@@ -21,8 +22,11 @@ from ..render import echo_table
 def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scale: float | None,
          alpha: float | None) -> None:
     """Show the format (the adapter family detected), base model, DoRA or not, and per module rank, scale, shape
-    and parameters."""
+    and parameters. For a GGUF file (a model or a llama.cpp adapter): architecture, tensor types with counts, size."""
     local = resolve(adapter, "adapter", allow_pickle=allow_pickle)
+    if local.is_file() and gguf_file.detect(local):
+        echo_gguf(gguf_summary(local), as_json)
+        return
     if adaptools.detect_format(local) == "peft-ia3":
         summary = ia3_summary(adaptools.load_ia3(local, allow_pickle=allow_pickle))
     else:
@@ -47,3 +51,15 @@ def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scal
         for name, m in summary["modules"].items()
     ]
     echo_table(["module", "kind", "rank", "scale", "out", "in", "params"], rows)
+
+
+def echo_gguf(summary: dict, as_json: bool) -> None:
+    """A GGUF file's summary: one JSON object, or a few lines and a table of its tensor types."""
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"format: gguf v{summary['version']} ({summary['type'] or 'model'})")
+    click.echo(f"architecture: {summary['architecture'] or '(not recorded)'}, name: {summary['name'] or '(none)'}")
+    click.echo(f"file type: {summary['file_type']}")
+    click.echo(f"tensors: {summary['tensors']}, parameters: {summary['parameters']:,}, size: {summary['size']:,} bytes")
+    echo_table(["type", "tensors", "bytes"], [(name, t["tensors"], t["bytes"]) for name, t in summary["types"].items()])
