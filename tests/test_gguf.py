@@ -204,3 +204,57 @@ def test_names_are_llama_cpps_and_other_architectures_are_refused(bases):
 
     with pytest.raises(BaseMismatchError, match="'phi3'.*more than renaming"):
         GGUFNames(container.keys(), "phi3", 2, 4, 2, {})
+
+
+# --- llama.cpp adapters (convert --to gguf) ----------------------------------------------------------------------
+
+def llama_cpp_deltas(path) -> dict[str, torch.Tensor]:
+    """ΔW per tensor as llama.cpp applies an adapter file: alpha / rank (alpha 0: 1) times lora_b @ lora_a."""
+    reader = gguf.GGUFReader(path)
+    alpha = float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    found = {t.name: torch.from_numpy(np.array(t.data)) for t in reader.tensors}
+    deltas = {}
+    for name, a in found.items():
+        if name.endswith(".lora_a"):
+            b = found[name.removesuffix(".lora_a") + ".lora_b"]
+            deltas[name.removesuffix(".lora_a")] = (alpha / b.shape[-1] if alpha else 1.0) * b @ a
+    return deltas
+
+
+def test_gguf_adapter_is_the_converters_for_plain_lora(lora, source, bases, tmp_path, runner):
+    from llama_cpp import llama_cpp_tree
+    import subprocess
+    import sys
+
+    reference = tmp_path / "reference.gguf"
+    run = subprocess.run([sys.executable, str(llama_cpp_tree() / "convert_lora_to_gguf.py"), "--base", str(source),
+                          "--outtype", "f32", "--outfile", str(reference), str(lora)], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    want = gguf.GGUFReader(reference)
+    for base in (source, bases["q8_0"]):  # an HF folder or a GGUF file names the tensors alike
+        out = tmp_path / f"ours-{base.name}.gguf"
+        result = run_cli(runner, "convert", lora, "--to", "gguf", "--base", base, "-o", out)
+        assert result.exit_code == 0, result.output
+        got = gguf.GGUFReader(out)
+        for key in ("general.architecture", "general.type", gguf.Keys.Adapter.TYPE, gguf.Keys.Adapter.LORA_ALPHA):
+            assert got.fields[key].contents() == want.fields[key].contents(), key
+        theirs = {t.name: t for t in want.tensors}
+        assert sorted(t.name for t in got.tensors) == sorted(theirs)
+        for t in got.tensors:
+            assert t.tensor_type == T.F32 and list(t.shape) == list(theirs[t.name].shape)
+            assert np.array_equal(np.asarray(t.data), np.asarray(theirs[t.name].data)), t.name
+
+
+@pytest.mark.parametrize("config", [dict(use_rslora=True), dict(alpha_pattern={"v_proj": 32}, rank_pattern={"o_proj": 2})],
+                         ids=["rslora", "patterns"])
+def test_gguf_adapter_means_what_peft_means(config, source, tmp_path):
+    adapter = make_peft_adapter(source, tmp_path / "a", r=4, lora_alpha=8, target_modules=TARGETS, **config)
+    out = tmp_path / "a.gguf"
+    from adaptools.formats.gguf_lora import write_gguf_adapter
+
+    write_gguf_adapter(adaptools.load(adapter), source, out)
+    got = llama_cpp_deltas(out)
+    want = gguf_deltas(source, adapter)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
