@@ -16,7 +16,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -26,7 +26,7 @@ from tqdm import tqdm
 from .adapter import Adapter, LayerKind, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from .checkpoints import Container
+from .checkpoints import Container, NameMap
 from .linalg import (
     OVERSAMPLE,
     RankPolicy,
@@ -51,9 +51,9 @@ CHUNK_ELEMENTS = 2**25
 CANCELLATION = 1e-3
 """Below this fraction of ‖ΔW‖², ‖ΔW‖² − Σ s_i² loses digits to cancellation: the residual is summed directly."""
 EMBEDDINGS = re.compile(r"(embed_tokens|embed_in|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
-                        r"embed_positions|shared)")
+                        r"embed_positions|shared|token_embd)")
 """Last name of an embedding module (nn.Embedding: weight (num_embeddings, dim), i.e. ΔWᵀ of the LoRA)."""
-OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
 """Last name of an LM head (a Linear layer), kept as a full tensor with `full_tensors` like the embeddings."""
 
 
@@ -363,6 +363,21 @@ def budget_ranks_for(base: Checkpoint, tuned: Checkpoint, targets: Sequence[Targ
 # --------------------------------------------------------------------------- the operation
 
 
+def model_names(names: NameMap, modules: dict[str, LoraModule], extra: dict[str, Tensor]
+                ) -> tuple[dict[str, LoraModule], dict[str, Tensor]]:
+    """Modules and full tensors named by the model's own paths, rows in its order (`NameMap.source`: a GGUF
+    container's llama.cpp names and q/k row order taken back to transformers')."""
+    named: dict[str, LoraModule] = {}
+    for name, module in modules.items():
+        key, order = names.source(f"{name}.weight")
+        named[key.removesuffix(".weight")] = module if order is None else replace(module, B=module.B[order])
+    whole = {}
+    for key, tensor in extra.items():
+        source, order = names.source(key)
+        whole[source] = tensor if order is None else tensor[order]
+    return named, whole
+
+
 def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Container, *,
             rank: int | None = None, energy: float | None = None, ratio: float | None = None,
             threshold: float | None = None, budget: int | None = None, policy: RankPolicy | str | None = None,
@@ -413,7 +428,7 @@ def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Cont
                 fits.update(zip((t.name for t in chunk.targets), fit_chunk(chunk, chosen, ranks=given, **options)))
             bar.update(len(group))
     order = [t.name for t in targets if t.name in fits]
-    modules = {name: fits[name].module for name in order}
+    modules, extra = model_names(pair[0].ckpt.names, {name: fits[name].module for name in order}, extra)
     saved = sorted({_module(key) for key in extra if _module(key) not in modules})
     architectures = pair[1].config.get("architectures") or []
     config = {"modules_to_save": saved or None,
@@ -427,6 +442,6 @@ def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Cont
     base_model = ref.repo_id if ref is not None else str(root if isinstance(base, Container) else base)
     adapter = Adapter(modules=modules, extra=extra, base_model=base_model, config=config, source_format="peft",
                       name=Path(root).name)
-    report = ExtractReport(policy_text(chosen), svd, {name: fits[name].entry for name in order}, sorted(extra),
-                           unchanged=considered - len(order) - len(extra))
+    report = ExtractReport(policy_text(chosen), svd, {new: fits[old].entry for old, new in zip(order, modules)},
+                           sorted(extra), unchanged=considered - len(order) - len(extra))
     return adapter, report

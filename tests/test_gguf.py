@@ -258,3 +258,14 @@ def test_gguf_adapter_means_what_peft_means(config, source, tmp_path):
     assert sorted(got) == sorted(want)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6)
+
+
+def test_extract_from_two_gguf_files_gives_the_peft_adapter(bases, lora, source, tmp_path):
+    """An instruct GGUF minus its base: modules named by transformers paths, q/k rows back in transformers' order."""
+    tuned = tmp_path / "tuned.gguf"
+    adaptools.merge(bases["f32"], lora, out=tuned)
+    adapter, report = adaptools.extract(bases["f32"], tuned, rank=4)
+    want = peft_delta_weights(peft_model(source, lora))
+    assert sorted(adapter.modules) == sorted(want) and sorted(report.modules) == sorted(want)
+    for module, delta in want.items():
+        torch.testing.assert_close(adapter.delta(module), delta, rtol=1e-4, atol=1e-5)

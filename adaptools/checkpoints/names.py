@@ -43,3 +43,8 @@ class NameMap:
     def key(self, name: str) -> str | None:
         """The stored key of a full tensor an adapter names (a bias, a modules_to_save weight), or None."""
         return name if name in self._keys else None
+
+    def source(self, key: str) -> tuple[str, Tensor | None]:
+        """The model's own key of stored tensor `key` and the row order taking its stored rows back to the model's
+        (None: as stored): what an adapter extracted from this container names and holds."""
+        return key, None

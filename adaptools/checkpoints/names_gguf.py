@@ -9,6 +9,7 @@ tensors, split experts) are refused by name.
 from __future__ import annotations
 
 import re
+from functools import cached_property
 
 import gguf
 import torch
@@ -22,6 +23,8 @@ RENAMED = {"llama": True, "qwen2": False, "qwen3": False}
 permuted (llama: LlamaModel.permute). Others (fused qkv, stacked experts, shifted norms) are refused."""
 MODULE_PATH = re.compile(r"(model\.layers\.\d+\.(self_attn|mlp)\.[a-z]+_proj|model\.embed_tokens|lm_head)")
 """The transformers module paths adapters name (the name map lists many other spellings of each tensor)."""
+FULL_PATH = re.compile(r"model\.layers\.\d+\.(input_layernorm|post_attention_layernorm|self_attn\.[qk]_norm)|model\.norm")
+"""transformers paths of the other tensors an extracted adapter may carry whole (norms)."""
 
 
 def rope_order(rows: int, heads: int) -> Tensor:
@@ -78,3 +81,24 @@ class GGUFNames(NameMap):
             raise BaseMismatchError(f"{name!r}: a full tensor of a q/k projection, stored with rows permuted in "
                                     "GGUF; adaptools does not write such tensors into GGUF files")
         return stored
+
+    @cached_property
+    def _sources(self) -> dict[str, str]:
+        """GGUF tensor stem → its transformers path (projections and embeddings first, then norms)."""
+        found: dict[str, str] = {}
+        for pattern in (MODULE_PATH, FULL_PATH):
+            for path, (_, name) in self._map.mapping.items():
+                if pattern.fullmatch(path):
+                    found.setdefault(name, path)
+        return found
+
+    def source(self, key: str) -> tuple[str, Tensor | None]:
+        stem, _, suffix = key.rpartition(".")
+        path = self._sources.get(stem)
+        if path is None:
+            return key, None
+        kind = stem.split(".")[-1] if stem.startswith("blk.") else ""
+        order = None
+        if self._permuted and kind in self._heads:
+            order = torch.argsort(rope_order(self._shapes[key][0], self._heads[kind]))
+        return f"{path}.{suffix}", order
