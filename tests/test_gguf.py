@@ -5,6 +5,8 @@ byte for byte; every other byte of the file (key/values, their order, tensor ord
 must be the base's."""
 from __future__ import annotations
 
+import shutil
+
 import gguf
 import numpy as np
 import pytest
@@ -269,3 +271,20 @@ def test_extract_from_two_gguf_files_gives_the_peft_adapter(bases, lora, source,
     assert sorted(adapter.modules) == sorted(want) and sorted(report.modules) == sorted(want)
     for module, delta in want.items():
         torch.testing.assert_close(adapter.delta(module), delta, rtol=1e-4, atol=1e-5)
+
+
+def test_cli_each_writes_one_gguf_per_adapter_and_extract_reads_gguf(bases, lora, source, tmp_path, runner):
+    second = tmp_path / "second"
+    shutil.copytree(lora, second)
+    result = run_cli(runner, "merge", bases["q8_0"], lora, second, "--each", "-o", tmp_path / "each")
+    assert result.exit_code == 0, result.output
+    alone = tmp_path / "alone.gguf"
+    adaptools.merge(bases["q8_0"], lora, out=alone)
+    for name in (lora.name, "second"):
+        assert tensors(tmp_path / "each" / f"{name}.gguf").keys() == tensors(alone).keys()
+        assert [np.array_equal(np.asarray(a.data), np.asarray(b.data)) for a, b in
+                zip(tensors(tmp_path / "each" / f"{name}.gguf").values(), tensors(alone).values())] == \
+            [True] * len(tensors(alone))
+    result = run_cli(runner, "extract", bases["q8_0"], alone, "--rank", "4", "-o", tmp_path / "back")
+    assert result.exit_code == 0, result.output
+    assert sorted(adaptools.load(tmp_path / "back").modules) == sorted(peft_delta_weights(peft_model(source, lora)))

@@ -94,10 +94,10 @@ class GGUFFile(Container):
 
     @property
     def config(self) -> dict:
-        """The architecture as `model_type`; the file's `general.basename` (the converter's model name) as the name
-        an adapter's base_model is compared with."""
+        """The architecture as `model_type`; the file's `general.basename` (the converter's model name, else the
+        file's path) as the name an adapter's base_model is compared with."""
         name = self.header.get("general.basename")
-        return {"model_type": self.header.architecture, "_name_or_path": name if isinstance(name, str) else None}
+        return {"model_type": self.header.architecture, "_name_or_path": name if isinstance(name, str) else str(self.file)}
 
     @cached_property
     def names(self) -> GGUFNames:

@@ -207,7 +207,7 @@ def retained_fraction(base: Tensor, after: Tensor, merged: Tensor) -> float | No
     sums = []
     for start in range(0, base.numel(), RETAINED_CHUNK):
         part = slice(start, start + RETAINED_CHUNK)
-        low = base[part].float()
+        low = base[part].to(torch.float32, copy=True)  # negated in place below: never the caller's tensor
         delta = torch.sub(merged[part], low)
         sums.append(torch.stack((torch.vdot(low.neg_().add_(after[part]), delta), torch.vdot(delta, delta))))
     kept, energy = torch.stack(sums).double().sum(dim=0).tolist()
