@@ -50,21 +50,25 @@ def convert_hf(source: Path, out: Path, outtype: str) -> Path:
     return out
 
 
-def requantized(lib, source: Path, out: Path, types: dict[str, object]) -> Path:
-    """SOURCE (an F32 GGUF) with each tensor whose name contains a key of `types` re-encoded by ggml's C quantizer
-    in that type, written by gguf-py's GGUFWriter (metadata copied)."""
+def requantized(lib, source: Path, out: Path, types: dict[str, object], split_max_tensors: int = 0) -> Path:
+    """SOURCE with each F32 tensor whose name contains a key of `types` re-encoded by ggml's C quantizer in that
+    type (other tensors kept as stored), written by gguf-py's GGUFWriter (metadata copied; split into parts of `split_max_tensors`
+    tensors when given: OUT-0000i-of-0000n.gguf)."""
     import gguf
 
     reader = gguf.GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
-    writer = gguf.GGUFWriter(out, arch)
+    writer = gguf.GGUFWriter(out, arch, split_max_tensors=split_max_tensors)
     for field in reader.fields.values():
-        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+        if field.name.startswith(("GGUF.", "split.")) or field.name == "general.architecture":
             continue
         kind = field.types[0]
         sub = field.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
         writer.add_key_value(field.name, field.contents(), kind, sub_type=sub)
     for tensor in reader.tensors:
+        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:  # kept as stored
+            writer.add_tensor(tensor.name, np.asarray(tensor.data).view(np.uint8), raw_dtype=tensor.tensor_type)
+            continue
         values = np.asarray(tensor.data, dtype=np.float32)
         qtype = next((t for part, t in types.items() if part in tensor.name), None)
         if qtype is None or values.ndim < 2:

@@ -288,3 +288,25 @@ def test_cli_each_writes_one_gguf_per_adapter_and_extract_reads_gguf(bases, lora
     result = run_cli(runner, "extract", bases["q8_0"], alone, "--rank", "4", "-o", tmp_path / "back")
     assert result.exit_code == 0, result.output
     assert sorted(adaptools.load(tmp_path / "back").modules) == sorted(peft_delta_weights(peft_model(source, lora)))
+
+
+def test_split_base_gives_split_output_part_for_part(bases, lora, ggml, tmp_path):
+    """A base split in three parts (gguf-py's writer, as gguf-split names them) merges into a folder of three
+    parts, each with its part's key/values and tensors; the tensors equal the single-file merge's."""
+    split = requantized(ggml, bases["k-mix"], tmp_path / "base.gguf", {}, split_max_tensors=8)
+    parts = sorted(tmp_path.glob("base-0000?-of-00003.gguf"))
+    assert len(parts) == 3
+    single = tmp_path / "single.gguf"
+    adaptools.merge(bases["k-mix"], lora, out=single)
+    adaptools.merge(parts[1], lora, out=tmp_path / "merged")  # any part names the whole split file
+    outputs = sorted((tmp_path / "merged").glob("*.gguf"))
+    assert [p.name for p in outputs] == [f"merged-{i:05d}-of-00003.gguf" for i in (1, 2, 3)]
+    want = tensors(single)
+    for part, out in zip(parts, outputs):
+        base_reader, out_reader = gguf.GGUFReader(part), gguf.GGUFReader(out)
+        assert [(f.name, f.contents()) for f in base_reader.fields.values() if not f.name.startswith("GGUF.")] == \
+            [(f.name, f.contents()) for f in out_reader.fields.values() if not f.name.startswith("GGUF.")]
+        assert [t.name for t in base_reader.tensors] == [t.name for t in out_reader.tensors]
+        for t in out_reader.tensors:
+            assert np.array_equal(np.asarray(t.data), np.asarray(want[t.name].data)), t.name
+    assert split.name == "base.gguf"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from functools import cached_property
@@ -43,9 +44,28 @@ FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.B
 """llama.cpp's file type named after the type most weights are stored in (written only when a type changed)."""
 
 
+SPLIT_NAME = re.compile(r"(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
+"""llama.cpp's split file names (gguf-split, convert_hf_to_gguf --split-max-size): PREFIX-0000i-of-0000n.gguf."""
+
+
 def detect(path: Path) -> bool:
     """A file starting with the GGUF magic."""
     return path.is_file() and gguf_file.detect(path)
+
+
+def split_parts(path: Path) -> list[Path]:
+    """Every part of a split GGUF named by any one of them (all must exist), or [path] for a single file."""
+    match = SPLIT_NAME.fullmatch(path.name)
+    if match is None:
+        return [path]
+    count = int(match["count"])
+    if not 1 <= int(match["no"]) <= count:
+        raise BaseMismatchError(f"{str(path)!r}: part {int(match['no'])} of {count} is not a split file's name")
+    parts = [path.with_name(f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+    missing = [p.name for p in parts if not p.is_file()]
+    if missing:
+        raise InputNotFoundError(f"split GGUF {str(path)!r}: {listed(missing)} not found beside it")
+    return parts
 
 
 def parse_type(name: str) -> GGMLQuantizationType:
@@ -81,12 +101,21 @@ class GGUFFile(Container):
         path = Path(path)
         if not path.exists():
             raise InputNotFoundError(f"base {str(path)!r} does not exist")
-        self.header = gguf_file.read_header(path)
-        super().__init__(path.parent, [path.name])
-        for name, tensor in self.header.tensors.items():
-            self.weight_map[name] = path.name
-            self._info[name] = tensor.info
-        self.label = f"gguf {self.header.architecture or '?'}"
+        parts = split_parts(path)
+        super().__init__(path.parent, [p.name for p in parts])
+        self.headers = {p.name: gguf_file.read_header(p) for p in parts}
+        self.header = self.headers[parts[0].name]
+        """The first part's header: the model's metadata."""
+        for part, header in self.headers.items():
+            for name, tensor in header.tensors.items():
+                if name in self.weight_map:
+                    raise BaseMismatchError(f"tensor {name!r} is in two parts of {str(path)!r}: "
+                                            f"{self.weight_map[name]!r} and {part!r}")
+                self.weight_map[name] = part
+                self._info[name] = tensor.info
+        self.output_is_file = len(parts) == 1  # a split base gives a folder of parts
+        self.output_suffix = ".gguf" if len(parts) == 1 else ""
+        self.label = f"gguf {self.header.architecture or '?'}" + (f" ({len(parts)} parts)" if len(parts) > 1 else "")
 
     @property
     def file(self) -> Path:
@@ -112,7 +141,7 @@ class GGUFFile(Container):
                          kv_heads if isinstance(kv_heads, int) else None, {k: self.shape(k) for k in self.weight_map})
 
     def qtype(self, key: str) -> GGMLQuantizationType:
-        return self.header.tensors[key].type
+        return self.headers[self.weight_map[key]].tensors[key].type
 
     def dtype(self, key: str) -> torch.dtype:
         """The dtype the merge sees: the stored float dtype, float32 for a quantized type."""
@@ -122,13 +151,13 @@ class GGUFFile(Container):
         """The stored bytes of `key` (uint8 rows of bytes; F32/F16/BF16 as their dtype), memory-mapped."""
         info = self._info[key]
         qtype = self.qtype(key)
-        raw = self._bytes(info)
+        raw = self._bytes(key, info)
         if qtype in FLOAT_TYPES:
             return raw.view(FLOAT_TYPES[qtype]).reshape(info.shape)
         return raw.reshape(*info.shape[:-1], gguf_quants.row_bytes(qtype, info.shape[-1]))
 
-    def _bytes(self, info: TensorInfo) -> Tensor:
-        array = np.memmap(self.file, dtype=np.uint8, mode="c", offset=info.start, shape=(info.nbytes,)) \
+    def _bytes(self, key: str, info: TensorInfo) -> Tensor:
+        array = np.memmap(self.path(key), dtype=np.uint8, mode="c", offset=info.start, shape=(info.nbytes,)) \
             if info.nbytes else np.empty(0, dtype=np.uint8)
         return torch.from_numpy(array)
 
@@ -154,9 +183,17 @@ class GGUFFile(Container):
         return [key for entries, _ in units for key in entries]
 
     def open_output(self, folder: Path, encoder: Any, layout: Any, *, hash_inputs: bool = False,
-                    skip: Sequence[str] = ()) -> GGUFSink:
-        """The output file `folder` (a file path: GGUF outputs are files) with the base's header, types updated."""
-        return GGUFSink(folder, self.header, encoder.types, encoder.file_type())
+                    skip: Sequence[str] = ()) -> GGUFSink | SplitSink:
+        """The output file `folder` with the base's header, types updated; for a split base, the folder `folder`
+        holding one part per base part (`<folder name>-0000i-of-0000n.gguf`, each with its part's header)."""
+        file_type = encoder.file_type()
+        if len(self.headers) == 1:
+            return GGUFSink(folder, self.header, encoder.types, file_type)
+        folder.mkdir(parents=True, exist_ok=True)
+        count = len(self.headers)
+        return SplitSink({part: GGUFSink(folder / f"{folder.name}-{i:05d}-of-{count:05d}.gguf", header, encoder.types,
+                                         file_type if i == 1 else None)
+                          for i, (part, header) in enumerate(self.headers.items(), start=1)}, self.weight_map)
 
 
 class GGUFDecoder(StoredDecoder):
@@ -256,7 +293,7 @@ class GGUFSink:
         head = gguf_file.header_bytes(header, types, self.offsets, file_type, extra or {})
         self.data_start = len(head)
         self.total_size = self.data_start + data_size
-        self._missing = set(types)
+        self._missing = set(header.tensors)
         self._fd = create_new(self.path)
         os.ftruncate(self._fd, self.total_size)  # zero padding between tensors, as the format wants
         _pwrite_all(self._fd, head, 0)
@@ -298,3 +335,29 @@ def plan_offsets(header: gguf_file.GGUFHeader, types: dict[str, GGMLQuantization
             at += -(-gguf_file.tensor_nbytes(tensors[name].shape, types[name]) // align) * align
     end = max((offsets[n] + gguf_file.tensor_nbytes(t.shape, types[n]) for n, t in tensors.items()), default=0)
     return offsets, -(-end // align) * align
+
+
+class SplitSink:
+    """The parts of a split GGUF output: each tensor goes to the part its base part maps to."""
+
+    def __init__(self, parts: dict[str, GGUFSink], weight_map: dict[str, str]):
+        self.parts = parts
+        self.weight_map = weight_map
+
+    @property
+    def total_size(self) -> int:
+        return sum(part.total_size for part in self.parts.values())
+
+    def write(self, key: str, tensor: Tensor, row: int = 0, rows: int | None = None) -> None:
+        self.parts[self.weight_map[key]].write(key, tensor, row, rows)
+
+    def copy(self, key: str, source: Path, info: TensorInfo) -> None:
+        self.parts[self.weight_map[key]].copy(key, source, info)
+
+    def close(self, total_parameters: int = 0) -> None:
+        for part in self.parts.values():
+            part.close(total_parameters)
+
+    def abort(self) -> None:
+        for part in self.parts.values():
+            part.abort()
