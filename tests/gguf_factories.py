@@ -3,6 +3,7 @@ convert_hf_to_gguf.py needs one) converted by convert_hf_to_gguf.py, K-quant fil
 quantizer and written by gguf-py's GGUFWriter, and adapters whose factors lie on a power-of-two grid (ΔW exact)."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -92,3 +93,36 @@ def grid_adapter(base: Path, folder: Path, seed: int = 1, **lora_kwargs) -> Path
     save_file({k: (torch.randint(-GRID // 2, GRID // 2 + 1, v.shape, generator=gen) / GRID).to(v.dtype)
                if "lora_" in k and "magnitude" not in k else v for k, v in state.items()}, path)
     return folder
+
+
+def llama_gguf(base: Path, out: Path) -> Path:
+    """The tiny Llama base as a GGUF file written by gguf-py's GGUFWriter (llama.cpp names, q/k rows permuted, the
+    linear weights Q8_0, a vocabulary array to mutate)."""
+    import gguf
+
+    from adaptools.checkpoints.names_gguf import rope_order
+
+    config = json.loads((base / "config.json").read_text())
+    heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    writer = gguf.GGUFWriter(out, "llama")
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_head_count(config["num_attention_heads"])
+    writer.add_head_count_kv(config["num_key_value_heads"])
+    writer.add_token_list([f"t{i}" for i in range(config["vocab_size"])])
+    for key, tensor in load_file(base / "model.safetensors").items():
+        name = names.get_name(key, try_suffixes=(".weight",))
+        values = tensor.float().numpy()
+        kind = name.split(".")[-2]
+        if kind in heads:
+            values = values[rope_order(len(values), heads[kind]).numpy()]
+        if values.ndim == 2 and values.shape[1] % 32 == 0 and "embd" not in name and name != "output.weight":
+            writer.add_tensor(name, gguf.quants.quantize(values, gguf.GGMLQuantizationType.Q8_0),
+                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, np.ascontiguousarray(values))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out

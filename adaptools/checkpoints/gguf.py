@@ -53,15 +53,20 @@ def detect(path: Path) -> bool:
     return path.is_file() and gguf_file.detect(path)
 
 
-def split_parts(path: Path) -> list[Path]:
-    """Every part of a split GGUF named by any one of them (all must exist), or [path] for a single file."""
-    match = SPLIT_NAME.fullmatch(path.name)
+def split_names(name: str) -> list[str]:
+    """The file names of every part of the split GGUF that `name` is a part of ([name] for a single file)."""
+    match = SPLIT_NAME.fullmatch(name)
     if match is None:
-        return [path]
+        return [name]
     count = int(match["count"])
     if not 1 <= int(match["no"]) <= count:
-        raise BaseMismatchError(f"{str(path)!r}: part {int(match['no'])} of {count} is not a split file's name")
-    parts = [path.with_name(f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]
+        raise BaseMismatchError(f"{name!r}: part {int(match['no'])} of {count} is not a split file's name")
+    return [f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
+
+
+def split_parts(path: Path) -> list[Path]:
+    """Every part of a split GGUF named by any one of them (all must exist), or [path] for a single file."""
+    parts = [path.with_name(name) for name in split_names(path.name)]
     missing = [p.name for p in parts if not p.is_file()]
     if missing:
         raise InputNotFoundError(f"split GGUF {str(path)!r}: {listed(missing)} not found beside it")
