@@ -310,3 +310,9 @@ def test_split_base_gives_split_output_part_for_part(bases, lora, ggml, tmp_path
         for t in out_reader.tensors:
             assert np.array_equal(np.asarray(t.data), np.asarray(want[t.name].data)), t.name
     assert split.name == "base.gguf"
+
+
+def test_a_delta_lost_in_requantization_is_reported(bases, lora, tmp_path):
+    with pytest.warns(UserWarning, match=r"requantization keeps less than .* of ΔW in 14 of 14 modules.*llama-quantize"):
+        report = adaptools.merge(bases["k-mix"], lora, [1e-5], out=tmp_path / "faint.gguf")
+    assert max(report.survival["faint.gguf"].values()) < 0.5

@@ -50,9 +50,12 @@ def survival_warnings(report: MergeReport) -> list[str]:
         low = [v for v in kept.values() if v < LOW_SURVIVAL]
         if low:
             mean = sum(kept.values()) / len(kept)
+            nf4 = report.dtype == "nf4"
+            advice = ("merge into the original fp16/bf16 base and quantize after the merge (adaptools merge BASE "
+                      "ADAPTER --dtype nf4)" if nf4 else "merge into a higher-precision file (F16, BF16, Q8_0) and "
+                      "quantize after the merge (llama-quantize)")
             messages.append(
-                f"{name}: NF4 requantization keeps less than {LOW_SURVIVAL:.0%} of ΔW in {len(low)} of {len(kept)} "
-                f"modules (mean {mean:.0%}); merge into the original fp16/bf16 base and quantize after the merge "
-                "(adaptools merge BASE ADAPTER --dtype nf4)"
+                f"{name}: {'NF4 ' if nf4 else ''}requantization keeps less than {LOW_SURVIVAL:.0%} of ΔW in "
+                f"{len(low)} of {len(kept)} modules (mean {mean:.0%}); {advice}"
             )
     return messages
