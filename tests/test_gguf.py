@@ -112,7 +112,7 @@ def test_everything_but_the_merged_tensors_is_the_base_byte_for_byte(bases, lora
     header = GGUFFile(bases["k-mix"]).header
     assert base[:header.data_start] == merged[:header.data_start]
     changed = np.flatnonzero(np.frombuffer(base, np.uint8) != np.frombuffer(merged, np.uint8))
-    merged_spans = [(t.start, t.end) for t in header.tensors.values() if t.name.startswith("blk.") and "norm" not in t.name]
+    merged_spans = [(t.start, t.end) for name, t in header.tensors.items() if name.startswith("blk.") and "norm" not in name]
     inside = np.zeros(len(base), dtype=bool)
     for start, end in merged_spans:
         inside[start:end] = True

@@ -60,23 +60,12 @@ class KeyValue:
     item_type: GGUFValueType | None = None
 
 
-@dataclass(frozen=True)
-class GGUFTensor:
-    """One tensor: name, ggml type, shape (numpy order, rows outermost) and absolute byte range in the file."""
-
-    name: str
-    type: GGMLQuantizationType
-    shape: tuple[int, ...]
-    start: int
-    end: int
+class GGUFTensor(TensorInfo):
+    """One tensor: its ggml type's name as the dtype, shape (numpy order, rows outermost), absolute byte range."""
 
     @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def info(self) -> TensorInfo:
-        return TensorInfo(self.type.name, self.shape, self.start, self.end)
+    def type(self) -> GGMLQuantizationType:
+        return GGMLQuantizationType[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -255,7 +244,7 @@ def check_tensor(r: Reader, name: str, dims: list[int], code: int, offset: int, 
     start = data_start + offset
     if start > r.size or nbytes > r.size - start:
         raise r.fail(field, f"{nbytes} bytes at offset {offset} lie beyond the end of the file ({r.size} bytes)")
-    return GGUFTensor(name, qtype, tuple(reversed(dims)), start, start + nbytes)
+    return GGUFTensor(qtype.name, tuple(reversed(dims)), start, start + nbytes)
 
 
 def pack_string(text: str) -> bytes:
