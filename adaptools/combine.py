@@ -1,6 +1,8 @@
 """Weighted combinations of adapters: the exact sum (the data model's algebra, DESIGN §2), optionally re-ranked
-one chunk at a time, or a merge method of `adaptools.methods` (TIES, DARE, KnOTS), and the shorthands
-interpolate, negate and scale. Full tensors follow `adaptools.adapter.combine_full_tensors`.
+one chunk at a time, a merge method of `adaptools.methods` (TIES, DARE, KnOTS) or of `adaptools.core_space`
+(TSV-M, Iso-C, Iso-CTS, core TIES/DARE, Compress-then-Merge), each optionally Pico-calibrated
+(`adaptools.pico`), and the shorthands interpolate, negate and scale. Full tensors follow
+`adaptools.adapter.combine_full_tensors`.
 """
 from __future__ import annotations
 
@@ -18,10 +20,14 @@ from .adapter import (
     concat_factors,
     plan_combination,
     result_adapter,
+    result_dtype,
     weighted_sum,
 )
+from .core_space import CORE_METHODS, check_core_options, core_merge
+from .errors import InvalidArgumentError
 from .linalg import RankPolicy
-from .methods import check_options, merge_with_method
+from .methods import METHODS, check_options, merge_with_method
+from .pico import check_calibration, pico_calibrate, pico_rescale
 from .rerank import FactorStack, Progress, RerankReport, policy_text, resolve_policy, stack_chunks, truncate_stacks
 
 
@@ -54,13 +60,31 @@ def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = ..., 
 
 @overload
 def combine(adapters: Sequence[Adapter], weights: Sequence[float] | None = ..., *, method: str,
-            density: float | None = ..., majority_sign: str = ..., seed: int = ..., policy: RankPolicy | str | None = ...,
+            density: float | None = ..., majority_sign: str = ..., seed: int = ..., beta: float | None = ...,
+            calibrate: str | None = ..., policy: RankPolicy | str | None = ...,
             dtype: torch.dtype | None = ..., full_tensors: FullTensors = ..., device: str | torch.device = ...,
             progress: Progress | None = ...) -> tuple[Adapter, RerankReport]: ...
 
 
-def combine(adapters, weights=None, *, method="sum", density=None, majority_sign="total", seed=0, policy=None,
-            dtype=None, full_tensors="average", device="auto", progress=None):
+ALL_METHODS: tuple[str, ...] = METHODS + CORE_METHODS
+
+
+def check_method(method: str, density: float | None, majority_sign: str, beta: float | None, calibrate: str | None,
+                 policy: RankPolicy | str | None, seed: int) -> None:
+    """InvalidArgumentError for an unknown method or calibration, or options the method does not take or needs."""
+    if method not in ALL_METHODS:
+        raise InvalidArgumentError(f"unknown merge method {method!r} (choose from {', '.join(ALL_METHODS)})")
+    check_calibration(calibrate)
+    if method in CORE_METHODS:
+        check_core_options(method, density, beta, policy, majority_sign, seed)
+        return
+    if beta is not None:
+        raise InvalidArgumentError(f"--beta applies to ctm only, not to {method!r}")
+    check_options(method, density, majority_sign)
+
+
+def combine(adapters, weights=None, *, method="sum", density=None, majority_sign="total", seed=0, beta=None,
+            calibrate=None, policy=None, dtype=None, full_tensors="average", device="auto", progress=None):
     """Σ_i w_i·a_i, exact: per module B = [w_1·s_1·B_1 | w_2·s_2·B_2 | ...], A = [A_1; A_2; ...], scale 1, rank Σ r_i.
 
     Args:
@@ -68,7 +92,11 @@ def combine(adapters, weights=None, *, method="sum", density=None, majority_sign
         weights: one number per adapter (default 1 each); negative weights subtract.
         method: "sum" (this exact sum), or "ties", "dare_linear", "dare_ties", "magnitude_prune", "knots_ties",
             "knots_dare" with density, majority_sign ("total"/"frequency") and seed: see `adaptools.methods`
-            (a dense merge per module refactored to rank Σ r_i or `policy`; always returns a report).
+            (a dense merge per module refactored to rank Σ r_i or `policy`); or the core-space methods "tsv",
+            "iso_c", "iso_cts", "core_ties", "core_dare" (density, seed), "ctm" (policy "rank=R", density, beta):
+            see `adaptools.core_space`. Methods other than "sum" always return a report.
+        calibrate: "pico" calibrates the inputs' B factors before the method and rescales its result
+            (`adaptools.pico`); None does not.
         policy: a RankPolicy or "kind=value" spec (e.g. "rank=16", "energy=0.99"): re-rank the result,
             one chunk of same-shape modules at a time (the exact, rank-Σr adapter is never held whole).
         dtype: dtype of the result (default: the inputs' promoted dtype); the arithmetic runs in float32.
@@ -76,13 +104,38 @@ def combine(adapters, weights=None, *, method="sum", density=None, majority_sign
         device: where re-rank SVDs run. progress: called with a count of modules done (re-rank only).
 
     Returns:
-        The combined Adapter, or (Adapter, RerankReport) when a policy is given.
+        The combined Adapter, or (Adapter, RerankReport) when a policy or a method other than "sum" is given.
 
     Raises:
-        InvalidArgumentError (weights, full tensors, policy), ShapeMismatchError (a module's layout
-        differs between adapters), DoraError (a DoRA input: a sum of DoRA adapters is not defined by their factors).
+        InvalidArgumentError (method, its options, weights, full tensors, policy), ShapeMismatchError (a module's
+        layout differs between adapters), DoraError (a DoRA input: a sum of DoRA adapters is not defined by their
+        factors).
     """
-    check_options(method, density, majority_sign)
+    check_method(method, density, majority_sign, beta, calibrate, policy, seed)
+    targets = None
+    if calibrate is not None:
+        dtype = result_dtype(list(adapters), dtype)
+        calibration = pico_calibrate(adapters, weights, device=device)
+        adapters, targets = calibration.adapters, calibration.targets
+    result = _combine(adapters, weights, method=method, density=density, majority_sign=majority_sign, seed=seed,
+                      beta=beta, policy=policy, dtype=dtype, full_tensors=full_tensors, device=device,
+                      progress=progress)
+    if targets is None:
+        return result
+    if isinstance(result, Adapter):
+        return pico_rescale(result, None, targets)[0]
+    return pico_rescale(*result, targets)
+
+
+def _combine(adapters, weights, *, method, density, majority_sign, seed, beta, policy, dtype, full_tensors, device,
+             progress):
+    """`combine` without the calibration."""
+    if method in CORE_METHODS:
+        result = core_merge(adapters, weights, method, density=density, seed=seed, beta=beta, policy=policy,
+                            majority_sign=majority_sign, dtype=dtype, full_tensors=full_tensors, device=device,
+                            progress=progress)
+        result[0].check_finite(f"combine ({method})")
+        return result
     if method != "sum":
         result = merge_with_method(adapters, weights, method, density=density, majority_sign=majority_sign, seed=seed,
                                    policy=policy, dtype=dtype, full_tensors=full_tensors, device=device,
@@ -116,4 +169,4 @@ def scale(adapter: Adapter, weight: float, **options) -> Adapter:
     return combine([adapter], [weight], **options)
 
 
-__all__ = ["combine", "interpolate", "negate", "scale", "FULL_TENSOR_MODES"]
+__all__ = ["combine", "interpolate", "negate", "scale", "FULL_TENSOR_MODES", "ALL_METHODS"]

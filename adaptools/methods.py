@@ -43,7 +43,7 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
-from .adapter import Adapter, Term, combined_module, plan_combination, result_adapter
+from .adapter import Adapter, Term, TermPlan, combined_module, plan_combination, result_adapter
 from .device import resolve_device
 from .errors import InvalidArgumentError
 from .linalg import (
@@ -111,7 +111,7 @@ def check_options(method: str, density: float | None, majority_sign: str) -> flo
             raise InvalidArgumentError(f"density applies to sparsifying methods only, not to {method!r}")
         return 1.0
     if density is None:
-        raise InvalidArgumentError(f"method {method!r} needs a density (fraction of entries kept, e.g. 0.2)")
+        raise InvalidArgumentError(f"method {method!r} needs a density (--density: the fraction of entries kept, e.g. 0.2)")
     if not 0 < density <= 1:
         raise InvalidArgumentError(f"density must be in (0, 1], got {density}")
     return float(density)
@@ -200,7 +200,7 @@ def knots_basis(Bs: Sequence[Tensor], As: Sequence[Tensor], *, device: str | tor
 
 
 @dataclass(frozen=True)
-class _Merged:
+class Merged:
     """One module's merged update as a truncated SVD, with what the truncation left out beyond it."""
 
     svd: SVD
@@ -209,7 +209,16 @@ class _Merged:
     rank: int        # Σ r_i of the terms
 
 
-def _chunks(keys: Mapping[str, Hashable], sizes: Mapping[str, int], max_elements: int) -> Iterator[list[str]]:
+def merge_keys(plan: Mapping[str, list[Term]]) -> dict[str, tuple]:
+    """Per module the batching key (m, n, ranks of the terms, weights of the terms): equal keys stack."""
+    keys = {}
+    for name, terms in plan.items():
+        m, n = terms[0].module.out_features, terms[0].module.in_features
+        keys[name] = (m, n, tuple(t.module.rank for t in terms), tuple(t.weight for t in terms))
+    return keys
+
+
+def chunks(keys: Mapping[str, Hashable], sizes: Mapping[str, int], max_elements: int) -> Iterator[list[str]]:
     """Names grouped by key, in chunks whose summed sizes stay within max_elements (at least one name each)."""
     for names in group_by(keys).values():
         step = max(1, max_elements // max(1, sizes[names[0]]))
@@ -217,7 +226,7 @@ def _chunks(keys: Mapping[str, Hashable], sizes: Mapping[str, int], max_elements
             yield names[start:start + step]
 
 
-def _stacked_factors(plan: Mapping[str, list[Term]], names: list[str], device: torch.device,
+def stacked_factors(plan: Mapping[str, list[Term]], names: list[str], device: torch.device,
                      dtype: torch.dtype) -> tuple[list[Tensor], list[Tensor]]:
     """Per term t: B_t·s_t (G, m, r_t) and A_t (G, r_t, n) of the chunk's modules, on device."""
     Bs, As = [], []
@@ -243,10 +252,10 @@ def _dense_svd(M: Tensor, k: int, device: torch.device) -> SVD:
 
 def _merge_chunk(plan: Mapping[str, list[Term]], names: list[str], method: str, *, density: float,
                  majority_sign: str, seed: int, cap: int | None, device: torch.device,
-                 work: torch.dtype) -> dict[str, _Merged]:
+                 work: torch.dtype) -> dict[str, Merged]:
     """Merge one chunk of modules with equal shapes, term ranks and weights; SVDs come back on the CPU."""
     spec = method_spec(method)
-    Bs, As = _stacked_factors(plan, names, device, work)
+    Bs, As = stacked_factors(plan, names, device, work)
     require_finite(names, "the scaled factors", *Bs)
     weights = torch.tensor([t.weight for t in plan[names[0]]], dtype=work)
     m, n, rank = Bs[0].shape[-2], As[0].shape[-1], sum(b.shape[-1] for b in Bs)
@@ -267,11 +276,11 @@ def _merge_chunk(plan: Mapping[str, list[Term]], names: list[str], method: str, 
         norms = torch.linalg.matrix_norm(merged).double()
         residual = torch.linalg.matrix_norm(torch.baddbmm(merged, svd.U * svd.S.unsqueeze(-2), svd.Vh, alpha=-1)).double()
     U, S, Vh = (x.cpu() for x in svd)
-    return {name: _Merged(SVD(U[j], S[j], Vh[j]), float(residual[j]), float(norms[j]), rank)
+    return {name: Merged(SVD(U[j], S[j], Vh[j]), float(residual[j]), float(norms[j]), rank)
             for j, name in enumerate(names)}
 
 
-def _ranks(results: Mapping[str, _Merged], policy: RankPolicy | None) -> dict[str, int]:
+def merged_ranks(results: Mapping[str, Merged], policy: RankPolicy | None) -> dict[str, int]:
     """Kept rank per module: all computed values by default, else the policy's choice.
 
     An energy τ is measured against the whole ‖merged‖², including what lies beyond the computed values.
@@ -290,7 +299,7 @@ def _ranks(results: Mapping[str, _Merged], policy: RankPolicy | None) -> dict[st
     return ranks
 
 
-def _report(result: _Merged, k: int) -> ModuleRerank:
+def merged_report(result: Merged, k: int) -> ModuleRerank:
     """The module's report: error² = residual² + Σ_{i>=k} s_i² (orthogonal parts), relative to ‖merged‖_F."""
     tail = float(truncation_error(result.svd.S.double(), k)[0])
     error = (result.residual**2 + tail**2) ** 0.5
@@ -333,33 +342,37 @@ def merge_with_method(adapters: Sequence[Adapter], weights: Sequence[float] | No
     used_density = check_options(method, density, majority_sign)
     chosen = None if policy is None else resolve_policy(policy)
     planned = plan_combination(adapters, weights, f"merge ({method})", dtype=dtype, full_tensors=full_tensors)
-    adapters, plan, out = planned.adapters, planned.terms, planned.dtype
+    adapters, plan = planned.adapters, planned.terms
     spec = method_spec(method)
-    keys, sizes = {}, {}
-    for name, terms in plan.items():
-        m, n = terms[0].module.out_features, terms[0].module.in_features
-        ranks = tuple(t.module.rank for t in terms)
-        keys[name] = (m, n, ranks, tuple(t.weight for t in terms))
+    keys = merge_keys(plan)
+    sizes = {}
+    for name, (m, n, ranks, _) in keys.items():
         sizes[name] = sum(ranks) * (m + 2 * len(ranks) * n) if spec.knots else len(ranks) * m * n
     cap = int(chosen.value) if chosen is not None and chosen.kind == "rank" else None
     dev = resolve_device(device)
     float64 = spec.knots or any(m.dtype == torch.float64 for a in adapters for _, m in a.items())
     work = torch.float64 if float64 else torch.float32
-    results: dict[str, _Merged] = {}
-    for names in _chunks(keys, sizes, max_elements):
+    results: dict[str, Merged] = {}
+    for names in chunks(keys, sizes, max_elements):
         results.update(_merge_chunk(plan, names, method, density=used_density, majority_sign=majority_sign,
                                     seed=seed, cap=cap, device=dev, work=work))
         if progress is not None:
             progress(len(names))
-    ranks = _ranks(results, chosen)
+    label = "rank=sum of ranks" if chosen is None else policy_text(chosen)
+    return assemble(planned, results, chosen, f"{method}, {label}")
+
+
+def assemble(planned: TermPlan, results: Mapping[str, Merged], policy: RankPolicy | None,
+             label: str) -> tuple[Adapter, RerankReport]:
+    """The merged adapter (balanced factors at the ranks `merged_ranks` chooses) and its report under `label`."""
+    ranks = merged_ranks(results, policy)
     modules, reports = {}, {}
-    for name, terms in plan.items():
+    for name, terms in planned.terms.items():
         r = results[name]
         B, A = balanced_factors(*r.svd, ranks[name])
-        modules[name] = combined_module(terms, B, A, out)
-        reports[name] = _report(r, ranks[name])
-    label = "rank=sum of ranks" if chosen is None else policy_text(chosen)
-    return result_adapter(adapters, modules, planned.extra), RerankReport(f"{method}, {label}", reports)
+        modules[name] = combined_module(terms, B, A, planned.dtype)
+        reports[name] = merged_report(r, ranks[name])
+    return result_adapter(planned.adapters, modules, planned.extra), RerankReport(label, reports)
 
 
 __all__ = [
@@ -376,4 +389,11 @@ __all__ = [
     "merge_tasks",
     "knots_basis",
     "merge_with_method",
+    "Merged",
+    "merge_keys",
+    "chunks",
+    "stacked_factors",
+    "merged_ranks",
+    "merged_report",
+    "assemble",
 ]

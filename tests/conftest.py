@@ -43,6 +43,17 @@ def vit_base(tmp_path_factory) -> Path:
     return make_vit_base(tmp_path_factory.mktemp("vit") / "base")
 
 
+@pytest.fixture(scope="session")
+def peft_pair(llama_base, tmp_path_factory):
+    """Two PEFT adapters on the tiny Llama: rank 4 (α 8) on q/v and rank 2 (α 2) on v/o (v in both)."""
+    from factories import make_peft_adapter
+
+    folder = tmp_path_factory.mktemp("pair")
+    a = make_peft_adapter(llama_base, folder / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    b = make_peft_adapter(llama_base, folder / "b", seed=2, r=2, lora_alpha=2, target_modules=["v_proj", "o_proj"])
+    return a, b
+
+
 @pytest.fixture(scope="module")
 def single_thread():
     """torch on one thread for a module of tiny-model tests (intra-op threads only slow tiny forwards, badly on a busy machine)."""

@@ -302,16 +302,6 @@ def test_combine_method_dispatches_to_the_methods(adapters: list[Adapter]) -> No
         assert torch.equal(ours[name].B, direct[name].B) and ours[name].rank == report.modules[name].new_rank == 5
 
 
-@pytest.fixture(scope="module")
-def peft_pair(llama_base, tmp_path_factory):
-    from factories import make_peft_adapter
-
-    folder = tmp_path_factory.mktemp("methods")
-    a = make_peft_adapter(llama_base, folder / "a", seed=1, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    b = make_peft_adapter(llama_base, folder / "b", seed=2, r=2, lora_alpha=2, target_modules=["v_proj", "o_proj"])
-    return a, b
-
-
 def test_cli_combine_methods(runner, peft_pair, tmp_path) -> None:
     import adaptools
     from conftest import run_cli
@@ -334,4 +324,4 @@ def test_cli_combine_methods(runner, peft_pair, tmp_path) -> None:
     res = run_cli(runner, "combine", a, b, "--density", "0.5", "-o", tmp_path / "bad")
     assert res.exit_code == 2 and res.stderr.startswith("error: density") and not (tmp_path / "bad").exists()
     res = run_cli(runner, "combine", a, b, "--method", "dare_ties", "-o", tmp_path / "bad")
-    assert res.exit_code == 2 and "needs a density" in res.stderr
+    assert res.exit_code == 2 and "needs a density (--density" in res.stderr
