@@ -316,3 +316,24 @@ def test_a_delta_lost_in_requantization_is_reported(bases, lora, tmp_path):
     with pytest.warns(UserWarning, match=r"requantization keeps less than .* of ΔW in 14 of 14 modules.*llama-quantize"):
         report = adaptools.merge(bases["k-mix"], lora, [1e-5], out=tmp_path / "faint.gguf")
     assert max(report.survival["faint.gguf"].values()) < 0.5
+
+
+def test_tied_files_refuse_an_lm_head_update_by_name(bases):
+    from adaptools.checkpoints.names_gguf import GGUFNames
+
+    container = open_container(bases["f32"])
+    tied = [k for k in container.keys() if k != "output.weight"]
+    names = GGUFNames(tied, "llama", 2, 4, 2, {k: container.shape(k) for k in tied})
+    assert names.target("model.embed_tokens").key == "token_embd.weight"
+    with pytest.raises(BaseMismatchError, match="ties its output to token_embd"):
+        names.target("lm_head")
+    assert container.names.target("lm_head").key == "output.weight"
+
+
+def test_convert_to_gguf_needs_the_base_and_refuses_what_llama_cpp_cannot_hold(lora, source, tmp_path, runner):
+    result = run_cli(runner, "convert", lora, "--to", "gguf", "-o", tmp_path / "a.gguf")
+    assert result.exit_code == 2 and "pass the base" in result.stderr
+    dora = make_peft_adapter(source, tmp_path / "dora", r=2, lora_alpha=4, use_dora=True, target_modules=["q_proj"])
+    result = run_cli(runner, "convert", dora, "--to", "gguf", "--base", source, "-o", tmp_path / "b.gguf")
+    assert result.exit_code == 2 and "DoRA" in result.stderr and "dora to-lora" in result.stderr
+    assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "b.gguf").exists()
