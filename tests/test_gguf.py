@@ -337,3 +337,16 @@ def test_convert_to_gguf_needs_the_base_and_refuses_what_llama_cpp_cannot_hold(l
     result = run_cli(runner, "convert", dora, "--to", "gguf", "--base", source, "-o", tmp_path / "b.gguf")
     assert result.exit_code == 2 and "DoRA" in result.stderr and "dora to-lora" in result.stderr
     assert not (tmp_path / "a.gguf").exists() and not (tmp_path / "b.gguf").exists()
+
+
+def test_extract_to_gguf_from_two_gguf_files(bases, lora, tmp_path, runner):
+    tuned = tmp_path / "tuned.gguf"
+    adaptools.merge(bases["f32"], lora, out=tuned)
+    result = run_cli(runner, "extract", bases["f32"], tuned, "--rank", "4", "--to", "gguf", "-o", tmp_path / "x.gguf")
+    assert result.exit_code == 0, result.output
+    reference = tmp_path / "converted.gguf"
+    assert run_cli(runner, "convert", lora, "--to", "gguf", "--base", bases["f32"], "-o", reference).exit_code == 0
+    got, want = llama_cpp_deltas(tmp_path / "x.gguf"), llama_cpp_deltas(reference)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5)

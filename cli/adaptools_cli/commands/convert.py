@@ -4,13 +4,11 @@ from __future__ import annotations
 import click
 
 import adaptools
-from adaptools.errors import InvalidArgumentError
 from adaptools.formats import FORMATS
-from adaptools.formats.gguf_lora import write_gguf_adapter
 
 from ..options import layout_options, output_options, reading_options
 from ..provenance import provenance
-from .rerank import save
+from .rerank import require_gguf_base, save
 
 
 @click.command()
@@ -29,15 +27,6 @@ def convert(adapter: str, to: str, base: str | None, output: str, overwrite: boo
     """Convert ADAPTER to a PEFT folder, a kohya or diffusers .safetensors file, an mlx-lm folder or a llama.cpp
     .gguf adapter (scale written as 1 for PEFT, one rank and scale 1 for mlx-lm and diffusers, llama.cpp's
     alpha / rank rule for gguf; ΔW unchanged)."""
-    if to == "gguf" and base is None:
-        raise InvalidArgumentError("--to gguf writes llama.cpp's tensor names: pass the base (--base: a .gguf, a "
-                                   "Hugging Face folder or a repo id)")
-    if to == "gguf" and (layout or pad_rank or serve):
-        raise InvalidArgumentError("--layout, --pad-rank and --serve apply to PEFT, mlx and diffusers outputs; a "
-                                   "llama.cpp adapter keeps each module's rank")
+    require_gguf_base(to, base)  # before loading anything
     loaded = adaptools.load(adapter, allow_pickle=allow_pickle, base=base, scale=scale, alpha=alpha)
-    if to == "gguf":
-        write_gguf_adapter(loaded, base, output, overwrite)
-        click.echo(f"wrote llama.cpp (gguf) adapter with {len(loaded)} modules to {output}")
-        return
-    save(loaded, output, to, overwrite, layout, pad_rank, serve)
+    save(loaded, output, to, overwrite, layout, pad_rank, serve, base=base)
