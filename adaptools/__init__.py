@@ -35,9 +35,10 @@ from .errors import (
 )
 from .combine import combine, interpolate, negate
 from .extract import ExtractReport, ModuleExtract, extract
-from .checkpoints import BaseCheckpoint, Container, open_container
+from .checkpoints import BaseCheckpoint, Container, GGUFFile, open_container
 from .formats import detect_format, save_adapter
 from .sources import load
+from .formats.gguf_lora import write_gguf_adapter
 from .formats.ia3 import read_ia3 as load_ia3
 from .hub import push
 from .ia3 import IA3Adapter, IA3Module
@@ -45,6 +46,7 @@ from .merge import MergeReport, merge
 from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
 from .spectrum import compare_spectra, spectrum
+from .summary import gguf_summary
 
 __all__ = [
     "Adapter",
@@ -55,6 +57,7 @@ __all__ = [
     "BaseMismatchError",
     "DoraError",
     "ExtractReport",
+    "GGUFFile",
     "HubAccessError",
     "HubError",
     "HubNotFoundError",
@@ -84,10 +87,12 @@ __all__ = [
     "compare_spectra",
     "detect_format",
     "extract",
+    "gguf_summary",
     "interpolate",
     "load",
     "load_ia3",
     "merge",
+    "write_gguf_adapter",
     "negate",
     "open_container",
     "push",
