@@ -12,7 +12,8 @@ from typing import Literal, Protocol
 import torch
 from torch import Tensor
 
-from .errors import DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError, ShapeMismatchError
+from .errors import (AdapterFormatError, DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError,
+                     ShapeMismatchError)
 from .names import listed
 
 LayerKind = Literal["linear", "embedding", "conv"]
@@ -41,10 +42,17 @@ class LoraModule:
     bias: Tensor | None = None
 
     def __post_init__(self) -> None:
+        odd = [f"{n} {str(t.dtype).removeprefix('torch.')}" for n, t in (("A", self.A), ("B", self.B))
+               if not t.is_floating_point() or t.element_size() < 2]
+        if odd:
+            raise AdapterFormatError(f"LoRA factors must be float16, bfloat16, float32 or float64, got {', '.join(odd)}")
         if self.A.ndim != 2 or self.B.ndim != 2:
             raise ShapeMismatchError(f"LoRA factors must be 2-D, got A {tuple(self.A.shape)} and B {tuple(self.B.shape)}")
         if self.A.shape[0] != self.B.shape[1]:
             raise RankMismatchError(f"A has rank {self.A.shape[0]} but B has rank {self.B.shape[1]}")
+        if 0 in (*self.A.shape, *self.B.shape):
+            raise ShapeMismatchError(f"LoRA factors must not be empty (rank ≥ 1), got A {tuple(self.A.shape)} and "
+                                     f"B {tuple(self.B.shape)}")
         if self.magnitude is not None and self.magnitude.shape != (self.out_features,):
             raise ShapeMismatchError(
                 f"DoRA magnitude has shape {tuple(self.magnitude.shape)}, expected ({self.out_features},)"
@@ -120,6 +128,12 @@ class LoraModule:
         """Dense ΔW = scale · B @ A in the base weight's layout (built only on request)."""
         dense = (self.B.to(dtype) @ self.A.to(dtype)) * self.scale
         return self.to_base_layout(dense)
+
+    def delta_bound(self) -> float:
+        """A bound on every entry of ΔW: |scale|·max_i ‖B_i‖·max_j ‖A_:,j‖ (Cauchy–Schwarz), in float64."""
+        rows = torch.linalg.vector_norm(self.B.double(), dim=1).max()
+        columns = torch.linalg.vector_norm(self.A.double(), dim=0).max()
+        return abs(self.scale) * float(rows * columns)
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> LoraModule:
         """A copy with every tensor moved to `device` and/or cast to `dtype`."""
@@ -211,16 +225,22 @@ class Adapter:
 
     def check_finite(self, operation: str | None = None) -> None:
         """Raise NonFiniteError naming every module and tensor that holds NaN or Inf: in an input (no `operation`),
-        or in the result of `operation` (its numbers overflowed)."""
+        or in the result of `operation` (its numbers overflowed), where also a ΔW whose entries could leave the
+        factors' dtype range (LoraModule.delta_bound) is refused."""
         bad = [f"module {name!r} ({', '.join(roles)})" for name, module in self.modules.items()
                if (roles := [role for role, t in module.tensors() if not bool(torch.isfinite(t).all())]
                    + ([] if math.isfinite(module.scale) else ["scale"]))]
         bad += [f"tensor {key!r}" for key, t in self.extra.items()
                 if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if not bad:
+        if not bad and operation is None:
             return
         if operation is None:
             raise NonFiniteError(f"NaN or Inf in {listed(bad)}")
+        if not bad:
+            bad = [f"module {name!r} (ΔW)" for name, module in self.modules.items()
+                   if module.delta_bound() > torch.finfo(module.dtype).max]
+        if not bad:
+            return
         dtypes = "/".join(dict.fromkeys(str(m.dtype).removeprefix("torch.") for m in self.modules.values()))
         raise NonFiniteError(f"the result of {operation} would hold NaN or Inf (its numbers overflow {dtypes}) in "
                              f"{listed(bad)}")

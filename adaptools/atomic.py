@@ -35,6 +35,8 @@ from .errors import InvalidArgumentError, OutputExistsError, OutputLockedError, 
 
 NAME_MAX = 255
 """File name limit in bytes where the file system does not say (os.pathconf PC_NAME_MAX)."""
+PATH_MAX = 4096
+"""Path length limit in bytes (Linux's PATH_MAX)."""
 TMP_EXTRA = len("..") + 8 + len(".tmp")
 """Bytes the temporary folder's name adds to the target's: `.NAME.` + mkdtemp's 8 random characters + `.tmp`."""
 
@@ -51,12 +53,31 @@ def lock_path(target: Path) -> Path:
 def name_max(folder: Path) -> int:
     """NAME_MAX of the file system holding `folder` (or its nearest existing ancestor)."""
     for candidate in (folder, *folder.parents):
-        if candidate.is_dir():
-            try:
+        try:
+            if candidate.is_dir():
                 return os.pathconf(candidate, "PC_NAME_MAX")
-            except (OSError, ValueError):
-                break
+        except (OSError, ValueError):
+            continue
     return NAME_MAX
+
+
+def check_path_parts(target: Path, absolute: Path) -> None:
+    """InvalidArgumentError for an output path the file system cannot hold or that would leave folders behind: a part
+    longer than NAME_MAX bytes, a whole longer than PATH_MAX, the name `..`, or `..` after a folder that does not
+    exist (creating it would leave it behind)."""
+    if absolute.name == "..":
+        raise InvalidArgumentError(f"output {str(target)!r} names no file or folder (it ends in '..')")
+    if len(os.fsencode(str(absolute))) + TMP_EXTRA + 1 > PATH_MAX:
+        raise InvalidArgumentError(f"output path {str(target)[:80]!r}... is too long: at most {PATH_MAX} bytes")
+    prefix = Path(absolute.anchor)
+    for part in absolute.parts[1:]:
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise InvalidArgumentError(f"output path part {part[:40]!r}... is {len(os.fsencode(part))} bytes long: "
+                                       f"at most {NAME_MAX}")
+        if part == ".." and not prefix.is_dir():
+            raise InvalidArgumentError(f"output {str(target)!r} goes through '..' after {str(prefix)!r}, which is no "
+                                       "folder")
+        prefix = prefix / part
 
 
 def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -66,6 +87,7 @@ def check_output(target: str | os.PathLike, overwrite: bool = False) -> Path:
     absolute = target.absolute()
     if not absolute.name:
         raise InvalidArgumentError(f"output {str(target)!r} names no file or folder")
+    check_path_parts(target, absolute)
     limit = name_max(absolute.parent)
     if len(os.fsencode(absolute.name)) + TMP_EXTRA > limit:
         raise InvalidArgumentError(f"output name {absolute.name!r} is too long: at most {limit - TMP_EXTRA} bytes "

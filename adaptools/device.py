@@ -9,18 +9,28 @@ import torch
 from .errors import InvalidArgumentError
 
 
+DEVICE_TYPES = ("cpu", "cuda")
+"""Devices adaptools computes on (others, such as `meta` which holds no data, are refused)."""
+
+
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """Return the torch device for `auto`, `cpu`, `cuda` or `cuda:N`."""
-    if isinstance(device, torch.device):
-        return device
+    """Return the torch device for `auto`, `cpu`, `cuda` or `cuda:N`; InvalidArgumentError for anything else, or
+    for a CUDA device this machine does not have."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InvalidArgumentError(f"device {device!r} asked for, but no CUDA device is available")
     try:
-        return torch.device(device)
-    except RuntimeError as exc:
-        raise InvalidArgumentError(f"unknown device {device!r}") from exc
+        chosen = device if isinstance(device, torch.device) else torch.device(str(device))
+    except (RuntimeError, ValueError, TypeError) as exc:
+        raise InvalidArgumentError(f"unknown device {str(device)!r} (choose auto, cpu, cuda or cuda:N)") from exc
+    if chosen.type not in DEVICE_TYPES:
+        raise InvalidArgumentError(f"device {str(device)!r} is not one adaptools computes on (choose auto, cpu, cuda "
+                                   "or cuda:N)")
+    if chosen.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {str(device)!r} asked for, but no CUDA device is available")
+    if chosen.type == "cuda" and chosen.index is not None and chosen.index >= torch.cuda.device_count():
+        raise InvalidArgumentError(f"device {str(device)!r} asked for, but this machine has "
+                                   f"{torch.cuda.device_count()} CUDA device(s)")
+    return chosen
 
 
 @contextlib.contextmanager

@@ -8,10 +8,12 @@ results keyed by (resolved path, size, mtime_ns, inode): a file changed since it
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import mmap
 import os
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import RecipeError
@@ -46,8 +48,8 @@ def forget() -> None:
 
 
 def lookup(path: str | os.PathLike) -> str | None:
-    """The recorded sha256 of the file at `path`; None when it was never hashed by a read. RecipeError when it was,
-    but the file changed since (a recipe would name bytes the operation did not read)."""
+    """The recorded sha256 of the file at `path`; None when it was never hashed by a read. RecipeError when it was
+    hashed or read (`reading`), but the file changed since (a recipe would name bytes the operation did not read)."""
     try:
         key = file_key(path)
     except OSError:
@@ -55,21 +57,53 @@ def lookup(path: str | os.PathLike) -> str | None:
     with _lock:
         found = _digests.get(key)
         earlier = _hashed.get(key[0])
-    if found is None and earlier is not None:
+    if found is None and earlier is not None and earlier != key:
         raise RecipeError(f"input {str(path)!r} changed while the command ran (after it was read): the output was "
                           "made from other bytes than the file now holds; run the command again")
     return found
+
+
+def changed_error(path: Path, detail: str) -> RecipeError:
+    """The error for an input that changed while a command read it."""
+    return RecipeError(f"input {str(path)!r} changed while the command ran ({detail}): no recipe can name the bytes "
+                       "the output was made from; run the command again")
+
+
+@contextlib.contextmanager
+def reading(path: str | os.PathLike) -> Iterator[None]:
+    """Around a whole read of the file at `path`: its (size, mtime, inode) must be the same after the read as before
+    (else RecipeError: it changed while it was read), and is noted, so that a recipe's sha256 of the file taken
+    later (`lookup`) is refused if the file changed after the command's last read of it."""
+    try:
+        before = file_key(path)
+    except OSError:  # the reader reports a missing or unreadable file
+        yield
+        return
+    yield
+    try:
+        after = file_key(path)
+    except OSError:
+        after = None
+    if after != before:
+        raise changed_error(Path(path), "while it was read")
+    with _lock:
+        if _hashed.get(before[0]) != before:  # the latest read counts (the digest of an earlier one is stale)
+            _hashed[before[0]] = before
 
 
 class SequentialHasher:
     """sha256 of one file, fed by byte ranges [start, end) that are done in any order (`done`, thread-safe);
     `finish` hashes what no range covered (the header, the end) and records the digest."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, size: int | None = None):
+        """`size`: the file's size when its header was read and validated; another size now means it changed."""
         self.path = Path(path)
         self._file = open(self.path, "rb", buffering=0)
         self.key = file_key(self.path)
         self._size = self.key[1]
+        if size is not None and size != self._size:
+            self._file.close()
+            raise changed_error(self.path, f"{size:,} bytes when its header was read, {self._size:,} now")
         self._sha = hashlib.sha256()
         self._position = 0
         self._pending: dict[int, int] = {}
@@ -122,6 +156,10 @@ class SequentialHasher:
                     self._hash(self._position, end)
             self._hash(self._position, self._size)
             self._file.close()
+        now = file_key(self.path)
+        if now != self.key:
+            raise changed_error(self.path, f"size {self.key[1]:,} and mtime {self.key[2]} when read, size {now[1]:,} "
+                                f"and mtime {now[2]} now")
         digest = self._sha.hexdigest()
         record(self.key, digest)
         return digest

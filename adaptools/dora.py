@@ -30,6 +30,7 @@ from .adapter import Adapter, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, DoraError, InvalidArgumentError, NonFiniteError, UnknownModuleError
 from .checkpoints import Container
+from .checkpoints.names import target_rows, target_shape
 from .formats.kohya import PREFIXES, remap_to_base
 from .checkpoints.nf4_quant import dequantize_nf4, quantize_nf4
 from .linalg import (
@@ -146,8 +147,8 @@ def _open_base(base: Container | str | os.PathLike | None, what: str) -> Contain
 
 def _on_base(adapter: Adapter, base: Container) -> Adapter:
     """The adapter with kohya module names mapped to the base's module paths (PEFT paths are kept)."""
-    if any(name.startswith(PREFIXES) and f"{name}.weight" not in base for name in adapter.modules):
-        return remap_to_base(adapter, base.keys())
+    if any(name.startswith(PREFIXES) and base.names.target(name) is None for name in adapter.modules):
+        return remap_to_base(adapter, base.names.kohya_names())
     return adapter
 
 
@@ -155,14 +156,15 @@ def _check_modules(adapter: Adapter, names: Sequence[str], base: Container, base
     """UnknownModuleError for modules the base lacks, BaseMismatchError for other shapes (NF4 ones: when read);
     DoraError for LoRA biases (PEFT's DoRA has none); InvalidArgumentError for an unknown `base_weights`."""
     _check_choice(base_weights, BaseWeights, "base_weights")
-    missing = [n for n in names if f"{n}.weight" not in base and f"{n}.weight" not in adapter.extra]
+    missing = [n for n in names if base.names.target(n) is None and f"{n}.weight" not in adapter.extra]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         raise UnknownModuleError(f"{len(missing)} adapter module(s) have no weight in the base: {shown}")
     specs = base.decoder().specs(base)
     for name in names:
         key = f"{name}.weight"
-        found = adapter.extra[key].shape if key in adapter.extra else specs[key].shape
+        found = (adapter.extra[key].shape if key in adapter.extra
+                 else target_shape(specs[(target := base.names.target(name)).key].shape, target))
         _check_shape(name, adapter[name], tuple(found))
         if adapter[name].bias is not None:
             raise DoraError(f"module {name!r} has a LoRA bias; PEFT's DoRA does not support lora_bias")
@@ -196,12 +198,14 @@ def _weight_chunks(adapter: Adapter, names: Sequence[str], base: Container, base
     """
     decoder = base.decoder()
     shard_rank = {shard: i for i, shard in enumerate(base.shards)}
-    order = sorted(names, key=lambda n: shard_rank.get(base.weight_map.get(f"{n}.weight"), -1))
+    targets = {n: base.names.target(n) for n in names if f"{n}.weight" not in adapter.extra}
+    order = sorted(names, key=lambda n: shard_rank.get(base.weight_map.get(targets[n].key) if n in targets else None, -1))
     chunk: dict[str, Tensor] = {}
     size = 0
     for name in order:
         key, module = f"{name}.weight", adapter[name]
-        stored = adapter.extra[key] if key in adapter.extra else _base_weight(base, key, base_weights, decoder)
+        stored = (adapter.extra[key] if key in adapter.extra
+                  else target_rows(_base_weight(base, targets[name].key, base_weights, decoder), targets[name]))
         _check_shape(name, module, tuple(stored.shape))
         chunk[name] = module.from_base_layout(stored).to(device, dtype)
         size += chunk[name].numel() * chunk[name].element_size()

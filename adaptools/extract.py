@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from .adapter import Adapter, LayerKind, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from .checkpoints import Container, NameMap
+from .checkpoints import Container
 from .linalg import (
     OVERSAMPLE,
     RankPolicy,
@@ -187,6 +188,8 @@ class Target:
     kind: LayerKind
     fan_in_fan_out: bool
     dtype: torch.dtype
+    kernel: tuple[int, ...] = ()
+    """A convolution's kernel: ΔW (out, in, *kernel) is fitted as its (out, in·prod(kernel)) view (LoCon factors)."""
 
     @property
     def name(self) -> str:
@@ -223,13 +226,25 @@ def plan(base: Checkpoint, tuned: Checkpoint, *, include: str | Sequence[str] | 
         module = _module(key)
         if (keep and not any(p.search(module) for p in keep)) or any(p.search(module) for p in drop):
             continue
+        odd = [f"{name} {str(c.specs[key].dtype).removeprefix('torch.')}"
+               for name, c in (("base", base), ("tuned", tuned))
+               if c.specs[key].dtype.is_floating_point and c.specs[key].dtype.itemsize < 2]
+        if odd:
+            raise InvalidArgumentError(f"{key!r} is stored as {' and '.join(odd)}: extract reads float16, bfloat16, "
+                                       "float32 and float64 weights (dequantize the checkpoint first)")
         last = _last_name(key)
         embedding = EMBEDDINGS.fullmatch(last) is not None
-        lora = (key.endswith(".weight") and len(spec.shape) == 2 and spec.dtype.is_floating_point
+        weight = key.endswith((".weight", ".in_proj_weight"))  # OpenCLIP's fused attention input projection
+        conv = weight and len(spec.shape) > 2 and math.prod(spec.shape[1:]) > 1
+        lora = (weight and (len(spec.shape) == 2 or conv) and spec.dtype.is_floating_point
                 and base.specs[key].dtype.is_floating_point
                 and not (full_tensors and (embedding or last in OUTPUT_EMBEDDINGS)))
         if not lora:
             full.append(key)
+            continue
+        if conv:
+            targets.append(Target(key, (spec.shape[0], math.prod(spec.shape[1:])), "conv", False, dtype or spec.dtype,
+                                  tuple(spec.shape[2:])))
             continue
         targets.append(Target(key, tuple(spec.shape), "embedding" if embedding else "linear", is_conv1d(model_type, key),
                               dtype or spec.dtype))
@@ -278,8 +293,8 @@ def read_deltas(base: Checkpoint, tuned: Checkpoint, targets: Sequence[Target], 
     totals: list[Tensor] = []
     for target in targets:
         slot = buffer[len(kept)]
-        slot.copy_(tuned.read(target.key))
-        slot.sub_(base.read(target.key).to(device))
+        slot.copy_(tuned.read(target.key).reshape(rows, cols))
+        slot.sub_(base.read(target.key).reshape(rows, cols).to(device))
         total = torch.linalg.vector_norm(slot, dim=-1).double().square().sum()  # float32 rows, float64 sum
         if total != 0:
             kept.append(target)
@@ -319,7 +334,7 @@ def fit_chunk(chunk: Chunk, policy: RankPolicy, *, svd: SvdMethod, ranks: Sequen
             retained = float(S[:k].double().square().sum() / total) if total > 0 else 1.0
         B, A = (R.T, L.T) if target.transposed else (L, R)
         module = LoraModule(A=A.to("cpu", target.dtype).contiguous(), B=B.to("cpu", target.dtype).contiguous(),
-                            kind=target.kind, fan_in_fan_out=target.fan_in_fan_out)
+                            kind=target.kind, fan_in_fan_out=target.fan_in_fan_out, kernel=target.kernel)
         norm = math.sqrt(float(total))
         entry = ModuleExtract(new_rank=k, full_rank=min(rows, cols), kind=target.kind, method=method,
                               out_features=module.out_features, in_features=module.in_features, norm=norm,
@@ -361,21 +376,6 @@ def budget_ranks_for(base: Checkpoint, tuned: Checkpoint, targets: Sequence[Targ
 
 
 # --------------------------------------------------------------------------- the operation
-
-
-def model_names(names: NameMap, modules: dict[str, LoraModule], extra: dict[str, Tensor]
-                ) -> tuple[dict[str, LoraModule], dict[str, Tensor]]:
-    """Modules and full tensors named by the model's own paths, rows in its order (`NameMap.source`: a GGUF
-    container's llama.cpp names and q/k row order taken back to transformers')."""
-    named: dict[str, LoraModule] = {}
-    for name, module in modules.items():
-        key, order = names.source(f"{name}.weight")
-        named[key.removesuffix(".weight")] = module if order is None else replace(module, B=module.B[order])
-    whole = {}
-    for key, tensor in extra.items():
-        source, order = names.source(key)
-        whole[source] = tensor if order is None else tensor[order]
-    return named, whole
 
 
 def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Container, *,
@@ -428,7 +428,23 @@ def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Cont
                 fits.update(zip((t.name for t in chunk.targets), fit_chunk(chunk, chosen, ranks=given, **options)))
             bar.update(len(group))
     order = [t.name for t in targets if t.name in fits]
-    modules, extra = model_names(pair[0].ckpt.names, {name: fits[name].module for name in order}, extra)
+    names = pair[0].ckpt.names
+    modules = {}
+    keys = {t.name: t.key for t in targets}
+    for name in order:  # the module paths adapters of this base name (a fused weight: one module per row block)
+        module = fits[name].module
+        _, stored_order = names.source(keys[name])  # rows stored in another order (GGUF q/k): back to the model's
+        if stored_order is not None:
+            module = replace(module, B=module.B[stored_order])
+        for path, rows in names.adapter_modules(keys[name]):
+            modules[path] = module if rows is None else replace(  # own A per module: files hold no shared tensors
+                module, A=module.A.clone(), B=module.B[rows[0]:rows[1]].contiguous())
+    if not names.full_tensors and extra:  # a diffusion checkpoint: its LoRA files hold LoRA factors only
+        warnings.warn(f"{len(extra)} changed tensor(s) that are not LoRA weights are left out (LoRA files for "
+                      f"diffusion models hold none): {listed(sorted(extra))}", stacklevel=2)
+        extra = {}
+    extra = {source: tensor if order is None else tensor[order]
+             for key, tensor in extra.items() for source, order in [names.source(key)]}
     saved = sorted({_module(key) for key in extra if _module(key) not in modules})
     architectures = pair[1].config.get("architectures") or []
     config = {"modules_to_save": saved or None,
@@ -442,6 +458,8 @@ def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Cont
     base_model = ref.repo_id if ref is not None else str(root if isinstance(base, Container) else base)
     adapter = Adapter(modules=modules, extra=extra, base_model=base_model, config=config, source_format="peft",
                       name=Path(root).name)
-    report = ExtractReport(policy_text(chosen), svd, {new: fits[old].entry for old, new in zip(order, modules)},
+    held = {name: names.adapter_modules(keys[name]) for name in order}  # a weight holding one module: its path
+    report = ExtractReport(policy_text(chosen), svd,
+                           {held[n][0][0] if len(held[n]) == 1 else n: fits[n].entry for n in order},
                            sorted(extra), unchanged=considered - len(order) - len(extra))
     return adapter, report

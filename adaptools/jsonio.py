@@ -24,6 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
+from .digests import reading
 from .errors import AdaptoolsError
 from .names import shown
 
@@ -39,6 +40,10 @@ _STRING = re.compile(r'"[^"]*"')
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
 _STEP = np.zeros(256, dtype=np.int8)
 _STEP[[ord("["), ord("{")]], _STEP[[ord("]"), ord("}")]] = 1, -1
+
+
+MAX_JSON_INT = 2**63 - 1
+"""The largest integer (in magnitude) a JSON file may hold: int64's."""
 
 
 class _Refused(ValueError):
@@ -87,6 +92,13 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if not -MAX_JSON_INT <= value <= MAX_JSON_INT:
+        raise _Refused(f"the integer {text[:40]}{'...' if len(text) > 40 else ''} is out of range (beyond ±2^63)")
+    return value
+
+
 def _refuse_constant(name: str) -> float:
     raise _Refused(f"{name} is not a JSON number")
 
@@ -115,7 +127,7 @@ def parse_json(text: str | bytes, source: str, error: Error) -> object:
     if json_depth(text) > MAX_JSON_DEPTH:
         raise error(f"{source!r} is not valid JSON for adaptools (nested more than {MAX_JSON_DEPTH} levels deep)")
     try:
-        value = json.loads(text, parse_float=_finite_float, parse_constant=_refuse_constant)
+        value = json.loads(text, parse_float=_finite_float, parse_int=_bounded_int, parse_constant=_refuse_constant)
     except ValueError as exc:  # JSONDecodeError, _Refused, an integer of more than 4300 digits
         raise error(f"{source!r} is not valid JSON ({exc})") from None
     if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
@@ -126,7 +138,7 @@ def parse_json(text: str | bytes, source: str, error: Error) -> object:
 def read_json_object(path: Path, error: Error) -> dict:
     """The JSON object in file `path` (at most MAX_JSON_BYTES); `error` when it is unreadable, not a file,
     too large, not valid JSON (see the module doc) or not an object."""
-    with open_regular(path, error) as f:
+    with reading(path), open_regular(path, error) as f:
         size = os.fstat(f.fileno()).st_size
         data = read_exactly(f, min(size, MAX_JSON_BYTES) + 1)
     if len(data) > MAX_JSON_BYTES:

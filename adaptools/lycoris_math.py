@@ -12,7 +12,7 @@ from torch import Tensor
 
 from .linalg import accurate_svd
 
-__all__ = ["face_split", "tucker_down", "kron", "kron_factors", "svd_factors", "numerical_rank"]
+__all__ = ["face_split", "tucker_down", "kron", "kron_factors", "svd_factors", "numerical_rank", "dense_factors"]
 
 
 def face_split(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor) -> tuple[Tensor, Tensor]:
@@ -23,6 +23,15 @@ def face_split(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor) -> tuple[Tens
     B = (w1a.unsqueeze(-1) * w2a.unsqueeze(-2)).flatten(-2)
     A = (w1b.unsqueeze(-2) * w2b.unsqueeze(-3)).flatten(-3, -2)
     return B, A
+
+
+def dense_factors(delta: Tensor) -> tuple[Tensor, Tensor]:
+    """Exact factors of dense ΔW (..., out, in) with an identity on the smaller side: B = I, A = ΔW when out ≤ in,
+    else B = ΔW, A = I (rank min(out, in); used when exact factors of a larger rank would cost more)."""
+    out_features, in_features = delta.shape[-2:]
+    size = min(out_features, in_features)
+    eye = torch.eye(size, dtype=delta.dtype, device=delta.device).expand(*delta.shape[:-2], size, size)
+    return (eye, delta) if out_features <= in_features else (delta, eye)
 
 
 def tucker_down(core: Tensor, down: Tensor) -> Tensor:

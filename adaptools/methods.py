@@ -45,6 +45,7 @@ from torch import Tensor
 
 from .adapter import Adapter, Term, TermPlan, combined_module, plan_combination, result_adapter
 from .device import resolve_device
+from .bounds import check_peak
 from .errors import InvalidArgumentError
 from .linalg import (
     SVD,
@@ -348,6 +349,7 @@ def merge_with_method(adapters: Sequence[Adapter], weights: Sequence[float] | No
     sizes = {}
     for name, (m, n, ranks, _) in keys.items():
         sizes[name] = sum(ranks) * (m + 2 * len(ranks) * n) if spec.knots else len(ranks) * m * n
+    check_peak(sizes, sum(a.num_params for a in adapters), f"merge ({method})")
     cap = int(chosen.value) if chosen is not None and chosen.kind == "rank" else None
     dev = resolve_device(device)
     float64 = spec.knots or any(m.dtype == torch.float64 for a in adapters for _, m in a.items())

@@ -57,6 +57,11 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+COMPANION_FILES = ("adapter_config.json",)
+"""Files beside a weights file that its reader takes too (PEFT, LyCORIS-in-PEFT, IA3 and mlx-lm read the adapter's
+config beside the weights the user names): hashed with it, so that a replay notices an edited config."""
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
     LFS file: weights) is not read, its blob's name is taken."""
@@ -79,12 +84,16 @@ def folder_digest(files: Mapping[str, str]) -> str:
 
 def hash_input(path: str | os.PathLike) -> dict:
     """{"sha256"} of a file, plus "files" {relative path: sha256} for a folder (every file in it, hashed on one
-    thread per CPU)."""
+    thread per CPU) and for a file read with a companion beside it (COMPANION_FILES: a weights file's config)."""
     path = Path(path).absolute()
     if not path.exists():
         raise InputNotFoundError(f"input {str(path)!r} does not exist")
     if path.is_file():
-        return {"sha256": sha256_file(path)}
+        companions = [path.with_name(name) for name in COMPANION_FILES if name != path.name]
+        companions = [p for p in companions if p.is_file()]
+        if not companions:
+            return {"sha256": sha256_file(path)}
+        return hash_files(path.parent, [path.name, *(p.name for p in companions)])
     paths = [p for p in sorted(path.rglob("*")) if p.is_file()]
     with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1) or 1) as pool:  # hashlib releases the GIL
         files = dict(zip((p.relative_to(path).as_posix() for p in paths), pool.map(sha256_file, paths)))
@@ -162,13 +171,18 @@ def write_recipe(recipe: Mapping, output: str | os.PathLike, is_file: bool) -> N
 
 
 def embed_recipe(recipe: Mapping, file: Path) -> None:
-    """Put `recipe` under `__metadata__`[RECIPE_KEY] of the safetensors `file`: a new header (padded to 8 bytes,
-    as safetensors writes it; data offsets are relative to the data, so they stay) and the data copied after it."""
-    with open(file, "rb") as src:
+    """Put `recipe` under `__metadata__`[RECIPE_KEY] of the safetensors `file`: in place when the header's space
+    holds it, else a new header (padded to 8 bytes, as safetensors writes it; data offsets are relative to the
+    data, so they stay) and the data copied after it."""
+    with open(file, "r+b") as src:
         (length,) = struct.unpack("<Q", src.read(8))
         header = json.loads(src.read(length))
         header["__metadata__"] = {**header.get("__metadata__", {}), RECIPE_KEY: json.dumps(recipe, indent=None)}
         text = json.dumps(header, separators=(",", ":")).encode()
+        if len(text) <= length:  # the header's padding holds it (single-file merges reserve room): rewrite in place
+            src.seek(8)
+            src.write(text.ljust(length, b" "))
+            return
         text += b" " * (-len(text) % 8)
         rewritten = file.with_name(f".{file.name}.new")
         with open(rewritten, "xb") as dst:
@@ -282,7 +296,9 @@ def input_path(entry: Mapping, root: Path) -> Path:
 
 
 def verify_inputs(recipe: Mapping, root: Path) -> None:
-    """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone)."""
+    """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone);
+    the files are hashed as they are now (digests of earlier reads in this process are dropped)."""
+    digests.forget()
     for entry in recipe["inputs"]:
         if "repo_id" in entry:  # the recorded files at the recorded commit, downloaded where not cached
             snapshot = fetch_files(entry["repo_id"], entry["revision"], list(entry["files"]))

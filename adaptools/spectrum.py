@@ -28,6 +28,7 @@ from .checkpoints.nf4_quant import (
     nf4_survival,
 )
 from .linalg import SVD, RankPolicy, choose_ranks, factored_svd, group_by, map_by_shape, randomized_svd
+from .checkpoints.names import target_rows
 from .sources import load, open_base
 
 __all__ = [
@@ -155,10 +156,12 @@ def _module_records(adapter: Adapter, svds: Mapping[str, SVD]) -> dict[str, dict
 
 
 def _load_base_weight(base: Container, name: str, module: LoraModule) -> tuple[Tensor, Tensor, NF4State | None]:
-    """(canonical fp32 W (out, in), W in its stored layout and dtype, NF4 state or None) of module `name`."""
-    key = f"{name}.weight"
-    if key not in base:
-        raise UnknownModuleError(f"module {name!r} is not in the base ({key!r} missing)")
+    """(canonical fp32 W (out, in), W in its stored layout and dtype, NF4 state or None) of module `name`, found
+    through the base's name map (a fused weight's row block, rows in the module's order)."""
+    target = base.names.target(name)
+    if target is None:
+        raise UnknownModuleError(f"module {name!r} is not in the base ({name + '.weight'!r} missing)")
+    key = target.key
     state = None
     if is_nf4_weight(key, base.weight_map):
         tensors = {k: base.get(k) for k in (key, *nf4_state_keys(key)) if k in base}
@@ -166,6 +169,7 @@ def _load_base_weight(base: Container, name: str, module: LoraModule) -> tuple[T
         stored = dequantize_nf4(packed, state)
     else:
         stored = base.get(key)
+    stored = target_rows(stored, target)
     if tuple(stored.shape) != tuple(module.weight_shape):
         raise BaseMismatchError(
             f"module {name!r}: base weight has shape {tuple(stored.shape)}, the adapter expects {module.weight_shape}")
@@ -226,7 +230,7 @@ def _suggestion(policy: Mapping, total: int) -> dict:
 def _as_adapter(adapter: AdapterLike, base: BaseLike | None, allow_pickle: bool) -> Adapter:
     if isinstance(adapter, Adapter):
         return adapter
-    root = base.root if isinstance(base, Container) else base
+    root = (getattr(base, "file", None) or base.root) if isinstance(base, Container) else base
     return load(adapter, allow_pickle=allow_pickle, base=root)
 
 

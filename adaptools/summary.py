@@ -1,4 +1,4 @@
-"""Plain-data summaries of adapters (what `info --json` prints)."""
+"""Plain-data summaries of adapters, diffusion checkpoints and GGUF files (what `info --json` prints)."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import os
 from gguf import LlamaFileType
 
 from .adapter import Adapter
-from .checkpoints import gguf_file
+from .checkpoints import Container, gguf_file
 from .ia3 import IA3Adapter
 
 
@@ -77,3 +77,12 @@ def gguf_summary(path: str | os.PathLike) -> dict:
         "size": header.size,
         "types": dict(sorted(types.items(), key=lambda item: -item[1]["bytes"])),
     }
+
+
+def checkpoint_summary(container: Container) -> dict:
+    """A diffusion checkpoint (single file or pipeline folder): what it is, its family, and per component the
+    tensors, parameters and parameters per stored dtype, as JSON-ready data."""
+    components = {c.name: {"tensors": c.tensors, "parameters": c.parameters, "dtypes": c.dtypes}
+                  for c in container.components()}
+    return {"container": container.label, "family": container.family,
+            "parameters": sum(c["parameters"] for c in components.values()), "components": components}

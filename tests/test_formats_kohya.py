@@ -169,10 +169,11 @@ def test_ambiguous_kohya_names_are_an_error(tmp_path):
     import torch
 
     import adaptools
+    from adaptools.checkpoints import NameMap
     from adaptools.formats.kohya import remap_to_base
 
     module = adaptools.LoraModule(A=torch.ones(1, 4), B=torch.ones(4, 1))
     adapter = adaptools.Adapter({"lora_unet_a_b_c": module}, source_format="kohya")
     with pytest.raises(adaptools.UnknownModuleError, match="several weights"):
-        remap_to_base(adapter, ["a.b_c.weight", "a_b.c.weight"])
-    assert list(remap_to_base(adapter, ["a.b_c.weight", "x.weight"]).modules) == ["a.b_c"]
+        remap_to_base(adapter, NameMap(["a.b_c.weight", "a_b.c.weight"]).kohya_names())
+    assert list(remap_to_base(adapter, NameMap(["a.b_c.weight", "x.weight"]).kohya_names()).modules) == ["a.b_c"]

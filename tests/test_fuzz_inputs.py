@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 from factories import make_base, make_peft_adapter
 from hypothesis import HealthCheck, event, given, settings
@@ -220,6 +221,47 @@ def test_fuzz_base_files(fuzz_inputs, data):
     else:
         mutate_json_file(data, base / (INDEX_NAME if target == "index" else "config.json"))
     run_mutant(work, ["merge", base, fuzz_inputs["adapter"], "-o", work / "out"], "out", valid_model)
+    shutil.rmtree(work)
+
+
+@pytest.fixture(scope="module")
+def single_file_inputs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny SD1.x single-file checkpoint and a kohya LoRA on two of its modules (a UNet linear, a text encoder's)."""
+    from diffusion_fixtures import write_single_file
+    from safetensors.torch import save_file
+
+    root = tmp_path_factory.mktemp("fuzz-single")
+    base, _ = write_single_file(root / "sd15.safetensors", "sd1")
+    lora = {"lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q": (8, 8),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj": (24, 24)}
+    state = {}
+    for name, (out, inp) in lora.items():
+        state[f"{name}.lora_down.weight"] = torch.ones(2, inp) / 8
+        state[f"{name}.lora_up.weight"] = torch.ones(out, 2) / 8
+    save_file(state, str(root / "lora.safetensors"))
+    return {"base": base, "lora": root / "lora.safetensors", "root": root}
+
+
+def valid_single_file(path: Path) -> None:
+    if path.is_dir():  # a mutant no longer in a diffusion layout is read as a one-file Hugging Face folder
+        return valid_model(path)
+    read_header(path)
+    load_file(path)
+
+
+@settings(max_examples=60, **FUZZ)
+@given(data=st.data())
+def test_fuzz_single_file_bases(single_file_inputs, data):
+    """Hostile single-file checkpoint headers through `merge CKPT LORA -o OUT.safetensors` and `info CKPT`."""
+    work = work_folder(single_file_inputs)
+    base = work / "sd15.safetensors"
+    shutil.copy(single_file_inputs["base"], base)
+    mutate_safetensors(data, base)
+    if data.draw(st.booleans()):
+        run_mutant(work, ["info", base], "out.safetensors", lambda path: None)
+    else:
+        run_mutant(work, ["merge", base, single_file_inputs["lora"], "-o", work / "out.safetensors"],
+                   "out.safetensors", valid_single_file)
     shutil.rmtree(work)
 
 

@@ -197,7 +197,8 @@ def test_rerank_of_loha_reports_the_exact_error(tmp_path):
         dense = module.delta(torch.float64).reshape(module.out_features, -1)
         S = torch.linalg.svdvals(dense)
         fit = report.modules[name]
-        assert (fit.old_rank, fit.new_rank) == (9, 4)
+        # rank r1·r2 = 9, or dense (rank min(out, in)) where that is smaller (adaptools.bounds)
+        assert (fit.old_rank, fit.new_rank) == (min(9, *dense.shape), 4)
         assert fit.error == pytest.approx(S[4:].square().sum().sqrt().item(), rel=1e-4)
         kept = reranked[name].delta(torch.float64).reshape(dense.shape)
         assert (dense - kept).norm().item() == pytest.approx(fit.error, rel=1e-3)

@@ -146,8 +146,9 @@ def test_side_files_linking_outside_the_base_are_not_copied(tmp_path):
         copy_side_files(base / "sub", out)
 
 
-def test_a_hugging_face_cache_snapshot_merges_with_its_links(plain_base, plain_adapter, tmp_path):
+def test_a_hugging_face_cache_snapshot_merges_with_its_links(plain_base, plain_adapter, tmp_path, monkeypatch):
     """A cache snapshot's files are links to ../../blobs/<sha256>: shards and side files are read through them."""
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     repo = tmp_path / "hub" / "models--org--tiny"
     snapshot = repo / "snapshots" / "0123abc"
     (repo / "blobs").mkdir(parents=True)

@@ -11,17 +11,29 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import gguf, hf_folder
+from . import gguf, hf_folder, pipeline, single_file
 from .container import Container
 from .gguf import GGUFFile
 from .hf_folder import HFFolder
+from .pipeline import Pipeline
+from .single_file import SingleFile
 from .names import NameMap, Target
 
-CONTAINERS: list[tuple[Any, type[Container]]] = [(gguf, GGUFFile), (hf_folder, HFFolder)]
+CONTAINERS: list[tuple[Any, type[Container]]] = [(gguf, GGUFFile), (single_file, SingleFile), (pipeline, Pipeline),
+                                                 (hf_folder, HFFolder)]
 """(module, container class) pairs, tried in order; the Hugging Face folder comes last (it takes any folder)."""
+
+DIFFUSION_CONTAINERS = (single_file, pipeline)
+"""Container modules of diffusion checkpoints (they have `components()` and `family`)."""
 
 BaseCheckpoint = HFFolder
 """The Hugging Face folder container under its earlier name."""
+
+
+def is_diffusion_checkpoint(path: str | os.PathLike) -> bool:
+    """True for a single-file diffusion checkpoint or a diffusers pipeline folder (what `info` describes as a base)."""
+    path = Path(path)
+    return path.exists() and any(module.detect(path) for module in DIFFUSION_CONTAINERS)
 
 
 def open_container(path: str | os.PathLike) -> Container:
@@ -34,4 +46,5 @@ def open_container(path: str | os.PathLike) -> Container:
     return HFFolder(path)
 
 
-__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "GGUFFile", "HFFolder", "NameMap", "Target", "open_container"]
+__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "GGUFFile", "HFFolder", "NameMap", "Target", "open_container",
+           "Pipeline", "SingleFile", "is_diffusion_checkpoint"]

@@ -119,7 +119,6 @@ class GGUFFile(Container):
                 self.weight_map[name] = part
                 self._info[name] = tensor
         self.output_is_file = len(parts) == 1  # a split base gives a folder of parts
-        self.output_suffix = ".gguf" if len(parts) == 1 else ""
         self.label = f"gguf {self.header.architecture or '?'}" + (f" ({len(parts)} parts)" if len(parts) > 1 else "")
 
     @property

@@ -102,3 +102,6 @@ class GGUFNames(NameMap):
         if self._permuted and kind in self._heads:
             order = torch.argsort(rope_order(self._shapes[key][0], self._heads[kind]))
         return f"{path}.{suffix}", order
+
+    def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
+        return [(self.source(key)[0].removesuffix(".weight"), None)]

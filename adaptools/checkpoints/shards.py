@@ -70,10 +70,10 @@ class ShardWriter:
     their planned size may be an estimate (an NF4 quant-state JSON's length is known only once quantized).
     """
 
-    def __init__(self, path: Path, sizes: dict[str, int], metadata: dict[str, str] | None = None):
+    def __init__(self, path: Path, sizes: dict[str, int], metadata: dict[str, str] | None = None, reserve: int = 0):
         self.path = Path(path)
         self.metadata = {"format": "pt", **(metadata or {})}
-        self._reserve = header_reserve(list(sizes), self.metadata)
+        self._reserve = header_reserve(list(sizes), self.metadata) + 8 * math.ceil(reserve / 8)
         self._ranges: dict[str, tuple[int, int]] = {}
         self.nbytes = 0
         for key, size in sizes.items():
@@ -257,18 +257,22 @@ def plan_shards(units: Sequence[dict[str, int]], max_bytes: int) -> list[dict[st
     return shards
 
 
-def shard_names(count: int) -> list[str]:
-    """transformers' file names: model.safetensors for one shard, model-0000i-of-0000n.safetensors for more."""
-    return [SINGLE_NAME] if count == 1 else [SHARD_NAME.format(i + 1, count) for i in range(count)]
+def shard_names(count: int, stem: str = "model") -> list[str]:
+    """transformers' file names: model.safetensors for one shard, model-0000i-of-0000n.safetensors for more
+    (diffusers' with `stem` diffusion_pytorch_model)."""
+    if count == 1:
+        return [f"{stem}.safetensors"]
+    return [SHARD_NAME.replace("model", stem, 1).format(i + 1, count) for i in range(count)]
 
 
-def write_index(folder: Path, weight_map: dict[str, str], total_size: int, total_parameters: int) -> None:
-    """model.safetensors.index.json: metadata (total tensor bytes, parameters) and key → shard file."""
+def write_index(folder: Path, weight_map: dict[str, str], total_size: int, total_parameters: int,
+                name: str = INDEX_NAME) -> None:
+    """model.safetensors.index.json (or `name`): metadata (total tensor bytes, parameters) and key → shard file."""
     index = {
         "metadata": {"total_parameters": total_parameters, "total_size": total_size},
         "weight_map": dict(sorted(weight_map.items())),
     }
-    write_new(folder / INDEX_NAME, json.dumps(index, indent=2) + "\n")
+    write_new(folder / name, json.dumps(index, indent=2) + "\n")
 
 
 def is_weight_file(name: str) -> bool:
@@ -276,31 +280,57 @@ def is_weight_file(name: str) -> bool:
     return name.endswith(WEIGHT_SUFFIXES)
 
 
+def hub_cache_roots() -> list[Path]:
+    """The Hugging Face cache folders named now: HF_HUB_CACHE (or the older HUGGINGFACE_HUB_CACHE), HF_HOME/hub,
+    ~/.cache/huggingface/hub, and huggingface_hub's own setting."""
+    named = [os.environ.get("HF_HUB_CACHE"), os.environ.get("HUGGINGFACE_HUB_CACHE"),
+             os.path.join(os.environ["HF_HOME"], "hub") if os.environ.get("HF_HOME") else None,
+             os.path.join("~", ".cache", "huggingface", "hub")]
+    try:
+        from huggingface_hub import constants
+        named.append(constants.HF_HUB_CACHE)
+    except ImportError:  # pragma: no cover - huggingface_hub is a dependency
+        pass
+    return [Path(p).expanduser().resolve() for p in named if p]
+
+
+def cache_blob(target: Path, root: Path) -> bool:
+    """True when `root` is a snapshot of the real Hugging Face cache layout (`<cache>/models--org--name/snapshots/
+    <revision>`, the cache one of hub_cache_roots, `blobs/` a real folder of that repository) and `target` (resolved)
+    is a regular file in that `blobs/`."""
+    repo = root.parent.parent
+    if root.parent.name != "snapshots" or not repo.name.startswith(("models--", "datasets--", "spaces--")):
+        return False
+    blobs = repo / "blobs"
+    if blobs.is_symlink() or not blobs.is_dir() or repo.resolve().parent not in hub_cache_roots():
+        return False
+    return target.parent == blobs.resolve() and target.is_file()
+
+
 def copy_source(path: Path, root: Path) -> bool:
-    """True when file `path` of folder `root` may be copied: a regular file, or a link to a file inside `root`'s
-    tree or, where `root` is a Hugging Face cache snapshot (`.../snapshots/<revision>`), inside its repository's
-    `blobs/` (where the cache's links point). A link elsewhere could carry any local file into an output that is
-    then pushed."""
+    """True when file `path` of folder `root` may be copied: a regular file, a link to a file inside `root`'s tree,
+    or, where `root` is a snapshot in the Hugging Face cache, a link to a blob of its repository (`cache_blob`). A
+    link elsewhere could carry any local file into an output that is then pushed."""
     if not path.is_symlink():
         return True
     target = path.resolve()
-    allowed = [root.resolve()]
-    if root.parent.name == "snapshots":
-        allowed.append((root.parent.parent / "blobs").resolve())
-    return any(target.is_relative_to(folder) for folder in allowed)
+    return target.is_relative_to(root.resolve()) or cache_blob(target, root)
 
 
-def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = (), record_digests: bool = False) -> list[str]:
-    """Copy the top-level files of `source` that are not weights (config, tokenizer, generation config, ...) into
-    new files of `folder`; a link that points outside the base (`copy_source`) is left out with a warning. With
-    `record_digests`, each file's sha256 is taken from the copy's own read (`adaptools.digests`)."""
+def copy_side_files(source: Path, folder: Path, skip: Sequence[str] = (), record_digests: bool = False,
+                    weights: bool = False, root: Path | None = None) -> list[str]:
+    """Copy the top-level files of `source` that are not weights (config, tokenizer, generation config, ...; with
+    `weights` the weights too) into new files of `folder`; a link that points outside the base (`copy_source`) is
+    left out with a warning (`root`: the folder links may point into, default `source`). With `record_digests`,
+    each file's sha256 is taken from the copy's own read (`adaptools.digests`)."""
     copied = []
     for path in sorted(source.iterdir()):
-        if path.name.startswith(".") or is_weight_file(path.name) or path.name in skip or not path.is_file():
+        if (path.name.startswith(".") or (is_weight_file(path.name) and not weights) or path.name in skip
+                or not path.is_file()):
             continue
-        if not copy_source(path, source):
-            warnings.warn(f"{path.name!r} in the base folder links to {str(path.resolve())!r}, outside the base: it is "
-                          "not copied into the output", stacklevel=2)
+        if not copy_source(path, root or source):
+            warnings.warn(f"{path.name!r} in the base folder links to {str(path.resolve())!r}, outside the base (and "
+                          "not to a blob of the Hugging Face cache): it is not copied into the output", stacklevel=2)
             continue
         key = file_key(path) if record_digests else None
         digest = hashlib.sha256()
@@ -332,8 +362,11 @@ class Layout:
 class OutputSink:
     """One output folder's shards, written from any thread (each file open only while it is filled)."""
 
-    def __init__(self, folder: Path, layout: Layout):
-        self.folder, self.layout = folder, layout
+    def __init__(self, folder: Path, layout: Layout, metadata: dict[str, str] | None = None, reserve: int = 0,
+                 index_name: str = INDEX_NAME):
+        """`metadata` and `reserve` (extra header bytes, e.g. for a recipe added later) go to every file."""
+        self.folder, self.layout, self.index_name = folder, layout, index_name
+        self._metadata, self._reserve = metadata, reserve
         self._file_of = {key: name for name, sizes in layout.files.items() for key in sizes}
         self._open: dict[str, ShardWriter] = {}
         self._closed: set[str] = set()
@@ -346,7 +379,8 @@ class OutputSink:
             if name in self._closed:
                 raise RuntimeError(f"{key!r} arrived after {name} was complete")
             if name not in self._open:
-                self._open[name] = ShardWriter(self.folder / name, self.layout.files[name])
+                self._open[name] = ShardWriter(self.folder / name, self.layout.files[name], self._metadata,
+                                               self._reserve)
             return self._open[name]
 
     def _finish(self, writer: ShardWriter) -> None:
@@ -375,7 +409,7 @@ class OutputSink:
             raise RuntimeError(f"output shards left incomplete: {', '.join(missing)}")
         if self.layout.indexed:
             weight_map = {key: name for name, sizes in self.layout.files.items() for key in sizes}
-            write_index(self.folder, weight_map, self.total_size, total_parameters)
+            write_index(self.folder, weight_map, self.total_size, total_parameters, self.index_name)
 
     def abort(self) -> None:
         """Close the files still open; the caller discards the folder."""

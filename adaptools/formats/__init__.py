@@ -63,7 +63,7 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
         raise InvalidArgumentError("pass --scale or --alpha, not both")
     adapter = detect_family(path).read(Path(path), allow_pickle=allow_pickle, scale=scale, alpha=alpha)
     if base is not None and has_kohya_names(adapter):
-        return remap_to_base(adapter, [f"{m}.weight" for m in open_container(base).names.modules()])
+        return remap_to_base(adapter, open_container(base).names.kohya_names())
     return adapter
 
 

@@ -26,6 +26,7 @@ from ..jsonio import check_fields, json_object, parse_json
 from .layout import uniform_rank
 from .peft import PREFIX as PEFT_PREFIX
 from .peft import CONFIG_FIELDS, NULLABLE_FIELDS, lora_module, module_state
+from .folders import weights_in
 from .tensors import read_tensor_file, safetensors_header, write_safetensors
 
 NAME = "diffusers"
@@ -77,9 +78,7 @@ def parse_key(key: str) -> tuple[str | None, str, str] | None:
 
 def weights_of(path: Path) -> Path | None:
     """The weights file of a diffusers LoRA folder (pytorch_lora_weights.*) or the file itself."""
-    if path.is_file():
-        return path
-    return next((path / n for n in WEIGHT_NAMES if (path / n).exists()), None)
+    return weights_in(path, WEIGHT_NAMES)
 
 
 def is_diffusers_key(key: str) -> bool:

@@ -5,18 +5,17 @@
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 from torch import Tensor
 
 from ..adapter import Adapter
 from ..errors import AdapterFormatError, UnsupportedAdapterError
+from ..patterns import UnsafePattern, compile_safe
 from ..ia3 import IA3_REFUSAL, IA3Adapter, IA3Module
-from .peft import PREFIX, base_key, locate
+from .folders import group_keys, read_folder
 from .peft_lycoris import peft_type
-from ..jsonio import boolean, check_fields, read_json_object, string_or_strings
-from .tensors import read_tensor_file
+from ..jsonio import boolean, string_or_strings
 
 NAME = "peft-ia3"
 ROLE = ".ia3_l"
@@ -37,9 +36,9 @@ def is_feedforward(config: dict, module: str) -> bool:
     targets = config.get("feedforward_modules") or []
     if isinstance(targets, str):
         try:
-            return re.fullmatch(targets, module) is not None
-        except re.error as exc:
-            raise AdapterFormatError(f"feedforward_modules {targets!r} is not a regular expression ({exc})") from exc
+            return compile_safe(targets).fullmatch(module)
+        except UnsafePattern as exc:
+            raise AdapterFormatError(f"feedforward_modules {targets!r} {exc}") from None
     if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise AdapterFormatError(f"feedforward_modules must be a string or a list of strings, got {targets!r}")
     return any(module.endswith(t) for t in targets)
@@ -57,28 +56,26 @@ def ia3_module(module: str, vector: Tensor, config: dict) -> IA3Module:
     raise AdapterFormatError(f"module {module!r}: ia3_l has shape {shape}, expected {side}")
 
 
+def check_ia3(config: dict, source: str) -> None:
+    """AdapterFormatError unless the config is an IA3 adapter's."""
+    if str(config.get("peft_type")).upper() != "IA3":
+        raise AdapterFormatError(f"{source!r} is not an IA3 adapter config")
+
+
+def split(key: str) -> tuple[str, str | None]:
+    """(module, "ia3_l") of an `ia3_l` key, (key, None) of a full tensor."""
+    return (key.removesuffix(ROLE), "ia3_l") if key.endswith(ROLE) else (key, None)
+
+
 def read_ia3(path: str | Path, allow_pickle: bool = False) -> IA3Adapter:
     """Read a PEFT IA3 adapter folder (or its weights file)."""
-    config_path, weights_path = locate(path)
-    config = read_json_object(config_path, AdapterFormatError)
-    check_fields(config, {"target_modules": string_or_strings, "feedforward_modules": string_or_strings,
-                          "fan_in_fan_out": boolean}, str(config_path), AdapterFormatError,
-                 nullable=("target_modules", "feedforward_modules"))
-    if str(config.get("peft_type")).upper() != "IA3":
-        raise AdapterFormatError(f"{str(config_path)!r} is not an IA3 adapter config")
-    tensors, _ = read_tensor_file(weights_path, allow_pickle=allow_pickle)
-    modules: dict[str, IA3Module] = {}
-    extra: dict[str, Tensor] = {}
-    for key, tensor in tensors.items():
-        key = key.removeprefix(PREFIX)
-        if key.endswith(ROLE):
-            module = key[: -len(ROLE)]
-            modules[module] = ia3_module(module, tensor, config)
-        else:
-            extra[base_key(key)] = tensor
-    if not modules:
-        raise AdapterFormatError(f"{str(weights_path)!r} holds no ia3_l vectors")
-    adapter = IA3Adapter(modules, extra, config.get("base_model_name_or_path"), config,
-                         name=Path(path).name if Path(path).is_dir() else Path(path).parent.name)
+    folder = read_folder(path, {"target_modules": string_or_strings, "feedforward_modules": string_or_strings,
+                                "fan_in_fan_out": boolean}, nullable=("target_modules", "feedforward_modules"),
+                         check=check_ia3, allow_pickle=allow_pickle)
+    grouped, extra = group_keys(folder.tensors, split)
+    if not grouped:
+        raise AdapterFormatError(f"{str(folder.weights_path)!r} holds no ia3_l vectors")
+    modules = {module: ia3_module(module, parts["ia3_l"], folder.config) for module, parts in grouped.items()}
+    adapter = IA3Adapter(modules, extra, folder.config.get("base_model_name_or_path"), folder.config, name=folder.name)
     adapter.check_finite()
     return adapter

@@ -1,8 +1,9 @@
 """kohya-style LoRA files (`lora_down`/`lora_up`/`alpha`, optional `dora_scale`), read and written (DESIGN §4)."""
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import torch
@@ -10,10 +11,13 @@ from torch import Tensor
 
 from ..adapter import KOHYA_PREFIXES as PREFIXES
 from ..adapter import Adapter, LoraModule
+from ..bounds import check_expansion, stored_numbers
 from ..errors import AdapterFormatError, ShapeMismatchError, UnknownModuleError
 from ..linalg import map_by_shape
 from ..lycoris_math import tucker_down
-from .tensors import PICKLE_SUFFIXES, check_factors, check_magnitude, read_tensor_file, safetensors_header, write_safetensors
+from .folders import group_by_role
+from .tensors import (PICKLE_SUFFIXES, check_factors, check_magnitude, check_stored, read_tensor_file,
+                      safetensors_header, write_safetensors)
 
 NAME = "kohya"
 WRITES_FILE = True
@@ -102,6 +106,8 @@ def fold_tucker(name: str, parts: dict[str, Tensor]) -> tuple[Tensor, Tensor] | 
             f"kohya module {name!r}: lora_up {tuple(up.shape)}, lora_mid {tuple(mid.shape)} and lora_down "
             f"{tuple(down.shape)} are not a Tucker LoCon (up (out, r), mid (r, r, *kernel), down (r, in, 1, ...))"
         )
+    for role, tensor in (("lora_mid", mid), ("lora_down", down), ("lora_up", up)):
+        check_stored(name, role, tensor)
     return mid.float(), down.reshape(down.shape[0], -1).float()
 
 
@@ -109,26 +115,12 @@ def contract_tucker(grouped: dict[str, dict[str, Tensor]]) -> None:
     """Replace each Tucker LoCon's lora_down and lora_mid by their contraction (r, in, *kernel) (DESIGN §11), in place:
     ΔW = up · (mid ×₂ down) is then an ordinary conv LoRA of the same rank; one einsum per shape, in float32."""
     cores = {name: found for name, parts in grouped.items() if (found := fold_tucker(name, parts)) is not None}
+    costs = {name: core.shape[0] * down.shape[1] * math.prod(core.shape[2:]) for name, (core, down) in cores.items()}
+    check_expansion(costs, stored_numbers(grouped), "Tucker LoCon")
     for name, (A,) in map_by_shape(cores, tucker_down).items():
         parts = grouped[name]
         mid = parts.pop("mid")
         parts["down"], parts["up"] = A.reshape(A.shape[0], -1, *mid.shape[2:]), parts["up"].float()
-
-
-def group_by_role(path: str | os.PathLike, tensors: dict[str, Tensor], roles: dict[str, str],
-                  what: str) -> dict[str, dict[str, Tensor]]:
-    """{module name: {role: tensor}} by key suffix (`roles`: suffix → role); a key of no role, or no module, raises."""
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        for suffix, role in roles.items():
-            if key.endswith(suffix):
-                grouped.setdefault(key[: -len(suffix)], {})[role] = tensor
-                break
-        else:
-            raise AdapterFormatError(f"{str(path)!r}: unexpected key {key!r} in {what}")
-    if not grouped:
-        raise AdapterFormatError(f"{str(path)!r} holds no LoRA tensors")
-    return grouped
 
 
 def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
@@ -148,20 +140,15 @@ def read_kohya(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
     return adapter
 
 
-def remap_to_base(adapter: Adapter, base_keys: Iterable[str]) -> Adapter:
-    """Rename kohya modules to the base checkpoint's module paths (`lora_unet_a_b_c` → `a.b_c` as the base spells it)."""
-    candidates: dict[str, set[str]] = {}
-    for key in base_keys:
-        if key.endswith(".weight"):
-            module = key[: -len(".weight")]
-            for prefix in PREFIXES:
-                candidates.setdefault(kohya_name(module, prefix), set()).add(module)
+def remap_to_base(adapter: Adapter, candidates: Mapping[str, set[str]]) -> Adapter:
+    """Rename kohya modules to the base's module paths (`lora_unet_a_b_c` → `a.b_c` as the base spells it), through
+    `candidates` (kohya name → module paths: a base's `names.kohya_names()`); a name that already is a path stays."""
     paths = {m for found in candidates.values() for m in found}
     renamed: dict[str, LoraModule] = {}
     sources: dict[str, str] = {}
     missing, ambiguous, shared = [], [], []
     for name, module in adapter.modules.items():
-        found = {name} if name in paths else candidates.get(name, set())
+        found = {name} if name in paths else set(candidates.get(name, ()))
         if not found:
             missing.append(name)
         elif len(found) > 1:
@@ -190,14 +177,28 @@ def unstorable(m: LoraModule) -> str | None:
     return None
 
 
+def kohya_prefixes(modules: Iterable[str], prefix: str) -> dict[str, str]:
+    """Module path prefix → kohya prefix: diffusers text-encoder components (`text_encoder.` → `lora_te_`, or
+    `lora_te1_` beside a `text_encoder_2.` → `lora_te2_`), and "" → `prefix` for the rest (the denoiser)."""
+    second = any(m.startswith("text_encoder_2.") for m in modules)
+    return {"text_encoder_2.": "lora_te2_", "text_encoder.": "lora_te1_" if second else "lora_te_", "": prefix}
+
+
 def kohya_state_dict(adapter: Adapter, prefix: str = DEFAULT_PREFIX) -> dict[str, Tensor]:
     """kohya keys for `adapter`: lora_down = A, lora_up = B, alpha = scale·r (so alpha/r is the scale)."""
     state: dict[str, Tensor] = {}
+    prefixes = kohya_prefixes(adapter.modules, prefix)
+    named: dict[str, str] = {}
     for module, m in adapter.modules.items():
         reason = unstorable(m)
         if reason:
             raise AdapterFormatError(f"module {module!r}: kohya files cannot hold {reason}; use --to peft")
-        name = module if module.startswith(PREFIXES) else kohya_name(module, prefix)
+        head = next(h for h in prefixes if module.startswith(h))
+        name = module if module.startswith(PREFIXES) else kohya_name(module[len(head):], prefixes[head])
+        if name in named:
+            raise AdapterFormatError(f"modules {named[name]!r} and {module!r} both become the kohya name {name!r} "
+                                     "(kohya replaces '.' by '_'): a kohya file cannot hold both; use --to peft")
+        named[name] = module
         down = m.A.reshape(m.rank, -1, *m.kernel) if m.kind == "conv" else m.A
         up = m.B.reshape(*m.B.shape, *([1] * len(m.kernel)))
         state[f"{name}.lora_down.weight"] = down

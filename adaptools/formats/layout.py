@@ -7,12 +7,14 @@ vLLM ≥ 0.32 and PEFT (patterns), diffusers and mlx-lm (one rank, one scale) al
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Literal, get_args
 
 import torch
 
 from ..adapter import Adapter, LoraModule
+from ..bounds import PADDING_FLOOR, PADDING_GROWTH
 from ..errors import InvalidArgumentError
 
 Layout = Literal["portable", "compact"]
@@ -51,15 +53,38 @@ def check_rank(adapter: Adapter, rank: int, limit: str) -> None:
         )
 
 
+class PaddingTooLarge(InvalidArgumentError):
+    """Padding every module to one rank would grow the adapter beyond adaptools.bounds.PADDING_GROWTH."""
+
+
+def growth_refusal(adapter: Adapter, rank: int | None, requested: bool = False) -> str | None:
+    """Why padding to `rank` (None: the largest) would grow the adapter too much (more than PADDING_GROWTH times its
+    parameters and by PADDING_FLOOR bytes or more; a requested rank up to the largest a server serves, 512, is always
+    allowed), from shapes alone; None when it would not."""
+    cost = padding_cost(adapter, rank)
+    grown = (cost.params_before + cost.params_added) / max(1, cost.params_before)
+    small = grown <= PADDING_GROWTH or cost.bytes_added < PADDING_FLOOR
+    if small or (requested and cost.rank <= max(SERVING_RANKS["vllm"])):
+        return None
+    worst = max(adapter.ranks, key=adapter.ranks.get)
+    return (f"padding every module to rank {cost.rank:,}{'' if requested else f' (the rank of {worst!r})'} would grow "
+            f"the adapter from {cost.params_before:,} to {cost.params_before + cost.params_added:,} parameters "
+            f"({grown:,.1f}x, more than {PADDING_GROWTH:g}x; +{cost.bytes_added / 1e6:,.0f} MB)")
+
+
 def uniform_rank(adapter: Adapter, rank: int | None = None) -> Adapter:
     """`adapter` with every module at one tensor rank R (default: the largest) and scale 1; ΔW unchanged.
 
-    InvalidArgumentError when `rank` is below a module's rank (rerank it first).
+    InvalidArgumentError when `rank` is below a module's rank (rerank it first); PaddingTooLarge, before anything is
+    allocated, when the padding would grow the adapter more than adaptools.bounds.PADDING_GROWTH times.
     """
     if rank is not None and rank < 1:
         raise InvalidArgumentError(f"the rank to pad to must be at least 1, got {rank}")
     target = max(adapter.ranks.values(), default=0) if rank is None else rank
     check_rank(adapter, target, "the requested rank")
+    refusal = growth_refusal(adapter, target, rank is not None)
+    if refusal:
+        raise PaddingTooLarge(refusal)
     return adapter.with_modules({name: pad_module(m, target) for name, m in adapter.items()})
 
 
@@ -102,7 +127,14 @@ def written_layout(adapter: Adapter, format: str, layout: str = "portable", pad_
         if pad_rank is not None:
             raise InvalidArgumentError("padding to one rank is the portable layout: drop --layout compact or --pad-rank/--serve")
         return adapter
-    return uniform_rank(adapter, pad_rank)
+    try:
+        return uniform_rank(adapter, pad_rank)
+    except PaddingTooLarge as exc:
+        if pad_rank is not None:
+            raise
+        warnings.warn(f"{exc}: writing the compact layout instead (per-module ranks with rank_pattern/alpha_pattern, "
+                      "read right by PEFT and vLLM >= 0.32)", stacklevel=3)
+        return adapter
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ Also the tensor math of PEFT's own LOHA and LOKR types (formats/peft_lycoris.py)
 """
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -14,12 +15,14 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
+from ..bounds import check_expansion, exact_fits, expanded_numbers, stored_numbers
 from ..errors import AdapterFormatError, ShapeMismatchError, UnsupportedAdapterError
 from ..linalg import group_by, map_by_shape
-from ..lycoris_math import face_split, kron_factors, svd_factors, tucker_down
+from ..lycoris_math import dense_factors, face_split, kron, kron_factors, svd_factors, tucker_down
 from .kohya import ROLES as KOHYA_ROLES
-from .kohya import contract_tucker, group_by_role, kohya_module, row_magnitude
-from .tensors import read_tensor_file, safetensors_header
+from .folders import group_by_role
+from .kohya import contract_tucker, kohya_module, row_magnitude
+from .tensors import check_stored, read_tensor_file, safetensors_header
 
 NAME = "lycoris"
 
@@ -91,10 +94,12 @@ def module_algo(name: str, parts: Mapping[str, Tensor]) -> str:
 
 
 def require(name: str, parts: Mapping[str, Tensor], *roles: str) -> list[Tensor]:
-    """The tensors of `roles`, or an error naming the missing ones."""
+    """The tensors of `roles` in float32, or an error naming a missing, empty or non-floating one."""
     missing = [r for r in roles if r not in parts]
     if missing:
         raise AdapterFormatError(f"module {name!r} lacks {', '.join(missing)}")
+    for role in roles:
+        check_stored(name, role, parts[role])
     return [parts[r].float() for r in roles]
 
 
@@ -125,6 +130,13 @@ class Halves:
     kind: str
     kernel: tuple[int, ...]
     rank: int | None
+    shape: tuple[int, int]
+    exact_rank: int
+
+    @property
+    def numbers(self) -> int:
+        """What expanding this module allocates (adaptools.bounds)."""
+        return expanded_numbers(self.exact_rank, *self.shape)
 
 
 def lora_module(name: str, B: Tensor, A: Tensor, halves: Halves | KronHalves, parts: Mapping[str, Tensor],
@@ -143,7 +155,9 @@ def loha_halves(name: str, parts: Mapping[str, Tensor]) -> Halves:
         if (t1.ndim < 3 or t1.shape != t2.shape or w1a.ndim != 2 or w1b.ndim != 2 or w1a.shape[0] != t1.shape[0]
                 or w1b.shape[0] != t1.shape[1] or w2a.shape != w1a.shape or w2b.shape != w1b.shape):
             raise ShapeMismatchError(f"LoHa module {name!r}: its Tucker tensors do not fit together")
-        return Halves((t1, w1a, w1b, t2, w2a, w2b), "conv", tuple(t1.shape[2:]), w1b.shape[0])
+        kernel = tuple(t1.shape[2:])
+        return Halves((t1, w1a, w1b, t2, w2a, w2b), "conv", kernel, w1b.shape[0],
+                      (w1a.shape[1], w1b.shape[1] * math.prod(kernel)), t1.shape[0] * t2.shape[0])
     w1a, w1b, w2a, w2b = require(name, parts, "hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
     kernel = tuple(w1b.shape[2:])
     w1b, w2b = w1b.reshape(w1b.shape[0], -1), w2b.reshape(w2b.shape[0], -1)
@@ -153,7 +167,8 @@ def loha_halves(name: str, parts: Mapping[str, Tensor]) -> Halves:
             f"LoHa module {name!r}: hada_w1_a {tuple(w1a.shape)}, hada_w1_b {tuple(w1b.shape)}, hada_w2_a "
             f"{tuple(w2a.shape)} and hada_w2_b {tuple(w2b.shape)} do not form two products of one shape"
         )
-    return Halves((w1a, w1b, w2a, w2b), "conv" if kernel else "linear", kernel, w1b.shape[0])
+    return Halves((w1a, w1b, w2a, w2b), "conv" if kernel else "linear", kernel, w1b.shape[0],
+                  (w1a.shape[0], w1b.shape[1]), w1a.shape[1] * w2a.shape[1])
 
 
 def loha_tucker_factors(t1: Tensor, w1a: Tensor, w1b: Tensor, t2: Tensor, w2a: Tensor, w2b: Tensor) -> tuple[Tensor, Tensor]:
@@ -161,24 +176,93 @@ def loha_tucker_factors(t1: Tensor, w1a: Tensor, w1b: Tensor, t2: Tensor, w2a: T
     return face_split(w1a.mT, tucker_down(t1, w1b), w2a.mT, tucker_down(t2, w2b))
 
 
+def loha_dense(w1a: Tensor, w1b: Tensor, w2a: Tensor, w2b: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched LoHa as dense_factors((w1a·w1b) ⊙ (w2a·w2b)) (where r1·r2 > min(out, in))."""
+    return dense_factors((w1a @ w1b) * (w2a @ w2b))
+
+
+def loha_tucker_dense(t1: Tensor, w1a: Tensor, w1b: Tensor, t2: Tensor, w2a: Tensor,
+                      w2b: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched LoHa with Tucker cores as dense factors of the product of its two halves."""
+    return dense_factors((w1a.mT @ tucker_down(t1, w1b)) * (w2a.mT @ tucker_down(t2, w2b)))
+
+
 def loha_modules(grouped: Mapping[str, Mapping[str, Tensor]], scale: ScaleRule) -> dict[str, LoraModule]:
-    """LoHa modules ΔW = scale·(w1a·w1b) ⊙ (w2a·w2b) as exact factors of rank r1·r2, one batched call per shape."""
+    """LoHa modules ΔW = scale·(w1a·w1b) ⊙ (w2a·w2b) as exact factors of rank r1·r2 where r1·r2 ≤ min(out, in), else
+    dense (adaptools.bounds); one batched call per shape, after the whole file's cost is checked."""
     halves = {name: loha_halves(name, parts) for name, parts in grouped.items()}
-    factors = map_by_shape({n: h.parts for n, h in halves.items() if len(h.parts) == 4}, face_split)
-    factors.update(map_by_shape({n: h.parts for n, h in halves.items() if len(h.parts) == 6}, loha_tucker_factors))
+    check_expansion({n: h.numbers for n, h in halves.items()}, stored_numbers(grouped), "LoHa")
+    factors: dict[str, tuple[Tensor, ...]] = {}
+    for size, exact, dense in ((4, face_split, loha_dense), (6, loha_tucker_factors, loha_tucker_dense)):
+        chosen = {n: h for n, h in halves.items() if len(h.parts) == size}
+        factors.update(map_by_shape({n: h.parts for n, h in chosen.items() if exact_fits(h.exact_rank, *h.shape)},
+                                    exact))
+        factors.update(map_by_shape({n: h.parts for n, h in chosen.items()
+                                     if not exact_fits(h.exact_rank, *h.shape)}, dense))
     return {name: lora_module(name, *factors[name], h, grouped[name], scale(name, grouped[name], h.rank))
             for name, h in halves.items()}
 
 
 @dataclass
 class KronHalves:
-    """A LoKr module's two factors, each one full matrix (W,) or a product (U, V) (Tucker contracted)."""
+    """A LoKr module's two factors, each one full matrix (W,) or a product (U, V); w2 may be a Tucker triple
+    (t2, w2a, w2b), contracted by `tucker_pair` once the cost is checked."""
 
     w1: tuple[Tensor, ...]
     w2: tuple[Tensor, ...]
     kind: str
     kernel: tuple[int, ...]
     rank: int | None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(out, in) of ΔW = kron(W1, W2)."""
+        (a, c), (b, d) = factor_shape(self.w1), factor_shape(self.w2)
+        return a * b, c * d
+
+    @property
+    def exact_rank(self) -> int:
+        """k1·k2, with a full factor counted at min of its shape (its SVD rank is at most that)."""
+        return factor_rank(self.w1) * factor_rank(self.w2)
+
+    @property
+    def numbers(self) -> int:
+        """What expanding this module allocates (adaptools.bounds)."""
+        return expanded_numbers(self.exact_rank, *self.shape)
+
+
+def factor_shape(pair: tuple[Tensor, ...]) -> tuple[int, int]:
+    """(rows, columns) of a LoKr factor: W, U·V, or the Tucker triple (t2, w2a, w2b)."""
+    if len(pair) == 3:
+        t2, w2a, w2b = pair
+        return w2a.shape[1], w2b.shape[1] * math.prod(t2.shape[2:])
+    return pair[0].shape[0], pair[-1].shape[1]
+
+
+def factor_rank(pair: tuple[Tensor, ...]) -> int:
+    """The most a LoKr factor's rank can be."""
+    if len(pair) == 3:
+        return pair[0].shape[0]
+    return min(pair[0].shape) if len(pair) == 1 else pair[0].shape[1]
+
+
+def tucker_pair(pair: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """A LoKr factor as (W,) or (U, V): a Tucker triple (t2, w2a, w2b) becomes (w2aᵀ, t2 ×₂ w2b)."""
+    if len(pair) == 3:
+        t2, w2a, w2b = pair
+        return w2a.mT, tucker_down(t2, w2b)
+    return pair
+
+
+def full_matrix(pair: tuple[Tensor, ...]) -> Tensor:
+    """A LoKr factor as one matrix."""
+    pair = tucker_pair(pair)
+    return pair[0] if len(pair) == 1 else pair[0] @ pair[1]
+
+
+def lokr_dense(W1: Tensor, W2: Tensor) -> tuple[Tensor, Tensor]:
+    """Batched LoKr as dense_factors(kron(W1, W2)) (where k1·k2 > min(out, in))."""
+    return dense_factors(kron(W1, W2))
 
 
 def lokr_halves(name: str, parts: Mapping[str, Tensor]) -> KronHalves:
@@ -196,16 +280,17 @@ def lokr_halves(name: str, parts: Mapping[str, Tensor]) -> KronHalves:
         if t2.ndim < 3 or w2a.ndim != 2 or w2b.ndim != 2 or w2a.shape[0] != t2.shape[0] or w2b.shape[0] != t2.shape[1]:
             raise ShapeMismatchError(f"LoKr module {name!r}: lokr_t2, lokr_w2_a and lokr_w2_b do not fit together")
         kernel = tuple(t2.shape[2:])
-        w2 = (w2a.mT, tucker_down(t2, w2b))
+        w2 = (t2, w2a, w2b)
     else:
         w2a, w2b = require(name, parts, "lokr_w2_a", "lokr_w2_b")
         kernel = tuple(w2b.shape[2:])
         w2 = (w2a, w2b.reshape(w2b.shape[0], -1))
     for pair, label in ((w1, "lokr_w1"), (w2, "lokr_w2")):
-        if any(t.ndim != 2 for t in pair) or (len(pair) == 2 and pair[0].shape[1] != pair[1].shape[0]):
+        bad = any(t.ndim != 2 for t in pair) or (len(pair) == 2 and pair[0].shape[1] != pair[1].shape[0])
+        if len(pair) != 3 and bad:
             raise ShapeMismatchError(f"LoKr module {name!r}: the factors of {label} do not form a product")
     # LyCORIS divides alpha by the rank of the decomposed factor: w1's when it is decomposed, else w2's.
-    rank = w1[1].shape[0] if len(w1) == 2 else (w2[1].shape[0] if len(w2) == 2 else None)
+    rank = factor_rank(w1) if len(w1) > 1 else (factor_rank(w2) if len(w2) > 1 else None)
     return KronHalves(w1, w2, "conv" if kernel else "linear", kernel, rank)
 
 
@@ -213,12 +298,17 @@ def lokr_modules(grouped: Mapping[str, Mapping[str, Tensor]], scale: ScaleRule) 
     """LoKr modules ΔW = scale·kron(W1, W2) as kron(U1, U2)·kron(V1, V2), rank k1·k2, exact: full factors through one
     batched SVD per shape (they are small), then one batched Kronecker product per shape."""
     halves = {name: lokr_halves(name, parts) for name, parts in grouped.items()}
-    fulls = {(name, side): pair[0] for name, h in halves.items() for side, pair in (("w1", h.w1), ("w2", h.w2))
-             if len(pair) == 1}
+    check_expansion({n: h.numbers for n, h in halves.items()}, stored_numbers(grouped), "LoKr")
+    dense = {n for n, h in halves.items() if not exact_fits(h.exact_rank, *h.shape)}
+    factors = map_by_shape({n: (full_matrix(halves[n].w1), full_matrix(halves[n].w2)) for n in dense}, lokr_dense)
+    pairs = {(name, side): tucker_pair(pair) for name, h in halves.items() if name not in dense
+             for side, pair in (("w1", h.w1), ("w2", h.w2))}
+    fulls = {key: pair[0] for key, pair in pairs.items() if len(pair) == 1}
     exact: dict[tuple[str, str], tuple[Tensor, Tensor]] = {}
     for keys in group_by({key: tuple(W.shape) for key, W in fulls.items()}).values():
         exact.update(zip(keys, svd_factors(torch.stack([fulls[key] for key in keys]))))
-    quads = {name: (*exact.get((name, "w1"), h.w1), *exact.get((name, "w2"), h.w2)) for name, h in halves.items()}
-    factors = map_by_shape(quads, kron_factors)
+    quads = {name: (*exact.get((name, "w1"), pairs[name, "w1"]), *exact.get((name, "w2"), pairs[name, "w2"]))
+             for name in halves if name not in dense}
+    factors.update(map_by_shape(quads, kron_factors))
     return {name: lora_module(name, *factors[name], h, grouped[name], scale(name, grouped[name], h.rank))
             for name, h in halves.items()}

@@ -9,6 +9,7 @@ checkpoint's keys without `.weight` for the models mlx-lm converts from Hugging 
 from __future__ import annotations
 
 import json
+import math
 import re
 import zipfile
 from pathlib import Path
@@ -18,10 +19,13 @@ import torch
 from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
+from ..bounds import archive_limit
+from ..digests import reading
 from ..errors import AdapterFormatError, UnsupportedAdapterError
 from ..jsonio import check_fields, finite_number, json_object, positive_int, read_json_object, string
 from .layout import uniform_rank
-from .tensors import check_magnitude, read_safetensors, safetensors_header, write_safetensors
+from .folders import group_by_role, weights_in
+from .tensors import check_magnitude, check_stored, read_safetensors, safetensors_header, write_safetensors
 
 NAME = "mlx"
 WRITES_FILE = False
@@ -45,9 +49,7 @@ def is_mlx_config(config: Path) -> bool:
 
 def weights_of(path: Path) -> Path | None:
     """The tensor file of an mlx adapter folder (adapters.safetensors, else adapters.npz) or the file itself."""
-    if path.is_file():
-        return path
-    return next((path / n for n in (WEIGHTS_NAME, NPZ_NAME) if (path / n).exists()), None)
+    return weights_in(path, (WEIGHTS_NAME, NPZ_NAME))
 
 
 def detect(path: Path) -> bool:
@@ -64,14 +66,39 @@ def detect(path: Path) -> bool:
     return header is not None and any(k.endswith((".lora_a", ".lora_b")) for k in header[0])
 
 
+def npz_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, path: Path) -> np.ndarray:
+    """One array of an .npz archive: its .npy header read first, and its declared shape × itemsize checked against the
+    member's size before the data is decompressed."""
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(member)
+        if dtype.hasobject:
+            raise ValueError(f"member {info.filename!r} holds Python objects (pickle)")
+        need = math.prod(shape) * dtype.itemsize + member.tell()
+        if need != info.file_size:
+            raise ValueError(f"member {info.filename!r} declares shape {shape} of {dtype} ({need:,} bytes with its "
+                             f"header) but the archive records {info.file_size:,} bytes for it")
+    with archive.open(info) as member:
+        return np.lib.format.read_array(member, allow_pickle=False)
+
+
 def read_npz(path: Path) -> dict[str, Tensor]:
-    """The arrays of a numpy .npz archive, without pickle (object arrays are refused)."""
+    """The arrays of a numpy .npz archive, without pickle (object arrays are refused), after checking that the
+    members decompress to no more than adaptools.bounds allows for the archive's size."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: torch.from_numpy(np.ascontiguousarray(archive[key])) for key in archive.files}
-    except (zipfile.BadZipFile, EOFError) as exc:
+        with reading(path), zipfile.ZipFile(path) as archive:
+            infos = [info for info in archive.infolist() if not info.is_dir()]
+            total, limit = sum(i.file_size for i in infos), archive_limit(path.stat().st_size)
+            if total > limit:
+                raise AdapterFormatError(
+                    f"{str(path)!r}: its members decompress to {total:,} bytes, more than {limit:,} for an archive of "
+                    f"{path.stat().st_size:,} bytes (adaptools.bounds): a compression bomb?")
+            arrays = {info.filename.removesuffix(".npy"): npz_member(archive, info, path) for info in infos}
+            return {key: torch.from_numpy(np.ascontiguousarray(array)) for key, array in arrays.items()}
+    except (zipfile.BadZipFile, EOFError, zipfile.LargeZipFile) as exc:
         raise AdapterFormatError(f"{str(path)!r} is not a readable numpy .npz archive: this file is truncated or corrupt ({exc})") from exc
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, NotImplementedError) as exc:
         raise AdapterFormatError(f"{str(path)!r} is not a numpy .npz archive of plain arrays ({exc})") from exc
 
 
@@ -95,6 +122,8 @@ def mlx_module(name: str, parts: dict[str, Tensor], scale: float, rank: int | No
     magnitude = parts.get("m")
     if a.shape[1] == 0:
         raise AdapterFormatError(f"mlx module {name!r} has rank 0 (an empty update)")
+    check_stored(name, "lora_a", a)
+    check_stored(name, "lora_b", b)
     if magnitude is not None:
         magnitude = magnitude.reshape(-1)
         check_magnitude(name, magnitude, ".m")
@@ -138,14 +167,7 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
         )
     rank = params.get("rank")
     tensors = read_npz(weights) if weights.suffix == ".npz" else read_safetensors(weights)[0]
-    grouped: dict[str, dict[str, Tensor]] = {}
-    for key, tensor in tensors.items():
-        suffix = next((s for s in ROLES if key.endswith(s)), None)
-        if suffix is None:
-            raise AdapterFormatError(f"{str(weights)!r}: unexpected key {key!r} in an mlx adapter")
-        grouped.setdefault(key[: -len(suffix)], {})[ROLES[suffix]] = tensor
-    if not grouped:
-        raise AdapterFormatError(f"{str(weights)!r} holds no LoRA tensors")
+    grouped = group_by_role(weights, tensors, ROLES, "an mlx adapter")
     modules = {name: mlx_module(name, parts, float(scale), rank) for name, parts in grouped.items()}
     dora = [m.is_dora for m in modules.values()]
     if config and any(dora) != (config.get("fine_tune_type") == "dora"):

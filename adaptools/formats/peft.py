@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..adapter import Adapter, LoraModule
 from ..errors import AdapterFormatError, DoraError, RankMismatchError, ShapeMismatchError, UnsupportedAdapterError
+from ..patterns import UnsafePattern, first_match, peft_rule
 from ..jsonio import (
     boolean,
     booleans,
@@ -24,17 +25,15 @@ from ..jsonio import (
     mapping_of,
     positive_int,
     positive_number,
-    read_json_object,
     string,
     string_or_strings,
 )
-from .tensors import check_factors, check_magnitude, read_tensor_file, require_exists, safetensors_header, write_safetensors
+from .folders import CONFIG_NAME, PREFIX, WEIGHTS_NAMES, adapter_name, group_keys, read_folder, weights_in
+from .tensors import (check_factors, check_magnitude, check_stored, read_tensor_file, safetensors_header,
+                      write_safetensors)
 
 NAME = "peft"
 WRITES_FILE = False
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
-PREFIX = "base_model.model."
 SUPPORTED_TYPES = ("LORA", "ADALORA")
 PROMPT_TYPES = ("PROMPT_TUNING", "P_TUNING", "PREFIX_TUNING", "MULTITASK_PROMPT_TUNING", "CPT", "ADAPTION_PROMPT")
 """PEFT types whose adapters are learned prompts (virtual tokens), with no weight update to merge."""
@@ -56,31 +55,17 @@ LORA_SUFFIXES = {
 
 
 def pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: the value of the first key (dict order) with re.match(rf"(.*\\.)?({key})$", module), else default."""
-    for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
+    """PEFT's rule: the value of the first key (dict order) with re.match(rf"(.*\\.)?({key})$", module), else default;
+    AdapterFormatError for a key whose matching time has no small bound (adaptools.patterns)."""
+    try:
+        return first_match(patterns, module, default)
+    except UnsafePattern as exc:
+        raise AdapterFormatError(f"module {module!r}: rank/alpha {exc}") from None
 
 
 def lora_scale(alpha: float, rank: int, use_rslora: bool) -> float:
     """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA."""
     return alpha / math.sqrt(rank) if use_rslora else alpha / rank
-
-
-def locate(path: str | os.PathLike) -> tuple[Path, Path]:
-    """(config path, weights path) of a PEFT folder, or of a weights file with its config beside it."""
-    path = require_exists(path)
-    folder = path if path.is_dir() else path.parent
-    config = folder / CONFIG_NAME
-    if not config.exists():
-        raise AdapterFormatError(f"{str(path)!r} is not a PEFT adapter: no {CONFIG_NAME} in {str(folder)!r}")
-    if path.is_file():
-        return config, path
-    for name in WEIGHTS_NAMES:
-        if (folder / name).exists():
-            return config, folder / name
-    raise AdapterFormatError(f"{str(folder)!r} has {CONFIG_NAME} but no {' or '.join(WEIGHTS_NAMES)}")
 
 
 CONFIG_FIELDS = {
@@ -101,47 +86,38 @@ NULLABLE_FIELDS = ("target_modules", "rank_pattern", "alpha_pattern", "base_mode
 """Keys whose null means absent (PEFT's defaults)."""
 
 
-def read_config(path: Path) -> dict:
-    """adapter_config.json as a dict, with a typed error for bad JSON, a key of the wrong type (CONFIG_FIELDS), a
-    pattern that is not a regular expression, or an unsupported adapter type."""
-    config = read_json_object(path, AdapterFormatError)
-    source = str(path)
+def check_config(config: dict, source: str) -> None:
+    """A typed error for a key of adapter_config.json of the wrong type (CONFIG_FIELDS), a pattern that is not a
+    bounded regular expression, or an unsupported adapter type."""
     peft_type = string(config.get("peft_type", "LORA"), "peft_type", source, AdapterFormatError).upper()
     if peft_type in PROMPT_TYPES:
         raise UnsupportedAdapterError(
-            f"{str(path)!r}: PEFT {peft_type} adapters hold virtual tokens, not a weight update, so there is nothing "
+            f"{source!r}: PEFT {peft_type} adapters hold virtual tokens, not a weight update, so there is nothing "
             "to combine or merge into the base's weights"
         )
     if peft_type not in SUPPORTED_TYPES:
         raise UnsupportedAdapterError(
-            f"unsupported adapter type {peft_type!r} in {str(path)!r}: adaptools handles LoRA, DoRA and AdaLoRA adapters"
+            f"unsupported adapter type {peft_type!r} in {source!r}: adaptools handles LoRA, DoRA and AdaLoRA adapters"
         )
     checks = dict(CONFIG_FIELDS, rank_pattern=mapping_of(booleans)) if peft_type == "ADALORA" else CONFIG_FIELDS
     check_fields(config, checks, source, AdapterFormatError, nullable=NULLABLE_FIELDS)
     check_patterns(config, source)
-    return config
 
 
 def check_patterns(config: dict, source: str) -> None:
-    """AdapterFormatError unless every rank_pattern / alpha_pattern key compiles in PEFT's matching rule."""
+    """AdapterFormatError unless every rank_pattern / alpha_pattern key compiles in PEFT's matching rule with a bound
+    on its matching time (adaptools.patterns)."""
     for key in ("rank_pattern", "alpha_pattern"):
         for pattern in config.get(key) or {}:
             try:
-                re.compile(rf"(.*\.)?({pattern})$")
-            except re.error as exc:
-                raise AdapterFormatError(f"{source!r}: {key} key {pattern!r} is not a regular expression ({exc})") from None
+                peft_rule(pattern)
+            except UnsafePattern as exc:
+                raise AdapterFormatError(f"{source!r}: {key} key {pattern!r} {exc}") from None
 
 
 def is_peft_key(key: str) -> bool:
     """True for a key of PEFT's state dict: `base_model.model.<path>.<LoRA role>`."""
     return key.startswith(PREFIX) and split_key(key.removeprefix(PREFIX))[1] is not None
-
-
-def weights_file(path: Path) -> Path | None:
-    """The weights of a PEFT folder or the file itself (None for a folder without one)."""
-    if path.is_file():
-        return path
-    return next((path / name for name in WEIGHTS_NAMES if (path / name).exists()), None)
 
 
 def detect(path: Path) -> bool:
@@ -150,7 +126,7 @@ def detect(path: Path) -> bool:
     has_config = (path if path.is_dir() else path.parent).joinpath(CONFIG_NAME).exists()
     if has_config and path.is_dir():
         return True
-    weights = weights_file(path)
+    weights = weights_in(path, WEIGHTS_NAMES)
     if weights is not None and weights.name == WEIGHTS_NAMES[1]:  # a pickle: its keys are read only if allowed
         return True
     header = safetensors_header(weights) if weights is not None else None
@@ -164,11 +140,6 @@ def split_key(key: str) -> tuple[str, str | None]:
         if key.endswith(suffix):
             return key[: -len(suffix)], LORA_SUFFIXES[suffix]
     return key, None
-
-
-def base_key(key: str) -> str:
-    """Base checkpoint key of a full tensor stored by PEFT (`x.base_layer.weight` → `x.weight`)."""
-    return key.replace(".base_layer.", ".")
 
 
 def adalora_mask(config: dict, module: str) -> list[bool] | None:
@@ -186,9 +157,13 @@ def adalora_factors(parts: dict[str, Tensor], module: str, config: dict) -> tupl
         raise AdapterFormatError(f"AdaLoRA module {module!r} lacks {', '.join(missing)}")
     A, B, E = parts["A"], parts["B"], parts["E"].reshape(-1)
     check_factors(module, A, B)
+    check_stored(module, "lora_E", E)
     if E.shape[0] != A.shape[0]:
         raise RankMismatchError(f"AdaLoRA module {module!r}: lora_A has rank {A.shape[0]} but lora_E has {E.shape[0]} values")
     mask = adalora_mask(config, module)
+    if mask is not None and not any(mask):
+        raise AdapterFormatError(f"AdaLoRA module {module!r} keeps no rank (its rank_pattern mask is all false): "
+                                 "pruning left it no update, and a rank-0 module cannot be written")
     if mask is not None and len(mask) == A.shape[0] != sum(mask):  # saved before pruning: apply the mask
         keep = torch.tensor(mask, dtype=torch.bool)
         A, B, E = A[keep], B[:, keep], E[keep]
@@ -249,16 +224,7 @@ def lora_module(module: str, parts: dict[str, Tensor], config: dict) -> LoraModu
 
 def group_state(tensors: dict[str, Tensor]) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
     """PEFT state-dict keys grouped per module ({module: {role: tensor}}), and the full tensors by base key."""
-    grouped: dict[str, dict[str, Tensor]] = {}
-    extra: dict[str, Tensor] = {}
-    for key, tensor in tensors.items():
-        key = key.removeprefix(PREFIX)
-        module, role = split_key(key)
-        if role is None:
-            extra[base_key(key)] = tensor
-        else:
-            grouped.setdefault(module, {})[role] = tensor
-    return grouped, extra
+    return group_keys(tensors, split_key)
 
 
 def build_adapter(source: Path, grouped: dict[str, dict[str, Tensor]], extra: dict[str, Tensor], config: dict,
@@ -273,25 +239,18 @@ def build_adapter(source: Path, grouped: dict[str, dict[str, Tensor]], extra: di
     return adapter
 
 
-def adapter_name(path: Path) -> str:
-    """The adapter's name: its folder's name."""
-    return path.name if path.is_dir() else path.parent.name
-
-
 def read_peft(path: str | os.PathLike, allow_pickle: bool = False) -> Adapter:
     """Read a PEFT LoRA/DoRA/AdaLoRA adapter folder (or its weights file) into an Adapter."""
-    config_path, weights_path = locate(path)
-    config = read_config(config_path)
-    tensors, _ = read_tensor_file(weights_path, allow_pickle=allow_pickle)
-    grouped, extra = group_state(tensors)
-    return build_adapter(config_path, grouped, extra, config, adapter_name(Path(path)))
+    folder = read_folder(path, {}, check=check_config, allow_pickle=allow_pickle)
+    grouped, extra = group_state(folder.tensors)
+    return build_adapter(folder.config_path, grouped, extra, folder.config, folder.name)
 
 
 def read_weights_only(path: Path, *, allow_pickle: bool = False, scale: float | None = None,
                       alpha: float | None = None) -> Adapter:
     """PEFT weights without adapter_config.json: ranks from the shapes; scale = `scale`, or `alpha`/r, or 1
     (alpha = r, with a warning: the scale PEFT trained with is in the missing config)."""
-    weights = weights_file(path)
+    weights = weights_in(path, WEIGHTS_NAMES)
     if weights is None:
         raise AdapterFormatError(f"{str(path)!r} has neither {CONFIG_NAME} nor {' or '.join(WEIGHTS_NAMES)}")
     tensors, _ = read_tensor_file(weights, allow_pickle=allow_pickle)

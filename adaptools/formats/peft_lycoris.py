@@ -15,10 +15,10 @@ from torch import Tensor
 from ..adapter import Adapter
 from ..errors import AdapterFormatError, AdaptoolsError, ShapeMismatchError, UnsupportedAdapterError
 from .lycoris import LOHA_ROLES, LOKR_ROLES, ScaleRule, loha_modules, lokr_modules
-from ..jsonio import (boolean, check_fields, finite_number, mapping_of, positive_int, positive_number, read_json_object,
+from ..jsonio import (boolean, finite_number, mapping_of, positive_int, positive_number, read_json_object,
                       string_or_strings)
-from .peft import CONFIG_NAME, PREFIX, base_key, check_patterns, locate, pattern_value
-from .tensors import read_tensor_file
+from .folders import CONFIG_NAME, group_keys, read_folder
+from .peft import check_patterns, pattern_value
 
 NAME = "peft-lycoris"
 TYPES = {"LOHA": LOHA_ROLES, "LOKR": LOKR_ROLES}
@@ -73,25 +73,18 @@ CONFIG_FIELDS = {
 
 def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, alpha: float | None = None) -> Adapter:
     """Read a PEFT LoHa or LoKr adapter folder (or its weights file)."""
-    config_path, weights_path = locate(path)
-    config = read_json_object(config_path, AdapterFormatError)
-    check_fields(config, CONFIG_FIELDS, str(config_path), AdapterFormatError,
-                 nullable=("target_modules", "rank_pattern", "alpha_pattern"))
-    check_patterns(config, str(config_path))
-    kind = str(config.get("peft_type")).upper()
+    folder = read_folder(path, CONFIG_FIELDS, nullable=("target_modules", "rank_pattern", "alpha_pattern"),
+                         check=check_patterns, allow_pickle=allow_pickle)
+    kind = str(folder.config.get("peft_type")).upper()
     roles = TYPES[kind]
-    tensors, _ = read_tensor_file(weights_path, allow_pickle=allow_pickle)
-    grouped: dict[str, dict[str, Tensor]] = {}
-    extra: dict[str, Tensor] = {}
-    for key, tensor in tensors.items():
-        key = key.removeprefix(PREFIX)
+
+    def split(key: str) -> tuple[str, str | None]:
         module, _, role = key.rpartition(".")
-        if role in roles:
-            grouped.setdefault(module, {})[role] = tensor
-        else:
-            extra[base_key(key)] = tensor
+        return (module, role) if role in roles else (key, None)
+
+    grouped, extra = group_keys(folder.tensors, split)
     if not grouped:
-        raise AdapterFormatError(f"{str(weights_path)!r} holds no {kind} tensors")
+        raise AdapterFormatError(f"{str(folder.weights_path)!r} holds no {kind} tensors")
     for module, parts in grouped.items():
         if kind == "LOKR" and "lokr_w2" in parts and parts["lokr_w2"].ndim == 3:
             raise UnsupportedAdapterError(
@@ -100,14 +93,14 @@ def read(path: Path, *, allow_pickle: bool = False, scale: float | None = None, 
                 "product of unequal dimensions, which is not kron(W1, W2)"
             )
     build = loha_modules if kind == "LOHA" else lokr_modules
-    modules = build(grouped, config_scale(config))
+    modules = build(grouped, config_scale(folder.config))
     adapter = Adapter(
         modules={name: modules[name] for name in grouped},
         extra=extra,
-        base_model=config.get("base_model_name_or_path"),
-        config=config,
+        base_model=folder.config.get("base_model_name_or_path"),
+        config=folder.config,
         source_format=f"peft-{kind.lower()}",
-        name=Path(path).name if Path(path).is_dir() else Path(path).parent.name,
+        name=folder.name,
     )
     adapter.check_finite()
     return adapter

@@ -9,6 +9,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from ..digests import reading
 from ..errors import (
     AdapterFormatError,
     InputNotFoundError,
@@ -69,7 +70,7 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[s
     """All tensors and the metadata of a safetensors file; a corrupt or truncated file raises AdapterFormatError."""
     path = require_exists(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with reading(path), safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             return {key: f.get_tensor(key) for key in f.keys()}, metadata
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -87,8 +88,24 @@ def safetensors_header(path: Path) -> tuple[list[str], dict[str, str]] | None:
         return None
 
 
+FACTOR_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+"""The dtypes adapter factors are read in: integers would wrap or round, float8 has no family that stores it."""
+
+
+def check_stored(module: str, role: str, tensor: Tensor) -> None:
+    """AdapterFormatError unless a stored factor is floating point (FACTOR_DTYPES) and not empty."""
+    if tensor.dtype not in FACTOR_DTYPES:
+        raise AdapterFormatError(
+            f"module {module!r}: {role} is stored as {str(tensor.dtype).removeprefix('torch.')}; adapter factors must "
+            "be float16, bfloat16, float32 or float64"
+        )
+    if tensor.numel() == 0:
+        raise AdapterFormatError(f"module {module!r}: {role} of shape {tuple(tensor.shape)} is empty")
+
+
 def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("lora_A", "lora_B")) -> None:
-    """Raise unless A (r, in[, k...]) and B (out, r[, 1...]) are LoRA factors: same number of dims, one rank, 1x1 kernel in B."""
+    """Raise unless A (r, in[, k...]) and B (out, r[, 1...]) are LoRA factors: floating point, same number of dims,
+    one rank ≥ 1, no empty dimension, 1x1 kernel in B."""
     if A.ndim < 2 or B.ndim != A.ndim:
         raise ShapeMismatchError(
             f"module {module!r}: {names[0]} of shape {tuple(A.shape)} and {names[1]} of shape {tuple(B.shape)} are not LoRA factors"
@@ -97,12 +114,15 @@ def check_factors(module: str, A: Tensor, B: Tensor, names: tuple[str, str] = ("
         raise RankMismatchError(f"module {module!r}: {names[0]} has rank {A.shape[0]} but {names[1]} has rank {B.shape[1]}")
     if A.shape[0] == 0:
         raise RankMismatchError(f"module {module!r}: {names[0]} and {names[1]} have rank 0 (an empty update)")
+    check_stored(module, names[0], A)
+    check_stored(module, names[1], B)
     if any(s != 1 for s in B.shape[2:]):
         raise ShapeMismatchError(f"module {module!r}: {names[1]} must have a 1x1 kernel, got {tuple(B.shape)}")
 
 
 def check_magnitude(module: str, magnitude: Tensor, name: str = "lora_magnitude_vector") -> None:
     """Raise AdapterFormatError unless every DoRA magnitude m (the norm of a row of W') is positive and finite."""
+    check_stored(module, name, magnitude)
     bad = ~(torch.isfinite(magnitude) & (magnitude > 0))
     if bool(bad.any()):
         value = float(magnitude.reshape(-1)[bad.reshape(-1)][0])
@@ -117,10 +137,11 @@ def read_pickle(path: str | os.PathLike, allow_pickle: bool) -> dict[str, Tensor
         raise PickleNotAllowedError(
             f"{str(path)!r} is a pickle file; pass --allow-pickle (allow_pickle=True) to load it with weights_only=True"
         )
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for a broken or unsafe pickle
-        raise AdapterFormatError(f"{str(path)!r} is not a readable torch state dict ({exc})") from exc
+    with reading(path):
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for a broken or unsafe pickle
+            raise AdapterFormatError(f"{str(path)!r} is not a readable torch state dict ({exc})") from exc
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise AdapterFormatError(f"{str(path)!r} does not hold a flat dict of tensors")
     return state

@@ -122,8 +122,10 @@ def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
     """A file-order sha256 per base shard, its header (read when the checkpoint was opened) already counted."""
     hashers = {}
     for shard in ckpt.shards:
-        hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard)
-        starts = [ckpt.info(key).start for key in ckpt.shard_keys(shard)]
+        infos = [ckpt.info(key) for key in ckpt.shard_keys(shard)]
+        size = max((info.end for info in infos), default=None)  # the header's validation: no byte after the data
+        hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard, size)
+        starts = [info.start for info in infos]
         hasher.done(0, min(starts, default=0))
     return hashers
 
@@ -156,10 +158,13 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
                 hashers[path].done(info.start, info.end)
         return read
 
+    def place(root: Path, plan: OutputPlan) -> Path:  # a file output under --each is <name><suffix>
+        return root if not each else root / (f"{plan.name}{ckpt.output_suffix}" if ckpt.output_is_file else plan.name)
+
     sinks: list[Sink] = []
     with atomic_output(target, overwrite=overwrite, is_file=ckpt.output_is_file and not each) as tmp:
         try:
-            sinks += [ckpt.open_output(tmp / f"{plan.name}{ckpt.output_suffix}" if each else tmp, encoder, layout,
+            sinks += [ckpt.open_output(place(tmp, plan), encoder, layout,
                                        hash_inputs=hash_inputs and i == 0, skip=(RECIPE_NAME,))  # the base's recipe is not this one's
                       for i, plan in enumerate(plans)]
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
@@ -176,7 +181,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
             for sink in sinks:
                 sink.abort()
     return MergeReport(
-        outputs={plan.name: target / f"{plan.name}{ckpt.output_suffix}" if each else target for plan in plans},
+        outputs={plan.name: place(target, plan) for plan in plans},
         modules={plan.name: len(plan.updates) for plan in plans},
         tensors=len(specs),
         bytes_read=total,
@@ -188,4 +193,6 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
         dtype=encoder.label,
         quantized=encoder.quantized,
         survival={plan.name: kept for plan, kept in zip(plans, survival) if kept},
+        base=ckpt.label,
+        output_files=ckpt.output_is_file,
     )

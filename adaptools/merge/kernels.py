@@ -125,6 +125,41 @@ class DoraUpdate(LoraUpdate):
 
 
 @dataclass
+class RowBlockUpdate(Update):
+    """W[start:stop] += L @ R for each block of a fused weight (Flux qkv / linear1, OpenCLIP in_proj: one block per
+    diffusers module it fuses); L holds the block's rows only, so no ΔW or factor spans the whole fused height.
+    Blocks may repeat or overlap (their updates add). Same-layout weights stack: one baddbmm per block and tile."""
+
+    blocks: tuple[tuple[int, int], ...]
+    factors: tuple[tuple[Tensor, Tensor], ...]
+
+    def group_key(self) -> Hashable:
+        return type(self), self.blocks
+
+    @classmethod
+    def stack(cls, updates: Sequence[RowBlockUpdate]) -> list[tuple[int, int, Tensor, Tensor]]:
+        return [(start, stop, stack_padded([u.factors[b][0] for u in updates], dim=1),
+                 stack_padded([u.factors[b][1] for u in updates], dim=0))
+                for b, (start, stop) in enumerate(updates[0].blocks)]
+
+    @classmethod
+    def apply(cls, W: Tensor, stacked: list[tuple[int, int, Tensor, Tensor]], first: int, last: int) -> None:
+        for start, stop, L, R in stacked:
+            low, high = max(start, first), min(stop, last)
+            if low < high:
+                lora_merge(W[:, low - first:high - first], L[:, low - start:high - start], R, inplace=True)
+
+
+def row_blocks(parts: Sequence[tuple[tuple[int, int], Tensor, Tensor]]) -> RowBlockUpdate:
+    """One weight's RowBlockUpdate from (rows [start, stop), L (stop − start, r), R (r, cols)) parts, sorted by rows."""
+    ordered = sorted(parts, key=lambda part: part[0])
+    for (start, stop), L, _ in ordered:
+        if L.shape[0] != stop - start:
+            raise ValueError(f"a row block [{start}, {stop}) needs {stop - start} rows of L, got {L.shape[0]}")
+    return RowBlockUpdate(tuple(rows for rows, _, _ in ordered), tuple((L, R) for _, L, R in ordered))
+
+
+@dataclass
 class ScaleUpdate(Update):
     """IA3: W' = W ⊙ l, `vector` l scaling the rows of the 2-D view (rows,) or, with `columns`, its columns (cols,)."""
 

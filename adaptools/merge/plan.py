@@ -26,7 +26,7 @@ from ..ia3 import IA3Adapter
 from ..linalg import group_by
 from ..checkpoints.stored import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec
 from ..names import listed, plain_name
-from .kernels import DoraUpdate, LoraUpdate, ScaleUpdate, Update
+from .kernels import DoraUpdate, LoraUpdate, ScaleUpdate, Update, row_blocks
 
 
 @dataclass
@@ -126,6 +126,28 @@ def fit_ia3(adapter: IA3Adapter, specs: dict[str, TensorSpec], model_type: str |
     return FittedIA3(adapter, scalings)
 
 
+ROWS = "#rows:"
+"""A module landing on a row block of a fused stored weight (or on a key not ending in `.weight`) is planned under
+the name `<stored key>#rows:<start>:<stop>` (`<stored key>#rows:` for all of it)."""
+
+
+def planned_name(key: str, rows: tuple[int, int] | None) -> str:
+    """The planning name of a module whose update lands on `rows` of the stored `key` (all of it when None):
+    `<module>` for a whole `<module>.weight`, else the key with its rows."""
+    if rows is None and key.endswith(".weight"):
+        return key.removesuffix(".weight")
+    return f"{key}{ROWS}" + ("" if rows is None else f"{rows[0]}:{rows[1]}")
+
+
+def stored_target(name: str) -> tuple[str, tuple[int, int] | None]:
+    """(stored key, row block or None) of a planning name (`planned_name`'s inverse)."""
+    if ROWS not in name:
+        return f"{name}.weight", None
+    key, _, rows = name.partition(ROWS)
+    start, _, stop = rows.partition(":")
+    return key, (int(start), int(stop)) if rows else None
+
+
 def targeted(adapter: Adapter, names: NameMap, missing: list[str]) -> Adapter:
     """The adapter with its modules named by the stored weights they land in (`names`), rows in the stored order
     (a Target's `row_order` permutes B's rows: ΔW[order] = B[order]·A) and its full tensors by their stored keys;
@@ -136,15 +158,12 @@ def targeted(adapter: Adapter, names: NameMap, missing: list[str]) -> Adapter:
         if target is None:
             missing.append(f"{name}.weight")
             continue
-        if target.rows is not None:
-            raise BaseMismatchError(f"module {name!r} updates rows {target.rows[0]}..{target.rows[1]} of the fused "
-                                    f"weight {target.key!r}, which this base's merge cannot apply")
         order = target.row_order
         if order is not None:
             module = replace(module, B=module.B[order],
                              magnitude=None if module.magnitude is None else module.magnitude[order],
                              bias=None if module.bias is None else module.bias[order])
-        modules[target.key.removesuffix(".weight")] = module
+        modules[planned_name(target.key, target.rows)] = module
     extra = {}
     for key, tensor in adapter.extra.items():
         stored = names.key(key)
@@ -174,16 +193,21 @@ def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, Tens
         unsupported += [f"{key} ({DTYPE_NAMES.get(specs[key].dtype, specs[key].dtype)})"
                         for key in (scaled.scalings if scaled else ()) if specs[key].dtype not in MERGEABLE_DTYPES]
         for name, module in adapter.items() if lora else ():
-            spec = specs.get(f"{name}.weight")
+            stored, rows = stored_target(name)
+            spec = specs.get(stored)
             if spec is None:
-                missing.append(f"{name}.weight")
+                missing.append(stored)
                 continue
             if spec.dtype not in MERGEABLE_DTYPES:
-                unsupported.append(f"{name}.weight ({DTYPE_NAMES.get(spec.dtype, spec.dtype)})")
+                unsupported.append(f"{stored} ({DTYPE_NAMES.get(spec.dtype, spec.dtype)})")
                 continue
-            fit = fit_module(module, spec.shape, square)
-            if fit is None:
-                misfit.append(f"{name}: the adapter needs {module.weight_shape}, the base has {spec.shape}")
+            shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
+            fit = fit_module(module, shape, square) if rows is None or rows[1] <= spec.shape[0] else None
+            if fit is None or (ROWS in name and (fit.transposed or module.bias is not None)):
+                where = "" if rows is None else f" rows {rows[0]}..{rows[1]} of"
+                misfit.append(f"{stored.removesuffix('.weight')}: the adapter needs {module.weight_shape}, the base has"
+                              f"{where} {spec.shape}"
+                              + (" (a fused slice takes a plain LoRA: no bias, no transposed layout)" if fit else ""))
                 continue
             fitted[name] = fit
             if module.bias is not None:
@@ -223,6 +247,7 @@ def plan_output(name: str, adapters: Sequence[Adapter | FittedIA3], weights: Seq
     2-D view, factors on `device` in float32; an IA3 adapter's vectors as scalings of its weights and biases."""
     updates: dict[str, Update] = {}
     biases: dict[str, Tensor] = {}
+    blocks: dict[str, list[tuple[tuple[int, int], Tensor, Tensor]]] = {}
     lora = [(a, w) for a, w in zip(adapters, weights) if isinstance(a, Adapter)]
     for module_name, terms in plan_terms([a for a, _ in lora], [w for _, w in lora]).items():
         first = terms[0].module
@@ -232,13 +257,26 @@ def plan_output(name: str, adapters: Sequence[Adapter | FittedIA3], weights: Seq
                 "or use --each"
             )
         L, R = (f.to(device) for f in first.base_factors(*concat_factors(terms)))
-        updates[f"{module_name}.weight"] = (
+        stored, rows = stored_target(module_name)
+        if rows is not None:
+            if any(t.module.is_dora for t in terms):
+                raise DoraError(f"module {module_name!r} is a DoRA module on rows {rows[0]}..{rows[1]} of a fused "
+                                "weight, which the merge does not apply")
+            blocks.setdefault(stored, []).append((rows, L, R))
+            continue
+        updates[stored] = (
             LoraUpdate(L, R) if first.magnitude is None
             else DoraUpdate(L, R, first.magnitude.float().to(device), first.transposed)
         )
         bias = combined_bias(terms, torch.float32)
         if bias is not None:
             biases[f"{module_name}.bias"] = bias
+    for key, parts in blocks.items():  # fused weights: one row-block update each, a whole-weight LoRA included
+        whole = updates.pop(key, None)
+        if whole is not None and type(whole) is not LoraUpdate:
+            raise DoraError(f"{key!r} gets a DoRA update and updates of its fused slices in one output; merge them one "
+                            "after another or use --each")
+        updates[key] = row_blocks(parts + ([((0, whole.L.shape[0]), whole.L, whole.R)] if whole is not None else []))
     for fitted, weight in zip(adapters, weights):
         if isinstance(fitted, FittedIA3):
             plan_ia3(fitted, weight, updates, biases, device)
@@ -305,7 +343,7 @@ def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: Container
             adapter = reader(local, allow_pickle=allow_pickle)
         if isinstance(adapter, Adapter) and any(name.startswith(PREFIXES) and ckpt.names.target(name) is None
                                                 for name in adapter.modules):
-            adapter = remap_to_base(adapter, [f"{module}.weight" for module in ckpt.names.modules()])
+            adapter = remap_to_base(adapter, ckpt.names.kohya_names())
         loaded.append(adapter)
     return loaded
 

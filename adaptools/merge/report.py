@@ -35,6 +35,10 @@ class MergeReport:
     dtype: str | None
     quantized: int = 0
     survival: dict[str, dict[str, float]] = field(default_factory=dict)
+    base: str = ""
+    output_files: bool = False
+    """True when each output is one file (a single-file checkpoint), not a folder."""
+    """What the base is (its container's label: "hf folder", "sdxl single file", ...)."""
 
     def to_dict(self) -> dict:
         """The report as JSON-able data (paths as strings)."""

@@ -7,6 +7,8 @@ import click
 
 import adaptools
 from adaptools.atomic import check_output
+from adaptools.checkpoints import is_diffusion_checkpoint
+from adaptools.sources import resolve
 from adaptools.extract import ExtractReport
 from adaptools.formats import FORMATS
 from adaptools.linalg import RankPolicy, SvdMethod
@@ -34,8 +36,9 @@ def echo_report(report: ExtractReport) -> None:
 @click.option("--svd", type=click.Choice(typing.get_args(SvdMethod)), default="auto", show_default=True,
               help="Dense SVD, randomized range finder (exact error reported either way), or chosen by size.")
 @click.option("--device", default="auto", show_default=True, help="Where the SVDs run: auto, cpu or cuda.")
-@click.option("--to", "fmt", type=click.Choice((*FORMATS, "gguf")), default="peft", show_default=True,
-              help="Output format (gguf: a llama.cpp adapter named after BASE).")
+@click.option("--to", "fmt", type=click.Choice((*FORMATS, "gguf")),
+              help="Output format (default: kohya for a diffusion checkpoint, a single file or pipeline; else peft; "
+                   "gguf: a llama.cpp adapter named after BASE).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="dtype of the factors (default: the tuned weights').")
 @click.option("--full-tensors", is_flag=True,
               help="Keep changed embeddings and the LM head as full tensors (modules_to_save) instead of LoRA.")
@@ -45,7 +48,7 @@ def echo_report(report: ExtractReport) -> None:
 @provenance("extract")
 def extract(base: str, tuned: str, rank: int | None, energy: float | None, ratio: float | None,
             threshold: float | None, budget: float | None, include: tuple[str, ...], exclude: tuple[str, ...],
-            svd: str, device: str, fmt: str, dtype: str | None, full_tensors: bool, report_path: str | None,
+            svd: str, device: str, fmt: str | None, dtype: str | None, full_tensors: bool, report_path: str | None,
             output: str, overwrite: bool, layout: str | None, pad_rank: int | None, serve: str | None) -> dict:
     """LoRA of TUNED − BASE (checkpoint folders, GGUF files or Hub repo ids, NF4 and GGUF types decoded): best
     rank-k fit of each changed weight.
@@ -59,6 +62,7 @@ def extract(base: str, tuned: str, rank: int | None, energy: float | None, ratio
     adapter, report = adaptools.extract(base, tuned, policy=policy, include=include or None, exclude=exclude or None,
                                         svd=svd, device=device, full_tensors=full_tensors,
                                         dtype=DTYPES.get(dtype or ""), progress=True)
+    fmt = fmt or ("kohya" if is_diffusion_checkpoint(resolve(base, "model")) else "peft")
     save(adapter, output, fmt, overwrite, layout, pad_rank, serve, base=base)
     write_report(report_path, report.to_dict(), overwrite)
     echo_report(report)

@@ -6,9 +6,10 @@ import json
 import click
 
 import adaptools
+from adaptools.checkpoints import is_diffusion_checkpoint, open_container
 from adaptools.sources import resolve
 from adaptools.checkpoints import gguf_file
-from adaptools.summary import adapter_summary, gguf_summary, ia3_summary
+from adaptools.summary import adapter_summary, checkpoint_summary, gguf_summary, ia3_summary
 
 from ..options import reading_options
 from ..render import echo_table
@@ -22,10 +23,15 @@ from ..render import echo_table
 def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scale: float | None,
          alpha: float | None) -> None:
     """Show the format (the adapter family detected), base model, DoRA or not, and per module rank, scale, shape
-    and parameters. For a GGUF file (a model or a llama.cpp adapter): architecture, tensor types with counts, size."""
+    and parameters. For a diffusion checkpoint (a single .safetensors file in the SD1.x/SD2/SDXL/Flux original
+    layout, or a diffusers pipeline folder): the family and per component the parameters and dtypes. For a GGUF
+    file (a model or a llama.cpp adapter): architecture, tensor types with counts, size."""
     local = resolve(adapter, "adapter", allow_pickle=allow_pickle)
     if local.is_file() and gguf_file.detect(local):
         echo_gguf(gguf_summary(local), as_json)
+        return
+    if is_diffusion_checkpoint(local):
+        echo_checkpoint(checkpoint_summary(open_container(local)), as_json)
         return
     if adaptools.detect_format(local) == "peft-ia3":
         summary = ia3_summary(adaptools.load_ia3(local, allow_pickle=allow_pickle))
@@ -51,6 +57,19 @@ def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scal
         for name, m in summary["modules"].items()
     ]
     echo_table(["module", "kind", "rank", "scale", "out", "in", "params"], rows)
+
+
+def echo_checkpoint(summary: dict, as_json: bool) -> None:
+    """A checkpoint summary as JSON or as a table of components."""
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+        return
+    click.echo(f"checkpoint: {summary['container']}")
+    click.echo(f"family: {summary['family']}")
+    click.echo(f"parameters: {summary['parameters']:,}")
+    rows = [(name, c["tensors"], f"{c['parameters']:,}", ", ".join(f"{d} {n:,}" for d, n in c["dtypes"].items()))
+            for name, c in summary["components"].items()]
+    echo_table(["component", "tensors", "parameters", "dtypes (parameters)"], rows)
 
 
 def echo_gguf(summary: dict, as_json: bool) -> None:

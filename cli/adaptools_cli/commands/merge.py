@@ -44,7 +44,7 @@ def echo_report(report: MergeReport, verb: str = "merged {modules} modules into"
     dtype = report.dtype or "dtype of the base"
     if report.quantized:
         dtype += f" ({report.quantized} weights quantized)"
-    click.echo(f"{report.tensors} tensors, {dtype}; read {_size(report.bytes_read)}, "
+    click.echo(f"{report.tensors} tensors ({report.base}), {dtype}; read {_size(report.bytes_read)}, "
                f"wrote {_size(report.bytes_written)} in {report.seconds:.1f} s on {report.device}; {memory}")
 
 
@@ -92,5 +92,5 @@ def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str 
                                  max_shard_size=max_shard_size, allow_pickle=allow_pickle, progress=True,
                                  hash_inputs=True)  # the recipe reuses these sha256
     echo_report(report)
-    folders = [path for path in report.outputs.values() if path.suffix != ".gguf"]  # a GGUF output is a file
+    folders = [] if report.output_files else list(report.outputs.values())  # --each files: one card beside them
     return {"folders": folders, "summary": survival_rows(report)}

@@ -16,7 +16,7 @@ from adaptools.atomic import atomic_output, check_output
 from adaptools.errors import InvalidArgumentError
 from adaptools.formats import FORMATS, default_format
 from adaptools.formats.gguf_lora import write_gguf_adapter
-from adaptools.formats.layout import SERVING_FLAGS, padding_cost, target_rank
+from adaptools.formats.layout import SERVING_FLAGS, growth_refusal, padding_cost, target_rank
 from adaptools.linalg import RankPolicy
 from adaptools.rerank import RerankReport
 
@@ -99,7 +99,8 @@ def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool, layout
     layout = layout or "portable"
     rank = target_rank(adapter, pad_rank, serve)
     adapter.save(output, format=fmt, overwrite=overwrite, layout=layout, pad_rank=rank)
-    cost = padding_cost(adapter, rank) if fmt == "peft" and layout == "portable" else None
+    padded_layout = fmt == "peft" and layout == "portable" and growth_refusal(adapter, rank, rank is not None) is None
+    cost = padding_cost(adapter, rank) if padded_layout else None
     padded = f"; {cost} for portability (--layout compact keeps each module's rank)" if cost is not None and cost.notable else ""
     served = f"; serve it with {serve} {SERVING_FLAGS[serve]} {rank}" if serve is not None else ""
     click.echo(f"wrote {fmt} adapter with {len(adapter)} modules to {output}{padded}{served}")

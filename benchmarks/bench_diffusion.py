@@ -1,0 +1,223 @@
+"""Merging a kohya LoRA into an SDXL-shaped single-file checkpoint (and a diffusers LoRA into a Flux-shaped one):
+
+    python benchmarks/bench_diffusion.py [--scale 0.25] [--flux-scale 0.25] [--rank 32] [--skip-diffusers]
+
+The script writes the checkpoints itself (random fp16 weights, original LDM / BFL layout): the SDXL UNet and both
+text encoders (CLIP-L, OpenCLIP bigG with its fused in_proj) with every width times `--scale` (1.0 = SDXL's own
+2.6 B-parameter UNet, a 6.9 GB file; the default 0.25 keeps a run to a few minutes on 2 CPUs), and a Flux
+transformer (19 double, 38 single blocks) with its inner width times `--flux-scale` (1.0 = Flux-dev's 12 B, 24 GB).
+The LoRAs: rank `--rank` on every attention and feed-forward linear of the UNet (kohya, diffusers-style names),
+and on every q/k/v, add_q/k/v and proj_mlp slice of Flux's fused qkv / linear1 weights (diffusers names).
+
+Contenders, each in its own subprocess (wall time and peak RSS of the process tree):
+  copy        a plain copy of the checkpoint file (the floor: every byte read and written once);
+  adaptools   `adaptools merge CKPT LORA -o OUT.safetensors`;
+  diffusers   (SDXL, unless --skip-diffusers) diffusers' own path for the UNet: build UNet2DConditionModel, convert
+              the LDM state dict (`convert_ldm_unet_checkpoint`), `load_lora_into_unet`, `fuse_lora`,
+              `save_pretrained` (the text encoders, which this LoRA does not touch, are left out of its work).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import struct
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from bench_merge import run
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from diffusion_fixtures import clip_to_ldm, flux_to_bfl, open_clip_to_ldm, unet_to_ldm  # noqa: E402
+
+COPY = "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])"
+DIFFUSERS = """
+import json, sys, torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as M
+from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from safetensors.torch import load_file
+base, lora, out, config = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+unet = UNet2DConditionModel(**config).to(torch.float16)
+unet.load_state_dict(convert_ldm_unet_checkpoint(load_file(base), config))
+state, alphas = M.lora_state_dict(lora, unet_config=unet.config)
+M.load_lora_into_unet(state, alphas, unet=unet)
+unet.fuse_lora()
+unet.unload_lora()
+unet.save_pretrained(out)
+"""
+
+
+def sdxl_configs(scale: float) -> tuple[dict, dict, dict]:
+    """(UNet, CLIP-L, OpenCLIP bigG) configs of SDXL with every width times `scale` (heads of 64 channels)."""
+    c = math.ceil(320 * scale / 64) * 64
+    clip_l, clip_g = math.ceil(768 * scale / 64) * 64, math.ceil(1280 * scale / 64) * 64
+    unet = dict(block_out_channels=(c, 2 * c, 4 * c), layers_per_block=2, sample_size=128, in_channels=4,
+                out_channels=4, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                transformer_layers_per_block=(1, 2, 10), attention_head_dim=(c // 64, 2 * c // 64, 4 * c // 64),
+                cross_attention_dim=clip_l + clip_g, use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=6 * 256 + clip_g)
+    text = dict(vocab_size=49408, max_position_embeddings=77)
+    return (unet, dict(text, hidden_size=clip_l, intermediate_size=4 * clip_l, num_hidden_layers=12,
+                       num_attention_heads=clip_l // 64),
+            dict(text, hidden_size=clip_g, intermediate_size=4 * clip_g, num_hidden_layers=32, projection_dim=clip_g,
+                 num_attention_heads=clip_g // 64))
+
+
+def meta_state(cls, *args, **kwargs) -> dict[str, torch.Tensor]:
+    """A model's state dict on the meta device (shapes only, nothing allocated)."""
+    with torch.device("meta"):
+        return dict(cls(*args, **kwargs).state_dict())
+
+
+def sdxl_shapes(scale: float) -> tuple[dict[str, torch.Tensor], dict]:
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    unet, clip_l, clip_g = sdxl_configs(scale)
+    state = unet_to_ldm(meta_state(UNet2DConditionModel, **unet), unet)
+    state.update(clip_to_ldm(meta_state(CLIPTextModel, CLIPTextConfig(**clip_l)), "conditioner.embedders.0.transformer."))
+    state.update(open_clip_to_ldm(meta_state(CLIPTextModelWithProjection, CLIPTextConfig(**clip_g)),
+                                  "conditioner.embedders.1.model."))
+    return state, unet
+
+
+def flux_shapes(scale: float) -> dict[str, torch.Tensor]:
+    from diffusers import FluxTransformer2DModel
+
+    heads = max(2, round(24 * scale))
+    return flux_to_bfl(meta_state(FluxTransformer2DModel, patch_size=1, in_channels=64, num_layers=19,
+                                  num_single_layers=38, attention_head_dim=128, num_attention_heads=heads,
+                                  joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                                  axes_dims_rope=(16, 56, 56)))
+
+
+def write_random(path: Path, shapes: dict[str, torch.Tensor]) -> int:
+    """A safetensors file of fp16 tensors of these shapes, values N(0, 0.02²) cut from one random block (streamed:
+    never more than that block in memory). Returns the parameters written."""
+    block = (torch.randn(2**24) * 0.02).half().numpy().tobytes()
+    header, offset = {}, 0
+    for key, meta in shapes.items():
+        nbytes = meta.numel() * 2
+        header[key] = {"dtype": "F16", "shape": list(meta.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps({"__metadata__": {"modelspec.title": "bench"}, **header}).encode()
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(text)) + text)
+        left, at = offset, 0
+        while left:
+            n = min(left, len(block) - at)
+            f.write(block[at:at + n])
+            left, at = left - n, (at + n) % len(block)
+    return sum(m.numel() for m in shapes.values())
+
+
+def write_lora(path: Path, modules: dict[str, tuple[int, int]], rank: int, kohya: bool) -> int:
+    """A rank-`rank` LoRA on `modules` (name → (out, in)): kohya (`lora_unet_` names) or diffusers keys."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for name, (out, inp) in modules.items():
+        down = (torch.randn(rank, inp, generator=g) / inp**0.5).half()
+        up = (torch.randn(out, rank, generator=g) * 0.01).half()
+        if kohya:
+            kname = "lora_unet_" + name.replace(".", "_")
+            state.update({f"{kname}.lora_down.weight": down, f"{kname}.lora_up.weight": up,
+                          f"{kname}.alpha": torch.tensor(float(rank))})
+        else:
+            state.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+    save_file(state, str(path))
+    return len(modules)
+
+
+def unet_lora_modules(unet_config: dict) -> dict[str, tuple[int, int]]:
+    """Every attention (to_q/k/v/out.0) and feed-forward linear of the UNet's transformer blocks."""
+    from diffusers import UNet2DConditionModel
+
+    modules = {}
+    for key, value in meta_state(UNet2DConditionModel, **unet_config).items():
+        module = key.removesuffix(".weight")
+        if key.endswith(".weight") and value.ndim == 2 and ".transformer_blocks." in key and \
+                module.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v", "0", "proj", "2"):
+            modules[module] = tuple(value.shape)
+    return modules
+
+
+def flux_lora_modules(scale: float) -> dict[str, tuple[int, int]]:
+    """Every slice of the fused qkv / linear1 weights, by diffusers name."""
+    heads = max(2, round(24 * scale))
+    inner = 128 * heads
+    modules = {}
+    for n in range(19):
+        for p in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj"):
+            modules[f"transformer_blocks.{n}.attn.{p}"] = (inner, inner)
+    for n in range(38):
+        for p in ("attn.to_q", "attn.to_k", "attn.to_v"):
+            modules[f"single_transformer_blocks.{n}.{p}"] = (inner, inner)
+        modules[f"single_transformer_blocks.{n}.proj_mlp"] = (4 * inner, inner)
+    return modules
+
+
+def contest(name: str, base: Path, lora: Path, tmp: Path, diffusers_config: dict | None, cpus: int) -> None:
+    size = base.stat().st_size
+    rows = []
+    run([sys.executable, "-c", COPY, str(base), str(tmp / "warm")], cpus)  # page cache warm-up
+    (tmp / "warm").unlink()
+    wall, rss, _, cpu = run([sys.executable, "-c", COPY, str(base), str(tmp / "copy.safetensors")], cpus)
+    rows.append(("copy", wall, rss, cpu))
+    (tmp / "copy.safetensors").unlink()
+    out = tmp / f"{name}.merged.safetensors"
+    wall, rss, stdout, cpu = run([sys.executable, "-m", "adaptools_cli", "merge", str(base), str(lora), "-o", str(out)],
+                                 cpus)
+    rows.append(("adaptools", wall, rss, cpu))
+    print(stdout.strip().splitlines()[-1])
+    out.unlink()
+    if diffusers_config is not None:
+        wall, rss, _, cpu = run([sys.executable, "-c", DIFFUSERS, str(base), str(lora), str(tmp / "diffusers"),
+                                 json.dumps(diffusers_config)], cpus)
+        rows.append(("diffusers", wall, rss, cpu))
+    copy_wall, ours = rows[0][1], rows[1][1]
+    print(f"{name}: {size / 1e9:.2f} GB file")
+    for contender, wall, rss, cpu in rows:
+        print(f"  {contender:10s} {wall:7.1f} s wall  {cpu:7.1f} s CPU  peak RSS {rss / 2**30:5.2f} GiB  "
+              f"({wall / copy_wall:.2f}x copy, adaptools {wall / ours:.2f}x faster)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=0.25, help="SDXL widths times this (1.0 = SDXL itself)")
+    parser.add_argument("--flux-scale", type=float, default=0.25, help="Flux width times this (1.0 = Flux-dev); 0: skip")
+    parser.add_argument("--rank", type=int, default=32)
+    parser.add_argument("--skip-diffusers", action="store_true", help="skip the diffusers reference")
+    parser.add_argument("--cpus", type=int, default=0, help="pin every contender to this many CPUs (0: all)")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench_diffusion_", dir=os.environ.get("BENCH_TMP")) as tmp:
+        tmp = Path(tmp)
+        t = time.perf_counter()
+        shapes, unet = sdxl_shapes(args.scale)
+        params = write_random(tmp / "sdxl.safetensors", shapes)
+        count = write_lora(tmp / "sdxl_lora.safetensors", unet_lora_modules(unet), args.rank, kohya=True)
+        print(f"SDXL-shaped (scale {args.scale}): {params / 1e9:.2f} B parameters, LoRA r={args.rank} on {count} "
+              f"UNet linears (written in {time.perf_counter() - t:.0f} s); torch {torch.__version__}, "
+              f"{args.cpus or len(os.sched_getaffinity(0))} CPUs")
+        contest("sdxl", tmp / "sdxl.safetensors", tmp / "sdxl_lora.safetensors", tmp,
+                None if args.skip_diffusers else unet, args.cpus)
+        (tmp / "sdxl.safetensors").unlink()
+        if args.flux_scale:
+            shapes = flux_shapes(args.flux_scale)
+            params = write_random(tmp / "flux.safetensors", shapes)
+            count = write_lora(tmp / "flux_lora.safetensors", flux_lora_modules(args.flux_scale), args.rank, kohya=False)
+            print(f"Flux-shaped (scale {args.flux_scale}): {params / 1e9:.2f} B parameters, LoRA r={args.rank} on "
+                  f"{count} fused-weight slices")
+            contest("flux", tmp / "flux.safetensors", tmp / "flux_lora.safetensors", tmp, None, args.cpus)
+
+
+if __name__ == "__main__":
+    main()
