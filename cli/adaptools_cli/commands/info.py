@@ -59,26 +59,30 @@ def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scal
     echo_table(["module", "kind", "rank", "scale", "out", "in", "params"], rows)
 
 
-def echo_checkpoint(summary: dict, as_json: bool) -> None:
-    """A checkpoint summary as JSON or as a table of components."""
+def echo_summary(summary: dict, as_json: bool, lines: list[str], header: list[str], rows: list[tuple]) -> None:
+    """A file's summary: one JSON object, or its lines and a table."""
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"checkpoint: {summary['container']}")
-    click.echo(f"family: {summary['family']}")
-    click.echo(f"parameters: {summary['parameters']:,}")
+    for line in lines:
+        click.echo(line)
+    echo_table(header, rows)
+
+
+def echo_checkpoint(summary: dict, as_json: bool) -> None:
+    """A diffusion checkpoint's summary: JSON, or a table of its components."""
     rows = [(name, c["tensors"], f"{c['parameters']:,}", ", ".join(f"{d} {n:,}" for d, n in c["dtypes"].items()))
             for name, c in summary["components"].items()]
-    echo_table(["component", "tensors", "parameters", "dtypes (parameters)"], rows)
+    echo_summary(summary, as_json, [f"checkpoint: {summary['container']}", f"family: {summary['family']}",
+                                    f"parameters: {summary['parameters']:,}"],
+                 ["component", "tensors", "parameters", "dtypes (parameters)"], rows)
 
 
 def echo_gguf(summary: dict, as_json: bool) -> None:
-    """A GGUF file's summary: one JSON object, or a few lines and a table of its tensor types."""
-    if as_json:
-        click.echo(json.dumps(summary, indent=2))
-        return
-    click.echo(f"format: gguf v{summary['version']} ({summary['type'] or 'model'})")
-    click.echo(f"architecture: {summary['architecture'] or '(not recorded)'}, name: {summary['name'] or '(none)'}")
-    click.echo(f"file type: {summary['file_type']}")
-    click.echo(f"tensors: {summary['tensors']}, parameters: {summary['parameters']:,}, size: {summary['size']:,} bytes")
-    echo_table(["type", "tensors", "bytes"], [(name, t["tensors"], t["bytes"]) for name, t in summary["types"].items()])
+    """A GGUF file's summary: JSON, or a few lines and a table of its tensor types."""
+    echo_summary(summary, as_json, [
+        f"format: gguf v{summary['version']} ({summary['type'] or 'model'})",
+        f"architecture: {summary['architecture'] or '(not recorded)'}, name: {summary['name'] or '(none)'}",
+        f"file type: {summary['file_type']}",
+        f"tensors: {summary['tensors']}, parameters: {summary['parameters']:,}, size: {summary['size']:,} bytes",
+    ], ["type", "tensors", "bytes"], [(name, t["tensors"], t["bytes"]) for name, t in summary["types"].items()])
