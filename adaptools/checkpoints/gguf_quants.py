@@ -207,23 +207,30 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     peak = np.where(zero, F32(1), peak)  # zero columns return L = 0, scale 0; a unit peak keeps their search finite
     w = x * x
     wx = w * x
+    levels, product = np.empty_like(x), np.empty_like(x)
 
-    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        levels = iscale * x  # |iscale · x| <= nmax + 1: nearest_int is rounding
-        np.clip(np.rint(levels, out=levels), F32(-nmax), F32(nmax - 1), out=levels)
-        wl = w * levels
-        wl *= levels
-        return levels, seqsum(wx * levels), seqsum(wl)
+    def fit(iscale: np.ndarray) -> np.ndarray:
+        np.multiply(iscale, x, out=levels)  # |iscale · x| <= nmax + 1: nearest_int is rounding
+        return np.clip(np.rint(levels, out=levels), F32(-nmax), F32(nmax - 1), out=levels)
 
-    levels, sumlx, suml2 = trial(F32(-nmax) / peak)
+    def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        fit(iscale)
+        lx = seqsum(np.multiply(wx, levels, out=product))
+        np.multiply(w, levels, out=product)
+        return lx, seqsum(np.multiply(product, levels, out=product))
+
+    chosen = F32(-nmax) / peak
+    sumlx, suml2 = trial(chosen)
     scale = np.where(suml2 != 0, sumlx / suml2, F32(0))
     best = scale * sumlx
     for step in (*range(-9, 0), *range(1, 10)):
-        candidate, lx, l2 = trial(-(F32(nmax) + F32(0.1) * F32(step)) / peak)
+        iscale = -(F32(nmax) + F32(0.1) * F32(step)) / peak
+        lx, l2 = trial(iscale)
         better = (l2 > 0) & (lx * lx > best * l2)
-        levels = np.where(better, candidate, levels)
+        chosen = np.where(better, iscale, chosen)
         scale = np.where(better, lx / l2, scale)
         best = np.where(better, scale * lx, best)
+    fit(chosen)  # the levels of the best trial
     return np.where(zero, F32(0), scale), np.where(zero, F32(0), levels + F32(nmax))
 
 
