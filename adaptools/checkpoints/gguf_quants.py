@@ -131,14 +131,15 @@ def transpose_groups(blocks: np.ndarray, group: int) -> np.ndarray:
 NEAREST_INT_RANGE = F32(4194303)  # |v| up to which nearest_int is plain rounding (ggml asserts it in debug builds)
 
 
-def levels_in(iscale: np.ndarray, shifted: np.ndarray, lo: np.ndarray, hi: np.ndarray, nmax: int) -> np.ndarray:
+def levels_in(iscale: np.ndarray, shifted: np.ndarray, lo: np.ndarray, hi: np.ndarray, nmax: int,
+              out: np.ndarray | None = None) -> np.ndarray:
     """clamp(nearest_int(iscale · shifted), 0, nmax) in float32, where every column of `shifted` lies in [lo, hi].
 
     Scaling is monotone, so the per-column ends bound every product: within ±2**22 nearest_int is np.rint (one
     pass); outside, ggml's own bit trick gives what the C code gives.
     """
     ends = np.maximum(np.abs(iscale * lo), np.abs(iscale * hi))
-    product = iscale * shifted
+    product = np.multiply(iscale, shifted, out=out)
     if bool(np.all(ends <= NEAREST_INT_RANGE)):
         np.rint(product, out=product)
     else:
@@ -159,16 +160,18 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     sum_w = seqsum(w)
     sum_x = seqsum(w * x)
 
+    shifted, trial, wl, diff = (np.empty_like(x) for _ in range(4))  # the search's buffers, reused every step
+
     def error(scale: np.ndarray, minimum: np.ndarray, levels: np.ndarray) -> np.ndarray:
-        diff = scale * levels
-        diff += minimum
-        diff -= x
+        """Σ w·|scale·L + min − x| (use_mad) or Σ w·(scale·L + min − x)², in ggml's order, in `diff`."""
+        np.multiply(scale, levels, out=diff)
+        np.add(diff, minimum, out=diff)
+        np.subtract(diff, x, out=diff)
         if use_mad:
             np.abs(diff, out=diff)
         else:
-            diff *= diff
-        diff *= w
-        return seqsum(diff)
+            np.multiply(diff, diff, out=diff)
+        return seqsum(np.multiply(diff, w, out=diff))
 
     iscale = F32(nmax) / span
     scale = F32(1) / iscale
@@ -177,9 +180,10 @@ def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelt
     minimum, chosen_iscale, chosen_min = lo, iscale, lo
     for step in range(nstep + 1):  # ggml moves `min` to each better fit, and the next steps search from there
         trial_iscale = (F32(rmin) + F32(rdelta) * F32(step) + F32(nmax)) / np.where(flat, F32(1), hi - minimum)
-        trial = levels_in(trial_iscale, x - minimum, lo - minimum, hi - minimum, nmax)
-        wl = w * trial
-        sum_l, sum_xl = seqsum(wl), seqsum(wl * x)
+        trial = levels_in(trial_iscale, np.subtract(x, minimum, out=shifted), lo - minimum, hi - minimum, nmax,
+                          out=trial)
+        np.multiply(w, trial, out=wl)
+        sum_l, sum_xl = seqsum(wl), seqsum(np.multiply(wl, x, out=diff))
         wl *= trial
         sum_l2 = seqsum(wl)
         det = sum_w * sum_l2 - sum_l * sum_l
