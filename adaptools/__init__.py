@@ -22,6 +22,7 @@ from .errors import (
     HubNotFoundError,
     InputNotFoundError,
     InvalidArgumentError,
+    JobsFileError,
     NonFiniteError,
     OutputExistsError,
     OutputLockedError,
@@ -33,6 +34,7 @@ from .errors import (
     UnknownModuleError,
     UnsupportedAdapterError,
 )
+from .batch import Job, JobResult, batch
 from .combine import combine, interpolate, negate
 from .extract import ExtractReport, ModuleExtract, extract
 from .checkpoints import BaseCheckpoint, Container, GGUFFile, open_container
@@ -42,7 +44,7 @@ from .formats.gguf_lora import write_gguf_adapter
 from .formats.ia3 import read_ia3 as load_ia3
 from .hub import push
 from .ia3 import IA3Adapter, IA3Module
-from .merge import MergeReport, merge
+from .merge import MergeReport, merge, merge_many
 from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
 from .spectrum import compare_spectra, spectrum
@@ -67,6 +69,9 @@ __all__ = [
     "InvalidArgumentError",
     "LoraFitReport",
     "LoraModule",
+    "Job",
+    "JobResult",
+    "JobsFileError",
     "MergeReport",
     "ModuleExtract",
     "ModuleFit",
@@ -83,6 +88,7 @@ __all__ = [
     "UnknownModuleError",
     "UnsupportedAdapterError",
     "__version__",
+    "batch",
     "combine",
     "compare_spectra",
     "detect_format",
@@ -92,6 +98,7 @@ __all__ = [
     "load",
     "load_ia3",
     "merge",
+    "merge_many",
     "write_gguf_adapter",
     "negate",
     "open_container",

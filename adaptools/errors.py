@@ -75,3 +75,7 @@ class HubNotFoundError(HubError, InputNotFoundError):
 
 class RecipeError(AdaptoolsError):
     """A recipe file is unreadable, or an input changed since the recipe was recorded."""
+
+
+class JobsFileError(InvalidArgumentError):
+    """A batch jobs file is unreadable or one of its jobs is invalid (the message names the job's index and key)."""

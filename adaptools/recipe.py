@@ -62,18 +62,22 @@ COMPANION_FILES = ("adapter_config.json",)
 config beside the weights the user names): hashed with it, so that a replay notices an edited config."""
 
 
-def sha256_file(path: str | os.PathLike) -> str:
+def sha256_file(path: str | os.PathLike, remember: bool = False) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
-    LFS file: weights) is not read, its blob's name is taken."""
+    LFS file: weights) is not read, its blob's name is taken. With `remember`, the digest is recorded
+    (adaptools.digests), so the file is not read again until the next command starts."""
     if (recorded := digests.lookup(path)) is not None:  # hashed by the operation's own read (merge, quantize)
         return recorded
     blob = Path(path).resolve()
     if blob.parent.name == "blobs" and Path(path).is_symlink() and SHA256.fullmatch(blob.name):
         return blob.name
+    key = digests.file_key(path)
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK_BYTES):
             digest.update(chunk)
+    if remember:
+        digests.record(key, digest.hexdigest())
     return digest.hexdigest()
 
 
@@ -82,9 +86,10 @@ def folder_digest(files: Mapping[str, str]) -> str:
     return hashlib.sha256("".join(f"{name}\0{files[name]}\n" for name in sorted(files)).encode()).hexdigest()
 
 
-def hash_input(path: str | os.PathLike) -> dict:
+def hash_input(path: str | os.PathLike, remember: bool = False) -> dict:
     """{"sha256"} of a file, plus "files" {relative path: sha256} for a folder (every file in it, hashed on one
-    thread per CPU) and for a file read with a companion beside it (COMPANION_FILES: a weights file's config)."""
+    thread per CPU) and for a file read with a companion beside it (COMPANION_FILES: a weights file's config);
+    `remember`: as sha256_file's."""
     path = Path(path).absolute()
     if not path.exists():
         raise InputNotFoundError(f"input {str(path)!r} does not exist")
@@ -92,17 +97,19 @@ def hash_input(path: str | os.PathLike) -> dict:
         companions = [path.with_name(name) for name in COMPANION_FILES if name != path.name]
         companions = [p for p in companions if p.is_file()]
         if not companions:
-            return {"sha256": sha256_file(path)}
-        return hash_files(path.parent, [path.name, *(p.name for p in companions)])
+            return {"sha256": sha256_file(path, remember)}
+        return hash_files(path.parent, [path.name, *(p.name for p in companions)], remember)
     paths = [p for p in sorted(path.rglob("*")) if p.is_file()]
     with ThreadPoolExecutor(min(len(paths), os.cpu_count() or 1) or 1) as pool:  # hashlib releases the GIL
-        files = dict(zip((p.relative_to(path).as_posix() for p in paths), pool.map(sha256_file, paths)))
+        hexes = pool.map(lambda p: sha256_file(p, remember), paths)
+        files = dict(zip((p.relative_to(path).as_posix() for p in paths), hexes))
     return {"sha256": folder_digest(files), "files": files}
 
 
-def hash_files(root: Path, names: Iterable[str]) -> dict:
-    """{"sha256", "files"} of the files `names` (relative paths) under `root`, as hash_input gives for a folder."""
-    files = {name: sha256_file(root / name) for name in sorted(names)}
+def hash_files(root: Path, names: Iterable[str], remember: bool = False) -> dict:
+    """{"sha256", "files"} of the files `names` (relative paths) under `root`, as hash_input gives for a folder;
+    `remember`: as sha256_file's."""
+    files = {name: sha256_file(root / name, remember) for name in sorted(names)}
     return {"sha256": folder_digest(files), "files": files}
 
 
@@ -295,16 +302,19 @@ def input_path(entry: Mapping, root: Path) -> Path:
     return Path(hub_entry_ref(entry)) if "repo_id" in entry else root / entry["path"]
 
 
-def verify_inputs(recipe: Mapping, root: Path) -> None:
-    """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if gone);
-    the files are hashed as they are now (digests of earlier reads in this process are dropped)."""
-    digests.forget()
+def verify_inputs(recipe: Mapping, root: Path, remember: bool = False) -> None:
+    """Raise RecipeError naming the first input whose sha256 differs from the recorded one (InputNotFoundError if
+    gone); the files are hashed as they are now (digests of earlier reads in this process are dropped), unless
+    `remember`: then local inputs' digests are recorded and kept, so that checking several recipes with one input
+    reads it once (adaptools batch; a file changed since it was recorded is a RecipeError)."""
+    if not remember:
+        digests.forget()
     for entry in recipe["inputs"]:
         if "repo_id" in entry:  # the recorded files at the recorded commit, downloaded where not cached
             snapshot = fetch_files(entry["repo_id"], entry["revision"], list(entry["files"]))
             now = hash_files(snapshot, entry["files"])
         else:
-            now = hash_input(input_path(entry, root))
+            now = hash_input(input_path(entry, root), remember)
         if now["sha256"] == entry["sha256"]:
             continue
         recorded, current = entry.get("files", {}), now.get("files", {})

@@ -98,11 +98,11 @@ def write_base(folder: Path, layers: int) -> list[Path]:
     return files
 
 
-def write_adapter(folder: Path, base: Path, layers: int, rank: int) -> Path:
+def write_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int = 1) -> Path:
     """An all-linear PEFT LoRA (rank `rank`, alpha 2·rank) with random factors, saved with PEFT's config class."""
     from peft import LoraConfig
 
-    generator = torch.Generator().manual_seed(1)
+    generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for key, shape in llama_shapes(layers).items():
         module = key.removesuffix(".weight")

@@ -17,7 +17,7 @@ and a quantizing encoder.
 """
 from __future__ import annotations
 
-from .api import merge
+from .api import merge, merge_many
 from ..checkpoints.stored import DTYPES, CastEncoder, StoredDecoder, TensorSpec, parse_dtype
 from .execute import BATCH_BYTES, write_outputs
 from .kernels import DoraUpdate, LoraUpdate, Update, dora_merge_rows, lora_merge
@@ -38,6 +38,7 @@ __all__ = [
     "dora_merge_rows",
     "lora_merge",
     "merge",
+    "merge_many",
     "parse_dtype",
     "write_outputs",
 ]

@@ -6,12 +6,14 @@ import os
 import time
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 
 import torch
 
 from ..atomic import check_output
 from ..adapter import check_weights
 from ..device import resolve_device
+from ..errors import InvalidArgumentError
 from ..checkpoints import Container
 from ..checkpoints.shards import parse_size
 from ..sources import open_base
@@ -22,7 +24,8 @@ from .report import MergeReport, survival_warnings
 
 def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[AdapterLike],
           weights: Sequence[float] | None = None, *, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
-          double_quant: bool | None = None, gguf_type: str | None = None, device: str | torch.device = "auto", overwrite: bool = False,
+          double_quant: bool | None = None, gguf_type: str | None = None, device: str | torch.device = "auto",
+          overwrite: bool = False,
           each: bool = False, max_shard_size: str | int | None = None, allow_pickle: bool = False,
           batch_bytes: int | None = None, progress: bool = False, hash_inputs: bool = False) -> MergeReport:
     """Merge adapters into a base checkpoint folder, streaming shard by shard: W' = W + Σ_i w_i·s_i·B_i@A_i.
@@ -57,30 +60,64 @@ def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[
     A base other than the adapter's `base_model_name_or_path` gives a warning, and so does an NF4 base whose
     requantization erases most of some modules' updates (MergeReport.survival).
     """
-    start = time.perf_counter()
     target = check_output(out, overwrite)
+    return merge_outputs(base, [(adapters, weights)], target, each=each, dtype=dtype, double_quant=double_quant,
+                         gguf_type=gguf_type, device=device, overwrite=overwrite, max_shard_size=max_shard_size,
+                         allow_pickle=allow_pickle, batch_bytes=batch_bytes, progress=progress,
+                         hash_inputs=hash_inputs)
+
+
+def merge_many(base: str | os.PathLike | Container,
+               outputs: Sequence[tuple[AdapterLike | Iterable[AdapterLike], Sequence[float] | None, str | os.PathLike]],
+               *, dtype: str | torch.dtype | None = None, double_quant: bool | None = None,
+               gguf_type: str | None = None, device: str | torch.device = "auto", overwrite: bool = False, max_shard_size: str | int | None = None,
+               allow_pickle: bool = False, batch_bytes: int | None = None, progress: bool = False,
+               hash_inputs: bool = False) -> MergeReport:
+    """Several merges into one base from one read of it: output i is W + Σ_j w_ij·ΔW_ij, written to its own path
+    exactly as `merge(base, adapters_i, weights_i, out=out_i)` writes it (`outputs`: (adapters, weights, out)
+    triples; report names: the output paths). The other arguments are merge's."""
+    targets = [check_output(out, overwrite).absolute() for _, _, out in outputs]
+    if len(set(targets)) < len(targets):
+        raise InvalidArgumentError("the same path is given for two outputs")
+    return merge_outputs(base, [(a, w) for a, w, _ in outputs], targets, each=False, dtype=dtype,
+                         double_quant=double_quant, gguf_type=gguf_type, device=device, overwrite=overwrite,
+                         max_shard_size=max_shard_size, allow_pickle=allow_pickle, batch_bytes=batch_bytes,
+                         progress=progress, hash_inputs=hash_inputs)
+
+
+def merge_outputs(base: str | os.PathLike | Container,
+                  jobs: Sequence[tuple[AdapterLike | Iterable[AdapterLike], Sequence[float] | None]],
+                  target: Path | Sequence[Path], *, each: bool, dtype: str | torch.dtype | None,
+                  double_quant: bool | None, device: str | torch.device, gguf_type: str | None = None, overwrite: bool,
+                  max_shard_size: str | int | None, allow_pickle: bool, batch_bytes: int | None, progress: bool,
+                  hash_inputs: bool) -> MergeReport:
+    """The merges `jobs` ((adapters, weights) each) from one read of the base: into `target` (one job; with
+    `each`, one subfolder per adapter) or into target[i] for job i."""
+    start = time.perf_counter()
     device = resolve_device(device)
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     ckpt = open_base(base, "model")
     config = ckpt.config
     decoder, encoder = ckpt.codecs(dtype, double_quant=double_quant, device=device,
                                    **({} if gguf_type is None else {"gguf_type": gguf_type}))
-    loaded = load_adapters(adapters, ckpt, allow_pickle)
-    factors = check_weights(loaded, weights)
     specs = decoder.specs(ckpt)
-    fitted = fit_adapters(loaded, specs, config.get("model_type"), ckpt.names)
-    for message in filter(None, (base_mismatch(a, ckpt, config) for a in loaded)):
-        warnings.warn(message, stacklevel=2)
-    if each:
-        names = output_names(loaded)
-        plans = [plan_output(n, [a], [w], device) for n, a, w in zip(names, fitted, factors)]
-    else:
-        plans = [plan_output(target.name, fitted, factors, device)]
-    del loaded, fitted  # the plans hold the factors they need (float32, scale folded in)
+    plans = []
+    names = [target.name] if isinstance(target, Path) else [str(t) for t in target]
+    for name, (adapters, weights) in zip(names, jobs):
+        loaded = load_adapters(adapters, ckpt, allow_pickle)
+        factors = check_weights(loaded, weights)
+        fitted = fit_adapters(loaded, specs, config.get("model_type"), ckpt.names)
+        for message in filter(None, (base_mismatch(a, ckpt, config) for a in loaded)):
+            warnings.warn(message, stacklevel=3)
+        if each:
+            plans += [plan_output(n, [a], [w], device) for n, a, w in zip(output_names(loaded), fitted, factors)]
+        else:
+            plans.append(plan_output(name, fitted, factors, device))
+        del loaded, fitted  # the plans hold the factors they need (float32, scale folded in)
     report = write_outputs(ckpt, specs, plans, decoder, encoder, target, each=each, device=device,
                            overwrite=overwrite, shard_bytes=shard_bytes, batch_bytes=batch_bytes, progress=progress,
                            hash_inputs=hash_inputs)
     report.seconds = time.perf_counter() - start
     for message in survival_warnings(report):
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=3)
     return report

@@ -8,6 +8,7 @@ changes are copied file to file.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import sys
 import time
@@ -130,12 +131,45 @@ def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
     return hashers
 
 
+def output_paths(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool,
+                 suffix: str | None) -> list[Path]:
+    """Where each plan's output is: `target`; with `each`, `target/<plan name>` (`<plan name><suffix>` for
+    single-file outputs, e.g. `.safetensors`, `.gguf`; `suffix` None: folders); or, for a list of paths, plan i's
+    own path."""
+    if isinstance(target, Path):
+        return [target / (plan.name if suffix is None else f"{plan.name}{suffix}") if each else target
+                for plan in plans]
+    return list(target)
+
+
+def output_suffix(ckpt: Container) -> str | None:
+    """The suffix of the container's single-file outputs, None when its outputs are folders."""
+    return ckpt.output_suffix if ckpt.output_is_file else None
+
+
+@contextlib.contextmanager
+def output_folders(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool, overwrite: bool,
+                   suffix: str | None) -> Iterator[list[Path]]:
+    """The staged place of every plan (output_paths inside one atomic `target`, or one atomic output per plan for
+    a list of paths); all are renamed into place on success. `suffix`: that of single-file outputs (None:
+    folders)."""
+    is_file = suffix is not None
+    with contextlib.ExitStack() as stack:
+        if isinstance(target, Path):
+            tmp = stack.enter_context(atomic_output(target, overwrite=overwrite, is_file=is_file and not each))
+            yield output_paths(tmp, plans, each, suffix)
+        else:
+            yield [stack.enter_context(atomic_output(t, overwrite=overwrite, is_file=is_file)) for t in target]
+
+
 def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence[OutputPlan],
-                  decoder: StoredDecoder, encoder: CastEncoder, target: Path, *, each: bool, device: torch.device,
+                  decoder: StoredDecoder, encoder: CastEncoder, target: Path | Sequence[Path], *, each: bool,
+                  device: torch.device,
                   overwrite: bool, shard_bytes: int | None, batch_bytes: int | None, progress: bool,
                   hash_inputs: bool = False, desc: str = "merging") -> MergeReport:
     """One pass over the base: every output plan (no updates: the base re-encoded) written atomically to `target`
-    (with `each`, to `target/<plan name>`), read through `decoder`, written through `encoder`. With `hash_inputs`,
+    (with `each`, to `target/<plan name>`; a list of paths: plan i to `target[i]`, each its own atomic output),
+    read through `decoder`, written through `encoder`. With `hash_inputs`,
     the sha256 of every base shard and side file is taken from this pass's reads (`adaptools.digests`)."""
     start = time.perf_counter()
     batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
@@ -158,15 +192,12 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
                 hashers[path].done(info.start, info.end)
         return read
 
-    def place(root: Path, plan: OutputPlan) -> Path:  # a file output under --each is <name><suffix>
-        return root if not each else root / (f"{plan.name}{ckpt.output_suffix}" if ckpt.output_is_file else plan.name)
-
     sinks: list[Sink] = []
-    with atomic_output(target, overwrite=overwrite, is_file=ckpt.output_is_file and not each) as tmp:
+    with output_folders(target, plans, each, overwrite, output_suffix(ckpt)) as places:
         try:
-            sinks += [ckpt.open_output(place(tmp, plan), encoder, layout,
-                                       hash_inputs=hash_inputs and i == 0, skip=(RECIPE_NAME,))  # the base's recipe is not this one's
-                      for i, plan in enumerate(plans)]
+            sinks += [ckpt.open_output(place, encoder, layout, hash_inputs=hash_inputs and i == 0,
+                                       skip=(RECIPE_NAME,))  # the base's recipe is not this one's
+                      for i, place in enumerate(places)]
             with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
                       disable=not progress, file=sys.stderr) as bar, \
                     torch_threads(1 if device.type == "cpu" and workers > 1 else None):
@@ -181,7 +212,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
             for sink in sinks:
                 sink.abort()
     return MergeReport(
-        outputs={plan.name: place(target, plan) for plan in plans},
+        outputs=dict(zip((plan.name for plan in plans), output_paths(target, plans, each, output_suffix(ckpt)))),
         modules={plan.name: len(plan.updates) for plan in plans},
         tensors=len(specs),
         bytes_read=total,

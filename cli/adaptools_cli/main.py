@@ -8,7 +8,7 @@ import click
 
 from adaptools import AdaptoolsError, __version__
 
-from .commands import combine, convert, dora, extract, info, merge, push, quantize, rerank, spectrum
+from .commands import batch, combine, convert, dora, extract, info, merge, push, quantize, rerank, spectrum
 
 
 class AdaptoolsGroup(click.Group):
@@ -72,6 +72,7 @@ COMMANDS = (
     spectrum.spectrum,
     push.push,
     push.replay,
+    batch.batch,
 )
 for command in COMMANDS:
     cli.add_command(command)

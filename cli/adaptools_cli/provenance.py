@@ -46,6 +46,7 @@ from the replay command line; a recipe's value for one is ignored with a warning
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Mapping, Sequence
@@ -69,11 +70,20 @@ WIDENING = ("output", "overwrite", "allow_pickle", *PUSH_PARAMS)
 SIDE_FILES = {"report_path": "report.json"}
 SIDE_FILES_ATTR = "adaptools_side_files"
 """The attribute marking a command callback as replayable (its value: the command's side files)."""
+RECORDING_ATTR = "adaptools_recording"
+"""The attribute holding a replayable command's (operation, kind) for its recipe and card."""
+GROUP_ATTR = "adaptools_group"
+"""The attribute holding (group runner, names of the parameters that may differ, which invocations may be grouped)
+of a command that runs several invocations in one go (merges sharing a base: one read of it)."""
 
 
-def provenance(operation: str, kind: str = "adapter", side_files: Mapping[str, str] = SIDE_FILES) -> Callable:
+def provenance(operation: str, kind: str = "adapter", side_files: Mapping[str, str] = SIDE_FILES,
+               group: Callable[[Sequence[click.Context]], list[Mapping]] | None = None,
+               group_varies: Sequence[str] = (), group_when: Callable[[Mapping], bool] = bool) -> Callable:
     """Decorate a click command callback: add the push options; run it in a staged output, write card + recipe
-    into the staging, rename, then push."""
+    into the staging, rename, then push. `group(contexts)` (optional) runs several invocations together that agree
+    on every parameter but `group_varies` (and the output) and whose parameters pass `group_when`, returning each
+    one's result (`adaptools batch`: merges of one base, one read of it)."""
     if kind not in LIBRARY:
         raise ValueError(f"kind must be one of {sorted(LIBRARY)}, not {kind!r}")
 
@@ -85,14 +95,7 @@ def provenance(operation: str, kind: str = "adapter", side_files: Mapping[str, s
             if push_to:
                 check_repo_id(push_to)
             ctx = click.get_current_context()
-            outputs = [ctx.params[name] for name in ("output", *side_files) if ctx.params.get(name)]
-            check_output_paths(outputs, [p for name in input_names(ctx.command, side_files)
-                                         for p in listed(jsonable(ctx.params[name])) if hub_ref(p) is None])
-            digests.forget()  # the recipe takes only this command's own reads as hashed
-            with staged_output(ctx.params["output"], overwrite=bool(ctx.params.get("overwrite"))) as staging:
-                with recording() as hub_inputs:
-                    result = func(*args, **kwargs)
-                record(ctx, staging, operation, kind, side_files, result or {}, hub_inputs)
+            recorded_run([ctx], lambda: [func(*args, **kwargs)])
             if push_to:
                 output = Path(ctx.params["output"])
                 url = push(output, push_to, private=private, revision=revision,
@@ -100,9 +103,33 @@ def provenance(operation: str, kind: str = "adapter", side_files: Mapping[str, s
                 click.echo(f"pushed {output.name} to {url}")
 
         setattr(command, SIDE_FILES_ATTR, dict(side_files))
+        setattr(command, RECORDING_ATTR, (operation, kind))
+        if group is not None:
+            setattr(command, GROUP_ATTR, (group, (*group_varies, "output"), group_when))
         return command
 
     return decorate
+
+
+def recorded_run(contexts: Sequence[click.Context], body: Callable[[], Sequence[Mapping | None]]) -> None:
+    """Run `body` (which writes the outputs of the invocations `contexts` of one replayable command and returns
+    each one's result) inside a staged output per invocation, then write each one's recipe and card; every output
+    is renamed into place only when all are written."""
+    command = contexts[0].command
+    side_files = getattr(command.callback, SIDE_FILES_ATTR)
+    operation, kind = getattr(command.callback, RECORDING_ATTR)
+    outputs = [ctx.params[name] for ctx in contexts for name in ("output", *side_files) if ctx.params.get(name)]
+    check_output_paths(outputs, [p for ctx in contexts for name in input_names(command, side_files)
+                                 for p in listed(jsonable(ctx.params[name])) if hub_ref(p) is None])
+    digests.forget()  # the recipe takes only this command's own reads as hashed
+    with contextlib.ExitStack() as stack:
+        stagings = [stack.enter_context(staged_output(ctx.params["output"],
+                                                      overwrite=bool(ctx.params.get("overwrite"))))
+                    for ctx in contexts]
+        with recording() as hub_inputs:
+            results = body()
+        for ctx, staging, result in zip(contexts, stagings, results):
+            record(ctx, staging, operation, kind, side_files, result or {}, hub_inputs)
 
 
 def record(ctx: click.Context, staging: Staging, operation: str, kind: str, side_files: Mapping[str, str],
@@ -113,11 +140,8 @@ def record(ctx: click.Context, staging: Staging, operation: str, kind: str, side
         raise OutputWriteError(f"{str(staging.target)!r} was not written: the command wrote no output")
     root = recipe_root(staging.target, staging.is_file)
     inputs = input_names(ctx.command, side_files)
-    params = {name: jsonable(value) for name, value in ctx.params.items()
-              if name not in WIDENING and name not in side_files}
-    pairs = [(name, hub_inputs.get(path, path)) for name in inputs for path in listed(params[name])]
-    for name in inputs:
-        params[name] = relative(params[name], root, hub_inputs)
+    pairs = [(name, hub_inputs.get(path, path)) for name in inputs for path in listed(jsonable(ctx.params[name]))]
+    params = recorded_params(ctx, side_files, root, {text: hub.pinned for text, hub in hub_inputs.items()})
     recipe = make_recipe(command_path(ctx), operation, kind, params, pairs, root,
                          output_type="file" if staging.is_file else "folder",
                          output_params=[name for name in side_files if ctx.params.get(name)],
@@ -130,6 +154,17 @@ def record(ctx: click.Context, staging: Staging, operation: str, kind: str, side
     for folder in [staging.locate(p) for p in result.get("folders", ())] or [staging.path]:
         base_model = result.get("base_model") or hub_base or adapter_base_model(folder)
         write_card(model_card(recipe, folder.name, base_model, result.get("license"), meta), folder)
+
+
+def recorded_params(ctx: click.Context, side_files: Mapping[str, str], root: Path,
+                    pinned: Mapping[str, str]) -> dict:
+    """The recipe's `params` of the invocation `ctx`: JSON values, no widening options or side files, inputs
+    relative to `root` (Hub inputs as their pinned refs: `pinned` maps the text given to it)."""
+    params = {name: jsonable(value) for name, value in ctx.params.items()
+              if name not in WIDENING and name not in side_files}
+    for name in input_names(ctx.command, side_files):
+        params[name] = relative(params[name], root, pinned)
+    return params
 
 
 def input_names(command: click.Command, side_files: Mapping[str, str]) -> list[str]:
@@ -169,12 +204,12 @@ def listed(value: object) -> list:
     return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
-def relative(value: object, root: Path, hub_inputs: Mapping[str, HubInput]) -> object:
+def relative(value: object, root: Path, pinned: Mapping[str, str]) -> object:
     """Input path(s) relative to the recipe's root, Hub inputs as their pinned refs (None stays None)."""
     if isinstance(value, list):
-        return [relative(v, root, hub_inputs) for v in value]
-    if value in hub_inputs:
-        return hub_inputs[value].pinned
+        return [relative(v, root, pinned) for v in value]
+    if value in pinned:
+        return pinned[value]
     return None if value is None else relative_path(value, root)
 
 

@@ -1,7 +1,9 @@
 """`adaptools merge`: adapters into a base checkpoint, shard by shard."""
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from collections.abc import Sequence
 
 import click
 
@@ -55,6 +57,24 @@ def survival_rows(report: MergeReport) -> list[dict]:
             for name, kept in report.survival.items() for module, value in kept.items()]
 
 
+def merge_group(contexts: Sequence[click.Context]) -> list[dict]:
+    """Merges into one base with the same options (not --each), from one read of it (`adaptools batch`): each
+    output and its result as the single merge makes them."""
+    first = contexts[0].params
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", UserWarning)
+        warnings.showwarning = _warn
+        report = adaptools.merge_many(
+            first["base"], [(list(c.params["adapters"]), parse_weights(c.params["weights"]), c.params["output"])
+                            for c in contexts],
+            dtype=first["dtype"], double_quant=first["double_quant"], device=first["device"],
+            overwrite=first["overwrite"], max_shard_size=first["max_shard_size"], allow_pickle=first["allow_pickle"],
+            hash_inputs=True)
+    return [{"folders": [] if report.output_files else [folder], "summary": survival_rows(dataclasses.replace(
+                report, outputs={name: folder}, survival={k: v for k, v in report.survival.items() if k == name}))}
+            for name, folder in report.outputs.items()]
+
+
 @click.command()
 @click.argument("base", type=click.Path())
 @click.argument("adapters", nargs=-1, required=True, type=click.Path())
@@ -73,7 +93,8 @@ def survival_rows(report: MergeReport) -> list[dict]:
               help="One merged model per adapter, OUTPUT/<adapter name>/, from one read of the base.")
 @output_options
 @allow_pickle
-@provenance("merge", kind="model")
+@provenance("merge", kind="model", group=merge_group, group_varies=("adapters", "weights"),
+            group_when=lambda params: not params["each"])
 def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str | None, double_quant: bool | None,
           gguf_type: str | None, device: str, max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> dict:
     """Merge ADAPTERS (PEFT folders or kohya files) into the checkpoint folder (or GGUF file) BASE, streaming.
