@@ -37,9 +37,10 @@ from .errors import (
 from .batch import Job, JobResult, batch
 from .combine import combine, interpolate, negate
 from .extract import ExtractReport, ModuleExtract, extract
-from .checkpoints import BaseCheckpoint, Container, open_container
+from .checkpoints import BaseCheckpoint, Container, GGUFFile, open_container
 from .formats import detect_format, save_adapter
 from .sources import load
+from .formats.gguf_lora import write_gguf_adapter
 from .formats.ia3 import read_ia3 as load_ia3
 from .hub import push
 from .ia3 import IA3Adapter, IA3Module
@@ -47,6 +48,7 @@ from .merge import MergeReport, merge, merge_many
 from .nf4_checkpoint import quantize
 from .rerank import ModuleRerank, RerankReport, rerank
 from .spectrum import compare_spectra, spectrum
+from .summary import gguf_summary
 
 __all__ = [
     "Adapter",
@@ -57,6 +59,7 @@ __all__ = [
     "BaseMismatchError",
     "DoraError",
     "ExtractReport",
+    "GGUFFile",
     "HubAccessError",
     "HubError",
     "HubNotFoundError",
@@ -90,11 +93,13 @@ __all__ = [
     "compare_spectra",
     "detect_format",
     "extract",
+    "gguf_summary",
     "interpolate",
     "load",
     "load_ia3",
     "merge",
     "merge_many",
+    "write_gguf_adapter",
     "negate",
     "open_container",
     "push",

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from .adapter import Adapter, LayerKind, LoraModule
 from .device import resolve_device
 from .errors import BaseMismatchError, InvalidArgumentError, NonFiniteError, ShapeMismatchError
-from .checkpoints import Container, NameMap
+from .checkpoints import Container
 from .linalg import (
     OVERSAMPLE,
     RankPolicy,
@@ -52,9 +52,9 @@ CHUNK_ELEMENTS = 2**25
 CANCELLATION = 1e-3
 """Below this fraction of ‖ΔW‖², ‖ΔW‖² − Σ s_i² loses digits to cancellation: the residual is summed directly."""
 EMBEDDINGS = re.compile(r"(embed_tokens|embed_in|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|"
-                        r"embed_positions|shared)")
+                        r"embed_positions|shared|token_embd)")
 """Last name of an embedding module (nn.Embedding: weight (num_embeddings, dim), i.e. ΔWᵀ of the LoRA)."""
-OUTPUT_EMBEDDINGS = ("lm_head", "embed_out")
+OUTPUT_EMBEDDINGS = ("lm_head", "embed_out", "output")
 """Last name of an LM head (a Linear layer), kept as a full tensor with `full_tensors` like the embeddings."""
 
 
@@ -433,13 +433,18 @@ def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Cont
     keys = {t.name: t.key for t in targets}
     for name in order:  # the module paths adapters of this base name (a fused weight: one module per row block)
         module = fits[name].module
+        _, stored_order = names.source(keys[name])  # rows stored in another order (GGUF q/k): back to the model's
+        if stored_order is not None:
+            module = replace(module, B=module.B[stored_order])
         for path, rows in names.adapter_modules(keys[name]):
             modules[path] = module if rows is None else replace(  # own A per module: files hold no shared tensors
                 module, A=module.A.clone(), B=module.B[rows[0]:rows[1]].contiguous())
-    if type(names) is not NameMap and extra:  # a diffusion checkpoint: its LoRA files hold LoRA factors only
+    if not names.full_tensors and extra:  # a diffusion checkpoint: its LoRA files hold LoRA factors only
         warnings.warn(f"{len(extra)} changed tensor(s) that are not LoRA weights are left out (LoRA files for "
                       f"diffusion models hold none): {listed(sorted(extra))}", stacklevel=2)
         extra = {}
+    extra = {source: tensor if order is None else tensor[order]
+             for key, tensor in extra.items() for source, order in [names.source(key)]}
     saved = sorted({_module(key) for key in extra if _module(key) not in modules})
     architectures = pair[1].config.get("architectures") or []
     config = {"modules_to_save": saved or None,
@@ -453,6 +458,8 @@ def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Cont
     base_model = ref.repo_id if ref is not None else str(root if isinstance(base, Container) else base)
     adapter = Adapter(modules=modules, extra=extra, base_model=base_model, config=config, source_format="peft",
                       name=Path(root).name)
-    report = ExtractReport(policy_text(chosen), svd, {name: fits[name].entry for name in order}, sorted(extra),
-                           unchanged=considered - len(order) - len(extra))
+    held = {name: names.adapter_modules(keys[name]) for name in order}  # a weight holding one module: its path
+    report = ExtractReport(policy_text(chosen), svd,
+                           {held[n][0][0] if len(held[n]) == 1 else n: fits[n].entry for n in order},
+                           sorted(extra), unchanged=considered - len(order) - len(extra))
     return adapter, report

@@ -39,13 +39,16 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 from safetensors import SafetensorError, safe_open
 
 from . import __version__, digests
-from .errors import InputNotFoundError, RecipeError
+from .checkpoints import gguf_file
+from .errors import AdaptoolsError, InputNotFoundError, RecipeError
 from .jsonio import parse_json, read_json_object
 from .sources import HubInput, HubRef, fetch_files, parse_hub_ref
 
 RECIPE_NAME = "adaptools_recipe.json"
 RECIPE_KEY = "adaptools_recipe"
 """The safetensors metadata key holding the recipe of a single-file output."""
+GGUF_RECIPE_KEY = "adaptools.recipe"
+"""The GGUF key/value holding the recipe of a GGUF output (llama.cpp ignores keys it does not know)."""
 RECIPE_VERSION = 1
 CHUNK_BYTES = 2**20
 REQUIRED_KEYS = ("adaptools_recipe", "command", "params", "inputs")
@@ -165,7 +168,9 @@ def write_recipe(recipe: Mapping, output: str | os.PathLike, is_file: bool) -> N
     """Store `recipe` in the (staged) `output`: `adaptools_recipe.json` inside a folder, or in a single
     safetensors file's metadata (embed_recipe)."""
     output = Path(output)
-    if is_file:
+    if is_file and gguf_file.detect(output):
+        gguf_file.embed_strings(output, {GGUF_RECIPE_KEY: json.dumps(recipe, indent=None)})
+    elif is_file:
         embed_recipe(recipe, output)
     else:
         with open(output / RECIPE_NAME, "x", encoding="utf-8") as f:
@@ -204,7 +209,7 @@ def read_recipe(path: str | os.PathLike) -> tuple[dict, Path]:
         path = path / RECIPE_NAME
         if not path.is_file():
             raise InputNotFoundError(f"{str(path.parent)!r} holds no {RECIPE_NAME}")
-    if path.suffix == ".safetensors":
+    if path.suffix in (".safetensors", ".gguf"):
         recipe = parse_json(embedded_recipe(path), f"{path}: metadata {RECIPE_KEY}", RecipeError)
         if not isinstance(recipe, dict):
             raise RecipeError(f"{str(path)!r}: metadata {RECIPE_KEY!r} does not hold a JSON object")
@@ -215,7 +220,15 @@ def read_recipe(path: str | os.PathLike) -> tuple[dict, Path]:
 
 
 def embedded_recipe(path: Path) -> str:
-    """The recipe text in the metadata of the safetensors file `path`."""
+    """The recipe text in the metadata of the safetensors (or GGUF) file `path`."""
+    if gguf_file.detect(path):
+        try:
+            text = gguf_file.read_header(path).get(GGUF_RECIPE_KEY)
+        except AdaptoolsError as exc:
+            raise RecipeError(str(exc)) from None
+        if not isinstance(text, str):
+            raise RecipeError(f"{str(path)!r} holds no adaptools recipe (no string {GGUF_RECIPE_KEY!r} in its metadata)")
+        return text
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

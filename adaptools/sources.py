@@ -63,6 +63,7 @@ from .errors import (
 )
 from .checkpoints import Container, open_container
 from .formats import load_adapter
+from .checkpoints.gguf import split_names
 from .checkpoints.shards import INDEX_NAME
 from .formats.peft import CONFIG_NAME
 from .formats.tensors import PICKLE_SUFFIXES
@@ -237,7 +238,12 @@ def fetch(ref: HubRef, kind: Kind, *, allow_pickle: bool = False) -> HubInput:
     commit = snapshot.name
     allowed = list(first)
     target = snapshot / ref.path if ref.path else snapshot
-    if not target.is_file():
+    if target.is_file() and target.suffix == ".gguf":  # a split GGUF: every part beside the one named
+        parent = ref.path.rpartition("/")[0]
+        parts = [glob.escape(f"{parent}/{name}" if parent else name) for name in split_names(target.name)]
+        download(ref, commit, parts, ignore)
+        allowed += parts
+    elif not target.is_file():
         folder = glob.escape(prefix)
         if kind != "adapter":
             index = target / INDEX_NAME

@@ -1,8 +1,13 @@
-"""Plain-data summaries of adapters and diffusion checkpoints (what `info --json` prints)."""
+"""Plain-data summaries of adapters, diffusion checkpoints and GGUF files (what `info --json` prints)."""
 from __future__ import annotations
 
+import math
+import os
+
+from gguf import LlamaFileType
+
 from .adapter import Adapter
-from .checkpoints import Container
+from .checkpoints import Container, gguf_file
 from .ia3 import IA3Adapter
 
 
@@ -47,6 +52,30 @@ def ia3_summary(adapter: IA3Adapter) -> dict:
             }
             for name, m in adapter.items()
         },
+    }
+
+
+def gguf_summary(path: str | os.PathLike) -> dict:
+    """What a GGUF file holds, from its validated header: architecture, file type, tensor types with counts and
+    bytes, parameters and size."""
+    header = gguf_file.read_header(path)
+    types: dict[str, dict[str, int]] = {}
+    for tensor in header.tensors.values():
+        entry = types.setdefault(tensor.type.name, {"tensors": 0, "bytes": 0})
+        entry["tensors"] += 1
+        entry["bytes"] += tensor.nbytes
+    file_type = header.get("general.file_type")
+    return {
+        "format": "gguf",
+        "version": header.version,
+        "type": header.get("general.type"),
+        "architecture": header.architecture,
+        "name": header.get("general.name"),
+        "file_type": LlamaFileType(file_type).name if file_type in set(LlamaFileType) else file_type,
+        "tensors": len(header.tensors),
+        "parameters": sum(math.prod(t.shape) for t in header.tensors.values()),
+        "size": header.size,
+        "types": dict(sorted(types.items(), key=lambda item: -item[1]["bytes"])),
     }
 
 

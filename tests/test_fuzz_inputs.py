@@ -27,6 +27,7 @@ from fp8_factories import make_ct_fp8_base, make_fine_grained_base
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from gguf_factories import llama_gguf
 from test_untrusted_inputs import join_file, split_file, tree_digest
 
 import adaptools
@@ -339,3 +340,51 @@ def test_struct_roundtrip_of_the_helpers(tmp_path, fuzz_inputs):
     assert load_file(tmp_path / "x.safetensors").keys() == load_file(source).keys()
     (n,) = struct.unpack("<Q", (tmp_path / "x.safetensors").read_bytes()[:8])
     assert n == len(json.dumps(header).encode())
+
+
+# --- GGUF headers ------------------------------------------------------------------------------------------------
+
+def mutate_gguf(data: st.DataObject, path: Path) -> None:
+    """Overwrite a count, length, type, dimension or offset of the header (a random aligned or unaligned spot, or a
+    fixed field) with a nasty value, flip a byte, or cut the file."""
+    from adaptools.checkpoints.gguf_file import read_header
+
+    raw = bytearray(path.read_bytes())
+    head = read_header(path).data_start
+    kind = data.draw(st.sampled_from(["u64", "u64", "u32", "flip", "cut"]))
+    if kind == "cut":
+        del raw[data.draw(st.integers(0, len(raw) - 1)):]
+    elif kind == "flip":
+        raw[data.draw(st.integers(0, head - 1))] ^= data.draw(st.integers(1, 255))
+    else:
+        size = 8 if kind == "u64" else 4
+        at = data.draw(st.sampled_from([4, 8, 16]) | st.integers(0, head - size))
+        value = data.draw(st.sampled_from([0, 1, 2, 3, 31, 33, 2**31, 2**32 - 1, 2**63, 2**64 - 1][: 10 if size == 8 else 8])
+                          | st.integers(0, 2**(8 * size) - 1))
+        raw[at:at + size] = value.to_bytes(size, "little")
+    path.write_bytes(bytes(raw))
+
+
+def valid_gguf(path: Path) -> None:
+    import gguf
+
+    from adaptools.checkpoints.gguf_file import read_header
+
+    read_header(path)
+    gguf.GGUFReader(path)  # gguf-py's own reader takes it too
+
+
+@settings(max_examples=120, **FUZZ)
+@given(data=st.data())
+def test_fuzz_gguf_headers(fuzz_inputs, data):
+    if "gguf" not in fuzz_inputs:
+        fuzz_inputs["gguf"] = llama_gguf(fuzz_inputs["base"], fuzz_inputs["root"] / "base.gguf")
+    work = work_folder(fuzz_inputs)
+    base = work / "base.gguf"
+    shutil.copy(fuzz_inputs["gguf"], base)
+    mutate_gguf(data, base)
+    if data.draw(st.booleans()):
+        run_mutant(work, ["info", base], "out.gguf", lambda path: None)
+    else:
+        run_mutant(work, ["merge", base, fuzz_inputs["adapter"], "-o", work / "out.gguf"], "out.gguf", valid_gguf)
+    shutil.rmtree(work)

@@ -407,3 +407,24 @@ def test_an_index_naming_paths_outside_the_repo_fetches_nothing_of_them(hub, loc
     assert fetched(hub) - {f"org/other/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "README.md")} \
         == {"org/hostile/config.json", "org/hostile/model.safetensors.index.json"}
     assert not (tmp_path / "out").exists() and not (tmp_path / "outside.safetensors").exists()
+
+
+def test_gguf_files_and_split_parts_from_a_repo(hub, local, tmp_path):
+    """ORG/NAME/FILE.gguf is a GGUF base; a split file's named part brings every part."""
+    from gguf_factories import llama_gguf, requantized
+
+    made = tmp_path / "made"
+    made.mkdir()
+    single = llama_gguf(local["base"], made / "model.Q8_0.gguf")
+    requantized(None, single, made / "split.gguf", {}, split_max_tensors=8)
+    parts = sorted(made.glob("split-*.gguf"))
+    assert len(parts) > 1
+    hub.add_commit("org/gguf", {"model.Q8_0.gguf": single.read_bytes(), "README.md": b"# gguf\n",
+                                **{f"parts/{p.name}": p.read_bytes() for p in parts}})
+    adaptools.merge("org/gguf/model.Q8_0.gguf", local["lora"], out=tmp_path / "hub.gguf")
+    adaptools.merge(single, local["lora"], out=tmp_path / "local.gguf")
+    assert (tmp_path / "hub.gguf").read_bytes() == (tmp_path / "local.gguf").read_bytes()
+    assert not any(path.endswith(".gguf") and "parts/" in path for path in fetched(hub))
+    adaptools.merge(f"org/gguf/parts/{parts[-1].name}", local["lora"], out=tmp_path / "hub" / "split")
+    adaptools.merge(parts[0], local["lora"], out=tmp_path / "local" / "split")
+    assert_same_files(tmp_path / "hub" / "split", tmp_path / "local" / "split")

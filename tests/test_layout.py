@@ -9,10 +9,8 @@ import collections
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from adaptools import Adapter, InvalidArgumentError, LoraModule
 from adaptools.formats.kohya import kohya_name
 from adaptools.formats.layout import padding_cost, serving_rank, target_rank, uniform_rank, written_layout
 from conftest import run_cli
+from llama_cpp import llama_cpp_tree
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -376,37 +375,10 @@ def test_save_api_writes_portable_by_default_and_compact_on_request(tmp_path):
 
 # --- llama.cpp's own converter -------------------------------------------------------------------------------
 
-LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
-"""The sdist that vendors llama.cpp (convert_lora_to_gguf.py, its conversion/ package and gguf-py)."""
-CONVERTER_CACHE = ROOT / ".venv" / "cache" / LLAMA_CPP_PYTHON.replace("==", "-")
-OFFLINE_SIGNS = ("NewConnectionError", "ConnectionError", "Network is unreachable", "Temporary failure in name resolution",
-                 "ProxyError", "Read timed out", "No matching distribution found")
-
-
 @pytest.fixture(scope="session")
-def llama_cpp_converter(tmp_path_factory) -> Path:
-    """convert_lora_to_gguf.py from the llama-cpp-python sdist, fetched once with pip into .venv/cache (skips only
-    when the package index cannot be reached)."""
-    script = CONVERTER_CACHE / "convert_lora_to_gguf.py"
-    if script.exists():
-        return script
-    download = tmp_path_factory.mktemp("sdist")
-    pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-                          LLAMA_CPP_PYTHON, "-d", str(download)], capture_output=True, text=True, timeout=600)
-    if pip.returncode != 0:
-        if any(sign in pip.stdout + pip.stderr for sign in OFFLINE_SIGNS):
-            pytest.skip(f"{LLAMA_CPP_PYTHON} cannot be downloaded: the package index is unreachable")
-        raise AssertionError(pip.stdout + pip.stderr)
-    staging = download / "vendor"
-    with tarfile.open(next(download.glob("*.tar.gz"))) as sdist:
-        wanted = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/", "gguf-py/")
-        members = [m for m in sdist.getmembers()
-                   if "/vendor/llama.cpp/" in m.name and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(wanted)]
-        sdist.extractall(staging, members=members, filter="data")
-    CONVERTER_CACHE.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(CONVERTER_CACHE, ignore_errors=True)
-    next(staging.glob("*/vendor/llama.cpp")).rename(CONVERTER_CACHE)
-    return script
+def llama_cpp_converter() -> Path:
+    """convert_lora_to_gguf.py from the llama-cpp-python sdist (tests/llama_cpp.py)."""
+    return llama_cpp_tree() / "convert_lora_to_gguf.py"
 
 
 def gguf_deltas(converter: Path, base: Path, folder: Path, gguf_file: Path) -> dict[str, torch.Tensor]:

@@ -253,3 +253,13 @@ def test_bad_options_are_one_line_errors_and_write_nothing(case, bf16_base, nf4_
         inputs.append(make_peft_adapter(bf16_base, tmp_path / "adapter", r=2, target_modules=["q_proj"]))
     result = run_cli(runner, command, *inputs, *options, "-o", tmp_path / "out")
     assert_no_output(result, tmp_path / "out")
+
+
+def test_retained_fraction_leaves_its_inputs_alone():
+    """merge --each measures every output against the same decoded base: measuring must not change it."""
+    from adaptools.checkpoints.nf4 import retained_fraction
+
+    base, after, merged = (torch.randn(64, 32, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    kept = base.clone()
+    retained_fraction(base, after, merged)
+    assert torch.equal(base, kept)

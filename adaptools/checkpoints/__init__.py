@@ -11,14 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from . import hf_folder, pipeline, single_file
+from . import gguf, hf_folder, pipeline, single_file
 from .container import Container
+from .gguf import GGUFFile
 from .hf_folder import HFFolder
 from .pipeline import Pipeline
 from .single_file import SingleFile
 from .names import NameMap, Target
 
-CONTAINERS: list[tuple[Any, type[Container]]] = [(single_file, SingleFile), (pipeline, Pipeline), (hf_folder, HFFolder)]
+CONTAINERS: list[tuple[Any, type[Container]]] = [(gguf, GGUFFile), (single_file, SingleFile), (pipeline, Pipeline),
+                                                 (hf_folder, HFFolder)]
 """(module, container class) pairs, tried in order; the Hugging Face folder comes last (it takes any folder)."""
 
 DIFFUSION_CONTAINERS = (single_file, pipeline)
@@ -44,4 +46,5 @@ def open_container(path: str | os.PathLike) -> Container:
     return HFFolder(path)
 
 
-__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "HFFolder", "NameMap", "Target", "open_container", "Pipeline", "SingleFile", "is_diffusion_checkpoint"]
+__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "GGUFFile", "HFFolder", "NameMap", "Target", "open_container",
+           "Pipeline", "SingleFile", "is_diffusion_checkpoint"]

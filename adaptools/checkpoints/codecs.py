@@ -50,8 +50,9 @@ def choose_codecs(container: Container, dtype: str | torch.dtype | None, *, devi
     if foreign:
         owners = {k: [c.NAME for c in CODECS if k in c.OPTIONS] for k in foreign}
         raise InvalidArgumentError("; ".join(
-            f"{k.replace('_', ' ')} applies to {'/'.join(owners[k]) or 'no'} outputs only (--dtype "
-            f"{'/'.join(owners[k]) or '?'}, or such a base)" for k in foreign))
+            f"{k.replace('_', ' ')} applies to {'/'.join(owners[k])} outputs only (--dtype {'/'.join(owners[k])}, "
+            "or such a base)" if owners[k] else f"--{k.replace('_', '-')} does not apply to this base"
+            for k in foreign))
     if encoding is not None:
         return decoder, encoding.encoder(container, decoder, name, device=device, **given)
     return decoder, (DequantizedEncoder if stored_in is not None else CastEncoder)(parse_dtype(dtype))

@@ -45,6 +45,8 @@ class Container:
     """What the container is, for summaries ("hf folder", "sdxl single file", ...)."""
     output_is_file = False
     """True when an output of this kind is one file (`-o OUT.safetensors`), False for a folder."""
+    output_suffix = ".safetensors"
+    """The suffix of each file of a file-kind output written per adapter into a folder (merge --each)."""
 
     def __init__(self, root: Path, shards: Sequence[str]):
         self.root = root

@@ -41,6 +41,10 @@ def target_shape(shape: tuple[int, ...], target: Target) -> tuple[int, ...]:
 class NameMap:
     """Module paths → targets for a container whose keys are `<module path>.weight` (Hugging Face folders)."""
 
+    full_tensors = True
+    """Whether an adapter extracted from this container carries changed non-LoRA tensors whole (modules_to_save;
+    LoRA files of diffusion models hold none)."""
+
     def __init__(self, keys: Iterable[str]):
         self._keys = frozenset(keys)
 
@@ -70,3 +74,8 @@ class NameMap:
             for prefix in KOHYA_PREFIXES:
                 candidates.setdefault(prefix + module.replace(".", "_"), set()).add(module)
         return candidates
+
+    def source(self, key: str) -> tuple[str, Tensor | None]:
+        """The model's own key of stored tensor `key` and the row order taking its stored rows back to the model's
+        (None: as stored): what an adapter extracted from this container names and holds."""
+        return key, None

@@ -339,6 +339,8 @@ def module_names(component: str | None, module: str) -> list[str]:
 class DiffusionNames(NameMap):
     """The name map of a single-file diffusion checkpoint: adapter module path → Target (stored key, row block)."""
 
+    full_tensors = False
+
     def __init__(self, shapes: Mapping[str, tuple[int, ...]], family: str | None = None):
         super().__init__(shapes)
         self.family = family or detect_family(shapes)

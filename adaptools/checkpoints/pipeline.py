@@ -57,6 +57,8 @@ def component_files(folder: Path) -> tuple[str, list[str], bool]:
 class PipelineNames(NameMap):
     """Module paths of a pipeline's components → `<component>/<key>` targets."""
 
+    full_tensors = False
+
     def __init__(self, keys: Sequence[str]):
         super().__init__(keys)
         self._targets: dict[str, Target] = {}

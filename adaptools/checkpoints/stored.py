@@ -143,6 +143,9 @@ class CastEncoder:
         """True when an unchanged tensor is written exactly as stored (its bytes are then copied, never loaded)."""
         return self.dtype_for(spec) == spec.dtype
 
+    def check(self, changed: set[str]) -> None:
+        """Before anything is written: refuse (or settle the encoding of) the tensors some output changes."""
+
     def entries(self, key: str, spec: TensorSpec) -> dict[str, int]:
         """Output keys written for `key`, with their bytes (to plan shards)."""
         return {key: spec.numel * self.dtype_for(spec).itemsize}

@@ -25,7 +25,7 @@ from .report import MergeReport, survival_warnings
 def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[AdapterLike],
           weights: Sequence[float] | None = None, *, out: str | os.PathLike, dtype: str | torch.dtype | None = None,
           double_quant: bool | None = None, fp8_scheme: str | None = None, fp8_format: str | None = None,
-          device: str | torch.device = "auto", overwrite: bool = False, each: bool = False,
+          gguf_type: str | None = None, device: str | torch.device = "auto", overwrite: bool = False, each: bool = False,
           max_shard_size: str | int | None = None, allow_pickle: bool = False, batch_bytes: int | None = None,
           progress: bool = False, hash_inputs: bool = False) -> MergeReport:
     """Merge adapters into a base checkpoint folder, streaming shard by shard: W' = W + Σ_i w_i·s_i·B_i@A_i.
@@ -33,7 +33,9 @@ def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[
     Args:
         base: a Hugging Face folder (model.safetensors, or shards + index) of fp16/bf16/fp32 weights, a
             bitsandbytes NF4 checkpoint or an FP8 one (fine-grained / compressed-tensors): quantized weights are
-            dequantized, merged in float32 and requantized in the base's own scheme.
+            dequantized, merged in float32 and requantized in the base's own scheme; a single-file diffusion
+            checkpoint or a diffusers pipeline folder; or a GGUF file (each merged tensor decoded and re-encoded in
+            its own ggml type). For single files and GGUF, `out` is a file.
         adapters: PEFT folders, kohya files or Adapter objects (LoRA, rsLoRA, DoRA; linear, Conv1D, embedding, conv).
         weights: one factor per adapter (default 1): w·s·B@A for LoRA, V = W + w·s·B@A for DoRA (magnitudes
             kept); a full tensor T (modules_to_save) becomes W + w·(T − W).
@@ -46,6 +48,8 @@ def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[
             with an NF4 base it must agree with the base's own setting.
         fp8_scheme, fp8_format: for FP8 outputs of another base, "block" (128x128, default), "channel" or
             "tensor" scales, written as "compressed-tensors" (default) or "fine-grained" (block only).
+        gguf_type: for a GGUF base, the ggml type (q8_0, q6_k, f16, ...) merged tensors stored in types adaptools
+            cannot encode (IQ*, ...) are written in; every other tensor keeps its type.
         device: where the merge math runs ("auto": CUDA when available); the math is float32.
         overwrite: replace an existing output.
         each: one merged model per adapter from a single read of the base, instead of one with all adapters.
@@ -65,13 +69,14 @@ def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[
     return merge_outputs(base, [(adapters, weights)], target, each=each, dtype=dtype, device=device,
                          overwrite=overwrite, max_shard_size=max_shard_size, allow_pickle=allow_pickle,
                          batch_bytes=batch_bytes, progress=progress, hash_inputs=hash_inputs,
-                         double_quant=double_quant, fp8_scheme=fp8_scheme, fp8_format=fp8_format)
+                         double_quant=double_quant, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
+                         gguf_type=gguf_type)
 
 
 def merge_many(base: str | os.PathLike | Container,
                outputs: Sequence[tuple[AdapterLike | Iterable[AdapterLike], Sequence[float] | None, str | os.PathLike]],
                *, dtype: str | torch.dtype | None = None, double_quant: bool | None = None,
-               fp8_scheme: str | None = None, fp8_format: str | None = None,
+               fp8_scheme: str | None = None, fp8_format: str | None = None, gguf_type: str | None = None,
                device: str | torch.device = "auto", overwrite: bool = False, max_shard_size: str | int | None = None,
                allow_pickle: bool = False, batch_bytes: int | None = None, progress: bool = False,
                hash_inputs: bool = False) -> MergeReport:
@@ -85,7 +90,7 @@ def merge_many(base: str | os.PathLike | Container,
                          device=device, overwrite=overwrite, max_shard_size=max_shard_size,
                          allow_pickle=allow_pickle, batch_bytes=batch_bytes, progress=progress,
                          hash_inputs=hash_inputs, double_quant=double_quant, fp8_scheme=fp8_scheme,
-                         fp8_format=fp8_format)
+                         fp8_format=fp8_format, gguf_type=gguf_type)
 
 
 def merge_outputs(base: str | os.PathLike | Container,
@@ -96,13 +101,13 @@ def merge_outputs(base: str | os.PathLike | Container,
                   **codec_options: object) -> MergeReport:
     """The merges `jobs` ((adapters, weights) each) from one read of the base: into `target` (one job; with
     `each`, one subfolder per adapter) or into target[i] for job i; `codec_options` (double_quant, fp8_scheme,
-    fp8_format) go to the codecs."""
+    fp8_format, gguf_type; those given, not None) go to the codecs."""
     start = time.perf_counter()
     device = resolve_device(device)
     shard_bytes = None if max_shard_size is None else parse_size(max_shard_size)
     ckpt = open_base(base, "model")
     config = ckpt.config
-    decoder, encoder = ckpt.codecs(dtype, device=device, **codec_options)
+    decoder, encoder = ckpt.codecs(dtype, device=device, **{k: v for k, v in codec_options.items() if v is not None})
     specs = decoder.specs(ckpt)
     plans = []
     names = [target.name] if isinstance(target, Path) else [str(t) for t in target]

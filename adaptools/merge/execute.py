@@ -132,23 +132,32 @@ def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
 
 
 def output_paths(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool,
-                 is_file: bool) -> list[Path]:
-    """Where each plan's output is: `target`; with `each`, `target/<plan name>` (`<plan name>.safetensors` for
-    single-file outputs); or, for a list of paths, plan i's own path."""
+                 suffix: str | None) -> list[Path]:
+    """Where each plan's output is: `target`; with `each`, `target/<plan name>` (`<plan name><suffix>` for
+    single-file outputs, e.g. `.safetensors`, `.gguf`; `suffix` None: folders); or, for a list of paths, plan i's
+    own path."""
     if isinstance(target, Path):
-        return [target / (f"{plan.name}.safetensors" if is_file else plan.name) if each else target for plan in plans]
+        return [target / (plan.name if suffix is None else f"{plan.name}{suffix}") if each else target
+                for plan in plans]
     return list(target)
+
+
+def output_suffix(ckpt: Container) -> str | None:
+    """The suffix of the container's single-file outputs, None when its outputs are folders."""
+    return ckpt.output_suffix if ckpt.output_is_file else None
 
 
 @contextlib.contextmanager
 def output_folders(target: Path | Sequence[Path], plans: Sequence[OutputPlan], each: bool, overwrite: bool,
-                   is_file: bool) -> Iterator[list[Path]]:
+                   suffix: str | None) -> Iterator[list[Path]]:
     """The staged place of every plan (output_paths inside one atomic `target`, or one atomic output per plan for
-    a list of paths); all are renamed into place on success. `is_file`: single-file outputs."""
+    a list of paths); all are renamed into place on success. `suffix`: that of single-file outputs (None:
+    folders)."""
+    is_file = suffix is not None
     with contextlib.ExitStack() as stack:
         if isinstance(target, Path):
             tmp = stack.enter_context(atomic_output(target, overwrite=overwrite, is_file=is_file and not each))
-            yield output_paths(tmp, plans, each, is_file)
+            yield output_paths(tmp, plans, each, suffix)
         else:
             yield [stack.enter_context(atomic_output(t, overwrite=overwrite, is_file=is_file)) for t in target]
 
@@ -165,6 +174,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
     start = time.perf_counter()
     batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
     steps = plan_steps(specs, batch_bytes)
+    encoder.check({key for plan in plans for key in (*plan.updates, *plan.biases, *plan.full)})
     layout = plan_layout(ckpt, steps, specs, encoder, shard_bytes)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -183,7 +193,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
         return read
 
     sinks: list[Sink] = []
-    with output_folders(target, plans, each, overwrite, ckpt.output_is_file) as places:
+    with output_folders(target, plans, each, overwrite, output_suffix(ckpt)) as places:
         try:
             sinks += [ckpt.open_output(place, encoder, layout, hash_inputs=hash_inputs and i == 0,
                                        skip=(RECIPE_NAME,))  # the base's recipe is not this one's
@@ -202,7 +212,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
             for sink in sinks:
                 sink.abort()
     return MergeReport(
-        outputs=dict(zip((plan.name for plan in plans), output_paths(target, plans, each, ckpt.output_is_file))),
+        outputs=dict(zip((plan.name for plan in plans), output_paths(target, plans, each, output_suffix(ckpt)))),
         modules={plan.name: len(plan.updates) for plan in plans},
         tensors=len(specs),
         bytes_read=total,

@@ -36,9 +36,9 @@ class MergeReport:
     quantized: int = 0
     survival: dict[str, dict[str, float]] = field(default_factory=dict)
     base: str = ""
-    output_files: bool = False
-    """True when each output is one file (a single-file checkpoint), not a folder."""
     """What the base is (its container's label: "hf folder", "sdxl single file", ...)."""
+    output_files: bool = False
+    """True when each output is one file (a single-file checkpoint or GGUF), not a folder."""
 
     def to_dict(self) -> dict:
         """The report as JSON-able data (paths as strings)."""
@@ -55,9 +55,12 @@ def survival_warnings(report: MergeReport) -> list[str]:
         low = [v for v in kept.values() if v < LOW_SURVIVAL]
         if low:
             mean = sum(kept.values()) / len(kept)
+            advice = (f"merge into the original fp16/bf16 base and quantize after the merge (adaptools merge BASE "
+                      f"ADAPTER --dtype {label.lower()})" if label in ("NF4", "FP8") else
+                      "merge into a higher-precision file (F16, BF16, Q8_0) and quantize after the merge "
+                      "(llama-quantize)")
             messages.append(
-                f"{name}: {label} requantization keeps less than {LOW_SURVIVAL:.0%} of ΔW in {len(low)} of "
-                f"{len(kept)} modules (mean {mean:.0%}); merge into the original fp16/bf16 base and quantize after "
-                f"the merge (adaptools merge BASE ADAPTER --dtype {label.lower()})"
+                f"{name}: {label + ' ' if label in ('NF4', 'FP8') else ''}requantization keeps less than "
+                f"{LOW_SURVIVAL:.0%} of ΔW in {len(low)} of {len(kept)} modules (mean {mean:.0%}); {advice}"
             )
     return messages

@@ -36,8 +36,9 @@ def echo_report(report: ExtractReport) -> None:
 @click.option("--svd", type=click.Choice(typing.get_args(SvdMethod)), default="auto", show_default=True,
               help="Dense SVD, randomized range finder (exact error reported either way), or chosen by size.")
 @click.option("--device", default="auto", show_default=True, help="Where the SVDs run: auto, cpu or cuda.")
-@click.option("--to", "fmt", type=click.Choice(FORMATS),
-              help="Output format (default: kohya for a diffusion checkpoint, a single file or pipeline; else peft).")
+@click.option("--to", "fmt", type=click.Choice((*FORMATS, "gguf")),
+              help="Output format (default: kohya for a diffusion checkpoint, a single file or pipeline; else peft; "
+                   "gguf: a llama.cpp adapter named after BASE).")
 @click.option("--dtype", type=click.Choice(list(DTYPES)), help="dtype of the factors (default: the tuned weights').")
 @click.option("--full-tensors", is_flag=True,
               help="Keep changed embeddings and the LM head as full tensors (modules_to_save) instead of LoRA.")
@@ -49,8 +50,8 @@ def extract(base: str, tuned: str, rank: int | None, energy: float | None, ratio
             threshold: float | None, budget: float | None, include: tuple[str, ...], exclude: tuple[str, ...],
             svd: str, device: str, fmt: str | None, dtype: str | None, full_tensors: bool, report_path: str | None,
             output: str, overwrite: bool, layout: str | None, pad_rank: int | None, serve: str | None) -> dict:
-    """LoRA of TUNED − BASE (checkpoint folders or Hub repo ids, NF4 and FP8 dequantized): best rank-k fit of each
-    changed weight.
+    """LoRA of TUNED − BASE (checkpoint folders, single-file diffusion checkpoints, pipeline folders, GGUF files or
+    Hub repo ids; NF4, FP8 and GGUF types decoded): best rank-k fit of each changed weight.
 
     k by exactly one of --rank/--energy/--ratio/--threshold/--budget; changed norms and biases are kept whole.
     """
@@ -62,7 +63,7 @@ def extract(base: str, tuned: str, rank: int | None, energy: float | None, ratio
                                         svd=svd, device=device, full_tensors=full_tensors,
                                         dtype=DTYPES.get(dtype or ""), progress=True)
     fmt = fmt or ("kohya" if is_diffusion_checkpoint(resolve(base, "model")) else "peft")
-    save(adapter, output, fmt, overwrite, layout, pad_rank, serve)
+    save(adapter, output, fmt, overwrite, layout, pad_rank, serve, base=base)
     write_report(report_path, report.to_dict(), overwrite)
     echo_report(report)
     return {"summary": report.modules}

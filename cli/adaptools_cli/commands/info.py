@@ -8,7 +8,8 @@ import click
 import adaptools
 from adaptools.checkpoints import is_diffusion_checkpoint, open_container
 from adaptools.sources import resolve
-from adaptools.summary import adapter_summary, checkpoint_summary, ia3_summary
+from adaptools.checkpoints import gguf_file
+from adaptools.summary import adapter_summary, checkpoint_summary, gguf_summary, ia3_summary
 
 from ..options import reading_options
 from ..render import echo_table
@@ -23,8 +24,12 @@ def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scal
          alpha: float | None) -> None:
     """Show the format (the adapter family detected), base model, DoRA or not, and per module rank, scale, shape
     and parameters. For a diffusion checkpoint (a single .safetensors file in the SD1.x/SD2/SDXL/Flux original
-    layout, or a diffusers pipeline folder): the family and per component the parameters and dtypes."""
+    layout, or a diffusers pipeline folder): the family and per component the parameters and dtypes. For a GGUF
+    file (a model or a llama.cpp adapter): architecture, tensor types with counts, size."""
     local = resolve(adapter, "adapter", allow_pickle=allow_pickle)
+    if local.is_file() and gguf_file.detect(local):
+        echo_gguf(gguf_summary(local), as_json)
+        return
     if is_diffusion_checkpoint(local):
         echo_checkpoint(checkpoint_summary(open_container(local)), as_json)
         return
@@ -54,14 +59,30 @@ def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scal
     echo_table(["module", "kind", "rank", "scale", "out", "in", "params"], rows)
 
 
-def echo_checkpoint(summary: dict, as_json: bool) -> None:
-    """A checkpoint summary as JSON or as a table of components."""
+def echo_summary(summary: dict, as_json: bool, lines: list[str], header: list[str], rows: list[tuple]) -> None:
+    """A file's summary: one JSON object, or its lines and a table."""
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(f"checkpoint: {summary['container']}")
-    click.echo(f"family: {summary['family']}")
-    click.echo(f"parameters: {summary['parameters']:,}")
+    for line in lines:
+        click.echo(line)
+    echo_table(header, rows)
+
+
+def echo_checkpoint(summary: dict, as_json: bool) -> None:
+    """A diffusion checkpoint's summary: JSON, or a table of its components."""
     rows = [(name, c["tensors"], f"{c['parameters']:,}", ", ".join(f"{d} {n:,}" for d, n in c["dtypes"].items()))
             for name, c in summary["components"].items()]
-    echo_table(["component", "tensors", "parameters", "dtypes (parameters)"], rows)
+    echo_summary(summary, as_json, [f"checkpoint: {summary['container']}", f"family: {summary['family']}",
+                                    f"parameters: {summary['parameters']:,}"],
+                 ["component", "tensors", "parameters", "dtypes (parameters)"], rows)
+
+
+def echo_gguf(summary: dict, as_json: bool) -> None:
+    """A GGUF file's summary: JSON, or a few lines and a table of its tensor types."""
+    echo_summary(summary, as_json, [
+        f"format: gguf v{summary['version']} ({summary['type'] or 'model'})",
+        f"architecture: {summary['architecture'] or '(not recorded)'}, name: {summary['name'] or '(none)'}",
+        f"file type: {summary['file_type']}",
+        f"tensors: {summary['tensors']}, parameters: {summary['parameters']:,}, size: {summary['size']:,} bytes",
+    ], ["type", "tensors", "bytes"], [(name, t["tensors"], t["bytes"]) for name, t in summary["types"].items()])

@@ -50,8 +50,8 @@ def echo_report(report: MergeReport, verb: str = "merged {modules} modules into"
         kept = report.survival.get(name)
         if kept:
             worst = min(kept, key=kept.get)
-            click.echo(f"  ΔW surviving {(report.dtype or '').upper()} requantization: "
-                       f"mean {sum(kept.values()) / len(kept):.1%} over "
+            quant = (report.dtype or "").upper() + " " if report.dtype in ("nf4", "fp8") else ""
+            click.echo(f"  ΔW surviving {quant}requantization: mean {sum(kept.values()) / len(kept):.1%} over "
                        f"{len(kept)} modules, min {kept[worst]:.1%} ({worst})")
     memory = f"peak memory {_size(report.peak_rss)} (RSS)"
     if report.peak_device_memory is not None:
@@ -81,7 +81,7 @@ def merge_group(contexts: Sequence[click.Context]) -> list[dict]:
             first["base"], [(list(c.params["adapters"]), parse_weights(c.params["weights"]), c.params["output"])
                             for c in contexts],
             dtype=first["dtype"], double_quant=first["double_quant"], fp8_scheme=first["fp8_scheme"],
-            fp8_format=first["fp8_format"], device=first["device"],
+            fp8_format=first["fp8_format"], gguf_type=first["gguf_type"], device=first["device"],
             overwrite=first["overwrite"], max_shard_size=first["max_shard_size"], allow_pickle=first["allow_pickle"],
             hash_inputs=True)
     return [{"folders": [] if report.output_files else [folder], "summary": survival_rows(dataclasses.replace(
@@ -100,6 +100,9 @@ def merge_group(contexts: Sequence[click.Context]) -> list[dict]:
 @click.option("--double-quant/--no-double-quant", default=None,
               help="NF4 output of an unquantized base: quantize the block scales too (default: on).")
 @fp8_options
+@click.option("--gguf-type", metavar="TYPE",
+              help="GGUF base: the ggml type (q8_0, q6_k, q4_k, f16, ...) to write merged tensors stored in types "
+                   "adaptools cannot encode (IQ*, ...); every other tensor keeps its own type.")
 @click.option("--device", default="auto", show_default=True, help="Where the merge math runs: auto, cpu or cuda.")
 @click.option("--max-shard-size", help="Re-shard the output, e.g. 5GB or 200MB (default: the base's own shards).")
 @click.option("--each", is_flag=True,
@@ -109,21 +112,24 @@ def merge_group(contexts: Sequence[click.Context]) -> list[dict]:
 @provenance("merge", kind="model", group=merge_group, group_varies=("adapters", "weights"),
             group_when=lambda params: not params["each"])
 def merge(base: str, adapters: tuple[str, ...], weights: str | None, dtype: str | None, double_quant: bool | None,
-          fp8_scheme: str | None, fp8_format: str | None, device: str, max_shard_size: str | None, each: bool,
-          output: str, overwrite: bool, allow_pickle: bool) -> dict:
-    """Merge ADAPTERS (PEFT folders or kohya files) into the checkpoint folder BASE, streaming shard by shard.
+          fp8_scheme: str | None, fp8_format: str | None, gguf_type: str | None, device: str,
+          max_shard_size: str | None, each: bool, output: str, overwrite: bool, allow_pickle: bool) -> dict:
+    """Merge ADAPTERS (PEFT folders, kohya/LyCORIS/diffusers files, ...) into BASE, streaming: a checkpoint folder,
+    a single-file diffusion checkpoint, a diffusers pipeline folder or a GGUF file.
 
     All adapters go into one model (W + Σ w·ΔW), or with --each into one model each. Config, tokenizer and
     generation files are copied; the shard layout is kept unless --max-shard-size is given. An NF4 base
     (bitsandbytes 4-bit) or an FP8 base (fine-grained or compressed-tensors) is dequantized, merged in float32
     and requantized with its own settings; the summary then shows how much of each ΔW survives requantization.
+    A GGUF base (llama.cpp, ollama) gives a GGUF file: each merged tensor re-encoded in its own ggml type,
+    everything else copied as stored.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("always", UserWarning)
         warnings.showwarning = _warn
         report = adaptools.merge(base, list(adapters), parse_weights(weights), out=output, dtype=dtype,
                                  double_quant=double_quant, fp8_scheme=fp8_scheme, fp8_format=fp8_format,
-                                 device=device, overwrite=overwrite, each=each,
+                                 gguf_type=gguf_type, device=device, overwrite=overwrite, each=each,
                                  max_shard_size=max_shard_size, allow_pickle=allow_pickle, progress=True,
                                  hash_inputs=True)  # the recipe reuses these sha256
     echo_report(report)

@@ -13,7 +13,9 @@ from tqdm import tqdm
 import adaptools
 from adaptools.adapter import Adapter
 from adaptools.atomic import atomic_output, check_output
+from adaptools.errors import InvalidArgumentError
 from adaptools.formats import FORMATS, default_format
+from adaptools.formats.gguf_lora import write_gguf_adapter
 from adaptools.formats.layout import SERVING_FLAGS, growth_refusal, padding_cost, target_rank
 from adaptools.linalg import RankPolicy
 from adaptools.rerank import RerankReport
@@ -73,10 +75,26 @@ def progress_bar(total: int, desc: str) -> Iterator[Callable[[int], None]]:
         yield bar.update
 
 
+def require_gguf_base(fmt: str | None, base: str | None) -> None:
+    """A llama.cpp adapter is named after its base: `--to gguf` needs one."""
+    if fmt == "gguf" and base is None:
+        raise InvalidArgumentError("--to gguf writes llama.cpp's tensor names: pass the base (--base: a .gguf, a "
+                                   "Hugging Face folder or a repo id)")
+
+
 def save(adapter: Adapter, output: str, fmt: str | None, overwrite: bool, layout: str | None = None,
-         pad_rank: int | None = None, serve: str | None = None) -> None:
+         pad_rank: int | None = None, serve: str | None = None, base: str | None = None) -> None:
     """Write `adapter` in `fmt` (by default the format it was read from: kohya stays kohya; see default_format) and `layout` (default
-    portable), padded to `pad_rank` or to the rank `serve` accepts; say what the padding cost when it is notable."""
+    portable), padded to `pad_rank` or to the rank `serve` accepts; say what the padding cost when it is notable.
+    "gguf" writes a llama.cpp adapter named after `base` (its tensor names; each module keeps its rank)."""
+    if fmt == "gguf":
+        require_gguf_base(fmt, base)
+        if layout or pad_rank or serve:
+            raise InvalidArgumentError("--layout, --pad-rank and --serve apply to PEFT, mlx and diffusers outputs; a "
+                                       "llama.cpp adapter keeps each module's rank")
+        write_gguf_adapter(adapter, base, output, overwrite)
+        click.echo(f"wrote llama.cpp (gguf) adapter with {len(adapter)} modules to {output}")
+        return
     fmt = fmt or default_format(adapter)
     layout = layout or "portable"
     rank = target_rank(adapter, pad_rank, serve)
