@@ -25,6 +25,12 @@ CHUNK_BLOCKS = 512
 F32 = np.float32
 MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer (ties to even) in the low mantissa bits
 GROUP_MAX_EPS = F32(1e-15)
+HALF_DOWN = np.nextafter(F32(0.5), F32(0))  # the float32 just below 0.5
+QK8_0, Q8_0_BYTES = 32, 34
+Q8_0_CHUNK = 4096
+DECODE_CHUNK_ELEMENTS = 1 << 18
+"""Elements decoded per batch of blocks (1 MiB of float32)."""
+"""Q8_0 blocks encoded per batch (512 KiB of float32)."""
 
 
 def block_shape(qtype: T) -> tuple[int, int]:
@@ -47,6 +53,10 @@ def decode(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
     data = np.ascontiguousarray(raw)
     if qtype in (T.F32, T.F16):
         values = data.view(np.float32 if qtype == T.F32 else np.float16)
+    elif qtype == T.Q8_0:
+        values = decode_q8_0(data.view(np.uint8))
+    elif qtype in ENCODABLE:
+        values = decode_blocks(data.view(np.uint8), qtype)
     else:
         with np.errstate(all="ignore"):  # stored NaN/inf scales decode to NaN/inf; the engine's checks report them
             values = gguf.quants.dequantize(data.view(np.uint8).reshape(-1), qtype)
@@ -56,6 +66,8 @@ def decode(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
 def encode(values: np.ndarray, qtype: T) -> np.ndarray:
     """float32 array (..., columns) → stored bytes (uint8, ..., row_bytes), bit-exact with ggml's reference."""
     values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == T.Q8_0:
+        return encode_q8_0(values).reshape(*values.shape[:-1], -1)
     if qtype in LEGACY:
         return legacy(values, qtype).reshape(*values.shape[:-1], -1)
     if qtype not in K_QUANTS:
@@ -66,6 +78,50 @@ def encode(values: np.ndarray, qtype: T) -> np.ndarray:
         for start in range(0, len(blocks), CHUNK_BLOCKS):
             out[start:start + CHUNK_BLOCKS] = ENCODERS[qtype](blocks[start:start + CHUNK_BLOCKS])
     return out.reshape(*values.shape[:-1], -1)
+
+
+def decode_q8_0(raw: np.ndarray) -> np.ndarray:
+    """Q8_0 blocks → float32: x = fp16 d · int8 q (one product, exact in float32: 11 × 8 significant bits)."""
+    blocks = raw.reshape(-1, Q8_0_BYTES)
+    scales = blocks[:, :2].copy().view(np.float16).astype(F32)
+    return np.multiply(blocks[:, 2:].view(np.int8), scales, dtype=F32)
+
+
+def decode_blocks(raw: np.ndarray, qtype: T) -> np.ndarray:
+    """gguf-py's block decoder of `qtype` over cache-sized batches of blocks, each written in place: the same
+    arithmetic as `gguf.quants.dequantize` (same bytes out) without its per-row split and final concatenation."""
+    elements, size = block_shape(qtype)
+    blocks = raw.reshape(-1, size)
+    out = np.empty((len(blocks), elements), dtype=F32)
+    step = max(1, DECODE_CHUNK_ELEMENTS // elements)
+    codec = getattr(gguf.quants, qtype.name)
+    with np.errstate(all="ignore"):  # stored NaN/inf scales decode to NaN/inf; the engine's checks report them
+        for start in range(0, len(blocks), step):
+            out[start:start + step] = codec.dequantize_blocks(blocks[start:start + step])
+    return out
+
+
+def encode_q8_0(values: np.ndarray) -> np.ndarray:
+    """ggml's quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x · (1/d)) (0 when d = 0), d stored as fp16.
+
+    roundf (half away from zero) is truncation of x + copysign(0.5⁻, x), exact in float32 (|x · (1/d)| ≤ 128);
+    the batches stay in the CPU's cache, one pass of each vector op per batch.
+    """
+    blocks = values.reshape(-1, QK8_0)
+    out = np.empty((len(blocks), Q8_0_BYTES), dtype=np.uint8)
+    work = np.empty((min(len(blocks), Q8_0_CHUNK), QK8_0), dtype=F32)
+    half = np.empty_like(work)
+    for start in range(0, len(blocks), Q8_0_CHUNK):
+        chunk = blocks[start:start + Q8_0_CHUNK]
+        scaled, halves_ = work[:len(chunk)], half[:len(chunk)]
+        scale = np.abs(chunk, out=scaled).max(axis=1) / F32(127)
+        with np.errstate(divide="ignore", over="ignore"):  # zero scales are masked; fp16 overflow stores inf as ggml
+            inverse = np.where(scale == 0, F32(0), F32(1) / scale)
+            out[start:start + len(chunk), :2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
+        np.multiply(chunk, inverse[:, None], out=scaled)
+        scaled += np.copysign(HALF_DOWN, scaled, out=halves_)
+        out[start:start + len(chunk), 2:] = scaled.astype(np.int8).view(np.uint8)
+    return out
 
 
 def legacy(values: np.ndarray, qtype: T) -> np.ndarray:
@@ -128,6 +184,11 @@ def transpose_groups(blocks: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(blocks.reshape(-1, group).T)
 
 
+def clamp(values: np.ndarray, lo: np.float32, hi: np.float32) -> np.ndarray:
+    """min(max(values, lo), hi) in place (np.clip's result, without its dispatch cost in the search loops)."""
+    return np.minimum(np.maximum(values, lo, out=values), hi, out=values)
+
+
 NEAREST_INT_RANGE = F32(4194303)  # |v| up to which nearest_int is plain rounding (ggml asserts it in debug builds)
 
 
@@ -144,7 +205,7 @@ def levels_in(iscale: np.ndarray, shifted: np.ndarray, lo: np.ndarray, hi: np.nd
         np.rint(product, out=product)
     else:
         product = nearest_int(product).astype(F32)
-    return np.clip(product, F32(0), F32(nmax), out=product)
+    return clamp(product, F32(0), F32(nmax))
 
 
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -215,7 +276,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
     def fit(iscale: np.ndarray) -> np.ndarray:
         np.multiply(iscale, x, out=levels)  # |iscale · x| <= nmax + 1: nearest_int is rounding
-        return np.clip(np.rint(levels, out=levels), F32(-nmax), F32(nmax - 1), out=levels)
+        return clamp(np.rint(levels, out=levels), F32(-nmax), F32(nmax - 1))
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         fit(iscale)
