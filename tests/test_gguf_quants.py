@@ -46,17 +46,20 @@ def test_encoding_is_llama_cpps_byte_for_byte(qtype, ggml):
         assert np.array_equal(got, want), f"{qtype.name} {name}: {int((got != want).any(axis=1).sum())} rows differ"
 
 
-@pytest.mark.parametrize("qtype", sorted(gguf_quants.K_QUANTS, key=int), ids=lambda t: t.name)
-def test_k_quant_batches_do_not_change_the_bytes(qtype, ggml, monkeypatch):
+@pytest.mark.parametrize("qtype", sorted(gguf_quants.K_QUANTS | {T.Q8_0}, key=int), ids=lambda t: t.name)
+def test_batches_do_not_change_the_bytes(qtype, ggml, monkeypatch):
     values = samples()["mixed"].reshape(-1, 256)
     monkeypatch.setattr(gguf_quants, "CHUNK_BLOCKS", 7)  # batches that split rows and tensors anywhere
+    monkeypatch.setattr(gguf_quants, "Q8_0_CHUNK", 13)
     assert np.array_equal(gguf_quants.encode(values, qtype), reference_quantize(ggml, values, qtype))
 
 
 @pytest.mark.parametrize("qtype", [T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q5_1, T.Q4_K, T.Q6_K, T.Q2_K, T.IQ4_NL],
                          ids=lambda t: t.name)
-def test_decoding_is_gguf_py_dequantize(qtype):
-    """Encodable types from their encoding, the others (IQ4_NL) from arbitrary bytes of the right size."""
+def test_decoding_is_gguf_py_dequantize(qtype, monkeypatch):
+    """Encodable types from their encoding, the others (IQ4_NL) from arbitrary bytes of the right size; batches of
+    blocks that split rows."""
+    monkeypatch.setattr(gguf_quants, "DECODE_CHUNK_ELEMENTS", 96 * 32)
     values = samples()["normal"][:4]
     if gguf_quants.can_encode(qtype):
         stored = gguf_quants.encode(values, qtype)

@@ -201,7 +201,7 @@ class GGUFFile(Container):
 
 
 class GGUFDecoder(StoredDecoder):
-    """GGUF tensors decoded to float32 (F32/F16/BF16 read as stored) by gguf-py's dequantize."""
+    """GGUF tensors decoded to float32 (F32/F16/BF16 read as stored) by `gguf_quants.decode`."""
 
     def specs(self, ckpt: GGUFFile) -> dict[str, TensorSpec]:
         return {k: GGUFSpec(ckpt.shape(k), ckpt.dtype(k), ckpt.weight_map[k], ckpt.nbytes(k), qtype=ckpt.qtype(k))

@@ -1,8 +1,11 @@
 """GGUF tensor codecs: every ggml type decoded to float32, the common types encoded back bit-exact.
 
-Decoding is `gguf.quants.dequantize` (one correct float32 result: exact products, one rounding). Encoding:
-F32/F16/BF16 and the legacy block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) through `gguf.quants.quantize` (equal to
-ggml's `_ref` encoders bit for bit except the sign of a zero scale or minimum, set here as ggml sets it); the K-quants (Q2_K .. Q6_K) by a batched port of ggml's
+Decoding is gguf-py's (one correct float32 result: exact products, one rounding): its block decoders over
+cache-sized batches for the types adaptools encodes (Q8_0 by one numpy product, the same values),
+`gguf.quants.dequantize` for the others. Encoding: Q8_0 by a batched numpy port of ggml's `quantize_row_q8_0_ref`;
+F32/F16/BF16 and the other legacy block types (Q4_0, Q4_1, Q5_0, Q5_1) through `gguf.quants.quantize` (equal to
+ggml's `_ref` encoders bit for bit except the sign of a zero scale or minimum, set here as ggml sets it); the
+K-quants (Q2_K .. Q6_K) by a batched port of ggml's
 `quantize_row_q*_K_ref` (no importance matrix). The port keeps ggml's float32 arithmetic exactly: every sum is a
 sequential float32 accumulation (`np.add.accumulate` down the element axis, one call for all sub-blocks) and every
 rounding is ggml's `nearest_int` (add 1.5 * 2**23, keep the low mantissa bits), so the bytes equal the C reference's.
