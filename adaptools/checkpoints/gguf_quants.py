@@ -193,11 +193,6 @@ def transpose_groups(blocks: np.ndarray, group: int) -> np.ndarray:
     return np.ascontiguousarray(blocks.reshape(-1, group).T)
 
 
-def clamp(values: np.ndarray, lo: np.float32, hi: np.float32) -> np.ndarray:
-    """min(max(values, lo), hi) in place (np.clip's result, without its dispatch cost in the search loops)."""
-    return np.minimum(np.maximum(values, lo, out=values), hi, out=values)
-
-
 NEAREST_INT_RANGE = F32(4194303)  # |v| up to which nearest_int is plain rounding (ggml asserts it in debug builds)
 
 
@@ -214,7 +209,7 @@ def levels_in(iscale: np.ndarray, shifted: np.ndarray, lo: np.ndarray, hi: np.nd
         np.rint(product, out=product)
     else:
         product = nearest_int(product).astype(F32)
-    return clamp(product, F32(0), F32(nmax))
+    return np.clip(product, F32(0), F32(nmax), out=product)
 
 
 def make_qkx2_quants(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int,
@@ -285,7 +280,7 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
 
     def fit(iscale: np.ndarray) -> np.ndarray:
         np.multiply(iscale, x, out=levels)  # |iscale · x| <= nmax + 1: nearest_int is rounding
-        return clamp(np.rint(levels, out=levels), F32(-nmax), F32(nmax - 1))
+        return np.clip(np.rint(levels, out=levels), F32(-nmax), F32(nmax - 1), out=levels)
 
     def trial(iscale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         fit(iscale)
