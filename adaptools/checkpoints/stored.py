@@ -158,6 +158,12 @@ class CastEncoder:
         """The fraction of the change merged − base that the encoded tensors keep; None when not measured."""
         return None
 
+    def encode_merged(self, key: str, merged: Tensor, base: Tensor) -> tuple[dict[str, Tensor], float | None]:
+        """`encode` of a whole merged weight and its `survival` against the stored `base` (encoders that can
+        measure while they encode do both in one pass)."""
+        encoded = self.encode(key, merged)
+        return encoded, self.survival(key, base, merged, encoded)
+
     def update_config(self, config: dict) -> dict:
         """config.json of the output."""
         return config if self.dtype is None else config_with_dtype(config, self.dtype)

@@ -73,11 +73,12 @@ def run_step(step: Step, ckpt: Container, specs: dict[str, TensorSpec], plans: S
         written = set()
         for key, row, tensor in merge_step(step, stored, specs, plan, encoder, device, buffers, tile_elems):
             whole = row == 0 and tuple(tensor.shape) == specs[key].shape
-            encoded = encoder.encode(key, tensor)
+            measured = whole and key in plan.updates
+            encoded, fraction = encoder.encode_merged(key, tensor, stored[key]) if measured else \
+                (encoder.encode(key, tensor), None)
             for out_key, value in encoded.items():
                 sink.write(out_key, value, row, None if whole else specs[key].shape[0])
             written.add(key)
-            fraction = encoder.survival(key, stored[key], tensor, encoded) if whole and key in plan.updates else None
             if fraction is not None:
                 kept[key.removesuffix(".weight")] = fraction
         for key in step.keys:
