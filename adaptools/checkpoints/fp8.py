@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,11 +129,15 @@ class FP8Decoder(StoredDecoder):
 
     def read(self, ckpt: Container, key: str) -> Tensor:
         """The weight dequantized to float32, or the tensor as stored."""
+        return self.read_into(ckpt, key, lambda shape, dtype: torch.empty(shape, dtype=dtype))
+
+    def read_into(self, ckpt: Container, key: str, take: Callable[[tuple[int, ...], torch.dtype], Tensor]) -> Tensor:
+        """`read`, an FP8 weight dequantized into `take(shape, torch.float32)`."""
         spec = self.specs(ckpt).get(key)
         if not isinstance(spec, FP8Spec):
             return ckpt.mapped(key)
         scale = ckpt.get(spec.keys[1]).reshape(spec.fmt.scale_shape(spec.shape))
-        return dequantize_fp8(ckpt.mapped(key), scale, spec.fmt)
+        return dequantize_fp8(ckpt.mapped(key), scale, spec.fmt, take(spec.shape, torch.float32))
 
     def sources(self, ckpt: Container, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """The stored bytes of every tensor of weight `key`."""

@@ -149,10 +149,10 @@ def decode_band(q: Tensor, grid: Tensor, exact: bool, values: Tensor) -> Tensor:
     return values.copy_(q if exact else _half_bits(q)).mul_(grid)
 
 
-def dequantize_fp8(q: Tensor, scale: Tensor, scheme: FP8Scheme) -> Tensor:
+def dequantize_fp8(q: Tensor, scale: Tensor, scheme: FP8Scheme, out: Tensor | None = None) -> Tensor:
     """W = q·s in float32 (each element times the scale of its tensor, row or block), per cache-sized row band
-    (`decode_band`)."""
-    weight = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    (`decode_band`), into `out` (float32 of q's shape; a new tensor when None)."""
+    weight = torch.empty(q.shape, dtype=torch.float32, device=q.device) if out is None else out
     exact = _has_nan(q)
     grid = decoding_grid(scale.to(q.device), scheme, q.shape, exact)
     for band, row in _bands(q.shape, scheme):

@@ -11,7 +11,7 @@ shards), encodes results, and updates config.json.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,6 +112,11 @@ class StoredDecoder:
     def read(self, ckpt: Container, key: str) -> Tensor:
         """The tensor to merge (memory-mapped: its pages are read as they are used and released with it)."""
         return ckpt.mapped(key)
+
+    def read_into(self, ckpt: Container, key: str, take: Callable[[tuple[int, ...], torch.dtype], Tensor]) -> Tensor:
+        """`read`, where a decoder decodes into scratch memory `take(shape, dtype)` (reused from step to step: a
+        fresh large tensor faults in every page again); stored tensors are memory-mapped as in `read`."""
+        return self.read(ckpt, key)
 
     def sources(self, ckpt: Container, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """Where the stored bytes of `key` lie, per output key, for outputs that keep it unchanged (copied file to

@@ -9,6 +9,7 @@ changes are copied file to file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import sys
 import time
@@ -68,7 +69,7 @@ def run_step(step: Step, ckpt: Container, specs: dict[str, TensorSpec], plans: S
     the encoder's survival of each merged weight goes into `survival` (one dict per output). Returns the step's
     stored bytes."""
     needed = [k for k in step.keys if not encoder.keeps(k, specs[k]) or any(plan.changes(k) for plan in plans)]
-    stored = {k: decoder.read(ckpt, k) for k in needed}
+    stored = {k: decoder.read_into(ckpt, k, functools.partial(buffers.take, f"base {i}")) for i, k in enumerate(needed)}
     for plan, sink, kept in zip(plans, sinks, survival):
         written = set()
         for key, row, tensor in merge_step(step, stored, specs, plan, encoder, device, buffers, tile_elems):
