@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,8 @@ def merge_argv(job: dict, out: str) -> list[str]:
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "overwrite": True, "out": "x"}], None,
      "job 0: key 'overwrite'"),
     ([{"command": ["dora", "to-lora"], "out": "x"}], None, "job 0: Missing argument"),
+    ([{"command": "rerank", "adapter": "nope://b/a", "rank": 2, "out": "x"}], None, "job 0: key 'adapter'"),
+    ([{"command": "rerank", "adapter": "s3://b/..", "rank": 2, "out": "x"}], None, "job 0: key 'adapter'"),
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"}], {"rnak": 2}, "defaults: key 'rnak'"),
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"},
       {"command": "rerank", "adapter": "in/a1", "rank": 2, "out": "./x"}], None, "job 1: key 'out'"),
@@ -132,26 +135,35 @@ def test_jobs_file_forms(work, tmp_path):
 # --------------------------------------------------------------------------- pool engine and object storage
 
 
-@pytest.fixture()
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 with the bucket `outputs`; the environment s3fs reads."""
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the module, and the environment s3fs reads: one endpoint for every test,
+    since the pool's fork server keeps the environment it started with."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(key, value)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            patch.setenv(key, value)
+        yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_server):
+    """The moto server emptied (its buckets live in this process) with the bucket `outputs`; an s3fs on it."""
     import s3fs
 
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")).close()
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
     fs.mkdir("outputs")
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def test_pool_batch_equals_single_commands_and_reruns_skip(work, runner, tmp_path, s3):

@@ -6,11 +6,12 @@ records the copy's path and sha256 like any local input, and a rerun's skip chec
 The cache's `source.json` keeps each object's size and ETag and each file's sha256 as fetched: a later task whose
 listing of the URL matches it reuses the copy (hashed again locally, so a copy edited since is fetched again);
 anything else (a changed object, a store without ETags) is fetched again into a fresh folder, renamed into place
-whole. Object names become file names only when plain (no separators, no `..`), their count and total size are
+whole (one worker at a time per URL: a lock file beside the cache). Object names become file names only when plain (no separators, no `..`), their count and total size are
 bounded, and each file must have exactly its listed size.
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -48,9 +49,12 @@ def fetch_input(folder: Path, url: str) -> Path:
         fs, root = fsspec.url_to_fs(url)
         fs.invalidate_cache()
         listing = remote_listing(fs, root.rstrip("/"), url, copy.name)
-        if cached(copy, listing):
-            return copy
-        download(fs, root.rstrip("/"), listing, copy, url)
+        home = copy.parent.parent
+        home.parent.mkdir(parents=True, exist_ok=True)
+        with open(home.parent / f".{home.name}.lock", "ab") as lock:  # the tasks of one group start together
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not cached(copy, listing):
+                download(fs, root.rstrip("/"), listing, copy, url)
     except FileNotFoundError:
         raise InputNotFoundError(f"input {url!r} does not exist") from None
     except AdaptoolsError:
@@ -68,7 +72,7 @@ def remote_listing(fs: fsspec.AbstractFileSystem, root: str, url: str, name: str
         found = {name: info}
     else:
         found = {f"{name}/{key[len(root) + 1:]}": meta for key, meta in fs.find(root, detail=True).items()
-                 if meta.get("type") == "file"}
+                 if meta.get("type") == "file" and key.startswith(f"{root}/")}
     if not found:
         raise InputNotFoundError(f"input {url!r} holds no object")
     if len(found) > MAX_INPUT_FILES:
@@ -105,7 +109,6 @@ def download(fs: fsspec.AbstractFileSystem, root: str, listing: dict[str, dict],
     """Fetch every listed object (below `root`, as remote_listing named them) into a fresh folder beside the cache (each exactly its listed size, hashed as it
     is written), write its source.json, and put it in place of the cache whole."""
     home = copy.parent.parent
-    home.parent.mkdir(parents=True, exist_ok=True)
     total = sum(entry["size"] for entry in listing.values())
     free = shutil.disk_usage(home.parent).free
     if total > free:
