@@ -6,8 +6,9 @@ records the copy's path and sha256 like any local input, and a rerun's skip chec
 The cache's `source.json` keeps each object's size and ETag and each file's sha256 as fetched: a later task whose
 listing of the URL matches it reuses the copy (hashed again locally, so a copy edited since is fetched again);
 anything else (a changed object, a store without ETags) is fetched again into a fresh folder, renamed into place
-whole (one worker at a time per URL: a lock file beside the cache). Object names become file names only when plain (no separators, no `..`), their count and total size are
-bounded, and each file must have exactly its listed size.
+whole (one worker at a time per URL: a lock file beside the cache). Object names become file names only when
+plain (no separators, no `..`), their count and total size are bounded, and each file must have exactly its
+listed size.
 """
 from __future__ import annotations
 
@@ -106,9 +107,13 @@ def cached(copy: Path, listing: dict[str, dict]) -> bool:
 
 
 def download(fs: fsspec.AbstractFileSystem, root: str, listing: dict[str, dict], copy: Path, url: str) -> None:
-    """Fetch every listed object (below `root`, as remote_listing named them) into a fresh folder beside the cache (each exactly its listed size, hashed as it
-    is written), write its source.json, and put it in place of the cache whole."""
+    """Fetch every listed object (below `root`, as remote_listing named them) into a fresh folder beside the cache
+    (each exactly its listed size, hashed as it is written), write its source.json, and put it in place of the
+    cache whole. Called with the URL's lock held: fresh folders of this URL left by dead workers are removed."""
     home = copy.parent.parent
+    for stale in home.parent.glob(f".{home.name}.*"):
+        if stale.is_dir() and not stale.is_symlink():
+            shutil.rmtree(stale, ignore_errors=True)
     total = sum(entry["size"] for entry in listing.values())
     free = shutil.disk_usage(home.parent).free
     if total > free:
