@@ -14,6 +14,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -100,6 +101,8 @@ def merge_argv(job: dict, out: str) -> list[str]:
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "overwrite": True, "out": "x"}], None,
      "job 0: key 'overwrite'"),
     ([{"command": ["dora", "to-lora"], "out": "x"}], None, "job 0: Missing argument"),
+    ([{"command": "rerank", "adapter": "nope://b/a", "rank": 2, "out": "x"}], None, "job 0: key 'adapter'"),
+    ([{"command": "rerank", "adapter": "s3://b/..", "rank": 2, "out": "x"}], None, "job 0: key 'adapter'"),
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"}], {"rnak": 2}, "defaults: key 'rnak'"),
     ([{"command": "rerank", "adapter": "in/a0", "rank": 2, "out": "x"},
       {"command": "rerank", "adapter": "in/a1", "rank": 2, "out": "./x"}], None, "job 1: key 'out'"),
@@ -132,26 +135,35 @@ def test_jobs_file_forms(work, tmp_path):
 # --------------------------------------------------------------------------- pool engine and object storage
 
 
-@pytest.fixture()
-def s3(monkeypatch):
-    """A moto S3 server on 127.0.0.1 with the bucket `outputs`; the environment s3fs reads."""
+@pytest.fixture(scope="module")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 for the module, and the environment s3fs reads: one endpoint for every test,
+    since the pool's fork server keeps the environment it started with."""
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0)
     server.start()
     host, port = server.get_host_and_port()
-    for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
-        monkeypatch.setenv(key, value)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+                           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                           "AWS_EC2_METADATA_DISABLED": "true"}.items():
+            patch.setenv(key, value)
+        yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture()
+def s3(s3_server):
+    """The moto server emptied (its buckets live in this process) with the bucket `outputs`; an s3fs on it."""
     import s3fs
 
+    urllib.request.urlopen(urllib.request.Request(f"{s3_server}/moto-api/reset", method="POST")).close()
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()
     fs.mkdir("outputs")
     yield fs
     s3fs.S3FileSystem.clear_instance_cache()
-    server.stop()
 
 
 def test_pool_batch_equals_single_commands_and_reruns_skip(work, runner, tmp_path, s3):
@@ -216,6 +228,66 @@ def test_pool_batch_equals_single_commands_and_reruns_skip(work, runner, tmp_pat
     s3.invalidate_cache()
     assert {f.split("lora/r1/", 1)[1]: s3.cat_file(f) for f in s3.find("outputs/lora/r1")} == tree(
         expected / "x" / "y" / "r1")
+
+
+def test_object_store_inputs(work, runner, tmp_path, s3):
+    """Inputs given as s3:// folders (a base, an adapter) are fetched into the jobs folder's cache and give what the
+    command gives on that copy, and the weights of the same job on local inputs; a rerun skips without fetching
+    again; a missing object fails alone; a changed object is fetched again and its job redone."""
+    s3.mkdir("inputs")
+    for name in ("base", "a0"):
+        for file in (work / "in" / name).rglob("*"):
+            if file.is_file():
+                s3.put_file(str(file), f"inputs/{name}/{file.relative_to(work / 'in' / name).as_posix()}")
+    folder = tmp_path / "jobs"
+    shutil.copytree(work / "in", folder / "in", symlinks=True)
+    path = jobs_file(folder, [{"base": "s3://inputs/base", "adapters": ["in/a1"], "out": "out/m1"},
+                              {"base": "in/base", "adapters": ["s3://inputs/a0/"], "out": "out/m0"},
+                              {"base": "in/base", "adapters": ["s3://inputs/missing"], "out": "out/bad"}],
+                     defaults={"command": "merge"})
+    report = tmp_path / "report.json"
+    result = run_cli(runner, "batch", path, "--workers", "2", "--report", report)
+    rows = json.loads(report.read_text())
+    assert result.exit_code == 1 and [r["status"] for r in rows] == ["ok", "ok", "failed"], result.output
+    assert rows[2]["error"] == "input 's3://inputs/missing' does not exist"
+
+    base, a0 = (load_jobs(path)[i].params for i in (0, 1))
+    from adaptools.batch.inputs import input_copy
+    copies = {url: input_copy(folder, url) for url in (base["base"], a0["adapters"][0])}
+    assert [tree(c) for c in copies.values()] == [tree(work / "in" / "base"), tree(work / "in" / "a0")]
+    single(runner, folder, ["merge", str(copies["s3://inputs/base"].relative_to(folder)), "in/a1", "-o", "same/m1"])
+    single(runner, folder, ["merge", "in/base", str(copies["s3://inputs/a0/"].relative_to(folder)), "-o", "same/m0"])
+    expected = tmp_path / "single"
+    shutil.copytree(work / "in", expected / "in", symlinks=True)
+    for name, adapter in (("m1", "in/a1"), ("m0", "in/a0")):
+        assert tree(folder / "out" / name) == tree(folder / "same" / name), name  # recipe and card included
+        single(runner, expected, ["merge", "in/base", adapter, "-o", f"out/{name}"])
+        batch_files, local_files = tree(folder / "out" / name), tree(expected / "out" / name)
+        assert batch_files.keys() == local_files.keys()
+        assert {k: v for k, v in batch_files.items() if k not in (RECIPE_NAME, "README.md")} == {
+            k: v for k, v in local_files.items() if k not in (RECIPE_NAME, "README.md")}
+        shas = [[(e["param"], e["sha256"]) for e in json.loads(files[RECIPE_NAME])["inputs"]]
+                for files in (batch_files, local_files)]
+        assert shas[0] == shas[1]
+
+    # a rerun lists the objects, finds their ETags unchanged and skips without fetching or writing
+    cache = mtimes(folder / ".adaptools-batch" / "inputs")
+    before = mtimes(folder / "out")
+    run_cli(runner, "batch", path, "--workers", "2", "--report", report)
+    assert [r["status"] for r in json.loads(report.read_text())] == ["skipped", "skipped", "failed"]
+    assert mtimes(folder / ".adaptools-batch" / "inputs") == cache and mtimes(folder / "out") == before
+
+    # a changed object is fetched again: its output no longer records the job (not skipped, kept unless
+    # --overwrite), and with --overwrite the job is redone on the new bytes
+    s3.put_file(str(work / "in" / "a2" / "adapter_model.safetensors"), "inputs/a0/adapter_model.safetensors")
+    run_cli(runner, "batch", path, "--workers", "2", "--report", report)
+    rows = json.loads(report.read_text())
+    assert [r["status"] for r in rows] == ["skipped", "failed", "failed"] and "already exists" in rows[1]["error"]
+    run_cli(runner, "batch", path, "--workers", "2", "--overwrite", "--report", report)
+    assert [r["status"] for r in json.loads(report.read_text())] == ["ok", "ok", "failed"]
+    single(runner, expected, ["merge", "in/base", "in/a2", "-o", "out/m2"])
+    assert (folder / "out" / "m0" / "model.safetensors").read_bytes() == (
+        expected / "out" / "m2" / "model.safetensors").read_bytes()
 
 
 # --------------------------------------------------------------------------- Ray

@@ -120,6 +120,21 @@ def job_command(index: int, value: object) -> tuple[str, ...]:
     return tuple(names)
 
 
+def url_name(url: str) -> str:
+    """The last part of an object-store URL (a trailing "/" ignored): the name of its output or fetched copy."""
+    return PurePosixPath(url.split("://", 1)[1].rstrip("/")).name
+
+
+def check_url(url: str, where: str) -> str:
+    """`url` when its last part is a plain name and fsspec has its protocol, else JobsFileError saying `where`."""
+    plain_name(url_name(url), f"{where}: the URL's last part", JobsFileError)
+    try:
+        fsspec.get_filesystem_class(url.split("://", 1)[0])
+    except (ImportError, ValueError) as exc:
+        raise JobsFileError(f"{where}: {url!r}: {' '.join(str(exc).split())}") from None
+    return url
+
+
 def job_out(index: int, value: object, folder: Path) -> str:
     """The `out` of job `index`: an object-store URL ending in a plain name, or a relative path inside the jobs
     folder (no `..` that climbs out, not absolute)."""
@@ -127,12 +142,7 @@ def job_out(index: int, value: object, folder: Path) -> str:
     if not isinstance(value, str) or not value:
         raise JobsFileError(f"{where} is missing (every job names its output: a path or an s3:// URL)")
     if URL.match(value):
-        plain_name(PurePosixPath(value.split("://", 1)[1]).name, f"{where}: the URL's last part", JobsFileError)
-        try:
-            fsspec.get_filesystem_class(value.split("://", 1)[0])
-        except (ImportError, ValueError) as exc:
-            raise JobsFileError(f"{where}: {value!r}: {' '.join(str(exc).split())}") from None
-        return value
+        return check_url(value, where)
     path = PurePosixPath(value)
     if path.is_absolute() or "\\" in value or re.match(r"[A-Za-z]:", value):
         raise JobsFileError(f"{where}: {value!r} must be a path relative to the jobs file's folder")

@@ -13,6 +13,7 @@ from typing import Protocol
 import torch
 
 from ..errors import AdaptoolsError
+from .inputs import fetch_input
 from .jobs import Job
 from .outputs import clear_staging, existing_recipe, make_staging, upload
 
@@ -46,6 +47,9 @@ class JobRunner(Protocol):
     def group_key(self, job: Job) -> Hashable | None:
         """Jobs with one key (not None) may run as one task that reads their shared input once."""
 
+    def remote_inputs(self, job: Job) -> list[str]:
+        """The job's inputs given as object-store URLs (fetched by the worker before the skip check)."""
+
     def inputs(self, job: Job) -> list[Path]:
         """The job's local input files and folders (for the memory a task declares)."""
 
@@ -67,9 +71,13 @@ def run_task(runner: JobRunner, jobs: Sequence[Job], overwrite: bool, threads: i
     groups them), upload object-store outputs; never raises for a job's failure."""
     if threads:
         torch.set_num_threads(threads)
-    rows, todo = [], []
+    rows, todo, fetched = [], [], {}
     for job in jobs:
         start = time.perf_counter()
+        error = fetch_inputs(runner, job, fetched)
+        if error is not None:
+            rows.append(JobResult(job.index, job.label, job.out, "failed", time.perf_counter() - start, error))
+            continue
         make_staging(job, output=True)
         recipe = None if overwrite else existing_recipe(job)
         try:
@@ -98,6 +106,21 @@ def run_task(runner: JobRunner, jobs: Sequence[Job], overwrite: bool, threads: i
             seconds += time.perf_counter() - start
         rows.append(JobResult(job.index, job.label, job.out, "failed" if error else "ok", seconds, error or ""))
     return rows
+
+
+def fetch_inputs(runner: JobRunner, job: Job, fetched: dict[str, str | None]) -> str | None:
+    """Fetch the object-store inputs of `job` that this task has not fetched yet (`fetched`: URL -> its one-line
+    error or None); the job's first error, None when all are here."""
+    for url in runner.remote_inputs(job):
+        if url not in fetched:
+            try:
+                fetch_input(job.folder, url)
+                fetched[url] = None
+            except AdaptoolsError as exc:
+                fetched[url] = one_line(exc)
+        if fetched[url] is not None:
+            return fetched[url]
+    return None
 
 
 def failed_rows(jobs: Sequence[Job], error: str) -> list[JobResult]:

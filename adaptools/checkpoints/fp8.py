@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +29,15 @@ from .fp8_format import (
     FP8Scheme,
     check_scale,
     dequantize_fp8,
-    dequantized_bands,
     input_scale_key,
     is_fp8_config,
     output_config,
     output_scheme,
     parse_fp8_config,
     quantize_fp8,
+    requantize_fp8,
 )
-from .quantizing import chosen_weights, ratio, retained_sums
+from .quantizing import chosen_weights, ratio
 from .safetensors_io import DTYPE_NAMES, TensorInfo
 from .stored import CastEncoder, StoredDecoder, TensorSpec, check_range, is_conv1d
 
@@ -129,11 +129,15 @@ class FP8Decoder(StoredDecoder):
 
     def read(self, ckpt: Container, key: str) -> Tensor:
         """The weight dequantized to float32, or the tensor as stored."""
+        return self.read_into(ckpt, key, lambda shape, dtype: torch.empty(shape, dtype=dtype))
+
+    def read_into(self, ckpt: Container, key: str, take: Callable[[tuple[int, ...], torch.dtype], Tensor]) -> Tensor:
+        """`read`, an FP8 weight dequantized into `take(shape, torch.float32)`."""
         spec = self.specs(ckpt).get(key)
         if not isinstance(spec, FP8Spec):
             return ckpt.mapped(key)
         scale = ckpt.get(spec.keys[1]).reshape(spec.fmt.scale_shape(spec.shape))
-        return dequantize_fp8(ckpt.mapped(key), scale, spec.fmt)
+        return dequantize_fp8(ckpt.mapped(key), scale, spec.fmt, take(spec.shape, torch.float32))
 
     def sources(self, ckpt: Container, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """The stored bytes of every tensor of weight `key`."""
@@ -214,23 +218,27 @@ class FP8Encoder(CastEncoder):
             return {key: tensor.to(spec.dtype)}
         if self.requantize:
             q, scale = quantize_fp8(tensor.to(self.device, torch.float32), fmt)
-            encoded = {key: q, spec.keys[1]: scale.reshape(self.ckpt.shape(spec.keys[1]))}
-            return {**encoded, **{k: self.ckpt.get(k) for k in spec.keys[2:]}}
+            return self._requantized(key, q, scale)
         if tensor.dtype != spec.dtype:
             check_range([key], tensor.unsqueeze(0), spec.dtype)
         q, scale = quantize_fp8(tensor.to(self.device, spec.dtype), fmt)
         return {key: q, fmt.scale_key(key): scale}
 
-    def survival(self, key: str, base: Tensor, merged: Tensor, encoded: dict[str, Tensor]) -> float | None:
-        """retained_fraction of the merged weight after requantization (FP8 base only)."""
+    def _requantized(self, key: str, q: Tensor, scale: Tensor) -> dict[str, Tensor]:
+        """The stored tensors of a requantized FP8 weight: q, its scale in the stored scale's shape, the input
+        scale kept."""
+        keys = self.specs[key].keys  # type: ignore[attr-defined]
+        encoded = {key: q, keys[1]: scale.reshape(self.ckpt.shape(keys[1]))}
+        return {**encoded, **{k: self.ckpt.get(k) for k in keys[2:]}}
+
+    def encode_merged(self, key: str, merged: Tensor, base: Tensor) -> tuple[dict[str, Tensor], float | None]:
+        """A merged weight of an FP8 base requantized, and retained_fraction of the change after requantization
+        measured in the same pass (`requantize_fp8`); other encodings as `encode`, unmeasured."""
         fmt = self.formats.get(key)
         if not self.requantize or fmt is None:
-            return None
-        scale = encoded[fmt.scale_key(key)].reshape(fmt.scale_shape(base.shape))
-        base, merged = base.to(self.device), merged.to(self.device)
-        bands = dequantized_bands(encoded[key], scale, fmt)
-        return ratio(sum((retained_sums(base[rows], after, merged[rows]) for rows, after in bands),
-                         torch.zeros(2, dtype=torch.float64)))
+            return self.encode(key, merged), None
+        q, scale, sums = requantize_fp8(merged.to(self.device, torch.float32), fmt, base.to(self.device))
+        return self._requantized(key, q, scale), ratio(sums)
 
     def update_config(self, config: dict) -> dict:
         return config if self.config is None else {**config, "quantization_config": self.config}

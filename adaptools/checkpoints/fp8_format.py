@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..errors import BaseMismatchError, InvalidArgumentError, NonFiniteError
+from .quantizing import retained_sums
 
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -133,29 +134,29 @@ def _has_nan(q: Tensor) -> bool:
     return q.numel() > 0 and (int(q.view(torch.int8).max()) == 0x7F or int(q.view(torch.uint8).max()) == 0xFF)
 
 
-def dequantized_bands(q: Tensor, scale: Tensor, scheme: FP8Scheme,
-                      out: Tensor | None = None) -> Iterator[tuple[slice, Tensor]]:
-    """(rows, W[rows] = q·s in float32) per cache-sized row band, written into `out` (float32, q's shape) or else
-    into one reused band buffer (then each band must be used before the next is asked for). The e4m3→float
-    conversion goes through float16 bits (`_half_bits`, 2⁻⁸ folded into the scales), exact."""
-    grid = scale.to(q.device, torch.float32).reshape(_grid_shape(q.shape, scheme))
-    exact = _has_nan(q)  # NaN bytes would decode finite through float16 bits: convert them the plain way
-    grid = _per_column(grid if exact else grid * 256.0, scheme, q.shape[1])
-    if out is None:
-        out = torch.empty(min(q.numel(), max(BAND_ELEMENTS, q.shape[1])), dtype=torch.float32, device=q.device)
-    flat = out.view(-1)
+def decoding_grid(scale: Tensor, scheme: FP8Scheme, shape: Sequence[int], exact: bool) -> Tensor:
+    """The float32 scales of a `shape` weight broadcastable against its row bands (`_per_column`), times 2⁸
+    unless `exact` (the grid of `decode_band`)."""
+    grid = scale.to(torch.float32).reshape(_grid_shape(shape, scheme))
+    return _per_column(grid if exact else grid * 256.0, scheme, shape[1])
+
+
+def decode_band(q: Tensor, grid: Tensor, exact: bool, values: Tensor) -> Tensor:
+    """`values` (float32, q's shape) = q·s for a band of rows of q and their rows of `decoding_grid`: e4m3 → float
+    through float16 bits (`_half_bits`, 2⁻⁸ folded into the grid, exact) unless `exact` (NaN bytes, which would
+    decode finite that way, are converted the plain way)."""
+    # convert, then scale in float32 (a mixed-dtype broadcast multiply is many times slower)
+    return values.copy_(q if exact else _half_bits(q)).mul_(grid)
+
+
+def dequantize_fp8(q: Tensor, scale: Tensor, scheme: FP8Scheme, out: Tensor | None = None) -> Tensor:
+    """W = q·s in float32 (each element times the scale of its tensor, row or block), per cache-sized row band
+    (`decode_band`), into `out` (float32 of q's shape; a new tensor when None)."""
+    weight = torch.empty(q.shape, dtype=torch.float32, device=q.device) if out is None else out
+    exact = _has_nan(q)
+    grid = decoding_grid(scale.to(q.device), scheme, q.shape, exact)
     for band, row in _bands(q.shape, scheme):
-        values = flat[: (band.stop - band.start) * q.shape[1]] if out.dim() == 1 else out[band]
-        values = values.view(band.stop - band.start, q.shape[1])
-        # convert, then scale in float32 (a mixed-dtype broadcast multiply is many times slower)
-        yield band, values.copy_(q[band] if exact else _half_bits(q[band])).mul_(grid[row])
-
-
-def dequantize_fp8(q: Tensor, scale: Tensor, scheme: FP8Scheme) -> Tensor:
-    """W = q·s in float32 (each element times the scale of its tensor, row or block)."""
-    weight = torch.empty(q.shape, dtype=torch.float32, device=q.device)
-    for _ in dequantized_bands(q, scale, scheme, weight):
-        pass
+        decode_band(q[band], grid[row], exact, weight[band])
     return weight
 
 
@@ -183,9 +184,8 @@ def fresh_scales(weight: Tensor, scheme: FP8Scheme) -> Tensor:
     return scale.masked_fill_(scale == 0, torch.finfo(weight.dtype).eps).to(scheme.scale_dtype)
 
 
-def quantize_fp8(weight: Tensor, scheme: FP8Scheme) -> tuple[Tensor, Tensor]:
-    """(q, s): W quantized to e4m3 with fresh scales (`fresh_scales`), bit-exact with the layout's reference:
-    q = fp8(clamp(W/s, ±448)), W/s in the promoted dtype of W and s (float32 in the fine-grained rule)."""
+def _quantizing(weight: Tensor, scheme: FP8Scheme) -> tuple[Tensor, Tensor, Iterator[tuple[slice, slice]]]:
+    """(q, s as a grid, the bands): q is written band by band as the iterator (`_bands`) goes on."""
     if weight.dim() != 2:
         raise InvalidArgumentError(f"FP8 quantizes 2-D weights, not shape {tuple(weight.shape)}")
     scale = fresh_scales(weight, scheme)
@@ -197,10 +197,41 @@ def quantize_fp8(weight: Tensor, scheme: FP8Scheme) -> tuple[Tensor, Tensor]:
     fine = scheme.layout == FINE_GRAINED
     work = torch.float32 if fine else torch.promote_types(weight.dtype, scale.dtype)  # the reference's W/s dtype
     grid = _per_column(scale.to(work), scheme, weight.shape[1])  # widened exactly: one dtype, the fast kernels
-    for band, row in _bands(weight.shape, scheme):
-        scaled = weight[band].to(work, copy=True).div_(grid[row]).clamp_(-E4M3_MAX, E4M3_MAX)
-        q[band].copy_(scaled.float())  # exact; torch casts float32 to e4m3 5-8x faster than bf16/fp16
+
+    def bands() -> Iterator[tuple[slice, slice]]:
+        buffer = torch.empty(min(q.numel(), max(BAND_ELEMENTS, q.shape[1])), dtype=work, device=q.device)
+        for band, row in _bands(weight.shape, scheme):
+            scaled = buffer[: q[band].numel()].view(q[band].shape)
+            torch.div(weight[band], grid[row], out=scaled).clamp_(-E4M3_MAX, E4M3_MAX)  # W/s computed in `work`
+            q[band].copy_(scaled.float())  # exact; torch casts float32 to e4m3 5-8x faster than bf16/fp16
+            yield band, row
+
+    return q, scale, bands()
+
+
+def quantize_fp8(weight: Tensor, scheme: FP8Scheme) -> tuple[Tensor, Tensor]:
+    """(q, s): W quantized to e4m3 with fresh scales (`fresh_scales`), bit-exact with the layout's reference:
+    q = fp8(clamp(W/s, ±448)), W/s in the promoted dtype of W and s (float32 in the fine-grained rule)."""
+    q, scale, bands = _quantizing(weight, scheme)
+    for _ in bands:
+        pass
     return q, scale.reshape(scheme.scale_shape(weight.shape))
+
+
+def requantize_fp8(weight: Tensor, scheme: FP8Scheme, base: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(q, s, retained sums): `quantize_fp8` of a merged weight W and `retained_sums(base, q·s, W)` (ΔW = W − base),
+    each band measured while it is in the cache: W is read once, q·s never stored whole.
+
+    q holds no NaN (its scales are finite and positive, W/s is clamped), so its bands decode through float16 bits.
+    """
+    q, scale, bands = _quantizing(weight, scheme)
+    grid = decoding_grid(scale, scheme, weight.shape, exact=False)
+    buffer = torch.empty(min(q.numel(), max(BAND_ELEMENTS, q.shape[1])), dtype=torch.float32, device=q.device)
+    sums = torch.zeros(2, dtype=torch.float64)
+    for band, row in bands:
+        after = decode_band(q[band], grid[row], False, buffer[: q[band].numel()].view(q[band].shape))
+        sums = sums + retained_sums(base[band], after, weight[band])
+    return q, scale.reshape(scheme.scale_shape(weight.shape)), sums
 
 
 # --------------------------------------------------------------------------- configs

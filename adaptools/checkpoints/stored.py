@@ -11,7 +11,7 @@ shards), encodes results, and updates config.json.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,6 +113,11 @@ class StoredDecoder:
         """The tensor to merge (memory-mapped: its pages are read as they are used and released with it)."""
         return ckpt.mapped(key)
 
+    def read_into(self, ckpt: Container, key: str, take: Callable[[tuple[int, ...], torch.dtype], Tensor]) -> Tensor:
+        """`read`, where a decoder decodes into scratch memory `take(shape, dtype)` (reused from step to step: a
+        fresh large tensor faults in every page again); stored tensors are memory-mapped as in `read`."""
+        return self.read(ckpt, key)
+
     def sources(self, ckpt: Container, key: str) -> dict[str, tuple[Path, TensorInfo]]:
         """Where the stored bytes of `key` lie, per output key, for outputs that keep it unchanged (copied file to
         file)."""
@@ -157,6 +162,12 @@ class CastEncoder:
     def survival(self, key: str, base: Tensor, merged: Tensor, encoded: dict[str, Tensor]) -> float | None:
         """The fraction of the change merged − base that the encoded tensors keep; None when not measured."""
         return None
+
+    def encode_merged(self, key: str, merged: Tensor, base: Tensor) -> tuple[dict[str, Tensor], float | None]:
+        """`encode` of a whole merged weight and its `survival` against the stored `base` (encoders that can
+        measure while they encode do both in one pass)."""
+        encoded = self.encode(key, merged)
+        return encoded, self.survival(key, base, merged, encoded)
 
     def update_config(self, config: dict) -> dict:
         """config.json of the output."""

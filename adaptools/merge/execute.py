@@ -9,6 +9,7 @@ changes are copied file to file.
 from __future__ import annotations
 
 import contextlib
+import functools
 import queue
 import sys
 import time
@@ -68,16 +69,17 @@ def run_step(step: Step, ckpt: Container, specs: dict[str, TensorSpec], plans: S
     the encoder's survival of each merged weight goes into `survival` (one dict per output). Returns the step's
     stored bytes."""
     needed = [k for k in step.keys if not encoder.keeps(k, specs[k]) or any(plan.changes(k) for plan in plans)]
-    stored = {k: decoder.read(ckpt, k) for k in needed}
+    stored = {k: decoder.read_into(ckpt, k, functools.partial(buffers.take, f"base {i}")) for i, k in enumerate(needed)}
     for plan, sink, kept in zip(plans, sinks, survival):
         written = set()
         for key, row, tensor in merge_step(step, stored, specs, plan, encoder, device, buffers, tile_elems):
             whole = row == 0 and tuple(tensor.shape) == specs[key].shape
-            encoded = encoder.encode(key, tensor)
+            measured = whole and key in plan.updates
+            encoded, fraction = encoder.encode_merged(key, tensor, stored[key]) if measured else \
+                (encoder.encode(key, tensor), None)
             for out_key, value in encoded.items():
                 sink.write(out_key, value, row, None if whole else specs[key].shape[0])
             written.add(key)
-            fraction = encoder.survival(key, stored[key], tensor, encoded) if whole and key in plan.updates else None
             if fraction is not None:
                 kept[key.removesuffix(".weight")] = fraction
         for key in step.keys:

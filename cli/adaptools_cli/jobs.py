@@ -23,7 +23,8 @@ import click
 
 from adaptools.atomic import check_output
 from adaptools.batch import Job
-from adaptools.batch.jobs import URL
+from adaptools.batch.inputs import input_copy
+from adaptools.batch.jobs import URL, check_url
 from adaptools.batch.tasks import one_line
 from adaptools.errors import AdaptoolsError, InputNotFoundError, JobsFileError, RecipeError
 from adaptools.recipe import recipe_root, verify_inputs
@@ -94,11 +95,10 @@ class ClickRunner:
     @staticmethod
     def input_path(job: Job, key: str, value: object) -> str:
         """An input as the command takes it: a path relative to the jobs folder made absolute (an existing local
-        path wins), a Hub ref as written."""
+        path wins), a Hub ref as written, an object-store URL as the path of its fetched copy (input_copy)."""
         text = str(value)
         if URL.match(text):
-            raise JobsFileError(f"job {job.index}: key {key!r}: object-store inputs ({text!r}) are not read yet: "
-                                "copy them to a folder the workers see")
+            return str(input_copy(job.folder, check_url(text, f"job {job.index}: key {key!r}")))
         local = job.folder / Path(text).expanduser()
         return text if not local.exists() and parse_hub_ref(text) is not None else str(local)
 
@@ -123,6 +123,12 @@ class ClickRunner:
         if spec is None or not spec[2](ctx.params):
             return None
         return job.command, tuple((k, repr(v)) for k, v in sorted(ctx.params.items()) if k not in spec[1])
+
+    def remote_inputs(self, job: Job) -> list[str]:  # noqa: D102 - JobRunner
+        _, command = self.command(job)
+        given = {**job.defaults, **job.params}
+        names = input_names(command, getattr(command.callback, SIDE_FILES_ATTR))
+        return sorted({str(v) for name in names for v in listed(given.get(name)) if URL.match(str(v))})
 
     def inputs(self, job: Job) -> list[Path]:  # noqa: D102 - JobRunner
         ctx = self.context(job)
