@@ -13,7 +13,7 @@ import dataclasses
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -208,11 +208,16 @@ class GGUFDecoder(StoredDecoder):
                 for k in ckpt.keys()}
 
     def read(self, ckpt: GGUFFile, key: str) -> Tensor:
+        return self.read_into(ckpt, key, lambda shape, dtype: torch.empty(shape, dtype=dtype))
+
+    def read_into(self, ckpt: GGUFFile, key: str, take: Callable[[tuple[int, ...], torch.dtype], Tensor]) -> Tensor:
         stored = ckpt.mapped(key)
         qtype = ckpt.qtype(key)
         if qtype in FLOAT_TYPES:
             return stored
-        return torch.from_numpy(gguf_quants.decode(stored.numpy(), qtype, ckpt.shape(key)))
+        out = take(ckpt.shape(key), torch.float32)
+        gguf_quants.decode(stored.numpy(), qtype, ckpt.shape(key), out=out.numpy())
+        return out
 
 
 class GGUFEncoder(CastEncoder):

@@ -14,6 +14,8 @@ The loops left in Python run over the few element positions and search steps of 
 
 from __future__ import annotations
 
+import math
+
 import gguf
 import numpy as np
 import torch
@@ -52,19 +54,22 @@ def can_encode(qtype: T) -> bool:
     return qtype in ENCODABLE
 
 
-def decode(raw: np.ndarray, qtype: T, shape: tuple[int, ...]) -> np.ndarray:
-    """Stored bytes (or gguf's typed view of them) → float32 array of `shape` (numpy order, rows outermost)."""
+def decode(raw: np.ndarray, qtype: T, shape: tuple[int, ...], out: np.ndarray | None = None) -> np.ndarray:
+    """Stored bytes (or gguf's typed view of them) → float32 array of `shape` (numpy order, rows outermost),
+    written into `out` (float32, contiguous, `shape`) when given."""
     data = np.ascontiguousarray(raw)
-    if qtype in (T.F32, T.F16):
-        values = data.view(np.float32 if qtype == T.F32 else np.float16)
-    elif qtype == T.Q8_0:
-        values = decode_q8_0(data.view(np.uint8))
-    elif qtype in ENCODABLE:
-        values = decode_blocks(data.view(np.uint8), qtype)
+    elements = math.prod(shape)
+    target = np.empty(elements, dtype=F32) if out is None else out.reshape(elements)
+    if qtype == T.Q8_0:
+        decode_q8_0(data.view(np.uint8), target.reshape(-1, QK8_0))
+    elif qtype in ENCODABLE and qtype not in (T.F32, T.F16):
+        decode_blocks(data.view(np.uint8), qtype, target.reshape(-1, block_shape(qtype)[0]))
+    elif qtype in (T.F32, T.F16):
+        target[...] = data.view(np.float32 if qtype == T.F32 else np.float16).reshape(elements)
     else:
         with np.errstate(all="ignore"):  # stored NaN/inf scales decode to NaN/inf; the engine's checks report them
-            values = gguf.quants.dequantize(data.view(np.uint8).reshape(-1), qtype)
-    return values.astype(np.float32, copy=False).reshape(shape)
+            target[...] = gguf.quants.dequantize(data.view(np.uint8).reshape(-1), qtype).reshape(elements)
+    return target.reshape(shape)
 
 
 def encode(values: np.ndarray, qtype: T) -> np.ndarray:
@@ -84,11 +89,12 @@ def encode(values: np.ndarray, qtype: T) -> np.ndarray:
     return out.reshape(*values.shape[:-1], -1)
 
 
-def decode_q8_0(raw: np.ndarray) -> np.ndarray:
-    """Q8_0 blocks → float32: x = fp16 d · int8 q (one product, exact in float32: 11 × 8 significant bits)."""
+def decode_q8_0(raw: np.ndarray, out: np.ndarray) -> None:
+    """Q8_0 blocks → float32 `out` (blocks, 32): x = fp16 d · int8 q (one product, exact in float32: 11 × 8
+    significant bits)."""
     blocks = raw.reshape(-1, Q8_0_BYTES)
     scales = blocks[:, :2].copy().view(np.float16).astype(F32)
-    return np.multiply(blocks[:, 2:].view(np.int8), scales, dtype=F32)
+    np.multiply(blocks[:, 2:].view(np.int8), scales, out=out, dtype=F32)
 
 
 def row_max(values: np.ndarray) -> np.ndarray:
@@ -96,18 +102,17 @@ def row_max(values: np.ndarray) -> np.ndarray:
     return torch.from_numpy(values).amax(dim=-1).numpy()
 
 
-def decode_blocks(raw: np.ndarray, qtype: T) -> np.ndarray:
-    """gguf-py's block decoder of `qtype` over cache-sized batches of blocks, each written in place: the same
-    arithmetic as `gguf.quants.dequantize` (same bytes out) without its per-row split and final concatenation."""
+def decode_blocks(raw: np.ndarray, qtype: T, out: np.ndarray) -> None:
+    """gguf-py's block decoder of `qtype` over cache-sized batches of blocks, each written in place into `out`
+    (blocks, elements): the same arithmetic as `gguf.quants.dequantize` (same bytes out) without its per-row split
+    and final concatenation."""
     elements, size = block_shape(qtype)
     blocks = raw.reshape(-1, size)
-    out = np.empty((len(blocks), elements), dtype=F32)
     step = max(1, DECODE_CHUNK_ELEMENTS // elements)
     codec = getattr(gguf.quants, qtype.name)
     with np.errstate(all="ignore"):  # stored NaN/inf scales decode to NaN/inf; the engine's checks report them
         for start in range(0, len(blocks), step):
             out[start:start + step] = codec.dequantize_blocks(blocks[start:start + step])
-    return out
 
 
 def encode_q8_0(values: np.ndarray) -> np.ndarray:
