@@ -83,8 +83,10 @@ def accurate_svd(M: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Thin SVD M = U·diag(S)·Vh; on CUDA with the QR-based `gesvd` driver (the default `gesvdj` is ~1e-4 off in fp32).
 
     The one dense SVD of the package, called only on bounded inputs: the r × r core of `factored_svd`, the
-    small dense ΔW of `exact_svd_dense` (min(m, n) <= EXACT_SVD_MAX_DIM), and the full Kronecker factors of a
-    LyCORIS LoKr (`lycoris_math.svd_factors`: the two factors' sizes multiply to the layer's, so each is small).
+    small dense ΔW of `exact_svd_dense` (min(m, n) <= EXACT_SVD_MAX_DIM), the full Kronecker factors of a
+    LyCORIS LoKr (`lycoris_math.svd_factors`: the two factors' sizes multiply to the layer's, so each is small), and
+    in `core_space`/`pico` only the Σr × Σr triangles of the stacked factors' QRs and the cores and bases built
+    from them (every side at most the total rank Σr of a module, which `adaptools.bounds` caps per file).
     """
     driver = "gesvd" if M.is_cuda else None
     with lapack_threads(M):
