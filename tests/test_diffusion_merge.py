@@ -33,15 +33,21 @@ def kohya_lora(path: Path, modules: dict[str, tuple[int, int, tuple[int, ...]]],
 
 
 def diffusers_lora(path: Path, modules: dict[str, tuple[int, int]], seed: int, rank: int = 2,
-                   alpha: float | None = ALPHA) -> Path:
-    """A diffusers (PEFT-style keys) transformer LoRA with `.alpha` keys (none when `alpha` is None: scale 1)."""
+                   alpha: float | None = ALPHA, dora: bool = False, bias: bool = False,
+                   component: str = "transformer") -> Path:
+    """A diffusers (PEFT-style keys) LoRA of `component` with `.alpha` keys (none when `alpha` is None: scale 1);
+    with `dora`, PEFT DoRA magnitudes (`lora_magnitude_vector`); with `bias`, LoRA biases (`lora_B.bias`)."""
     g = torch.Generator().manual_seed(seed)
     state = {}
     for name, (out, inp) in modules.items():
-        state[f"transformer.{name}.lora_A.weight"] = torch.randn(rank, inp, generator=g) * 0.5
-        state[f"transformer.{name}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.5
+        state[f"{component}.{name}.lora_A.weight"] = torch.randn(rank, inp, generator=g) * 0.5
+        state[f"{component}.{name}.lora_B.weight"] = torch.randn(out, rank, generator=g) * 0.5
+        if dora:
+            state[f"{component}.{name}.lora_magnitude_vector"] = torch.rand(out, generator=g) + 0.5
+        if bias:
+            state[f"{component}.{name}.lora_B.bias"] = torch.randn(out, generator=g)
         if alpha is not None:
-            state[f"transformer.{name}.alpha"] = torch.tensor(alpha)
+            state[f"{component}.{name}.alpha"] = torch.tensor(alpha)
     save_file(state, str(path))
     return path
 
@@ -222,6 +228,60 @@ def test_flux_diffusers_lora_on_fused_slices_matches_diffusers(tmp_path, dtype, 
                                     "double_blocks.1.img_mlp.0.weight", "final_layer.adaLN_modulation.1.weight")}
     assert report.modules == {"merged.safetensors": len(changed)}
     assert_matches_diffusers("flux", base, tmp_path / "merged.safetensors", lora, dtype, components, changed)
+
+
+FLUX_SLICES = {  # DoRA / bias on slices of every fused kind, a whole weight, and the swapped final modulation
+    "transformer_blocks.0.attn.to_q": (16, 16), "transformer_blocks.0.attn.to_v": (16, 16),
+    "transformer_blocks.1.attn.add_k_proj": (16, 16), "single_transformer_blocks.1.attn.to_k": (16, 16),
+    "single_transformer_blocks.1.proj_mlp": (64, 16), "transformer_blocks.1.ff.net.0.proj": (64, 16),
+}
+FLUX_SLICES_CHANGED = {"double_blocks.0.img_attn.qkv", "double_blocks.1.txt_attn.qkv", "single_blocks.1.linear1",
+                       "double_blocks.1.img_mlp.0"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_flux_dora_on_fused_slices_matches_diffusers(tmp_path, dtype, single_thread):
+    """A PEFT DoRA LoRA in diffusers' names: each slice's rows of the fused weight get PEFT's DoRA merge of the
+    unfused module (its norm is per output row), as diffusers' load_lora_into_transformer + fuse give it."""
+    base, components = write_single_file(tmp_path / "flux.safetensors", "flux", dtype)
+    lora = diffusers_lora(tmp_path / "dora.safetensors", FLUX_SLICES, seed=23, dora=True)
+    report = adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    assert report.modules == {"merged.safetensors": len(FLUX_SLICES_CHANGED)}
+    assert_matches_diffusers("flux", base, tmp_path / "merged.safetensors", lora, dtype, components,
+                             {f"{k}.weight" for k in FLUX_SLICES_CHANGED})
+
+
+def test_flux_lora_biases_on_fused_slices_match_diffusers(tmp_path, single_thread):
+    """PEFT's lora_bias=True in diffusers' names: a slice's b·s lands on its rows of the fused bias (the swapped
+    final modulation's bias swapped too)."""
+    base, components = write_single_file(tmp_path / "flux.safetensors", "flux")
+    modules = dict(FLUX_SLICES, **{"norm_out.linear": (32, 16)})
+    lora = diffusers_lora(tmp_path / "bias.safetensors", modules, seed=24, bias=True)
+    adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    changed = {f"{k}.{p}" for k in (*FLUX_SLICES_CHANGED, "final_layer.adaLN_modulation.1") for p in ("weight", "bias")}
+    assert_matches_diffusers("flux", base, tmp_path / "merged.safetensors", lora, torch.float32, components, changed)
+    merged, stored = load_file(tmp_path / "merged.safetensors"), load_file(base)
+    assert torch.equal(merged["double_blocks.0.img_attn.qkv.bias"][16:32], stored["double_blocks.0.img_attn.qkv.bias"][16:32])
+
+
+def test_dora_slices_beside_plain_slices_and_overlaps_refused(tmp_path):
+    """In one output a DoRA slice and plain LoRAs on other rows of the fused weight both apply; a DoRA slice and
+    an update of the same rows (the whole fused weight, kohya-named) is ambiguous: refused before any output."""
+    base, _ = write_single_file(tmp_path / "flux.safetensors", "flux")
+    dora = diffusers_lora(tmp_path / "dora.safetensors", {"transformer_blocks.0.attn.to_q": (16, 16)}, seed=25,
+                          dora=True)
+    plain = diffusers_lora(tmp_path / "plain.safetensors", {"transformer_blocks.0.attn.to_v": (16, 16)}, seed=26)
+    both = adaptools.merge(base, [dora, plain], out=tmp_path / "both.safetensors")
+    assert both.modules == {"both.safetensors": 1}
+    adaptools.merge(base, [dora], out=tmp_path / "first.safetensors")
+    adaptools.merge(tmp_path / "first.safetensors", [plain], out=tmp_path / "then.safetensors")
+    key = "double_blocks.0.img_attn.qkv.weight"  # disjoint rows: one after the other gives the same
+    torch.testing.assert_close(load_file(tmp_path / "both.safetensors")[key],
+                               load_file(tmp_path / "then.safetensors")[key], rtol=0, atol=1e-6)
+    kohya = kohya_lora(tmp_path / "kohya.safetensors", {"lora_unet_double_blocks_0_img_attn_qkv": (48, 16, ())}, seed=27)
+    with pytest.raises(adaptools.DoraError, match=r"DoRA update of rows 0\.\.16 and another update"):
+        adaptools.merge(base, [dora, kohya], out=tmp_path / "refused.safetensors")
+    assert not (tmp_path / "refused.safetensors").exists()
 
 
 def test_flux_kohya_names_on_fused_weights_match_diffusers(tmp_path, single_thread):

@@ -8,7 +8,8 @@ The engine, one module per job (arrows point down):
 - `execute`: one pass over the base on worker threads; each step is read once and feeds every output (several
   adapters → several merged models); results go straight into byte ranges planned up front.
 - `kernels`: the batched math, one class per kind of update (`LoraUpdate`: W' = W + L·R with one `baddbmm` per
-  tile of rows; `DoraUpdate`: then each row scaled to its magnitude). A new kind is one `Update` subclass.
+  tile of rows; `DoraUpdate`: then each row scaled to its magnitude; `RowBlockUpdate`: either, per row block of a
+  fused weight). A new kind is one `Update` subclass.
 - `report`: the MergeReport and its warnings.
 Below the engine, `adaptools.checkpoints` (DESIGN §14): the base's container (what it lists and how its outputs
 are written), its name map (where each module's update lands) and the codecs (how stored base tensors become the

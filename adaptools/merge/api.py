@@ -118,9 +118,9 @@ def merge_outputs(base: str | os.PathLike | Container,
         for message in filter(None, (base_mismatch(a, ckpt, config) for a in loaded)):
             warnings.warn(message, stacklevel=3)
         if each:
-            plans += [plan_output(n, [a], [w], device) for n, a, w in zip(output_names(loaded), fitted, factors)]
+            plans += [plan_output(n, [a], [w], device, specs) for n, a, w in zip(output_names(loaded), fitted, factors)]
         else:
-            plans.append(plan_output(name, fitted, factors, device))
+            plans.append(plan_output(name, fitted, factors, device, specs))
         del loaded, fitted  # the plans hold the factors they need (float32, scale folded in)
     report = write_outputs(ckpt, specs, plans, decoder, encoder, target, each=each, device=device,
                            overwrite=overwrite, shard_bytes=shard_bytes, batch_bytes=batch_bytes, progress=progress,

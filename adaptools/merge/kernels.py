@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -124,39 +124,61 @@ class DoraUpdate(LoraUpdate):
         dora_merge_rows(W, L[:, first:last], R, gains, inplace=True, columns=columns)
 
 
+class Block(NamedTuple):
+    """One row block of a fused weight's update: rows [start, stop) get L @ R, L (stop − start, r), R (r, cols);
+    with a DoRA `magnitude` (stop − start,) those rows are then scaled to it: W' = (m / ‖V‖_row) ⊙ V."""
+
+    rows: tuple[int, int]
+    L: Tensor
+    R: Tensor
+    magnitude: Tensor | None = None
+
+
 @dataclass
 class RowBlockUpdate(Update):
     """W[start:stop] += L @ R for each block of a fused weight (Flux qkv / linear1, OpenCLIP in_proj: one block per
     diffusers module it fuses); L holds the block's rows only, so no ΔW or factor spans the whole fused height.
-    Blocks may repeat or overlap (their updates add). Same-layout weights stack: one baddbmm per block and tile."""
+    A DoRA block then scales its rows to its magnitude (PEFT's norm is per output row: the same math on the rows it
+    covers). Plain blocks may repeat or overlap (their updates add); a DoRA block overlaps none (the plan refuses
+    that). Same-layout weights stack: one batched call per block and tile."""
 
     blocks: tuple[tuple[int, int], ...]
     factors: tuple[tuple[Tensor, Tensor], ...]
+    magnitudes: tuple[Tensor | None, ...]
 
     def group_key(self) -> Hashable:
-        return type(self), self.blocks
+        return type(self), self.blocks, tuple(m is not None for m in self.magnitudes)
 
     @classmethod
-    def stack(cls, updates: Sequence[RowBlockUpdate]) -> list[tuple[int, int, Tensor, Tensor]]:
+    def stack(cls, updates: Sequence[RowBlockUpdate]) -> list[tuple[int, int, Tensor, Tensor, Tensor | None]]:
         return [(start, stop, stack_padded([u.factors[b][0] for u in updates], dim=1),
-                 stack_padded([u.factors[b][1] for u in updates], dim=0))
+                 stack_padded([u.factors[b][1] for u in updates], dim=0),
+                 None if updates[0].magnitudes[b] is None else torch.stack([u.magnitudes[b] for u in updates]))
                 for b, (start, stop) in enumerate(updates[0].blocks)]
 
     @classmethod
-    def apply(cls, W: Tensor, stacked: list[tuple[int, int, Tensor, Tensor]], first: int, last: int) -> None:
-        for start, stop, L, R in stacked:
+    def apply(cls, W: Tensor, stacked: list[tuple[int, int, Tensor, Tensor, Tensor | None]], first: int,
+              last: int) -> None:
+        for start, stop, L, R, magnitude in stacked:
             low, high = max(start, first), min(stop, last)
-            if low < high:
-                lora_merge(W[:, low - first:high - first], L[:, low - start:high - start], R, inplace=True)
+            if low >= high:
+                continue
+            rows, factor = W[:, low - first:high - first], L[:, low - start:high - start]
+            if magnitude is None:
+                lora_merge(rows, factor, R, inplace=True)
+            else:
+                dora_merge_rows(rows, factor, R, magnitude[:, low - start:high - start], inplace=True)
 
 
-def row_blocks(parts: Sequence[tuple[tuple[int, int], Tensor, Tensor]]) -> RowBlockUpdate:
-    """One weight's RowBlockUpdate from (rows [start, stop), L (stop − start, r), R (r, cols)) parts, sorted by rows."""
-    ordered = sorted(parts, key=lambda part: part[0])
-    for (start, stop), L, _ in ordered:
-        if L.shape[0] != stop - start:
-            raise ValueError(f"a row block [{start}, {stop}) needs {stop - start} rows of L, got {L.shape[0]}")
-    return RowBlockUpdate(tuple(rows for rows, _, _ in ordered), tuple((L, R) for _, L, R in ordered))
+def row_blocks(parts: Sequence[Block | tuple]) -> RowBlockUpdate:
+    """One weight's RowBlockUpdate from its blocks (`Block`s, or (rows, L, R) tuples), sorted by rows."""
+    ordered = sorted((Block(*part) for part in parts), key=lambda block: block.rows)
+    for (start, stop), L, _, magnitude in ordered:
+        if L.shape[0] != stop - start or (magnitude is not None and magnitude.shape[0] != stop - start):
+            raise ValueError(f"a row block [{start}, {stop}) needs {stop - start} rows of L and magnitude, got "
+                             f"{L.shape[0]}" + ("" if magnitude is None else f" and {magnitude.shape[0]}"))
+    return RowBlockUpdate(tuple(b.rows for b in ordered), tuple((b.L, b.R) for b in ordered),
+                          tuple(b.magnitude for b in ordered))
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -26,7 +26,7 @@ from ..ia3 import IA3Adapter
 from ..linalg import group_by
 from ..checkpoints.stored import CONV1D_MODEL_TYPES, MERGEABLE_DTYPES, CastEncoder, TensorSpec
 from ..names import listed, plain_name
-from .kernels import DoraUpdate, LoraUpdate, ScaleUpdate, Update, row_blocks
+from .kernels import Block, DoraUpdate, LoraUpdate, ScaleUpdate, Update, row_blocks
 
 
 @dataclass
@@ -148,6 +148,12 @@ def stored_target(name: str) -> tuple[str, tuple[int, int] | None]:
     return key, (int(start), int(stop)) if rows else None
 
 
+def bias_key(key: str) -> str | None:
+    """The stored bias beside stored weight `key` (`<m>.weight` → `<m>.bias`, OpenCLIP's `in_proj_weight` →
+    `in_proj_bias`); None for a key not ending in `weight`."""
+    return key.removesuffix("weight") + "bias" if key.endswith("weight") else None
+
+
 def targeted(adapter: Adapter, names: NameMap, missing: list[str]) -> Adapter:
     """The adapter with its modules named by the stored weights they land in (`names`), rows in the stored order
     (a Target's `row_order` permutes B's rows: ΔW[order] = B[order]·A) and its full tensors by their stored keys;
@@ -203,21 +209,23 @@ def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, Tens
                 continue
             shape = spec.shape if rows is None else (rows[1] - rows[0], *spec.shape[1:])
             fit = fit_module(module, shape, square) if rows is None or rows[1] <= spec.shape[0] else None
-            if fit is None or (ROWS in name and (fit.transposed or module.bias is not None)):
+            if fit is None or (ROWS in name and fit.transposed):
                 where = "" if rows is None else f" rows {rows[0]}..{rows[1]} of"
                 misfit.append(f"{stored.removesuffix('.weight')}: the adapter needs {module.weight_shape}, the base has"
-                              f"{where} {spec.shape}"
-                              + (" (a fused slice takes a plain LoRA: no bias, no transposed layout)" if fit else ""))
+                              f"{where} {spec.shape}" + (" (a fused slice takes no transposed layout)" if fit else ""))
                 continue
             fitted[name] = fit
             if module.bias is not None:
-                bias = specs.get(f"{name}.bias")
+                key = bias_key(stored)
+                bias = None if key is None else specs.get(key)
+                height = module.out_features if rows is None else spec.shape[0]  # a slice's bias: rows of the fused
                 if bias is None:
-                    missing.append(f"{name}.bias (for the LoRA bias)")
-                elif bias.shape != (module.out_features,):
-                    misfit.append(f"{name}.bias: the LoRA bias has {module.out_features} values, the base {bias.shape}")
+                    missing.append(f"{key or stored} (for the LoRA bias)")
+                elif bias.shape != (height,):
+                    misfit.append(f"{key}: the LoRA bias has {module.out_features} values"
+                                  f"{'' if rows is None else f' for rows {rows[0]}..{rows[1]}'}, the base {bias.shape}")
                 elif bias.dtype not in MERGEABLE_DTYPES:
-                    unsupported.append(f"{name}.bias ({DTYPE_NAMES.get(bias.dtype, bias.dtype)})")
+                    unsupported.append(f"{key} ({DTYPE_NAMES.get(bias.dtype, bias.dtype)})")
         for key, tensor in adapter.extra.items():
             spec = specs.get(key)
             if spec is None:
@@ -242,12 +250,14 @@ def fit_adapters(adapters: Sequence[Adapter | IA3Adapter], specs: dict[str, Tens
 
 
 def plan_output(name: str, adapters: Sequence[Adapter | FittedIA3], weights: Sequence[float],
-                device: torch.device) -> OutputPlan:
+                device: torch.device, specs: Mapping[str, TensorSpec]) -> OutputPlan:
     """One output's updates: per module the weighted terms concatenated (rank Σr), laid out for the base weight's
-    2-D view, factors on `device` in float32; an IA3 adapter's vectors as scalings of its weights and biases."""
+    2-D view, factors on `device` in float32; modules on row blocks of a fused weight (DoRA ones included) as one
+    row-block update of it; LoRA biases summed into the stored biases' rows (Σ w·s·b); an IA3 adapter's vectors as
+    scalings of its weights and biases."""
     updates: dict[str, Update] = {}
     biases: dict[str, Tensor] = {}
-    blocks: dict[str, list[tuple[tuple[int, int], Tensor, Tensor]]] = {}
+    blocks: dict[str, list[Block]] = {}
     lora = [(a, w) for a, w in zip(adapters, weights) if isinstance(a, Adapter)]
     for module_name, terms in plan_terms([a for a, _ in lora], [w for _, w in lora]).items():
         first = terms[0].module
@@ -257,26 +267,30 @@ def plan_output(name: str, adapters: Sequence[Adapter | FittedIA3], weights: Seq
                 "or use --each"
             )
         L, R = (f.to(device) for f in first.base_factors(*concat_factors(terms)))
+        magnitude = None if first.magnitude is None else first.magnitude.float().to(device)
         stored, rows = stored_target(module_name)
-        if rows is not None:
-            if any(t.module.is_dora for t in terms):
-                raise DoraError(f"module {module_name!r} is a DoRA module on rows {rows[0]}..{rows[1]} of a fused "
-                                "weight, which the merge does not apply")
-            blocks.setdefault(stored, []).append((rows, L, R))
-            continue
-        updates[stored] = (
-            LoraUpdate(L, R) if first.magnitude is None
-            else DoraUpdate(L, R, first.magnitude.float().to(device), first.transposed)
-        )
         bias = combined_bias(terms, torch.float32)
         if bias is not None:
-            biases[f"{module_name}.bias"] = bias
-    for key, parts in blocks.items():  # fused weights: one row-block update each, a whole-weight LoRA included
+            key = bias_key(stored)
+            total = biases.setdefault(key, torch.zeros(specs[key].shape[0]))
+            total[slice(None) if rows is None else slice(*rows)] += bias
+        if rows is not None:
+            blocks.setdefault(stored, []).append(Block(rows, L, R, magnitude))
+        else:
+            updates[stored] = LoraUpdate(L, R) if magnitude is None else DoraUpdate(L, R, magnitude, first.transposed)
+    for key, parts in blocks.items():  # fused weights: one row-block update each, a whole-weight update included
         whole = updates.pop(key, None)
-        if whole is not None and type(whole) is not LoraUpdate:
-            raise DoraError(f"{key!r} gets a DoRA update and updates of its fused slices in one output; merge them one "
-                            "after another or use --each")
-        updates[key] = row_blocks(parts + ([((0, whole.L.shape[0]), whole.L, whole.R)] if whole is not None else []))
+        if isinstance(whole, DoraUpdate) and whole.columns:
+            raise DoraError(f"{key!r} gets a transposed DoRA update and updates of its fused slices in one output; "
+                            "merge them one after another or use --each")
+        if whole is not None:
+            magnitude = whole.magnitude if isinstance(whole, DoraUpdate) else None
+            parts.append(Block((0, whole.L.shape[0]), whole.L, whole.R, magnitude))
+        for dora, other in itertools.permutations(parts, 2):
+            if dora.magnitude is not None and dora.rows[0] < other.rows[1] and other.rows[0] < dora.rows[1]:
+                raise DoraError(f"{key!r} gets a DoRA update of rows {dora.rows[0]}..{dora.rows[1]} and another update "
+                                "of those rows in one output; merge them one after another or use --each")
+        updates[key] = row_blocks(parts)
     for fitted, weight in zip(adapters, weights):
         if isinstance(fitted, FittedIA3):
             plan_ia3(fitted, weight, updates, biases, device)
