@@ -92,17 +92,34 @@ def diffusers_reference(family: str, lora: Path, dtype: torch.dtype) -> dict[str
     return {name: merge_lora_layers(components[name]) for name in ("unet", *encoders)}
 
 
+def peft_reference(model: torch.nn.Module, lora: Path, component: str) -> dict[str, torch.Tensor]:
+    """PEFT's own merge of a diffusers-named LoRA file's `component` modules injected into `model` (LoraConfig:
+    rank and alpha from the file, DoRA and lora_bias when it has magnitudes and biases)."""
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+
+    state = {k.removeprefix(f"{component}."): v for k, v in load_file(lora).items() if k.startswith(f"{component}.")}
+    alphas = {k.removesuffix(".alpha"): float(v) for k, v in state.items() if k.endswith(".alpha")}
+    rank = next(v.shape[0] for k, v in state.items() if k.endswith("lora_A.weight"))
+    config = LoraConfig(r=rank, lora_alpha=next(iter(alphas.values())), target_modules=sorted(alphas),
+                        use_dora=any(k.endswith("lora_magnitude_vector") for k in state),
+                        lora_bias=any(k.endswith("lora_B.bias") for k in state))
+    inject_adapter_in_model(config, model)
+    set_peft_model_state_dict(model, {k: v for k, v in state.items() if not k.endswith(".alpha")})
+    return merge_lora_layers(model)
+
+
 def assert_matches_diffusers(family: str, base: Path, merged: Path, lora: Path, dtype: torch.dtype,
-                             components: dict, changed: set[str]) -> None:
-    """The merged file, converted by diffusers, equals diffusers' fused models; exactly the `changed` stored keys
-    differ from the base, the others are the base's bytes."""
+                             components: dict, changed: set[str],
+                             reference: dict[str, dict[str, torch.Tensor]] | None = None) -> None:
+    """The merged file, converted by diffusers, equals diffusers' fused models (or the `reference` component state
+    dicts given); exactly the `changed` stored keys differ from the base, the others are the base's bytes."""
     ours_state, base_state = load_file(merged), load_file(base)
     assert list(ours_state) == list(base_state) or set(ours_state) == set(base_state)
     assert {k: v.dtype for k, v in ours_state.items()} == {k: v.dtype for k, v in base_state.items()}
     differs = {k for k in base_state if not torch.equal(ours_state[k], base_state[k])}
     assert differs == changed
     ours = to_diffusers(family, {k: v.float() for k, v in ours_state.items()}, components)
-    theirs = diffusers_reference(family, lora, dtype)
+    theirs = reference or diffusers_reference(family, lora, dtype)
     for component, state in theirs.items():
         for key, value in state.items():
             key = key.removeprefix("text_model.")
@@ -206,6 +223,25 @@ def test_sdxl_kohya_both_text_encoders_and_fused_in_proj_match_diffusers(tmp_pat
     in_proj = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
     merged, stored = load_file(tmp_path / "merged.safetensors")[in_proj], load_file(base)[in_proj]
     assert torch.equal(merged[32:64], stored[32:64])  # k's rows: no adapter module names them
+
+
+OPEN_CLIP_SLICES = {f"text_model.encoder.layers.{n}.self_attn.{p}_proj": (32, 32) for n, p in ((0, "q"), (1, "k"), (1, "v"))}
+OPEN_CLIP_CHANGED = {f"conditioner.embedders.1.model.transformer.resblocks.{n}.attn.in_proj_{{}}" for n in (0, 1)}
+
+
+@pytest.mark.parametrize("kind", ["dora", "bias"])
+def test_sdxl_dora_and_biases_on_the_fused_openclip_in_proj_match_peft(tmp_path, kind, single_thread):
+    """PEFT DoRA / LoRA-bias modules on the bigG encoder's q, k, v (diffusers' names) land on their rows of the
+    fused in_proj weight (and bias) as PEFT's own merge of them into the CLIP model (diffusers 0.42.1's text-encoder
+    loader under transformers 5 drops DoRA magnitudes and `.alpha` keys, so it is no reference here)."""
+    base, components = write_single_file(tmp_path / "sdxl.safetensors", "sdxl")
+    lora = diffusers_lora(tmp_path / "lora.safetensors", OPEN_CLIP_SLICES, seed=28, component="text_encoder_2",
+                          **{kind: True})
+    adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    changed = {k.format(p) for k in OPEN_CLIP_CHANGED for p in (("weight", "bias") if kind == "bias" else ("weight",))}
+    reference = {"text_encoder_2": peft_reference(sd_components("sdxl")["text_encoder_2"], lora, "text_encoder_2")}
+    assert_matches_diffusers("sdxl", base, tmp_path / "merged.safetensors", lora, torch.float32, components, changed,
+                             reference)
 
 
 FLUX_DIFFUSERS_LORA = {  # slices of the fused qkv / linear1, and the swapped final modulation
