@@ -25,9 +25,16 @@ SDXL_UNET = dict(block_out_channels=(8, 16), layers_per_block=2, sample_size=8, 
                  attention_head_dim=2, transformer_layers_per_block=(1, 2), use_linear_projection=True,
                  addition_embed_type="text_time", addition_time_embed_dim=4, projection_class_embeddings_input_dim=40)
 SD2_UNET = dict(SD1_UNET, cross_attention_dim=32, use_linear_projection=True)
+REFINER_UNET = dict(SDXL_UNET, block_out_channels=(8, 16, 24, 24), sample_size=16, cross_attention_dim=32,
+                    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+                    transformer_layers_per_block=(1, 1, 2, 1), projection_class_embeddings_input_dim=52)
+"""The SDXL refiner's UNet in small: four down blocks, attention in the middle two, conditioned on bigG alone."""
 CLIP_L = dict(hidden_size=24, intermediate_size=40, num_attention_heads=4, num_hidden_layers=2, vocab_size=100,
               max_position_embeddings=16, projection_dim=24, bos_token_id=0, eos_token_id=2, pad_token_id=1)
 CLIP_G = dict(CLIP_L, hidden_size=32, intermediate_size=48, projection_dim=32, hidden_act="gelu")
+REFINER_CLIP_G = dict(CLIP_G, num_hidden_layers=10)
+"""Ten layers: diffusers tells a refiner by `conditioner.embedders.0.model.transformer.resblocks.9...`."""
 FLUX = dict(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
             num_attention_heads=2, joint_attention_dim=12, pooled_projection_dim=10, guidance_embeds=True,
             axes_dims_rope=(2, 2, 4))
@@ -246,6 +253,10 @@ def sd3_to_original(state: dict[str, Tensor], prefix: str = "model.diffusion_mod
     return {prefix + k: v for k, v in out.items()}
 
 
+OPEN_CLIP_PREFIX = {"sdxl": "conditioner.embedders.1.model.", "sdxl-refiner": "conditioner.embedders.0.model."}
+"""Where SDXL files keep OpenCLIP bigG: the base's second embedder, the refiner's only one."""
+
+
 # ---- original → diffusers with diffusers' own converters ----------------------------------------------------------
 
 def flux_converter(inner_dim: int):
@@ -278,8 +289,9 @@ def to_diffusers(family: str, state: dict[str, Tensor], components: dict) -> dic
         out["text_encoder"] = sfu.convert_ldm_clip_checkpoint(state)
     if family == "sdxl":
         out["text_encoder"] = sfu.convert_ldm_clip_checkpoint(state)
+    if family.startswith("sdxl"):
         out["text_encoder_2"] = sfu.convert_open_clip_checkpoint(components["text_encoder_2"], state,
-                                                                 prefix="conditioner.embedders.1.model.")
+                                                                 prefix=OPEN_CLIP_PREFIX[family])
     return out
 
 
@@ -289,12 +301,14 @@ def sd_components(family: str, seed: int = 0) -> dict:
         return {"transformer": make_flux(seed)}
     if family == "sd3":
         return {"transformer": make_sd3(seed)}
-    config = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET}[family]
-    components = {"unet": make_unet(config, seed), "unet_config": dict(config),
-                  "text_encoder": make_clip(CLIP_G, projection=True, seed=seed + 1) if family == "sd2"
-                  else make_clip(CLIP_L, projection=False, seed=seed + 1)}
-    if family == "sdxl":
-        components["text_encoder_2"] = make_clip(CLIP_G, projection=True, seed=seed + 2)
+    config = {"sd1": SD1_UNET, "sd2": SD2_UNET, "sdxl": SDXL_UNET, "sdxl-refiner": REFINER_UNET}[family]
+    components = {"unet": make_unet(config, seed), "unet_config": dict(config)}
+    if family != "sdxl-refiner":  # the refiner has no CLIP-L
+        components["text_encoder"] = (make_clip(CLIP_G, projection=True, seed=seed + 1) if family == "sd2"
+                                      else make_clip(CLIP_L, projection=False, seed=seed + 1))
+    if family.startswith("sdxl"):
+        clip_g = REFINER_CLIP_G if family == "sdxl-refiner" else CLIP_G
+        components["text_encoder_2"] = make_clip(clip_g, projection=True, seed=seed + 2)
     return components
 
 
@@ -308,10 +322,11 @@ def original_state(family: str, components: dict, flux_prefix: str = "") -> dict
     if family == "sd2":  # OpenCLIP ViT-H as SD2's only text encoder
         state.update(open_clip_to_ldm(components["text_encoder"].state_dict(), "cond_stage_model.model."))
         return state
-    te_prefix = "cond_stage_model.transformer." if family == "sd1" else "conditioner.embedders.0.transformer."
-    state.update(clip_to_ldm(components["text_encoder"].state_dict(), te_prefix))
-    if family == "sdxl":
-        state.update(open_clip_to_ldm(components["text_encoder_2"].state_dict(), "conditioner.embedders.1.model."))
+    if "text_encoder" in components:
+        te_prefix = "cond_stage_model.transformer." if family == "sd1" else "conditioner.embedders.0.transformer."
+        state.update(clip_to_ldm(components["text_encoder"].state_dict(), te_prefix))
+    if family.startswith("sdxl"):
+        state.update(open_clip_to_ldm(components["text_encoder_2"].state_dict(), OPEN_CLIP_PREFIX[family]))
     state["first_stage_model.quant_conv.weight"] = torch.linspace(-1, 1, 32).reshape(2, 4, 2, 2)  # a VAE stand-in
     return state
 

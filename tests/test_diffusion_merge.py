@@ -82,10 +82,10 @@ def diffusers_reference(family: str, lora: Path, dtype: torch.dtype) -> dict[str
         FluxLoraLoaderMixin.load_lora_into_transformer(state, network_alphas=alphas,
                                                        transformer=components["transformer"])
         return {"transformer": merge_lora_layers(components["transformer"])}
-    mixin = StableDiffusionXLLoraLoaderMixin if family == "sdxl" else StableDiffusionLoraLoaderMixin
+    mixin = StableDiffusionXLLoraLoaderMixin if family.startswith("sdxl") else StableDiffusionLoraLoaderMixin
     state, alphas = mixin.lora_state_dict(str(lora), unet_config=components["unet"].config)
     mixin.load_lora_into_unet(state, alphas, unet=components["unet"])
-    encoders = ("text_encoder", "text_encoder_2") if family == "sdxl" else ("text_encoder",)
+    encoders = tuple(name for name in ("text_encoder", "text_encoder_2") if name in components)
     for name in encoders:
         if any(k.startswith(f"{name}.") for k in state):
             mixin.load_lora_into_text_encoder(state, alphas, text_encoder=components[name], prefix=name)
@@ -223,6 +223,42 @@ def test_sdxl_kohya_both_text_encoders_and_fused_in_proj_match_diffusers(tmp_pat
     in_proj = "conditioner.embedders.1.model.transformer.resblocks.1.attn.in_proj_weight"
     merged, stored = load_file(tmp_path / "merged.safetensors")[in_proj], load_file(base)[in_proj]
     assert torch.equal(merged[32:64], stored[32:64])  # k's rows: no adapter module names them
+
+
+REFINER_LORA = {  # kohya SDXL names (LDM style) on the refiner's four-block UNet, and its only encoder (bigG)
+    "lora_unet_input_blocks_7_1_transformer_blocks_1_attn1_to_q": (24, 24, ()),
+    "lora_unet_output_blocks_4_1_transformer_blocks_0_attn2_to_k": (24, 32, ()),
+    "lora_unet_output_blocks_7_1_proj_out": (16, 16, ()),
+    "lora_unet_middle_block_0_in_layers_2": (24, 24, (3, 3)),  # a LoCon on the middle resnet
+    "lora_unet_output_blocks_5_2_conv": (24, 24, (3, 3)),  # an upsampler after attention: index 2
+    "lora_te2_text_model_encoder_layers_9_self_attn_q_proj": (32, 32, ()),
+    "lora_te2_text_model_encoder_layers_9_self_attn_v_proj": (32, 32, ()),
+    "lora_te2_text_model_encoder_layers_3_self_attn_out_proj": (32, 32, ()),
+    "lora_te2_text_model_encoder_layers_0_mlp_fc1": (48, 32, ()),
+}
+REFINER_CHANGED = {
+    "model.diffusion_model.input_blocks.7.1.transformer_blocks.1.attn1.to_q.weight",
+    "model.diffusion_model.output_blocks.4.1.transformer_blocks.0.attn2.to_k.weight",
+    "model.diffusion_model.output_blocks.7.1.proj_out.weight",
+    "model.diffusion_model.middle_block.0.in_layers.2.weight",
+    "model.diffusion_model.output_blocks.5.2.conv.weight",
+    "conditioner.embedders.0.model.transformer.resblocks.9.attn.in_proj_weight",
+    "conditioner.embedders.0.model.transformer.resblocks.3.attn.out_proj.weight",
+    "conditioner.embedders.0.model.transformer.resblocks.0.mlp.c_fc.weight",
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_sdxl_refiner_kohya_matches_diffusers(tmp_path, dtype, single_thread):
+    """The SDXL refiner (bigG alone at `conditioner.embedders.0.model.`, four UNet blocks): detected and named, a
+    kohya LoRA in the LDM style (kohya SDXL files; diffusers drops those names when a file mixes both styles)
+    merged as diffusers' SDXL loader + fuse give it."""
+    base, components = write_single_file(tmp_path / "refiner.safetensors", "sdxl-refiner", dtype)
+    lora = kohya_lora(tmp_path / "lora.safetensors", REFINER_LORA, seed=29)
+    report = adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    assert report.base == "sdxl-refiner single file"
+    assert_matches_diffusers("sdxl-refiner", base, tmp_path / "merged.safetensors", lora, dtype, components,
+                             REFINER_CHANGED)
 
 
 OPEN_CLIP_SLICES = {f"text_model.encoder.layers.{n}.self_attn.{p}_proj": (32, 32) for n, p in ((0, "q"), (1, "k"), (1, "v"))}
@@ -453,7 +489,7 @@ def test_pipeline_folder_merges_and_loads_with_from_pretrained(tmp_path, runner,
             torch.testing.assert_close(ours[key], value, rtol=1e-5, atol=1e-5, msg=f"{component}.{key}")
 
 
-@pytest.mark.parametrize("family", ["sdxl", "flux"])
+@pytest.mark.parametrize("family", ["sdxl", "sdxl-refiner", "flux"])
 def test_info_shows_family_components_and_dtypes(tmp_path, runner, family):
     base, components = write_single_file(tmp_path / "model.safetensors", family, torch.float16)
     result = run_cli(runner, "info", base, "--json")

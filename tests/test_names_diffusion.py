@@ -8,7 +8,8 @@ from diffusion_fixtures import original_state, sd_components, to_diffusers
 from adaptools.checkpoints.names_diffusion import DiffusionNames, detect_family
 from adaptools.errors import BaseMismatchError
 
-CASES = [("sd1", ""), ("sd2", ""), ("sdxl", ""), ("flux", ""), ("flux", "model.diffusion_model."), ("sd3", "")]
+CASES = [("sd1", ""), ("sd2", ""), ("sdxl", ""), ("sdxl-refiner", ""), ("flux", ""), ("flux", "model.diffusion_model."),
+         ("sd3", "")]
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[f"{f}{'-prefixed' if p else ''}" for f, p in CASES])
@@ -99,6 +100,19 @@ def test_fused_rows_and_swaps(case):
             "down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q"  # LDM-style kohya names: diffusers paths
         assert names.target("input_blocks.4.1.transformer_blocks.1.attn1.to_q") == \
             names.target("down_blocks.1.attentions.0.transformer_blocks.1.attn1.to_q")
+    elif family == "sdxl-refiner":  # bigG is the refiner's only encoder (diffusers' text_encoder_2), embedder 0
+        from diffusers.loaders.single_file_utils import infer_diffusers_model_type
+
+        assert infer_diffusers_model_type(state) == "xl_refiner"
+        k = names.target("text_encoder_2.text_model.encoder.layers.9.self_attn.k_proj")
+        assert (k.key, k.rows) == ("conditioner.embedders.0.model.transformer.resblocks.9.attn.in_proj_weight", (32, 64))
+        assert kohya(names, "lora_te2_text_model_encoder_layers_9_mlp_fc1") == \
+            "text_encoder_2.text_model.encoder.layers.9.mlp.fc1"
+        assert kohya(names, "lora_te1_text_model_encoder_layers_0_mlp_fc1") is None
+        assert kohya(names, "lora_unet_output_blocks_2_1_conv") == "up_blocks.0.upsamplers.0.conv"  # no attention
+        assert kohya(names, "lora_unet_output_blocks_5_2_conv") == "up_blocks.1.upsamplers.0.conv"
+        assert kohya(names, "lora_unet_input_blocks_8_1_transformer_blocks_1_attn2_to_k") == \
+            "down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_k"
     else:
         assert kohya(names, "lora_te_text_model_encoder_layers_0_self_attn_q_proj") == \
             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
@@ -116,3 +130,4 @@ def test_unet_alone_by_cross_attention_width():
     key = "model.diffusion_model.input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
     assert detect_family({key: (320, 768)}) == "sd1"
     assert detect_family({key: (640, 2048)}) == "sdxl"
+    assert detect_family({key: (768, 1280)}) == "sdxl-refiner"

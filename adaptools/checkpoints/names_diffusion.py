@@ -261,9 +261,9 @@ def detect_family(shapes: Mapping[str, tuple[int, ...]]) -> str:
         return "sd2"
     if unet and any(k.startswith("cond_stage_model.transformer.") for k in keys):
         return "sd1"
-    if unet:  # a UNet alone: by its cross-attention width (768 SD1, 1024 SD2, 2048 SDXL)
+    if unet:  # a UNet alone: by its cross-attention width (768 SD1, 1024 SD2, 2048 SDXL, 1280 the SDXL refiner)
         widths = {s[1] for k, s in shapes.items() if k.endswith(".attn2.to_k.weight") and len(s) == 2}
-        for family, width in (("sd1", 768), ("sd2", 1024), ("sdxl", 2048)):
+        for family, width in (("sd1", 768), ("sd2", 1024), ("sdxl", 2048), ("sdxl-refiner", 1280)):
             if widths == {width}:
                 return family
         if any(k.startswith(UNET_PREFIX + "label_emb.") for k in keys):
