@@ -441,12 +441,16 @@ def test_cli_lora_matching_nothing_is_one_error_line_and_no_output(tmp_path, run
 
 def save_pipeline(folder: Path, family: str, max_shard_size: str | None = None) -> dict:
     """A tiny pipeline folder of `family` (the models of `sd_components`, no VAE or tokenizer) and its components."""
-    from diffusers import DDIMScheduler, FluxPipeline, StableDiffusionPipeline
+    from diffusers import DDIMScheduler, FluxPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline
 
     components = sd_components(family)
     if family == "flux":
         pipe = FluxPipeline(transformer=components["transformer"], scheduler=None, vae=None, text_encoder=None,
                             tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    elif family == "sdxl-refiner":  # as stabilityai/stable-diffusion-xl-refiner-1.0 is saved: no CLIP-L
+        pipe = StableDiffusionXLImg2ImgPipeline(vae=None, text_encoder=None, text_encoder_2=components["text_encoder_2"],
+                                                tokenizer=None, tokenizer_2=None, unet=components["unet"],
+                                                scheduler=DDIMScheduler(), requires_aesthetics_score=True)
     else:
         pipe = StableDiffusionPipeline(vae=None, text_encoder=components["text_encoder"], tokenizer=None,
                                        unet=components["unet"], scheduler=DDIMScheduler(), safety_checker=None,
@@ -456,23 +460,26 @@ def save_pipeline(folder: Path, family: str, max_shard_size: str | None = None) 
 
 
 def load_pipeline(folder: Path, family: str):
-    from diffusers import FluxPipeline, StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline
 
     if family == "flux":
         return FluxPipeline.from_pretrained(folder, scheduler=None, vae=None, text_encoder=None, tokenizer=None,
                                             text_encoder_2=None, tokenizer_2=None)
+    if family == "sdxl-refiner":
+        return StableDiffusionXLImg2ImgPipeline.from_pretrained(folder, vae=None, text_encoder=None, tokenizer=None,
+                                                                tokenizer_2=None)
     return StableDiffusionPipeline.from_pretrained(folder, vae=None, tokenizer=None, safety_checker=None,
                                                    feature_extractor=None, image_encoder=None)
 
 
-@pytest.mark.parametrize("family, shard", [("sd1", None), ("flux", None), ("flux", "40KB")],
-                         ids=["sd1", "flux", "flux-sharded"])
+@pytest.mark.parametrize("family, shard", [("sd1", None), ("sdxl-refiner", None), ("flux", None), ("flux", "40KB")],
+                         ids=["sd1", "sdxl-refiner", "flux", "flux-sharded"])
 def test_pipeline_folder_merges_and_loads_with_from_pretrained(tmp_path, runner, family, shard, single_thread):
     save_pipeline(tmp_path / "pipe", family, shard)
     (tmp_path / "pipe" / "scheduler").mkdir(exist_ok=True)
     (tmp_path / "pipe" / "scheduler" / "note.txt").write_text("copied as is")
-    lora = (kohya_lora(tmp_path / "lora.safetensors", SD1_LORA, seed=11) if family == "sd1"
-            else diffusers_lora(tmp_path / "lora.safetensors", FLUX_DIFFUSERS_LORA, seed=12))
+    lora = (kohya_lora(tmp_path / "lora.safetensors", {"sd1": SD1_LORA, "sdxl-refiner": REFINER_LORA}[family], seed=11)
+            if family != "flux" else diffusers_lora(tmp_path / "lora.safetensors", FLUX_DIFFUSERS_LORA, seed=12))
     result = run_cli(runner, "merge", tmp_path / "pipe", lora, "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert f"{family} pipeline" in result.output

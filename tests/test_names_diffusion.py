@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusion_fixtures import original_state, sd_components, to_diffusers
+from diffusion_fixtures import original_state, sd_components, to_diffusers, unet_to_ldm
 
-from adaptools.checkpoints.names_diffusion import DiffusionNames, detect_family
+from adaptools.checkpoints.names_diffusion import DiffusionNames, detect_family, ldm_unet_modules
 from adaptools.errors import BaseMismatchError
 
 CASES = [("sd1", ""), ("sd2", ""), ("sdxl", ""), ("sdxl-refiner", ""), ("flux", ""), ("flux", "model.diffusion_model."),
@@ -118,6 +118,20 @@ def test_fused_rows_and_swaps(case):
             "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
         assert kohya(names, "lora_unet_down_blocks_0_resnets_1_conv2") == "down_blocks.0.resnets.1.conv2"
         assert names.target("down_blocks.0.resnets.1.conv2").key == "model.diffusion_model.input_blocks.2.0.out_layers.3.weight"
+
+
+def test_ldm_names_of_a_diffusers_unet(case):
+    """A pipeline's UNet (diffusers paths) takes kohya's LDM-style names: the inverted map gives every module the
+    LDM path the fixtures' own diffusers → LDM naming gives it; a transformer has none."""
+    family, _, _, components = case
+    denoiser = components.get("unet", components.get("transformer"))
+    modules = {k.removesuffix(".weight") for k in denoiser.state_dict() if k.endswith(".weight")}
+    found = ldm_unet_modules(modules)
+    if "unet" not in components:
+        assert found == {}
+        return
+    ldm = unet_to_ldm({f"{m}.weight": m for m in modules}, components["unet_config"])
+    assert found == {k.removeprefix("model.diffusion_model.").removesuffix(".weight"): m for k, m in ldm.items()}
 
 
 def test_unknown_layout_is_named():

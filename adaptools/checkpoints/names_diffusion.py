@@ -110,6 +110,51 @@ def unet_to_diffusers(key: str, shape: UnetShape) -> str | None:
     return None
 
 
+def ldm_block_prefixes(modules: set[str], shape: UnetShape) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) of every block a diffusers UNet with these module paths has, longest first:
+    `unet_to_diffusers` applied to each LDM block prefix its shape allows (an upsampler's index by whether its up
+    block has attention)."""
+    per = shape.layers_per_block + 1
+    down = len({m.split(".")[1] for m in modules if m.startswith("down_blocks.")})
+    up = len({m.split(".")[1] for m in modules if m.startswith("up_blocks.")})
+    ldm = [f"{old}." for old in UNET_LAYERS] + ["label_emb.0.0.", "label_emb.0.2."]
+    ldm += [f"middle_block.{n}." for n in range(3)]
+    ldm += [f"input_blocks.{n}.{sub}" for n in range(1, down * per) for sub in ("0.", "1.")]
+    ldm += [f"input_blocks.{n}.0.op." for n in range(per, down * per, per)]  # a down block's last: downsampler
+    for n in range(up * per):
+        attention = any(m.startswith(f"up_blocks.{n // per}.attentions.") for m in modules)
+        ldm += [f"output_blocks.{n}.0.", f"output_blocks.{n}.1."]
+        ldm += [f"output_blocks.{n}.{2 if attention else 1}.conv."] if n % per == per - 1 else []
+    pairs = [(unet_to_diffusers(prefix + "_", shape), prefix) for prefix in ldm]
+    return sorted(((q[:-1], p) for q, p in pairs if q is not None and q.endswith("._")), key=lambda qp: -len(qp[0]))
+
+
+def ldm_unet_modules(modules: Iterable[str]) -> dict[str, str]:
+    """LDM module path → diffusers module path for the module paths of a diffusers UNet (a pipeline's `unet/`, which
+    kohya's LDM-style SDXL names address): `unet_to_diffusers` inverted, each result checked by mapping it forward."""
+    modules = set(modules)
+    resnets = {int(m.split(".")[3]) for m in modules if m.startswith("down_blocks.0.resnets.")}
+    if not resnets:
+        return {}
+    shape = UnetShape(max(resnets) + 1, "add_embedding" if any(m.startswith("add_embedding.") for m in modules)
+                      else "class_embedding")
+    back = {new: old for old, new in RESNET.items()}
+    prefixes = ldm_block_prefixes(modules, shape)
+    found: dict[str, str] = {}
+    for module in modules:
+        for diffusers_prefix, ldm_prefix in prefixes:
+            if not f"{module}.".startswith(diffusers_prefix):
+                continue
+            inner = f"{module}."[len(diffusers_prefix):]  # "" for a module that is the whole block (conv_in)
+            head, dot, rest = inner.partition(".")
+            for candidate in (ldm_prefix + back.get(head, head) + dot + rest, ldm_prefix + inner):
+                if unet_to_diffusers(f"{candidate}weight", shape) == f"{module}.weight":
+                    found[candidate[:-1]] = module
+                    break
+            break
+    return found
+
+
 # ---- text encoders --------------------------------------------------------------------------------------------------
 
 OPEN_CLIP_LAYER = {"attn.out_proj": "self_attn.out_proj", "ln_1": "layer_norm1", "ln_2": "layer_norm2",

@@ -21,7 +21,7 @@ from ..jsonio import read_json_object
 from ..names import plain_name
 from .hf_folder import read_index
 from .names import NameMap, Target
-from .names_diffusion import TEXT_ENCODERS, kohya_namespace_names
+from .names_diffusion import TEXT_ENCODERS, kohya_namespace_names, ldm_unet_modules
 from .safetensors_io import TensorInfo, read_header
 from .shards import Layout, OutputSink, copy_side_files, shard_names
 from .single_file import Component, DiffusionContainer, dtype_parameters
@@ -34,7 +34,15 @@ MERGEABLE = (*DENOISERS, *TEXT_ENCODERS)
 STEMS = ("diffusion_pytorch_model", "model")
 """Weight file stems: diffusers models, transformers models (text encoders)."""
 FAMILIES = {"StableDiffusionPipeline": "sd1", "StableDiffusionXLPipeline": "sdxl", "FluxPipeline": "flux",
-            "StableDiffusion3Pipeline": "sd3"}
+            "StableDiffusionXLImg2ImgPipeline": "sdxl", "StableDiffusion3Pipeline": "sd3"}
+
+
+def pipeline_family(index: dict) -> str:
+    """The family a model_index.json names by its pipeline class (an SDXL one without CLIP-L: the refiner)."""
+    name = index.get("_class_name")
+    family = FAMILIES.get(name, str(name)) if isinstance(name, str) else "unknown"
+    refiner = family == "sdxl" and index.get("text_encoder") in (None, [None, None]) and "text_encoder_2" in index
+    return "sdxl-refiner" if refiner else family
 
 
 def detect(path: Path) -> bool:
@@ -75,6 +83,11 @@ class PipelineNames(NameMap):
                 self._tensors[f"{name}.{param}"] = key
                 if param == "weight":
                     self._targets[name] = Target(key)
+        unet = [key.removeprefix("unet/").removesuffix(".weight") for key in keys
+                if key.startswith("unet/") and key.endswith(".weight")]
+        self._original = ldm_unet_modules(unet)  # kohya's LDM-style UNet names (SDXL files) → diffusers paths
+        for original, module in self._original.items():
+            self._targets.setdefault(original, self._targets[module])
 
     def modules(self) -> list[str]:
         return list(self._targets)
@@ -86,7 +99,7 @@ class PipelineNames(NameMap):
         return self._tensors.get(name)
 
     def kohya_names(self) -> dict[str, set[str]]:
-        return kohya_namespace_names(self._targets, {})
+        return kohya_namespace_names(self._targets, self._original)
 
     def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
         """`unet/x.weight` → x; `text_encoder/encoder...weight` → text_encoder.text_model.encoder..."""
@@ -117,8 +130,7 @@ class Pipeline(DiffusionContainer):
         super().__init__(path, shards)
         self.read_shards()
         self.names = PipelineNames(self.keys())
-        name = self.index.get("_class_name")
-        self.family = FAMILIES.get(name, str(name)) if isinstance(name, str) else "unknown"
+        self.family = pipeline_family(self.index)
         self.label = f"{self.family} pipeline"
 
     def read_shards(self) -> None:
