@@ -2,12 +2,15 @@
 
     python benchmarks/bench_diffusion.py [--scale 0.25] [--flux-scale 0.25] [--rank 32] [--skip-diffusers]
 
+(`--scale 0` skips the SDXL case, `--flux-scale 0` the Flux ones.)
+
 The script writes the checkpoints itself (random fp16 weights, original LDM / BFL layout): the SDXL UNet and both
 text encoders (CLIP-L, OpenCLIP bigG with its fused in_proj) with every width times `--scale` (1.0 = SDXL's own
 2.6 B-parameter UNet, a 6.9 GB file; the default 0.25 keeps a run to a few minutes on 2 CPUs), and a Flux
 transformer (19 double, 38 single blocks) with its inner width times `--flux-scale` (1.0 = Flux-dev's 12 B, 24 GB).
 The LoRAs: rank `--rank` on every attention and feed-forward linear of the UNet (kohya, diffusers-style names),
-and on every q/k/v, add_q/k/v and proj_mlp slice of Flux's fused qkv / linear1 weights (diffusers names).
+and on every q/k/v, add_q/k/v and proj_mlp slice of Flux's fused qkv / linear1 weights (diffusers names), once as
+plain LoRA and once as PEFT DoRA (`lora_magnitude_vector`: each slice's rows then scaled to their magnitudes).
 
 Contenders, each in its own subprocess (wall time and peak RSS of the process tree):
   copy        a plain copy of the checkpoint file (the floor: every byte read and written once);
@@ -118,8 +121,9 @@ def write_random(path: Path, shapes: dict[str, torch.Tensor]) -> int:
     return sum(m.numel() for m in shapes.values())
 
 
-def write_lora(path: Path, modules: dict[str, tuple[int, int]], rank: int, kohya: bool) -> int:
-    """A rank-`rank` LoRA on `modules` (name → (out, in)): kohya (`lora_unet_` names) or diffusers keys."""
+def write_lora(path: Path, modules: dict[str, tuple[int, int]], rank: int, kohya: bool, dora: bool = False) -> int:
+    """A rank-`rank` LoRA on `modules` (name → (out, in)): kohya (`lora_unet_` names) or diffusers keys (with `dora`,
+    PEFT DoRA magnitudes near the base rows' norms, 0.02·√in)."""
     from safetensors.torch import save_file
 
     g = torch.Generator().manual_seed(0)
@@ -133,6 +137,9 @@ def write_lora(path: Path, modules: dict[str, tuple[int, int]], rank: int, kohya
                           f"{kname}.alpha": torch.tensor(float(rank))})
         else:
             state.update({f"transformer.{name}.lora_A.weight": down, f"transformer.{name}.lora_B.weight": up})
+            if dora:
+                magnitude = 0.02 * inp**0.5 * (1 + 0.1 * torch.rand(out, generator=g))
+                state[f"transformer.{name}.lora_magnitude_vector"] = magnitude.half()
     save_file(state, str(path))
     return len(modules)
 
@@ -192,7 +199,7 @@ def contest(name: str, base: Path, lora: Path, tmp: Path, diffusers_config: dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--scale", type=float, default=0.25, help="SDXL widths times this (1.0 = SDXL itself)")
+    parser.add_argument("--scale", type=float, default=0.25, help="SDXL widths times this (1.0 = SDXL itself); 0: skip")
     parser.add_argument("--flux-scale", type=float, default=0.25, help="Flux width times this (1.0 = Flux-dev); 0: skip")
     parser.add_argument("--rank", type=int, default=32)
     parser.add_argument("--skip-diffusers", action="store_true", help="skip the diffusers reference")
@@ -200,23 +207,27 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench_diffusion_", dir=os.environ.get("BENCH_TMP")) as tmp:
         tmp = Path(tmp)
-        t = time.perf_counter()
-        shapes, unet = sdxl_shapes(args.scale)
-        params = write_random(tmp / "sdxl.safetensors", shapes)
-        count = write_lora(tmp / "sdxl_lora.safetensors", unet_lora_modules(unet), args.rank, kohya=True)
-        print(f"SDXL-shaped (scale {args.scale}): {params / 1e9:.2f} B parameters, LoRA r={args.rank} on {count} "
-              f"UNet linears (written in {time.perf_counter() - t:.0f} s); torch {torch.__version__}, "
-              f"{args.cpus or len(os.sched_getaffinity(0))} CPUs")
-        contest("sdxl", tmp / "sdxl.safetensors", tmp / "sdxl_lora.safetensors", tmp,
-                None if args.skip_diffusers else unet, args.cpus)
-        (tmp / "sdxl.safetensors").unlink()
+        print(f"torch {torch.__version__}, {args.cpus or len(os.sched_getaffinity(0))} CPUs")
+        if args.scale:
+            t = time.perf_counter()
+            shapes, unet = sdxl_shapes(args.scale)
+            params = write_random(tmp / "sdxl.safetensors", shapes)
+            count = write_lora(tmp / "sdxl_lora.safetensors", unet_lora_modules(unet), args.rank, kohya=True)
+            print(f"SDXL-shaped (scale {args.scale}): {params / 1e9:.2f} B parameters, LoRA r={args.rank} on {count} "
+                  f"UNet linears (written in {time.perf_counter() - t:.0f} s)")
+            contest("sdxl", tmp / "sdxl.safetensors", tmp / "sdxl_lora.safetensors", tmp,
+                    None if args.skip_diffusers else unet, args.cpus)
+            (tmp / "sdxl.safetensors").unlink()
         if args.flux_scale:
             shapes = flux_shapes(args.flux_scale)
             params = write_random(tmp / "flux.safetensors", shapes)
-            count = write_lora(tmp / "flux_lora.safetensors", flux_lora_modules(args.flux_scale), args.rank, kohya=False)
-            print(f"Flux-shaped (scale {args.flux_scale}): {params / 1e9:.2f} B parameters, LoRA r={args.rank} on "
-                  f"{count} fused-weight slices")
-            contest("flux", tmp / "flux.safetensors", tmp / "flux_lora.safetensors", tmp, None, args.cpus)
+            print(f"Flux-shaped (scale {args.flux_scale}): {params / 1e9:.2f} B parameters")
+            for dora in (False, True):
+                kind = "DoRA" if dora else "LoRA"
+                lora = tmp / f"flux_{kind.lower()}.safetensors"
+                count = write_lora(lora, flux_lora_modules(args.flux_scale), args.rank, kohya=False, dora=dora)
+                print(f"{kind} r={args.rank} on {count} fused-weight slices")
+                contest(f"flux-{kind.lower()}", tmp / "flux.safetensors", lora, tmp, None, args.cpus)
 
 
 if __name__ == "__main__":
