@@ -156,10 +156,11 @@ def main() -> None:
                                                      str(adapter), "-o", str(f16), "-t", threads], None)
                 quantize = timed("llama-quantize", [str(tools / "llama-quantize"), str(f16), str(out), label, threads],
                                  out)
-                wall, cpu = export[0] + quantize[0], export[3] + quantize[3]
+                wall, cpu = export[0] + quantize[0], export[4] + quantize[4]
                 print(f"  llama.cpp (export-lora + quantize, {threads} threads): {wall:.2f} s ({cpu:.2f} s CPU), "
-                      f"peak RSS {max(export[1], quantize[1]) / 1e9:.2f} GB; adaptools.merge's own time "
-                      f"{wall / api[3]:.2f}x faster, CLI wall {wall / cli[0]:.2f}x faster; CPU {cpu / api[4]:.2f}x")
+                      f"peak RSS {max(export[1], quantize[1]) / 1e9:.2f} GB; adaptools.merge takes {api[0] / wall:.2f}x "
+                      f"its wall ({api[3] / wall:.2f}x with its own work only; the CLI {cli[0] / wall:.2f}x) and "
+                      f"{api[4] / cpu:.2f}x its CPU")
                 f16.unlink()
                 adapter.unlink()
             base.unlink()
