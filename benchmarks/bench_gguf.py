@@ -14,7 +14,7 @@
    adapter (`adaptools convert --to gguf`, untimed: convert_lora_to_gguf.py's step), `llama-export-lora` (base +
    adapter -> a file whose merged tensors are F16) then `llama-quantize` back to the base's type (Q8_0 or Q4_K_M),
    both with as many threads as the machine has CPUs, built once by tests/llama_cpp.py's llama_build() (libllama
-   and the two tools from the same sdist, GGML_NATIVE=ON: about 16 minutes on two cores, niced).
+   and the two tools from the same sdist, GGML_NATIVE=ON: 11 minutes on two busy cores here, niced).
 
 Targets (issue 23): merge <= 2x the copy for Q8_0, <= 3x for Q4_K_M; K-quant encoding >= 0.5x the C reference's
 single-thread speed; peak RSS <= 1 GB.
@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each contender (fastest kept)")
     parser.add_argument("--encode-rows", type=int, default=1024, help="rows per shape in the encoder comparison")
     parser.add_argument("--llama-cpp", action="store_true",
-                        help="also time llama-export-lora + llama-quantize (built once: about 16 minutes)")
+                        help="also time llama-export-lora + llama-quantize (built once: about 11 minutes)")
     args = parser.parse_args()
     tools = llama_build() if args.llama_cpp else None
     threads = str(os.cpu_count() or 1)

@@ -20,16 +20,17 @@ ROOT = Path(__file__).resolve().parents[1]
 LLAMA_CPP_PYTHON = "llama-cpp-python==0.3.36"
 """The sdist that vendors llama.cpp (its converters, their conversion/ package, gguf-py and ggml)."""
 CACHE = ROOT / ".venv" / "cache" / LLAMA_CPP_PYTHON.replace("==", "-")
-WANTED = ("convert_lora_to_gguf.py", "convert_hf_to_gguf.py", "conversion/", "gguf-py/", "ggml/")
+SDIST = CACHE.parent / "{}-{}.tar.gz".format(*LLAMA_CPP_PYTHON.replace("-", "_").split("=="))
+SKIPPED = ("models/", "docs/", "media/", "tests/", "benches/", ".github/", ".devops/", "scripts/")
+"""Parts of vendor/llama.cpp that neither the converters nor a build of ggml, libllama or the tools read."""
 OFFLINE_SIGNS = ("NewConnectionError", "ConnectionError", "Network is unreachable", "Temporary failure in name resolution",
                  "ProxyError", "Read timed out", "No matching distribution found")
 
 
 def _sdist() -> Path:
     """The sdist's tarball, downloaded once with pip into .venv/cache (skips only when the index is unreachable)."""
-    found = sorted(CACHE.parent.glob("llama_cpp_python-*.tar.gz"))
-    if found:
-        return found[0]
+    if SDIST.exists():
+        return SDIST
     CACHE.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=CACHE.parent) as scratch:
         pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
@@ -38,9 +39,8 @@ def _sdist() -> Path:
             if any(sign in pip.stdout + pip.stderr for sign in OFFLINE_SIGNS):
                 pytest.skip(f"{LLAMA_CPP_PYTHON} cannot be downloaded: the package index is unreachable")
             raise AssertionError(pip.stdout + pip.stderr)
-        tarball = next(Path(scratch).glob("*.tar.gz"))
-        tarball.rename(CACHE.parent / tarball.name)  # atomic: a parallel session's copy is the same file
-    return CACHE.parent / tarball.name
+        (Path(scratch) / SDIST.name).rename(SDIST)  # atomic: a parallel session's copy is the same file
+    return SDIST
 
 
 def _extract(folder: str, keep, target: Path) -> Path:
@@ -61,11 +61,8 @@ def _extract(folder: str, keep, target: Path) -> Path:
 
 
 def llama_cpp_tree() -> Path:
-    """The sdist's vendor/llama.cpp (only WANTED), fetched once (skips only when the package index is unreachable)."""
-    if all((CACHE / name.rstrip("/")).exists() for name in WANTED):
-        return CACHE
-    shutil.rmtree(CACHE, ignore_errors=True)
-    return _extract("vendor/llama.cpp", lambda path: path.startswith(WANTED), CACHE)
+    """The sdist's vendor/llama.cpp (less SKIPPED), fetched once (skips only when the package index is unreachable)."""
+    return _extract("vendor/llama.cpp", lambda path: not path.startswith(SKIPPED), CACHE / "source")
 
 
 def _cmake_build(source: Path, built: Path, options: list[str], targets: list[str], jobs: int) -> Path:
@@ -101,8 +98,10 @@ def ggml_library() -> ctypes.CDLL:
         # ggml as a subproject (as llama.cpp builds it): standalone it wants ggml.pc.in, which the sdist leaves out
         (scratch / "CMakeLists.txt").write_text("cmake_minimum_required(VERSION 3.14)\nproject(ggml_reference C CXX)\n"
                                                 f"add_subdirectory(\"{source.as_posix()}\" ggml)\n")
-        _cmake_build(scratch, built, ["-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF"], ["ggml-base"], os.cpu_count() or 1)
-        shutil.rmtree(scratch, ignore_errors=True)
+        try:
+            _cmake_build(scratch, built, ["-DGGML_NATIVE=OFF", "-DGGML_OPENMP=OFF"], ["ggml-base"], os.cpu_count() or 1)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     found = sorted(built.glob("**/libggml-base.so"))
     lib = ctypes.CDLL(str(found[0]))
     lib.ggml_quantize_chunk.restype = ctypes.c_size_t
@@ -125,15 +124,13 @@ def reference_quantize(lib: ctypes.CDLL, values: np.ndarray, qtype) -> np.ndarra
 
 LLAMA_TOOLS = ("llama-export-lora", "llama-quantize")
 """The llama.cpp programs the runtime test and the benchmark run (built with libllama)."""
-LLAMA_SOURCE_SKIPPED = ("models/", "docs/", "media/", "tests/", "benches/", ".github/", ".devops/", "scripts/")
-"""Parts of vendor/llama.cpp no build of libllama or the tools reads (vocabularies, documents, CI)."""
 
 
 def llama_build(jobs: int = 2) -> Path:
-    """llama.cpp's shared libllama.so (with libggml*.so) and LLAMA_TOOLS, built once (about 16 minutes on two
-    cores; niced) from the sdist's sources into .venv/cache; returns the folder that holds them all (RPATH $ORIGIN,
+    """llama.cpp's shared libllama.so (with libggml*.so) and LLAMA_TOOLS, built once (11 minutes on two busy
+    cores here; niced) from the sdist's sources into .venv/cache; returns the folder that holds them all (RPATH $ORIGIN,
     so the folder works where it lies). GGML_NATIVE=ON: the tools run as a user's own build would."""
-    source = _extract("vendor/llama.cpp", lambda path: not path.startswith(LLAMA_SOURCE_SKIPPED), CACHE / "source")
+    source = llama_cpp_tree()
     options = ["-DBUILD_SHARED_LIBS=ON", "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON", "-DGGML_NATIVE=ON",
                "-DGGML_OPENMP=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
                "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_APP=OFF",

@@ -1,5 +1,5 @@
 """llama.cpp itself runs what adaptools writes (opt-in: ADAPTOOLS_LLAMA_RUNTIME=1; builds libllama and the tools
-once, about 16 minutes on two cores): a merged GGUF file gives the logits of its base with the adapter (written by
+once, 11 minutes on two cores here): a merged GGUF file gives the logits of its base with the adapter (written by
 `adaptools convert --to gguf`) applied at run time by llama.cpp, and those of `llama-export-lora`'s merge.
 
 Gaps are ‖a − b‖ / ‖a‖ over all logits. An F32 merge against the run-time adapter, and F32 and F16 merges against
