@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import BaseMismatchError, InputNotFoundError, InvalidArgumentError
 from ..names import listed
 from . import gguf_file, gguf_quants
-from .container import Container
+from .container import LOCAL, Container, Files
 from .names_gguf import GGUFNames
 from .quantizing import retained_fraction
 from .safetensors_io import TensorInfo
@@ -48,9 +48,9 @@ SPLIT_NAME = re.compile(r"(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf
 """llama.cpp's split file names (gguf-split, convert_hf_to_gguf --split-max-size): PREFIX-0000i-of-0000n.gguf."""
 
 
-def detect(path: Path) -> bool:
-    """A file starting with the GGUF magic."""
-    return path.is_file() and gguf_file.detect(path)
+def detect(path: Path, files: Files = LOCAL) -> bool:
+    """A file starting with the GGUF magic (on disk: `files` other than LOCAL list safetensors files only)."""
+    return files is LOCAL and path.is_file() and gguf_file.detect(path)
 
 
 def split_names(name: str) -> list[str]:

@@ -18,11 +18,11 @@ import torch
 
 from ..adapter import Adapter
 from ..atomic import atomic_output
-from ..checkpoints import GGUFFile, open_container
+from ..checkpoints import GGUFFile
 from ..checkpoints.names_gguf import GGUFNames
 from ..errors import AdapterFormatError, BaseMismatchError, UnknownModuleError
 from ..names import listed
-from ..sources import resolve
+from ..sources import open_names
 
 NAME = "gguf"
 HF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -31,8 +31,8 @@ HF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwe
 
 def base_names(base: str | os.PathLike) -> tuple[GGUFNames, str]:
     """The name map of a base given as a GGUF file, a Hugging Face folder or a Hub repo id (only its header or its
-    config and safetensors headers are read), and its GGUF architecture."""
-    container = open_container(resolve(base, "checkpoint"))
+    config and safetensors headers are read: a Hub repo costs no weights), and its GGUF architecture."""
+    container = open_names(base)
     if isinstance(container, GGUFFile):
         return container.names, container.names.architecture
     config = container.config
