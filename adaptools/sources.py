@@ -39,6 +39,7 @@ read for names: the sha256 of each weight file's header bytes, `HubInput.headers
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import hashlib
 import os
@@ -369,10 +370,17 @@ class RemoteFiles(Files):
 
 def weight_header(repo_id: str, commit: str, name: str, cached: Path | None) -> tuple[bytes, int]:
     """The first 8 + N bytes of the safetensors file `name` of `repo_id` at `commit`, and the file's size: read from
-    `cached` (its copy in the cache snapshot) when there, else by two HTTP Range requests, the second once N is
-    checked (safetensors_io.header_length)."""
+    `cached` (its copy in the cache snapshot) when there, else fetched (`remote_header`)."""
     if cached is not None and cached.is_file():
         return header_bytes(cached)
+    return remote_header(repo_id, commit, name)
+
+
+@functools.lru_cache(maxsize=256)
+def remote_header(repo_id: str, commit: str, name: str) -> tuple[bytes, int]:
+    """The first 8 + N bytes of a safetensors file on the Hub and its size, by two HTTP Range requests, the second
+    once N is checked (safetensors_io.header_length); kept for the process (a commit's files never change), so a
+    replay that checks the header and then reads it fetches it once."""
     ref = HubRef(repo_id, name, commit)
     if constants.is_offline_mode():
         raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not in the local Hub cache ({constants.HF_HUB_CACHE}): "
@@ -380,18 +388,17 @@ def weight_header(repo_id: str, commit: str, name: str, cached: Path | None) -> 
     url = hf_hub_url(repo_id, name, revision=commit)
     prefix, size = byte_range(ref, url, 0, 8)
     length = header_length(prefix, size, str(ref), BaseMismatchError)
-    return prefix + byte_range(ref, url, 8, length)[0], size
+    return prefix + (byte_range(ref, url, 8, length)[0] if length else b""), size
 
 
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
 
 
 def byte_range(ref: HubRef, url: str, start: int, count: int) -> tuple[bytes, int]:
-    """Bytes [start, start + count) of a file on the Hub by one HTTP Range request, and the file's size (from the
-    answer's Content-Range). Never reads further: an answer other than 206 with that range is refused."""
+    """Bytes [start, start + count) (count >= 1) of a file on the Hub by one HTTP Range request, and the file's
+    size (from the answer's Content-Range). Never reads further: an answer other than 206 with that range is
+    refused before its body is read."""
     data = bytearray()
-    if count == 0:
-        return b"", 0
     try:
         with get_session().stream("GET", url, headers={**build_hf_headers(), "Range": f"bytes={start}-{start + count - 1}"},
                                   timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:

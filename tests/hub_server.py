@@ -8,8 +8,9 @@ repo is public, private or gated; `readers` are the tokens that may read the pri
 is a branch, a tag (`tag`) or a commit sha. Weights (*.safetensors, *.bin, ...) are served as LFS files (ETag
 and X-Linked-Etag the sha256, X-Linked-Size), the others as git blobs (ETag the git sha1), never through Xet. A GET
 with a `Range: bytes=a-b` header is answered as the Hub's storage answers it: 206 Partial Content with those bytes
-and `Content-Range: bytes a-b/size` (416 when the range starts past the end); `served` records the bytes every
-answer carried, so that a test can tell a header read from a download.
+and `Content-Range: bytes a-b/size` (416 when the range starts past the end; the whole file with 200 when
+`ranges` is turned off, as a server without range support does); `served` records the bytes every answer
+carried, so that a test can tell a header read from a download.
 Failures can be injected per path (`fail(401)`, `fail(404)`, `fail("drop")` closes the connection without an
 answer). Requests are bounded: bodies over `MAX_BODY` bytes are refused, sockets time out, and after
 `MAX_REQUESTS` requests every answer is 400.
@@ -111,6 +112,8 @@ class FakeHub:
         self.unhandled: list[str] = []
         self.repos: dict[str, Repo] = {}
         self.commits: list[Commit] = []
+        self.ranges = True
+        """Whether GET answers a Range header with the range (206), else with the whole file (200)."""
         self.served: list[tuple[str, int, int]] = []
         """(repo/path, first byte, end) of the file bytes each GET on resolve answered with (end exclusive)."""
         self._failures: list[tuple[str, int | str]] = []
@@ -339,7 +342,7 @@ class FakeHub:
         else:
             headers["ETag"] = f'"{git_blob_sha(data)}"'
         start, end = 0, len(data)
-        wanted = request.headers.get("range") if request.method == "GET" else None
+        wanted = request.headers.get("range") if request.method == "GET" and self.ranges else None
         if wanted is not None:
             span = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted)
             if span is None or int(span[1]) >= len(data):
