@@ -400,8 +400,8 @@ def byte_range(ref: HubRef, url: str, start: int, count: int) -> tuple[bytes, in
     refused before its body is read."""
     data = bytearray()
     try:
-        with get_session().stream("GET", url, headers={**build_hf_headers(), "Range": f"bytes={start}-{start + count - 1}"},
-                                  timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+        wanted = {**build_hf_headers(), "Range": f"bytes={start}-{start + count - 1}"}
+        with get_session().stream("GET", url, headers=wanted, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
             hf_raise_for_status(response)
             span = CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
             if response.status_code != 206 or span is None or int(span[1]) != start:

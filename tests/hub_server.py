@@ -346,7 +346,8 @@ class FakeHub:
         if wanted is not None:
             span = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted)
             if span is None or int(span[1]) >= len(data):
-                raise HubError(416, f"Range not satisfiable: {wanted}", headers={"Content-Range": f"bytes */{len(data)}"})
+                raise HubError(416, f"Range not satisfiable: {wanted}",
+                               headers={"Content-Range": f"bytes */{len(data)}"})
             start, end = int(span[1]), min(len(data), int(span[2]) + 1 if span[2] else len(data))
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
         if request.method == "GET":

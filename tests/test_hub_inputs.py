@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -370,6 +371,7 @@ def test_recipes_and_cards_name_hub_inputs_by_repo_id_and_commit_and_replay_anyw
     (lambda e: e.update(path="org/lora@" + e["revision"]), "is not a Hub repo id"),
     (lambda e: e["files"].update({"../../token": "0" * 64}), "'files' must name the repo files"),
     (lambda e: e.update(files={}), "'files' must name the repo files"),
+    (lambda e: e.update(headers=["model.safetensors"]), "'headers' must list files of 'files'"),
 ])
 def test_hub_inputs_of_a_recipe_are_checked_before_anything_is_fetched(hub, runner, tmp_path, change, expected):
     out = tmp_path / "blend"
@@ -466,8 +468,9 @@ def test_a_hub_base_used_for_kohya_names_costs_its_headers_and_replays_so(hub, l
 
     entry = next(e for e in json.loads((out / RECIPE_NAME).read_text())["inputs"] if e["param"] == "base")
     assert entry["headers"] == ["model.safetensors"]
+    header = weights.read_bytes()[:header_size(weights)]
     assert entry["files"] == {"config.json": hashlib.sha256((local["base"] / "config.json").read_bytes()).hexdigest(),
-                              "model.safetensors": hashlib.sha256(weights.read_bytes()[:header_size(weights)]).hexdigest()}
+                              "model.safetensors": hashlib.sha256(header).hexdigest()}
 
     point_client_at(monkeypatch, hub.url, tmp_path / "elsewhere")  # another machine: empty caches
     remote_header.cache_clear()
@@ -543,3 +546,18 @@ def test_kohya_sd_names_map_through_a_hub_single_file_or_pipeline_from_their_hea
     assert all(torch.equal(a, b) for a, b in zip(load_file(tmp_path / "hub.safetensors").values(),
                                                  load_file(tmp_path / "local.safetensors").values()))
     assert_headers_only(hub, "org/sd", weights)
+
+
+@pytest.mark.parametrize(("weights", "served", "expected"), [
+    (struct.pack("<Q", 400_000_000) + b"{}", 8, "exceeds the format's limit of 100,000,000 bytes"),
+    (struct.pack("<Q", 2) + b"{}" + b"\0" * 64, 10, "the tensors cover 0 bytes of data, but the file holds 64"),
+    (struct.pack("<Q", 9) + b'{"a": [1}' + b"\0" * 64, 17, "model.safetensors"),
+])
+def test_hostile_headers_of_a_hub_base_are_bounded_before_reading(hub, local, runner, tmp_path, weights, served,
+                                                                  expected):
+    """A header fetched by range is validated as a local one: its length is checked before it is asked for."""
+    hub.add_commit("org/hostile", {"config.json": (local["base"] / "config.json").read_bytes(),
+                                   "model.safetensors": weights})
+    result = run_cli(runner, "convert", local["kohya"], "--to", "peft", "--base", "org/hostile", "-o", tmp_path / "o")
+    assert_one_error_line(result, "org/hostile/model.safetensors", expected)
+    assert hub.bytes_served("org/hostile/model.safetensors") == served and not (tmp_path / "o").exists()

@@ -49,5 +49,5 @@ def open_container(path: str | os.PathLike, files: Files = LOCAL) -> Container:
     return HFFolder(path, files)
 
 
-__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "Files", "LOCAL", "GGUFFile", "HFFolder", "NameMap", "Target", "open_container",
-           "Pipeline", "SingleFile", "is_diffusion_checkpoint"]
+__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "Files", "LOCAL", "GGUFFile", "HFFolder", "NameMap", "Target",
+           "open_container", "Pipeline", "SingleFile", "is_diffusion_checkpoint"]

@@ -52,7 +52,8 @@ def detect_format(path: str | os.PathLike) -> str:
     return detect_family(path).NAME
 
 
-def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | Container | None = None, *,
+def load_adapter(path: str | os.PathLike, allow_pickle: bool = False,
+                 base: str | os.PathLike | Container | None = None, *,
                  scale: float | None = None, alpha: float | None = None) -> Adapter:
     """Read an adapter of any registered family; with `base` (a local path, or a container: adaptools.sources opens
     a Hub base for its names), kohya module names are mapped to the base's paths.
