@@ -205,6 +205,11 @@ def test_api_merge_and_folders_and_files_of_a_repo(hub, local, runner, tmp_path)
     assert result.exit_code == 0, result.output
     lookups = [r.path for r in hub.requests[before:] if r.path.startswith("/api/models/org/base/")]
     assert lookups == ["/api/models/org/base/revision/main"]  # read twice (adapter names, norms), one commit
+    base_entry = next(e for e in json.loads((tmp_path / "dora-hub" / RECIPE_NAME).read_text())["inputs"]
+                      if e["param"] == "base")
+    assert "headers" not in base_entry  # read whole in the end: hashed whole
+    assert base_entry["files"]["model.safetensors"] == hashlib.sha256(
+        (local["base"] / "model.safetensors").read_bytes()).hexdigest()
     assert run_cli(runner, "dora", "to-dora", local["lora"], "--base", local["base"],
                    "-o", tmp_path / "dora-local").exit_code == 0
     assert_same_files(tmp_path / "dora-hub", tmp_path / "dora-local")
@@ -561,3 +566,15 @@ def test_hostile_headers_of_a_hub_base_are_bounded_before_reading(hub, local, ru
     result = run_cli(runner, "convert", local["kohya"], "--to", "peft", "--base", "org/hostile", "-o", tmp_path / "o")
     assert_one_error_line(result, "org/hostile/model.safetensors", expected)
     assert hub.bytes_served("org/hostile/model.safetensors") == served and not (tmp_path / "o").exists()
+
+
+def test_convert_to_gguf_names_a_hub_base_from_its_config_and_header(hub, local, runner, tmp_path):
+    result = run_cli(runner, "convert", local["lora"], "--to", "gguf", "--base", "org/base", "-o", tmp_path / "h.gguf")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "convert", local["lora"], "--to", "gguf", "--base", local["base"],
+                   "-o", tmp_path / "l.gguf").exit_code == 0
+    from gguf import GGUFReader
+
+    hub_file, local_file = (GGUFReader(tmp_path / name).tensors for name in ("h.gguf", "l.gguf"))  # recipes differ
+    assert [(t.name, t.data.tobytes()) for t in hub_file] == [(t.name, t.data.tobytes()) for t in local_file]
+    assert_headers_only(hub, "org/base", {"model.safetensors": local["base"] / "model.safetensors"})
