@@ -45,7 +45,7 @@ def open_container(path: str | os.PathLike, files: Files = LOCAL) -> Container:
     path = Path(path)
     for module, cls in CONTAINERS:
         if (path.exists() or files.has(path)) and module.detect(path, files):
-            return cls(path) if files is LOCAL else cls(path, files)
+            return cls(path, files)
     return HFFolder(path, files)
 
 

@@ -102,12 +102,12 @@ class GGUFFile(Container):
     output_is_file = True
     output_suffix = ".gguf"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, files: Files = LOCAL):
         path = Path(path)
-        if not path.exists():
+        if not files.has(path):
             raise InputNotFoundError(f"base {str(path)!r} does not exist")
         parts = split_parts(path)
-        super().__init__(path.parent, [p.name for p in parts])
+        super().__init__(path.parent, [p.name for p in parts], files)
         self.headers = {p.name: gguf_file.read_header(p) for p in parts}
         self.header = self.headers[parts[0].name]
         """The first part's header: the model's metadata."""
