@@ -19,14 +19,12 @@ import torch
 from ..adapter import Adapter
 from ..atomic import atomic_output
 from ..checkpoints import GGUFFile, open_container
-from ..checkpoints.names_gguf import GGUFNames
+from ..checkpoints.names_gguf import HF_ARCHITECTURES, GGUFNames
 from ..errors import AdapterFormatError, BaseMismatchError, UnknownModuleError
 from ..names import listed
 from ..sources import resolve
 
 NAME = "gguf"
-HF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-"""transformers model_type → the GGUF architecture convert_hf_to_gguf.py writes for it."""
 
 
 def base_names(base: str | os.PathLike) -> tuple[GGUFNames, str]:
