@@ -93,3 +93,26 @@ def test_other_architectures_are_refused_by_name(arch, why):
 
     with pytest.raises(BaseMismatchError, match=f"'{arch}'.*more than renaming.*{why}"):
         GGUFNames([], arch, 2, 4, 2, {})
+
+
+@pytest.mark.parametrize("model_type", MODELS)
+def test_extract_and_llama_cpp_adapters_name_the_models_modules(model_type, converted, tmp_path):
+    """The converted merged model minus the converted base gives PEFT's ΔW under the model's own module paths (this
+    architecture's spellings, q/k rows back in order); `convert --to gguf` names the same tensors from the GGUF file
+    as from the transformers folder."""
+    from factories import peft_delta_weights, peft_model
+
+    from adaptools.formats.gguf_lora import write_gguf_adapter
+
+    base, adapter, reference = converted[model_type]
+    source = base.with_suffix("")
+    extracted, _ = adaptools.extract(base, reference, rank=4)
+    want = peft_delta_weights(peft_model(source, adapter))
+    assert sorted(extracted.modules) == sorted(want)
+    for module, delta in want.items():
+        torch.testing.assert_close(extracted.delta(module), delta, rtol=1e-4, atol=1e-5)
+    loaded = adaptools.load(adapter)
+    files = [write_gguf_adapter(loaded, b, tmp_path / f"{i}.gguf") for i, b in enumerate((base, source))]
+    tensors = [{t.name: np.asarray(t.data) for t in gguf.GGUFReader(f).tensors} for f in files]
+    assert list(tensors[0]) == list(tensors[1]) and len(tensors[0]) == 2 * len(loaded.modules)
+    assert all(np.array_equal(tensors[0][n], tensors[1][n]) for n in tensors[0])
