@@ -54,25 +54,26 @@ def convert_hf(source: Path, out: Path, outtype: str) -> Path:
 
 CONVERT_MANY = """
 import sys
-tree, outtype, pairs = sys.argv[1], sys.argv[2], sys.argv[3:]
+tree, jobs = sys.argv[1], sys.argv[2:]
 sys.path[:0] = [tree, tree + '/gguf-py']
 import convert_hf_to_gguf
 from conversion import base
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'default'
 base.TextModel._set_vocab_sentencepiece = lambda self, add_to_gguf=True: self._set_vocab_gpt2()
-for source, out in zip(pairs[::2], pairs[1::2]):
-    sys.argv = ['convert_hf_to_gguf.py', source, '--outtype', outtype, '--outfile', out]
+for source, out, options in zip(jobs[::3], jobs[1::3], jobs[2::3]):
+    sys.argv = ['convert_hf_to_gguf.py', source, *options.split(), '--outfile', out]
     convert_hf_to_gguf.main()
 """
-"""convert_hf_to_gguf.py's main() run on each (source, out) pair in one interpreter. The vocabulary goes through the
-converter's BPE path under the pre-tokenizer name 'default' (a test tokenizer has no known pre-tokenizer hash and
-no sentencepiece model); the tensors go through the converter untouched."""
+"""convert_hf_to_gguf.py's main() run on each (source, out, options) in one interpreter. The vocabulary goes through
+the converter's BPE path under the pre-tokenizer name 'default' (a test tokenizer has no known pre-tokenizer hash
+and no sentencepiece model); the tensors go through the converter untouched."""
 
 
-def convert_many(pairs: list[tuple[Path, Path]], outtype: str = "f32") -> None:
-    """llama.cpp's convert_hf_to_gguf.py SOURCE --outtype OUTTYPE --outfile OUT for every pair, in one process."""
-    args = [str(p) for pair in pairs for p in pair]
-    run = subprocess.run([sys.executable, "-c", CONVERT_MANY, str(llama_cpp_tree()), outtype, *args],
+def convert_many(jobs: list[tuple[Path, Path, str]]) -> None:
+    """llama.cpp's convert_hf_to_gguf.py SOURCE OPTIONS --outfile OUT for every (SOURCE, OUT, OPTIONS), in one
+    process (OPTIONS as on its command line, e.g. "--outtype f32 --fuse-qkv")."""
+    args = [str(part) for job in jobs for part in job]
+    run = subprocess.run([sys.executable, "-c", CONVERT_MANY, str(llama_cpp_tree()), *args],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
 

@@ -26,6 +26,10 @@ MODELS = {
 sentencepiece model unless the tokenizer is GPT-2's; phi has no GQA)."""
 
 
+FUSED = ("mistral", "olmo", "qwen3")
+"""Also converted with --fuse-qkv (llama's and olmo's q/k rows permuted inside the fused tensor)."""
+
+
 def linear_names(model) -> list[str]:
     """The last names of every nn.Linear and nn.Embedding of `model` (lm_head left out when tied to the embeddings)."""
     tied = model.config.tie_word_embeddings
@@ -46,7 +50,12 @@ def converted(tmp_path_factory):
                                target_modules=linear_names(load_base(source)), save_embedding_layers=False)
         merged = peft_merged(source, adapter, root / f"{model_type}-merged")
         made[model_type] = (root / f"{model_type}.gguf", adapter, root / f"{model_type}-reference.gguf")
-        pairs += [(source, made[model_type][0]), (merged, made[model_type][2])]
+        pairs += [(source, made[model_type][0], "--outtype f32"), (merged, made[model_type][2], "--outtype f32")]
+        if model_type in FUSED:  # and as --fuse-qkv writes them: q, k and v in one tensor
+            made[f"{model_type}-fused"] = (root / f"{model_type}-fused.gguf", adapter,
+                                           root / f"{model_type}-fused-reference.gguf")
+            pairs += [(source, made[f"{model_type}-fused"][0], "--outtype f32 --fuse-qkv"),
+                      (merged, made[f"{model_type}-fused"][2], "--outtype f32 --fuse-qkv")]
     convert_many(pairs)
     return made
 
@@ -56,11 +65,11 @@ def test_every_renamed_architecture_is_tested():
     assert set(HF_ARCHITECTURES) == set(MODELS) | {"llama"}
 
 
-@pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize("model_type", [*MODELS, *(f"{t}-fused" for t in FUSED)])
 def test_merge_equals_converting_the_peft_merged_model(model_type, converted, tmp_path):
     base, adapter, reference = converted[model_type]
     arch = gguf.GGUFReader(base).fields["general.architecture"].contents()
-    assert arch == HF_ARCHITECTURES[model_type]
+    assert arch == HF_ARCHITECTURES[model_type.removesuffix("-fused")]
     out = tmp_path / "merged.gguf"
     adaptools.merge(base, adapter, out=out)
     before = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(base).tensors}
@@ -71,8 +80,10 @@ def test_merge_equals_converting_the_peft_merged_model(model_type, converted, tm
         assert np.array_equal(got[name], want[name]), name
     changed = {n for n in want if not np.array_equal(want[n], before[n])}
     names = open_container(base).names
-    assert changed == {names.target(m).key for m in adaptools.load(adapter).modules}
-    assert len(changed) == len(adaptools.load(adapter).modules)
+    modules = adaptools.load(adapter).modules
+    assert changed == {names.target(m).key for m in modules}
+    fused = {names.target(m).key for m in modules if names.target(m).rows is not None}
+    assert len(changed) == len(modules) - 2 * len(fused) and ("attn_qkv" in str(fused)) == model_type.endswith("-fused")
 
 
 def test_gemma_norms_are_refused_as_full_tensors(converted):
@@ -95,7 +106,7 @@ def test_other_architectures_are_refused_by_name(arch, why):
         GGUFNames([], arch, 2, 4, 2, {})
 
 
-@pytest.mark.parametrize("model_type", MODELS)
+@pytest.mark.parametrize("model_type", [*MODELS, *(f"{t}-fused" for t in FUSED)])
 def test_extract_and_llama_cpp_adapters_name_the_models_modules(model_type, converted, tmp_path):
     """The converted merged model minus the converted base gives PEFT's ΔW under the model's own module paths (this
     architecture's spellings, q/k rows back in order); `convert --to gguf` names the same tensors from the GGUF file
@@ -105,13 +116,17 @@ def test_extract_and_llama_cpp_adapters_name_the_models_modules(model_type, conv
     from adaptools.formats.gguf_lora import write_gguf_adapter
 
     base, adapter, reference = converted[model_type]
-    source = base.with_suffix("")
-    extracted, _ = adaptools.extract(base, reference, rank=4)
+    source = base.with_name(model_type.removesuffix("-fused"))
+    extracted, _ = adaptools.extract(base, reference, rank=12 if model_type.endswith("-fused") else 4)  # q, k, v: 3×4
     want = peft_delta_weights(peft_model(source, adapter))
     assert sorted(extracted.modules) == sorted(want)
     for module, delta in want.items():
         torch.testing.assert_close(extracted.delta(module), delta, rtol=1e-4, atol=1e-5)
     loaded = adaptools.load(adapter)
+    if model_type.endswith("-fused"):
+        with pytest.raises(BaseMismatchError, match="--fuse-qkv"):
+            write_gguf_adapter(loaded, base, tmp_path / "fused.gguf")
+        return
     files = [write_gguf_adapter(loaded, b, tmp_path / f"{i}.gguf") for i, b in enumerate((base, source))]
     tensors = [{t.name: np.asarray(t.data) for t in gguf.GGUFReader(f).tensors} for f in files]
     assert list(tensors[0]) == list(tensors[1]) and len(tensors[0]) == 2 * len(loaded.modules)

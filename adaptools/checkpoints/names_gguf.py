@@ -67,6 +67,8 @@ MODULE_PATH = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.(?![a-z_]*norm)[
 PREFERRED = ("mlp.up_proj", "self_attn.q_norm", "self_attn.k_norm")
 """Spellings the architectures here use (after their own `spelled`) where the map lists another first."""
 BLOCK = re.compile(r"model\.layers\.\d+\.")
+QKV = re.compile(r"(?P<block>blk\.\d+)\.attn_(?P<part>[qkv])\.weight")
+"""A q, k or v weight, which `convert_hf_to_gguf.py --fuse-qkv` stores as a row block of `<block>.attn_qkv.weight`."""
 
 
 def rope_order(rows: int, heads: int) -> Tensor:
@@ -115,8 +117,31 @@ class GGUFNames(NameMap):
         kind = stored.split(".")[-2] if stored.startswith("blk.") else ""
         return kind if self.layout.permuted and kind in self._heads else None
 
+    def _fused_rows(self, fused: str) -> dict[str, tuple[int, int]]:
+        """Row blocks of q, k and v in `fused` (cat(q, k, v): head_count, head_count_kv and head_count_kv heads of
+        one size)."""
+        rows, heads, kv_heads = self._shapes[fused][0], self._heads["attn_q"], self._heads["attn_k"]
+        if not heads or rows % (heads + 2 * kv_heads):
+            raise BaseMismatchError(f"{fused}: {rows} rows are not q, k and v of {heads} and {kv_heads} heads")
+        q, k = heads * (rows // (heads + 2 * kv_heads)), kv_heads * (rows // (heads + 2 * kv_heads))
+        return {"attn_q": (0, q), "attn_k": (q, q + k), "attn_v": (q + k, rows)}
+
+    def _fused_target(self, key: str) -> Target | None:
+        """Where q, k or v weight `key` lies in a file written with --fuse-qkv (its rows as in an unfused file)."""
+        match = QKV.fullmatch(key)
+        fused = match and f"{match['block']}.attn_qkv.weight"
+        if not fused or fused not in self._keys or self._native_qkv:
+            return None
+        kind = f"attn_{match['part']}"
+        start, stop = self._fused_rows(fused)[kind]
+        permuted = self.layout.permuted and kind in self._heads
+        return Target(fused, rows=(start, stop),
+                      row_order=rope_order(stop - start, self._heads[kind]) if permuted else None)
+
     def target(self, module: str) -> Target | None:
         key = self.stored(module)
+        if key is not None and key not in self._keys and (fused := self._fused_target(key)) is not None:
+            return fused
         if key is None or key not in self._keys:
             if key == "output.weight" and "token_embd.weight" in self._keys:
                 raise BaseMismatchError(f"module {module!r}: this GGUF ties its output to token_embd (it has no "
@@ -154,7 +179,24 @@ class GGUFNames(NameMap):
         return {name: min(paths, key=lambda p: rank.get(BLOCK.sub("", p, count=1), len(rank)))
                 for name, paths in found.items()}
 
+    @cached_property
+    def _native_qkv(self) -> bool:
+        """Whether the model itself fuses q, k and v (phi3's qkv_proj: attn_qkv is its renamed weight)."""
+        return any(BLOCK.sub("", path, count=1) in self.layout.spelled
+                   for stem, path in self._sources.items() if stem.endswith(".attn_qkv"))
+
+    def _unfused(self, key: str) -> dict[str, tuple[int, int]] | None:
+        """The row blocks of q, k and v when `key` is an attn_qkv the converter fused (--fuse-qkv), else None."""
+        if self._native_qkv or not re.fullmatch(r"blk\.\d+\.attn_qkv\.weight", key):
+            return None
+        return self._fused_rows(key)
+
     def source(self, key: str) -> tuple[str, Tensor | None]:
+        blocks = self._unfused(key)
+        if blocks is not None:  # rows back to cat(q, k, v) in the model's order
+            order = [a + torch.argsort(rope_order(b - a, self._heads[kind])) if self.layout.permuted and
+                     kind in self._heads else torch.arange(a, b) for kind, (a, b) in blocks.items()]
+            return key, torch.cat(order)
         stem, _, suffix = key.rpartition(".")
         path = self._sources.get(stem)
         if path is None:
@@ -165,4 +207,8 @@ class GGUFNames(NameMap):
         return f"{path}.{suffix}", order
 
     def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
+        blocks = self._unfused(key)
+        if blocks is not None:
+            block = key.split(".")[1]
+            return [(self._sources[f"blk.{block}.{kind}"].removesuffix(".weight"), rows) for kind, rows in blocks.items()]
         return [(self.source(key)[0].removesuffix(".weight"), None)]

@@ -83,6 +83,10 @@ def write_gguf_adapter(adapter: Adapter, base: str | os.PathLike, path: str | os
         if target is None:
             missing.append(name)
             continue
+        if target.rows is not None:
+            raise BaseMismatchError(f"module {name!r} is a row block of {target.key} in this base (q, k and v fused "
+                                    "by convert_hf_to_gguf.py --fuse-qkv); adaptools writes llama.cpp adapters for "
+                                    "bases that store them apart (merge into this one instead)")
         A, B = module.A.float(), module.B.float()
         if alpha is None:
             B = B * module.scale
