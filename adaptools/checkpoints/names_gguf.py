@@ -67,13 +67,14 @@ MODULE_PATH = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.(?![a-z_]*norm)[
 PREFERRED = ("mlp.up_proj", "self_attn.q_norm", "self_attn.k_norm")
 """Spellings the architectures here use (after their own `spelled`) where the map lists another first."""
 BLOCK = re.compile(r"model\.layers\.\d+\.")
-QKV = re.compile(r"(?P<block>blk\.\d+)\.attn_(?P<part>[qkv])\.weight")
+QKV = re.compile(r"(?P<block>blk\.\d+)\.attn_[qkv]\.weight")
 """A q, k or v weight, which `convert_hf_to_gguf.py --fuse-qkv` stores as a row block of `<block>.attn_qkv.weight`."""
+FUSED_QKV = re.compile(r"blk\.\d+\.attn_qkv\.weight")
 
 
 def rope_order(rows: int, heads: int) -> Tensor:
     """Row order llama.cpp stores a q/k weight in: stored[i] = hf[order[i]] (LlamaModel.permute)."""
-    if heads <= 0 or rows % (2 * heads):
+    if not heads or heads <= 0 or rows % (2 * heads):
         raise BaseMismatchError(f"a q/k weight of {rows} rows cannot be split into {heads} heads of two halves")
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).swapaxes(1, 2).reshape(rows)
 
@@ -112,10 +113,14 @@ class GGUFNames(NameMap):
         name = self._map.get_name(module)
         return None if name is None else f"{name}.weight"
 
-    def _permuted(self, stored: str) -> str | None:
-        """'attn_q' / 'attn_k' when tensor `stored` has its rows in llama.cpp's RoPE order, else None."""
-        kind = stored.split(".")[-2] if stored.startswith("blk.") else ""
-        return kind if self.layout.permuted and kind in self._heads else None
+    def _rope(self, kind: str, rows: int) -> Tensor | None:
+        """The stored order of the `rows` rows of a `kind` tensor (attn_q, ffn_up, ...): llama.cpp's RoPE order for
+        q and k of a permuted architecture, else None (as in the model)."""
+        return rope_order(rows, self._heads[kind]) if self._permutes(kind) else None
+
+    def _permutes(self, kind: str) -> bool:
+        """Whether tensors of `kind` have their rows in llama.cpp's RoPE order (q and k of a permuted architecture)."""
+        return self.layout.permuted and kind in self._heads
 
     def _fused_rows(self, fused: str) -> dict[str, tuple[int, int]]:
         """Row blocks of q, k and v in `fused` (cat(q, k, v): head_count, head_count_kv and head_count_kv heads of
@@ -126,29 +131,21 @@ class GGUFNames(NameMap):
         q, k = heads * (rows // (heads + 2 * kv_heads)), kv_heads * (rows // (heads + 2 * kv_heads))
         return {"attn_q": (0, q), "attn_k": (q, q + k), "attn_v": (q + k, rows)}
 
-    def _fused_target(self, key: str) -> Target | None:
-        """Where q, k or v weight `key` lies in a file written with --fuse-qkv (its rows as in an unfused file)."""
-        match = QKV.fullmatch(key)
-        fused = match and f"{match['block']}.attn_qkv.weight"
-        if not fused or fused not in self._keys or self._native_qkv:
-            return None
-        kind = f"attn_{match['part']}"
-        start, stop = self._fused_rows(fused)[kind]
-        permuted = self.layout.permuted and kind in self._heads
-        return Target(fused, rows=(start, stop),
-                      row_order=rope_order(stop - start, self._heads[kind]) if permuted else None)
-
     def target(self, module: str) -> Target | None:
         key = self.stored(module)
-        if key is not None and key not in self._keys and (fused := self._fused_target(key)) is not None:
-            return fused
-        if key is None or key not in self._keys:
-            if key == "output.weight" and "token_embd.weight" in self._keys:
-                raise BaseMismatchError(f"module {module!r}: this GGUF ties its output to token_embd (it has no "
-                                        "output.weight), so llama.cpp has no separate lm_head for the update")
+        if key is None:
             return None
-        kind = self._permuted(key)
-        return Target(key) if kind is None else Target(key, row_order=rope_order(self._shapes[key][0], self._heads[kind]))
+        if key in self._keys:
+            return Target(key, row_order=self._rope(kind_of(key), self._shapes[key][0]))
+        match = QKV.fullmatch(key)
+        fused = f"{match['block']}.attn_qkv.weight" if match else None
+        if fused in self._keys and not self._native_qkv:  # written with --fuse-qkv: a row block of attn_qkv
+            start, stop = self._fused_rows(fused)[kind_of(key)]
+            return Target(fused, rows=(start, stop), row_order=self._rope(kind_of(key), stop - start))
+        if key == "output.weight" and "token_embd.weight" in self._keys:
+            raise BaseMismatchError(f"module {module!r}: this GGUF ties its output to token_embd (it has no "
+                                    "output.weight), so llama.cpp has no separate lm_head for the update")
+        return None
 
     def _refuse_shifted(self, name: str, stored: str) -> None:
         """A norm of a Gemma file is stored as 1 + w (convert_hf_to_gguf.py): adaptools neither writes nor reads
@@ -162,7 +159,7 @@ class GGUFNames(NameMap):
         stored = self._map.get_name(name, try_suffixes=(".weight", ".bias"))
         if stored is None or stored not in self._keys:
             return None
-        if self._permuted(stored):
+        if self._permutes(kind_of(stored)):
             raise BaseMismatchError(f"{name!r}: a full tensor of a q/k projection, stored with rows permuted in "
                                     "GGUF; adaptools does not write such tensors into GGUF files")
         self._refuse_shifted(name, stored)
@@ -187,28 +184,29 @@ class GGUFNames(NameMap):
 
     def _unfused(self, key: str) -> dict[str, tuple[int, int]] | None:
         """The row blocks of q, k and v when `key` is an attn_qkv the converter fused (--fuse-qkv), else None."""
-        if self._native_qkv or not re.fullmatch(r"blk\.\d+\.attn_qkv\.weight", key):
-            return None
-        return self._fused_rows(key)
+        return None if self._native_qkv or not FUSED_QKV.fullmatch(key) else self._fused_rows(key)
 
     def source(self, key: str) -> tuple[str, Tensor | None]:
         blocks = self._unfused(key)
-        if blocks is not None:  # rows back to cat(q, k, v) in the model's order
-            order = [a + torch.argsort(rope_order(b - a, self._heads[kind])) if self.layout.permuted and
-                     kind in self._heads else torch.arange(a, b) for kind, (a, b) in blocks.items()]
-            return key, torch.cat(order)
+        if blocks is not None:  # the rows back to cat(q, k, v) of the model
+            return key, torch.cat([start + (torch.arange(stop - start) if (order := self._rope(kind, stop - start))
+                                            is None else torch.argsort(order)) for kind, (start, stop) in blocks.items()])
         stem, _, suffix = key.rpartition(".")
         path = self._sources.get(stem)
         if path is None:
             return key, None
         self._refuse_shifted(key, key)
-        kind = self._permuted(key)
-        order = None if kind is None else torch.argsort(rope_order(self._shapes[key][0], self._heads[kind]))
-        return f"{path}.{suffix}", order
+        order = self._rope(kind_of(key), self._shapes[key][0])
+        return f"{path}.{suffix}", None if order is None else torch.argsort(order)
 
     def adapter_modules(self, key: str) -> list[tuple[str, tuple[int, int] | None]]:
         blocks = self._unfused(key)
-        if blocks is not None:
-            block = key.split(".")[1]
-            return [(self._sources[f"blk.{block}.{kind}"].removesuffix(".weight"), rows) for kind, rows in blocks.items()]
-        return [(self.source(key)[0].removesuffix(".weight"), None)]
+        if blocks is None:
+            return [(self.source(key)[0].removesuffix(".weight"), None)]
+        block = key.rsplit(".", 2)[0]
+        return [(self._sources[f"{block}.{kind}"], rows) for kind, rows in blocks.items()]
+
+
+def kind_of(key: str) -> str:
+    """The kind of a block tensor (`blk.3.attn_q.weight` → attn_q); '' for the others (token_embd, output, ...)."""
+    return key.split(".")[2] if key.startswith("blk.") and key.count(".") >= 3 else ""
