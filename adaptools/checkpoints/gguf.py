@@ -127,10 +127,16 @@ class GGUFFile(Container):
 
     @property
     def config(self) -> dict:
-        """The architecture as `model_type`; the file's `general.basename` (the converter's model name, else the
-        file's path) as the name an adapter's base_model is compared with."""
-        name = self.header.get("general.basename")
-        return {"model_type": self.header.architecture, "_name_or_path": name if isinstance(name, str) else str(self.file)}
+        """The architecture as `model_type`; the names the converter's metadata gives the model (general.name, its
+        basename-size-finetune-version, source and repo URLs; with them, the file's name) as the names an adapter's
+        base_model is compared with (none: not compared)."""
+        get = self.header.get
+        parts = [get(f"general.{k}") for k in ("basename", "size_label", "finetune", "version")]
+        named = [get("general.name"), "-".join(p for p in parts if isinstance(p, str)),
+                 *(get(f"general.{k}") for k in ("source.repo_url", "source.url", "repo_url", "url"))]
+        names = [n for n in named if isinstance(n, str) and n]
+        return {"model_type": self.header.architecture, "_name_or_path": names[0] if names else None,
+                "_aliases": [*names, self.file.name] if names else []}
 
     @cached_property
     def names(self) -> GGUFNames:
