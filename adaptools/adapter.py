@@ -14,6 +14,7 @@ from torch import Tensor
 
 from .errors import (AdapterFormatError, DoraError, InvalidArgumentError, NonFiniteError, RankMismatchError,
                      ShapeMismatchError)
+from .finite import all_finite
 from .names import listed
 
 LayerKind = Literal["linear", "embedding", "conv"]
@@ -228,10 +229,10 @@ class Adapter:
         or in the result of `operation` (its numbers overflowed), where also a ΔW whose entries could leave the
         factors' dtype range (LoraModule.delta_bound) is refused."""
         bad = [f"module {name!r} ({', '.join(roles)})" for name, module in self.modules.items()
-               if (roles := [role for role, t in module.tensors() if not bool(torch.isfinite(t).all())]
+               if (roles := [role for role, t in module.tensors() if not all_finite(t)]
                    + ([] if math.isfinite(module.scale) else ["scale"]))]
         bad += [f"tensor {key!r}" for key, t in self.extra.items()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+                if t.is_floating_point() and not all_finite(t)]
         if not bad and operation is None:
             return
         if operation is None:

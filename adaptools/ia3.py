@@ -14,6 +14,7 @@ from typing import Literal
 from torch import Tensor
 
 from .errors import NonFiniteError, ShapeMismatchError, UnsupportedAdapterError
+from .finite import all_finite
 
 IA3_REFUSAL = (
     "IA3 multiplies weights by learned vectors; a sum of IA3 adapters is not a weight update, so adaptools "
@@ -100,7 +101,7 @@ class IA3Adapter:
     def check_finite(self) -> None:
         """Raise NonFiniteError naming the first vector or tensor that holds NaN or Inf."""
         for key, tensor in [*((f"{n}.ia3_l", m.vector) for n, m in self.items()), *self.extra.items()]:
-            if tensor.is_floating_point() and not tensor.isfinite().all():
+            if tensor.is_floating_point() and not all_finite(tensor):
                 raise NonFiniteError(f"tensor {key!r} holds NaN or Inf")
 
     def _refuse(self, *_: object) -> None:

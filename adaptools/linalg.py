@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .device import resolve_device, torch_threads
 from .errors import InvalidArgumentError, NonFiniteError, ShapeMismatchError
+from .finite import all_finite
 
 __all__ = [
     "SVD",
@@ -69,7 +70,7 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
 
 
 def _check_finite(name: str, t: Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not all_finite(t):
         raise NonFiniteError(f"{name} holds NaN or Inf; cannot take its SVD")
 
 

@@ -16,7 +16,9 @@ Its fields:
   "../style": never an absolute local path. A Hub input (adaptools.sources) also has `repo_id`, `revision` (the
   commit sha it resolved to) and, for a file or folder of the repo, `path_in_repo`; its `path` (and its value in
   `params`) is the ref pinned to that commit, ORG/NAME[/path]@<sha>, and `files` lists the repo files the command
-  used, so a replay downloads exactly those files, anywhere. A file of a Hugging Face cache snapshot that links to
+  used, so a replay downloads exactly those files, anywhere; a base read for its names only (`headers`: the
+  weight files whose safetensors header alone was read) has the sha256 of each one's 8 + N header bytes in
+  `files`, and a replay fetches those headers again, not the weights. A file of a Hugging Face cache snapshot that links to
   a blob named by its sha256 (LFS files: the weights) is not read again: the blob's name is its sha256;
 - `output_params`: the side files (a JSON report) the run wrote; a replay writes them inside its output under
   names adaptools chooses;
@@ -42,7 +44,7 @@ from . import __version__, digests
 from .checkpoints import gguf_file
 from .errors import AdaptoolsError, InputNotFoundError, RecipeError
 from .jsonio import parse_json, read_json_object
-from .sources import HubInput, HubRef, fetch_files, parse_hub_ref
+from .sources import HubInput, HubRef, fetch_files, header_digests, parse_hub_ref
 
 RECIPE_NAME = "adaptools_recipe.json"
 RECIPE_KEY = "adaptools_recipe"
@@ -119,8 +121,20 @@ def input_entry(path: str | os.PathLike | HubInput, root: str | os.PathLike) -> 
     if not isinstance(path, HubInput):
         return {"path": relative_path(path, root), **hash_input(path)}
     where = {"path_in_repo": path.ref.path} if path.ref.path else {}
+    files = {**hash_files(path.snapshot, path.files)["files"], **path.headers}
+    headers = {"headers": sorted(path.headers)} if path.headers else {}
     return {"path": path.pinned, "repo_id": path.ref.repo_id, "revision": path.commit, **where,
-            **hash_files(path.snapshot, path.files)}
+            "sha256": folder_digest(files), "files": files, **headers}
+
+
+def hub_files(entry: Mapping) -> dict:
+    """{"sha256", "files"} of the Hub input `entry` as its repo is now at the recorded commit: the files it read
+    whole (downloaded where not cached) and the headers of those it read by header (fetched again)."""
+    headers = list(entry.get("headers", ()))
+    whole = [name for name in entry["files"] if name not in headers]
+    files = hash_files(fetch_files(entry["repo_id"], entry["revision"], whole), whole)["files"] if whole else {}
+    files.update(header_digests(entry["repo_id"], entry["revision"], headers))
+    return {"sha256": folder_digest(files), "files": files}
 
 
 def hub_entry_ref(entry: Mapping) -> str:
@@ -294,6 +308,9 @@ def check_hub_entry(entry: Mapping, where: str) -> None:
     if unsafe or not entry.get("files"):
         shown = f", not {unsafe[0]!r}" if unsafe else ""
         raise RecipeError(f"{where} ({entry['path']!r}): 'files' must name the repo files used{shown}")
+    headers = entry.get("headers", [])
+    if not isinstance(headers, list) or not all(isinstance(h, str) and h in entry["files"] for h in headers):
+        raise RecipeError(f"{where} ({entry['path']!r}): 'headers' must list files of 'files' (read by header)")
 
 
 def input_path(entry: Mapping, root: Path) -> Path:
@@ -311,8 +328,7 @@ def verify_inputs(recipe: Mapping, root: Path, remember: bool = False) -> None:
         digests.forget()
     for entry in recipe["inputs"]:
         if "repo_id" in entry:  # the recorded files at the recorded commit, downloaded where not cached
-            snapshot = fetch_files(entry["repo_id"], entry["revision"], list(entry["files"]))
-            now = hash_files(snapshot, entry["files"])
+            now = hub_files(entry)
         else:
             now = hash_input(input_path(entry, root), remember)
         if now["sha256"] == entry["sha256"]:

@@ -25,22 +25,33 @@ Downloaded files are untrusted input like any other: the callers read them with 
 Hub refs are strings (a Path is always local). The entry points of the API call `resolve`, `open_base` or `load`,
 so they take refs wherever they take paths (formats/ stays free of network code).
 
+A base used only for its names (kohya names mapped to module paths, llama.cpp names: `open_names`) costs its
+headers, not its weights: the small files (config.json, the safetensors index; a pipeline's model_index.json and
+its components' configs and indexes) are downloaded, the weights are listed from the repo's tree and only their
+safetensors headers are fetched, by HTTP Range requests (8 bytes, then the N header bytes once N is checked),
+validated like any local header (checkpoints.safetensors_io.parse_header). A weight file already cached is read
+from the cache; with HF_HUB_OFFLINE=1 a header that is not is an error.
+
 Every Hub input resolved inside `recording()` is logged with its commit and files, so that recipes and cards can
-name it by repo id and commit (a replay downloads exactly that commit) and hash just the files it used.
+name it by repo id and commit (a replay downloads exactly that commit) and hash just the files it used (for a base
+read for names: the sha256 of each weight file's header bytes, `HubInput.headers`).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
+import hashlib
 import os
 import re
 from collections.abc import Iterator
 from contextvars import ContextVar
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
-from huggingface_hub import constants, get_cached_repo_tree, get_token, snapshot_download
+from huggingface_hub import (constants, get_cached_repo_tree, get_session, get_token, hf_hub_url, snapshot_download,
+                             try_to_load_from_cache)
 from huggingface_hub.errors import (
     CachedRepoTreeNotFoundError,
     GatedRepoError,
@@ -50,7 +61,8 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import HFValidationError, filter_repo_objects, httpx, validate_repo_id
+from huggingface_hub.utils import (HFValidationError, build_hf_headers, filter_repo_objects, hf_raise_for_status,
+                                   httpx, validate_repo_id)
 
 from .adapter import Adapter
 from .errors import (
@@ -61,9 +73,11 @@ from .errors import (
     InvalidArgumentError,
     PickleNotAllowedError,
 )
-from .checkpoints import Container, open_container
+from .checkpoints import LOCAL, Container, Files, open_container
 from .formats import load_adapter
+from .checkpoints import pipeline
 from .checkpoints.gguf import split_names
+from .checkpoints.safetensors_io import TensorInfo, header_bytes, header_length, parse_header
 from .checkpoints.shards import INDEX_NAME
 from .formats.peft import CONFIG_NAME
 from .formats.tensors import PICKLE_SUFFIXES
@@ -89,6 +103,11 @@ SIDE_FILES: dict[str, tuple[str, ...]] = {
     "model": ("config.json", CARD, *MODEL_FILES),
 }
 """Small files of each kind, fetched first (and beside a file named in the ref)."""
+NAMES_FILES = ("config.json", CARD, INDEX_NAME, pipeline.INDEX,
+               *(f"{c}/{name}" for c in pipeline.MERGEABLE
+                 for name in ("config.json", *(f"{stem}.safetensors.index.json" for stem in pipeline.STEMS))))
+"""Small files of a base read for its names (`open_names`): its config and index, or a pipeline's model index and
+its mergeable components' configs and indexes; the weights beside them are read by their headers only."""
 REF = re.compile(r"(?P<repo>[^/@\s]+/[^/@\s]+)(?:/(?P<path>[^@]+?))?/?(?:@(?P<revision>[^@\s]+))?")
 
 
@@ -117,6 +136,9 @@ class HubInput:
     commit: str
     snapshot: Path
     files: tuple[str, ...]
+    headers: dict[str, str] = field(default_factory=dict)
+    """Weight files read by their safetensors header only (a base read for names): repo path → sha256 of the
+    8 + N header bytes."""
 
     @property
     def local(self) -> Path:
@@ -172,16 +194,30 @@ def resolve(source: str | os.PathLike, kind: Kind = "adapter", *, allow_pickle: 
     ref = hub_ref(source)
     if ref is None:
         return Path(source)
+    found = fetch(pinned(str(source), ref), kind, allow_pickle=allow_pickle)
+    return logged(str(source), replace(found, ref=ref)).local
+
+
+def pinned(source: str, ref: HubRef) -> HubRef:
+    """`ref` at the commit that `source` resolved to earlier inside `recording()` (itself when it did not): again
+    in one command, the same commit, even if the branch moved meanwhile (and no request when cached)."""
     log = _RECORDED.get()
-    earlier = None if log is None else log.get(str(source))
-    if earlier is None:
-        found = fetch(ref, kind, allow_pickle=allow_pickle)
-    else:  # again in one command: the same commit, even if the branch moved meanwhile (and no request when cached)
-        found = fetch(replace(ref, revision=earlier.commit), kind, allow_pickle=allow_pickle)
-        found = replace(found, ref=ref, files=tuple(sorted({*earlier.files, *found.files})))
-    if log is not None:
-        log[str(source)] = found
-    return found.local
+    earlier = None if log is None else log.get(source)
+    return ref if earlier is None else replace(ref, revision=earlier.commit)
+
+
+def logged(source: str, found: HubInput) -> HubInput:
+    """`found`, with the files `source` used earlier inside `recording()` (a file downloaded whole is not also
+    listed as read by its header), logged for `recording()`."""
+    log = _RECORDED.get()
+    if log is None:
+        return found
+    if (earlier := log.get(source)) is not None:
+        files = tuple(sorted({*earlier.files, *found.files}))
+        found = replace(found, files=files, headers={name: digest for name, digest in
+                                                     {**earlier.headers, **found.headers}.items() if name not in files})
+    log[source] = found
+    return found
 
 
 def open_base(base: str | os.PathLike | Container, kind: Kind = "checkpoint") -> Container:
@@ -189,13 +225,27 @@ def open_base(base: str | os.PathLike | Container, kind: Kind = "checkpoint") ->
     return base if isinstance(base, Container) else open_container(resolve(base, kind))
 
 
-def load(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None,
+def open_names(base: str | os.PathLike | Container) -> Container:
+    """The base container of `base` for its keys, shapes, dtypes, config and name map, never its tensors: a Hub
+    ref (a repo, a folder or a .safetensors file of one) costs its small files and its weights' safetensors headers
+    (`fetch_names`), no weights; a local path, a container or a Hub GGUF file as `open_base`."""
+    ref = None if isinstance(base, Container) else hub_ref(base)
+    if ref is None or (ref.path or "").endswith((".gguf", *PICKLE_SUFFIXES)):
+        return open_base(base)
+    found = fetch_names(pinned(str(base), ref))
+    files = RemoteFiles(found)
+    container = open_container(found.local, files)
+    logged(str(base), replace(found, ref=ref, headers=dict(files.digests)))
+    return container
+
+
+def load(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | Container | None = None,
          **options: float | None) -> Adapter:
-    """Load an adapter (a local path or a Hub ref); with `base` (likewise), kohya names are mapped to its module paths;
-    `options` go to the format reader (formats.load_adapter)."""
+    """Load an adapter (a local path or a Hub ref); with `base` (likewise, or a container), kohya names are mapped
+    to its module paths (a Hub base costs its headers: `open_names`); `options` go to the format reader
+    (formats.load_adapter)."""
     local = resolve(path, "adapter", allow_pickle=allow_pickle)
-    adapter = load_adapter(local, allow_pickle=allow_pickle, base=None if base is None else resolve(base, "checkpoint"),
-                           **options)
+    adapter = load_adapter(local, allow_pickle=allow_pickle, base=None if base is None else open_names(base), **options)
     folder = local if local.is_dir() else local.parent
     if is_snapshot(folder) and adapter.name == folder.name:  # named after the commit: name it after the repo
         adapter = replace(adapter, name=str(cached_repo_id(folder)).rsplit("/", 1)[-1])
@@ -260,20 +310,149 @@ def fetch(ref: HubRef, kind: Kind, *, allow_pickle: bool = False) -> HubInput:
     return HubInput(ref, commit, snapshot, files)
 
 
+def fetch_names(ref: HubRef) -> HubInput:
+    """The small files of a base read for its names (NAMES_FILES in the folder of the ref, or beside the file it
+    names) downloaded or found in the cache; its weights stay on the Hub (RemoteFiles reads their headers)."""
+    named_file = bool(ref.path and ref.path.endswith(".safetensors"))
+    folder = ref.path.rpartition("/")[0] if named_file else ref.path
+    prefix = f"{folder}/" if folder else ""
+    allowed = [glob.escape(prefix + name) for name in NAMES_FILES]
+    snapshot = download(ref, ref.revision, allowed, [])
+    found = HubInput(ref, snapshot.name, snapshot, used_files(snapshot, allowed, []))
+    listed = repo_listing(ref, found.commit)
+    if named_file and ref.path not in listed:
+        raise HubNotFoundError(f"{ref.repo_id} at commit {found.commit[:12]} has no file {ref.path!r}")
+    if not named_file and not (found.local / pipeline.INDEX).is_file():  # a pipeline's weights are in its components
+        here = tuple(f for f in listed if f.startswith(prefix) and "/" not in f[len(prefix):])
+        if any(f.endswith(".safetensors") for f in here):
+            found.local.mkdir(parents=True, exist_ok=True)  # no small file beside the weights: the folder to list
+        check_found(ref, "checkpoint", found.commit, found.local, here, False)
+    return found
+
+
+class RemoteFiles(Files):
+    """The files of a Hub base read for its names: the small ones in the cache snapshot, the weights listed from
+    the repo's cached tree and read by their safetensors headers only (`weight_header`), each validated by
+    safetensors_io.parse_header; `digests` holds the sha256 of the header bytes read (repo path → hex)."""
+
+    def __init__(self, found: HubInput):
+        self.found = found
+        self.listed = repo_listing(found.ref, found.commit)
+        self.digests: dict[str, str] = {}
+        self._headers: dict[str, tuple[dict[str, TensorInfo], dict[str, str]]] = {}
+
+    def _repo_path(self, path: Path) -> str | None:
+        return path.relative_to(self.found.snapshot).as_posix() if path.is_relative_to(self.found.snapshot) else None
+
+    def has(self, path: Path) -> bool:
+        return path.is_file() or self._repo_path(path) in self.listed
+
+    def safetensors(self, folder: Path) -> list[str]:
+        inside = self._repo_path(folder)
+        prefix = "" if inside in (None, ".") else f"{inside}/"
+        listed = {name[len(prefix):] for name in self.listed if name.startswith(prefix) and
+                  "/" not in name[len(prefix):] and name.endswith(".safetensors")}
+        return sorted(listed | set(LOCAL.safetensors(folder)))
+
+    def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        name = self._repo_path(path)
+        if name is None:
+            return LOCAL.header(path)
+        if name not in self._headers:
+            ref, commit = self.found.ref, self.found.commit
+            if not self.has(path):
+                raise HubNotFoundError(f"{ref.repo_id} at commit {commit[:12]} has no file {name!r}")
+            raw, size = weight_header(ref.repo_id, commit, name, path)
+            self._headers[name] = parse_header(raw, size, f"{ref.repo_id}/{name}@{commit[:12]}")
+            self.digests[name] = hashlib.sha256(raw).hexdigest()
+        return self._headers[name]
+
+
+def weight_header(repo_id: str, commit: str, name: str, cached: Path | None) -> tuple[bytes, int]:
+    """The first 8 + N bytes of the safetensors file `name` of `repo_id` at `commit`, and the file's size: read from
+    `cached` (its copy in the cache snapshot) when there, else fetched (`remote_header`)."""
+    if cached is not None and cached.is_file():
+        return header_bytes(cached)
+    return remote_header(repo_id, commit, name)
+
+
+@functools.lru_cache(maxsize=256)
+def remote_header(repo_id: str, commit: str, name: str) -> tuple[bytes, int]:
+    """The first 8 + N bytes of a safetensors file on the Hub and its size, by two HTTP Range requests, the second
+    once N is checked (safetensors_io.header_length); kept for the process (a commit's files never change), so a
+    replay that checks the header and then reads it fetches it once."""
+    ref = HubRef(repo_id, name, commit)
+    if constants.is_offline_mode():
+        raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not in the local Hub cache ({constants.HF_HUB_CACHE}): "
+                       "unset it to fetch the file's safetensors header")
+    url = hf_hub_url(repo_id, name, revision=commit)
+    prefix, size = byte_range(ref, url, 0, 8)
+    length = header_length(prefix, size, str(ref), BaseMismatchError)
+    return prefix + (byte_range(ref, url, 8, length)[0] if length else b""), size
+
+
+CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+
+
+def byte_range(ref: HubRef, url: str, start: int, count: int) -> tuple[bytes, int]:
+    """Bytes [start, start + count) (count >= 1) of a file on the Hub by one HTTP Range request, and the file's
+    size (from the answer's Content-Range). Never reads further: an answer other than 206 with that range is
+    refused before its body is read."""
+    data = bytearray()
+    try:
+        wanted = {**build_hf_headers(), "Range": f"bytes={start}-{start + count - 1}"}
+        with get_session().stream("GET", url, headers=wanted, timeout=constants.HF_HUB_DOWNLOAD_TIMEOUT) as response:
+            hf_raise_for_status(response)
+            span = CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+            if response.status_code != 206 or span is None or int(span[1]) != start:
+                raise HubError(f"{constants.ENDPOINT} answered {response.status_code} without the byte range asked "
+                               f"for {ref}: its safetensors header cannot be read alone")
+            for chunk in response.iter_bytes():
+                data += chunk[:count - len(data)]
+                if len(data) == count:
+                    break
+    except HubError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - translated, or raised as it is
+        raise hub_failure(exc, ref) from exc
+    if len(data) < count:
+        raise BaseMismatchError(f"{str(ref)!r}: the Hub sent {len(data)} of the {count} header bytes asked for")
+    return bytes(data), int(span[3])
+
+
+def header_digests(repo_id: str, commit: str, names: list[str]) -> dict[str, str]:
+    """sha256 of the header bytes of the safetensors files `names` of `repo_id` at `commit` (read as `open_names`
+    reads them): what a recipe records for a base read for its names, checked again on replay."""
+    pinned_ref(repo_id, commit, names)
+    digests = {}
+    for name in names:
+        cached = try_to_load_from_cache(repo_id, name, revision=commit)
+        raw, _ = weight_header(repo_id, commit, name, Path(cached) if isinstance(cached, str) else None)
+        digests[name] = hashlib.sha256(raw).hexdigest()
+    return digests
+
+
 def fetch_files(repo_id: str, commit: str, files: list[str]) -> Path:
     """The snapshot folder of `repo_id` at `commit` holding `files` (repo paths; downloaded when not cached): what
     a recipe names, re-fetched to check and replay it. The names come from a file, so they are checked first."""
+    ref = pinned_ref(repo_id, commit, files)
+    snapshot = download(ref, commit, [glob.escape(f) for f in files], [])
+    missing = [f for f in files if not (snapshot / f).is_file()]
+    if missing:
+        raise HubNotFoundError(f"{repo_id} at commit {commit[:12]} has no file {missing[0]!r}")
+    return snapshot
+
+
+def pinned_ref(repo_id: str, commit: str, files: list[str]) -> HubRef:
+    """The ref of `repo_id` at `commit` whose `files` a recipe names; InvalidArgumentError unless the repo id, the
+    commit sha and the file paths inside the repo are valid (they come from a file)."""
     ref = parse_hub_ref(f"{repo_id}@{commit}")
     if ref is None or ref.path or not re.fullmatch(r"[0-9a-f]{40}", commit):
         raise InvalidArgumentError(f"{repo_id!r} at {commit!r} is not a Hub repo id at a commit sha")
     unsafe = [f for f in files if not isinstance(f, str) or parse_hub_ref(f"{repo_id}/{f}") is None]
     if unsafe:
         raise InvalidArgumentError(f"{unsafe[0]!r} is not a file path inside a Hub repo")
-    snapshot = download(ref, commit, [glob.escape(f) for f in files], [])
-    missing = [f for f in files if not (snapshot / f).is_file()]
-    if missing:
-        raise HubNotFoundError(f"{repo_id} at commit {commit[:12]} has no file {missing[0]!r}")
-    return snapshot
+    return ref
 
 
 def shard_patterns(index: Path, folder: str) -> list[str]:

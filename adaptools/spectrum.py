@@ -234,8 +234,7 @@ def _suggestion(policy: Mapping, total: int) -> dict:
 def _as_adapter(adapter: AdapterLike, base: BaseLike | None, allow_pickle: bool) -> Adapter:
     if isinstance(adapter, Adapter):
         return adapter
-    root = (getattr(base, "file", None) or base.root) if isinstance(base, Container) else base
-    return load(adapter, allow_pickle=allow_pickle, base=root)
+    return load(adapter, allow_pickle=allow_pickle, base=base)
 
 
 def _as_base(base: BaseLike | None) -> Container | None:

@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 import torch
-from bench_merge import run
+from bench_merge import gemm_per_group, run
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from diffusion_fixtures import clip_to_ldm, flux_to_bfl, open_clip_to_ldm, unet_to_ldm  # noqa: E402
@@ -172,7 +172,8 @@ def flux_lora_modules(scale: float) -> dict[str, tuple[int, int]]:
     return modules
 
 
-def contest(name: str, base: Path, lora: Path, tmp: Path, diffusers_config: dict | None, cpus: int) -> None:
+def contest(name: str, base: Path, lora: Path, tmp: Path, diffusers_config: dict | None, cpus: int,
+            shapes: list[tuple[int, int]], rank: int) -> None:
     size = base.stat().st_size
     rows = []
     run([sys.executable, "-c", COPY, str(base), str(tmp / "warm")], cpus)  # page cache warm-up
@@ -191,7 +192,9 @@ def contest(name: str, base: Path, lora: Path, tmp: Path, diffusers_config: dict
                                  json.dumps(diffusers_config)], cpus)
         rows.append(("diffusers", wall, rss, cpu))
     copy_wall, ours = rows[0][1], rows[1][1]
-    print(f"{name}: {size / 1e9:.2f} GB file")
+    gemm = gemm_per_group(shapes, rank, torch.device("cpu"))
+    print(f"{name}: {size / 1e9:.2f} GB file; the merge's GEMMs alone take {gemm:.2f} s = {gemm / copy_wall:.2f}x the "
+          "copy (a merge on these cores cannot take less than the copy plus these)")
     for contender, wall, rss, cpu in rows:
         print(f"  {contender:10s} {wall:7.1f} s wall  {cpu:7.1f} s CPU  peak RSS {rss / 2**30:5.2f} GiB  "
               f"({wall / copy_wall:.2f}x copy, adaptools {wall / ours:.2f}x faster)")
@@ -212,22 +215,25 @@ def main() -> None:
             t = time.perf_counter()
             shapes, unet = sdxl_shapes(args.scale)
             params = write_random(tmp / "sdxl.safetensors", shapes)
-            count = write_lora(tmp / "sdxl_lora.safetensors", unet_lora_modules(unet), args.rank, kohya=True)
+            sdxl_modules = unet_lora_modules(unet)
+            count = write_lora(tmp / "sdxl_lora.safetensors", sdxl_modules, args.rank, kohya=True)
             print(f"SDXL-shaped (scale {args.scale}): {params / 1e9:.2f} B parameters, LoRA r={args.rank} on {count} "
                   f"UNet linears (written in {time.perf_counter() - t:.0f} s)")
             contest("sdxl", tmp / "sdxl.safetensors", tmp / "sdxl_lora.safetensors", tmp,
-                    None if args.skip_diffusers else unet, args.cpus)
+                    None if args.skip_diffusers else unet, args.cpus, list(sdxl_modules.values()), args.rank)
             (tmp / "sdxl.safetensors").unlink()
         if args.flux_scale:
             shapes = flux_shapes(args.flux_scale)
             params = write_random(tmp / "flux.safetensors", shapes)
+            flux_modules = flux_lora_modules(args.flux_scale)
             print(f"Flux-shaped (scale {args.flux_scale}): {params / 1e9:.2f} B parameters")
             for dora in (False, True):
                 kind = "DoRA" if dora else "LoRA"
                 lora = tmp / f"flux_{kind.lower()}.safetensors"
-                count = write_lora(lora, flux_lora_modules(args.flux_scale), args.rank, kohya=False, dora=dora)
+                count = write_lora(lora, flux_modules, args.rank, kohya=False, dora=dora)
                 print(f"{kind} r={args.rank} on {count} fused-weight slices")
-                contest(f"flux-{kind.lower()}", tmp / "flux.safetensors", lora, tmp, None, args.cpus)
+                contest(f"flux-{kind.lower()}", tmp / "flux.safetensors", lora, tmp, None, args.cpus,
+                        list(flux_modules.values()), args.rank)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """GGUF merges and K-quant encoding against llama.cpp's own C code, on TinyLlama-shaped GGUF files made here:
 
-    python benchmarks/bench_gguf.py [--layers 4] [--rank 64] [--repeats 1] [--encode-rows 2048]
+    python benchmarks/bench_gguf.py [--layers 4] [--rank 64] [--repeats 1] [--encode-rows 2048] [--llama-cpp]
 
 1. K-quant encoder throughput: adaptools' batched port of ggml's quantize_row_q{4,5,6}_K_ref (numpy, one thread)
    against ggml's C reference (`ggml_quantize_chunk`, single-threaded, from libggml-base.so built by
@@ -10,8 +10,11 @@
    Q4_K_M-like mix (attn_v, ffn_down, output Q6_K; the other linear weights and token_embd Q4_K; norms F32;
    K-quants encoded by the C reference), a rank-64 LoRA on every linear layer: `adaptools.merge` (its own time, in
    a fresh process) and the CLI against a plain copy of the file, with peak RSS.
-`llama-export-lora` + `llama-quantize` need libllama and the tools (about 16 minutes to build on this machine):
-not built here.
+3. With --llama-cpp, llama.cpp's own route on the same base and LoRA in the same run: the LoRA written as llama.cpp's
+   adapter (`adaptools convert --to gguf`, untimed: convert_lora_to_gguf.py's step), `llama-export-lora` (base +
+   adapter -> a file whose merged tensors are F16) then `llama-quantize` back to the base's type (Q8_0 or Q4_K_M),
+   both with as many threads as the machine has CPUs, built once by tests/llama_cpp.py's llama_build() (libllama
+   and the two tools from the same sdist, GGML_NATIVE=ON: 11 minutes on two busy cores here, niced).
 
 Targets (issue 23): merge <= 2x the copy for Q8_0, <= 3x for Q4_K_M; K-quant encoding >= 0.5x the C reference's
 single-thread speed; peak RSS <= 1 GB.
@@ -19,8 +22,8 @@ single-thread speed; peak RSS <= 1 GB.
 from __future__ import annotations
 
 import argparse
+import os
 import re
-import shutil
 import sys
 import tempfile
 import time
@@ -33,8 +36,9 @@ from bench_merge import API, LAUNCH, llama_shapes, run, write_adapter  # noqa: F
 from gguf import GGMLQuantizationType as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from llama_cpp import ggml_library, reference_quantize  # noqa: E402
+from llama_cpp import ggml_library, llama_build, reference_quantize  # noqa: E402
 
+import adaptools  # noqa: E402
 from adaptools.checkpoints import gguf_quants  # noqa: E402
 
 HEADS, KV_HEADS = 32, 4
@@ -73,6 +77,10 @@ def write_gguf(path: Path, layers: int, types: dict[str, T], lib) -> None:
     writer.add_head_count(HEADS)
     writer.add_head_count_kv(KV_HEADS)
     writer.add_embedding_length(2048)
+    writer.add_feed_forward_length(5632)  # with the next three: what llama-quantize's llama_model reads
+    writer.add_context_length(2048)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(32000)
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if not types else gguf.LlamaFileType.MOSTLY_Q4_K_M)
     generator = torch.Generator().manual_seed(0)
     for key, shape in llama_shapes(layers).items():
@@ -97,7 +105,11 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=1, help="runs of each contender (fastest kept)")
     parser.add_argument("--encode-rows", type=int, default=1024, help="rows per shape in the encoder comparison")
+    parser.add_argument("--llama-cpp", action="store_true",
+                        help="also time llama-export-lora + llama-quantize (built once: about 11 minutes)")
     args = parser.parse_args()
+    tools = llama_build() if args.llama_cpp else None
+    threads = str(os.cpu_count() or 1)
     lib = ggml_library()
     encode_throughput(lib, args.encode_rows)
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
@@ -109,7 +121,8 @@ def main() -> None:
             print(f"{label} base: {args.layers} layers, {base.stat().st_size / 1e6:.0f} MB; LoRA r={args.rank} on "
                   "every linear layer")
 
-            def timed(name: str, argv: list[str], out: Path | None) -> tuple[float, int, str, float | None]:
+            def timed(name: str, argv: list[str], out: Path | None) -> tuple[float, int, str, float | None, float]:
+                """(wall s, peak RSS, stdout, its own time when it prints one, CPU s) of the fastest run."""
                 runs = []
                 for _ in range(args.repeats):
                     runs.append(run(argv))
@@ -120,7 +133,7 @@ def main() -> None:
                 own = min(inside) if inside else None
                 print(f"  {name:>16}: {best[0]:7.2f} s ({best[3]:.2f} s CPU), peak RSS {best[1] / 1e6:6.0f} MB"
                       + (f"; its own work {own:.2f} s" if own is not None else ""))
-                return (*best[:3], own)
+                return (*best[:3], own, best[3])
 
             out = tmp / "out.gguf"
             run([sys.executable, "-c", COPY, str(base), str(out)])  # page cache warm-up
@@ -135,6 +148,20 @@ def main() -> None:
             print(f"  merge vs plain copy: {api[3] / copy[0]:.2f}x (target <= {target}x); CLI wall {cli[0]:.2f} s; "
                   f"peak RSS {max(api[1], cli[1]) / 1e9:.2f} GB (target <= 1 GB); ΔW surviving requantization "
                   f"{surviving.group(1) if surviving else '?'}")
+            if tools is not None:
+                adapter, f16 = tmp / "adapter.gguf", tmp / "export-lora-f16.gguf"
+                adaptools.write_gguf_adapter(adaptools.load(tmp / "adapter"), base, adapter)
+                export = timed("llama-export-lora", [str(tools / "llama-export-lora"), "-m", str(base), "--lora",
+                                                     str(adapter), "-o", str(f16), "-t", threads], None)
+                quantize = timed("llama-quantize", [str(tools / "llama-quantize"), str(f16), str(out), label, threads],
+                                 out)
+                wall, cpu = export[0] + quantize[0], export[4] + quantize[4]
+                print(f"  llama.cpp (export-lora + quantize, {threads} threads): {wall:.2f} s ({cpu:.2f} s CPU), "
+                      f"peak RSS {max(export[1], quantize[1]) / 1e9:.2f} GB; adaptools.merge takes {api[0] / wall:.2f}x "
+                      f"its wall ({api[3] / wall:.2f}x with its own work only; the CLI {cli[0] / wall:.2f}x) and "
+                      f"{api[4] / cpu:.2f}x its CPU")
+                f16.unlink()
+                adapter.unlink()
             base.unlink()
 
 

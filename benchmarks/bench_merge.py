@@ -117,12 +117,12 @@ def write_adapter(folder: Path, base: Path, layers: int, rank: int, seed: int = 
     return folder / "adapter_model.safetensors"
 
 
-def gemm_per_group(layers: int, rank: int, device: torch.device) -> None:
-    """Print the time of the merge's batched GEMM per shape group on `device`: W + B·A (float32) for as many
-    same-shape weights as one step holds (BATCH_BYTES of the device), one baddbmm, best of 3 after a warm-up."""
-    shapes = [s for k, s in llama_shapes(layers).items() if k.removesuffix(".weight").rsplit(".", 1)[-1] in TARGETS]
+def gemm_per_group(shapes: list[tuple[int, int]], rank: int, device: torch.device) -> float:
+    """Print and return the time of the merge's batched GEMMs alone on `device`: W + B·A (float32) for every weight
+    of `shapes`, grouped by shape, as many same-shape weights per baddbmm as one step holds (BATCH_BYTES of the
+    device); best of 3 after a warm-up per group. A merge cannot take less than this (plus writing its output)."""
     total = 0.0
-    print(f"batched GEMM per shape group on {device} (r={rank}, float32):")
+    print(f"batched GEMM per shape group on {device} (r={rank}, float32, {torch.get_num_threads()} threads):")
     for shape in sorted(set(shapes)):
         count = shapes.count(shape)
         per = max(1, min(count, BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"]) // (4 * math.prod(shape))))
@@ -133,9 +133,15 @@ def gemm_per_group(layers: int, rank: int, device: torch.device) -> None:
         steps = math.ceil(count / per)
         total += seconds * steps
         flops = 2 * per * math.prod(shape) * rank
-        print(f"  {shape[0]:>5} x {shape[1]:<5} {per:>2} per step x {steps:>2} steps: {seconds * 1e3:7.2f} ms per "
+        print(f"  {shape[0]:>5} x {shape[1]:<5} {per:>2} per step x {steps:>3} steps: {seconds * 1e3:7.2f} ms per "
               f"step ({flops / seconds / 1e9:6.1f} GFLOP/s)")
     print(f"  all {len(shapes)} weights: {total:.2f} s of GEMM")
+    return total
+
+
+def lora_shapes(layers: int) -> list[tuple[int, int]]:
+    """The (out, in) shapes of the LoRA-targeted weights of the TinyLlama-shaped base, one per weight."""
+    return [s for k, s in llama_shapes(layers).items() if k.removesuffix(".weight").rsplit(".", 1)[-1] in TARGETS]
 
 
 COPY = """
@@ -220,7 +226,7 @@ def main() -> None:
         if args.cpus:
             os.sched_setaffinity(0, range(args.cpus))
             torch.set_num_threads(args.cpus)
-        gemm_per_group(args.layers, args.rank, resolve_device(args.device))
+        gemm_per_group(lora_shapes(args.layers), args.rank, resolve_device(args.device))
 
         def timed(name: str, argv: list[str], out: Path | None) -> tuple[float, int, str, float | None]:
             """Best wall time (and its peak RSS and stdout) over the repeats, and the best time the command

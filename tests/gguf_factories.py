@@ -4,13 +4,14 @@ quantizer and written by gguf-py's GGUFWriter, and adapters whose factors lie on
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-from factories import make_base, make_peft_adapter
+from factories import make_base, make_peft_adapter, peft_model
 from llama_cpp import llama_cpp_tree, reference_quantize
 from safetensors.torch import load_file, save_file
 
@@ -48,6 +49,61 @@ def convert_hf(source: Path, out: Path, outtype: str) -> Path:
     run = subprocess.run([sys.executable, str(script), str(source), "--outtype", outtype, "--outfile", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+CONVERT_MANY = """
+import sys
+tree, jobs = sys.argv[1], sys.argv[2:]
+sys.path[:0] = [tree, tree + '/gguf-py']
+import convert_hf_to_gguf
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: 'default'
+base.TextModel._set_vocab_sentencepiece = lambda self, add_to_gguf=True: self._set_vocab_gpt2()
+for source, out, options in zip(jobs[::3], jobs[1::3], jobs[2::3]):
+    sys.argv = ['convert_hf_to_gguf.py', source, *options.split(), '--outfile', out]
+    convert_hf_to_gguf.main()
+"""
+"""convert_hf_to_gguf.py's main() run on each (source, out, options) in one interpreter. The vocabulary goes through
+the converter's BPE path under the pre-tokenizer name 'default' (a test tokenizer has no known pre-tokenizer hash
+and no sentencepiece model); the tensors go through the converter untouched."""
+
+
+def convert_many(jobs: list[tuple[Path, Path, str]]) -> None:
+    """llama.cpp's convert_hf_to_gguf.py SOURCE OPTIONS --outfile OUT for every (SOURCE, OUT, OPTIONS), in one
+    process (OPTIONS as on its command line, e.g. "--outtype f32 --fuse-qkv")."""
+    args = [str(part) for job in jobs for part in job]
+    run = subprocess.run([sys.executable, "-c", CONVERT_MANY, str(llama_cpp_tree()), *args],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+TINY = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, pad_token_id=None, bos_token_id=1, eos_token_id=2)
+"""A tiny decoder of any transformers architecture: GQA 4/2 heads of 16 (q/k permutations visible)."""
+
+
+def make_arch_source(folder: Path, model_type: str, tokenizer_class: str | None = None, **overrides) -> Path:
+    """A tiny random transformers causal LM of `model_type` with the test tokenizer (its tokenizer_config naming
+    `tokenizer_class` when given), saved in `folder`."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = make_tokenizer(folder)
+    if tokenizer_class is not None:
+        path = folder / "tokenizer_config.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "tokenizer_class": tokenizer_class}))
+    config = AutoConfig.for_model(model_type, **{"vocab_size": vocab, **TINY, **overrides})
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
+
+
+def peft_merged(base: Path, adapter: Path, out: Path) -> Path:
+    """PEFT's merge_and_unload of the adapter on its base, saved with the base's tokenizer files."""
+    peft_model(base, adapter).merge_and_unload().save_pretrained(out)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base / name, out / name)
     return out
 
 

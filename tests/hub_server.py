@@ -6,7 +6,11 @@ Pushes: every file is answered with upload mode "regular", so the client sends c
 commit and never needs LFS or Xet storage. Downloads: `add_commit` seeds a repo with the files of one commit (a
 repo is public, private or gated; `readers` are the tokens that may read the private and gated ones); a revision
 is a branch, a tag (`tag`) or a commit sha. Weights (*.safetensors, *.bin, ...) are served as LFS files (ETag
-and X-Linked-Etag the sha256, X-Linked-Size), the others as git blobs (ETag the git sha1), never through Xet.
+and X-Linked-Etag the sha256, X-Linked-Size), the others as git blobs (ETag the git sha1), never through Xet. A GET
+with a `Range: bytes=a-b` header is answered as the Hub's storage answers it: 206 Partial Content with those bytes
+and `Content-Range: bytes a-b/size` (416 when the range starts past the end; the whole file with 200 when
+`ranges` is turned off, as a server without range support does); `served` records the bytes every answer
+carried, so that a test can tell a header read from a download.
 Failures can be injected per path (`fail(401)`, `fail(404)`, `fail("drop")` closes the connection without an
 answer). Requests are bounded: bodies over `MAX_BODY` bytes are refused, sockets time out, and after
 `MAX_REQUESTS` requests every answer is 400.
@@ -108,6 +112,10 @@ class FakeHub:
         self.unhandled: list[str] = []
         self.repos: dict[str, Repo] = {}
         self.commits: list[Commit] = []
+        self.ranges = True
+        """Whether GET answers a Range header with the range (206), else with the whole file (200)."""
+        self.served: list[tuple[str, int, int]] = []
+        """(repo/path, first byte, end) of the file bytes each GET on resolve answered with (end exclusive)."""
         self._failures: list[tuple[str, int | str]] = []
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
@@ -137,10 +145,14 @@ class FakeHub:
         self.repos[repo_id].refs[name] = sha
 
     def downloads(self) -> list[str]:
-        """Paths of the repo files fetched with GET (repo/path), in order."""
+        """Paths of the repo files fetched whole with GET (repo/path, no Range header), in order."""
         found = (re.fullmatch(rf"/{REPO}/resolve/{REVISION}/(?P<path>.+)", r.path) for r in self.requests
-                 if r.method == "GET")
+                 if r.method == "GET" and "range" not in r.headers)
         return [f"{m['repo']}/{m['path']}" for m in found if m]
+
+    def bytes_served(self, path: str) -> int:
+        """How many bytes of the repo file `path` (repo/path) GET answers carried, ranges and whole files."""
+        return sum(end - start for name, start, end in self.served if name == path)
 
     def _record(self, repo_id: str, repo: Repo, branch: str, files: dict[str, bytes]) -> str:
         """Set `branch` to `files` in a new commit (sha from the repo, branch, count and contents)."""
@@ -329,7 +341,18 @@ class FakeHub:
             headers.update({"ETag": f'"{digest}"', "X-Linked-Etag": f'"{digest}"', "X-Linked-Size": str(len(data))})
         else:
             headers["ETag"] = f'"{git_blob_sha(data)}"'
-        return Reply(200, data, headers)
+        start, end = 0, len(data)
+        wanted = request.headers.get("range") if request.method == "GET" and self.ranges else None
+        if wanted is not None:
+            span = re.fullmatch(r"bytes=(\d+)-(\d*)", wanted)
+            if span is None or int(span[1]) >= len(data):
+                raise HubError(416, f"Range not satisfiable: {wanted}",
+                               headers={"Content-Range": f"bytes */{len(data)}"})
+            start, end = int(span[1]), min(len(data), int(span[2]) + 1 if span[2] else len(data))
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+        if request.method == "GET":
+            self.served.append((f"{repo}/{path}", start, end))
+        return Reply(206 if wanted is not None else 200, data[start:end], headers)
 
 
 ROUTES = [

@@ -5,6 +5,7 @@ byte for byte; every other byte of the file (key/values, their order, tensor ord
 must be the base's."""
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import gguf
@@ -204,8 +205,8 @@ def test_names_are_llama_cpps_and_other_architectures_are_refused(bases):
     assert container.names.target("model.layers.0.mlp.up_proj").row_order is None
     from adaptools.checkpoints.names_gguf import GGUFNames
 
-    with pytest.raises(BaseMismatchError, match="'phi3'.*more than renaming"):
-        GGUFNames(container.keys(), "phi3", 2, 4, 2, {})
+    with pytest.raises(BaseMismatchError, match="'falcon'.*more than renaming"):
+        GGUFNames(container.keys(), "falcon", 2, 4, 2, {})
 
 
 # --- llama.cpp adapters (convert --to gguf) ----------------------------------------------------------------------
@@ -316,6 +317,28 @@ def test_a_delta_lost_in_requantization_is_reported(bases, lora, tmp_path):
     with pytest.warns(UserWarning, match=r"requantization keeps less than .* of ΔW in 14 of 14 modules.*llama-quantize"):
         report = adaptools.merge(bases["k-mix"], lora, [1e-5], out=tmp_path / "faint.gguf")
     assert max(report.survival["faint.gguf"].values()) < 0.5
+
+
+def test_base_name_warning_only_on_a_real_mismatch(bases, lora, source, tmp_path):
+    """The converter names the file after the model (general.name 'Tiny Llama' for tiny-llama): the adapter trained
+    on that folder merges without a warning, one trained on another model warns; a file whose metadata names no
+    model is not compared."""
+    import warnings
+
+    from gguf_factories import llama_gguf
+
+    matching = adaptools.load(lora)
+    assert gguf.GGUFReader(bases["q8_0"]).fields["general.name"].contents() == "Tiny Llama"
+    other = dataclasses.replace(matching, base_model="meta-llama/Llama-3.2-1B-Instruct")
+    unnamed = llama_gguf(source, tmp_path / "unnamed.gguf")
+    for base, adapter, warned in ((bases["q8_0"], matching, False), (bases["q8_0"], other, True),
+                                  (unnamed, other, False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            adaptools.merge(base, adapter, out=tmp_path / f"out-{len(list(tmp_path.iterdir()))}.gguf")
+        messages = [str(w.message) for w in caught if "trained on" in str(w.message)]
+        assert messages == ([f"adapter {matching.name!r} was trained on 'meta-llama/Llama-3.2-1B-Instruct', but "
+                             "the base is 'Tiny Llama'"] if warned else []), (base.name, messages)
 
 
 def test_tied_files_refuse_an_lm_head_update_by_name(bases):

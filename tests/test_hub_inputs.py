@@ -8,6 +8,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,8 @@ from hub_server import FakeHub
 from safetensors.torch import load_file
 
 import adaptools
-from adaptools.recipe import RECIPE_NAME
+from adaptools.recipe import RECIPE_NAME, folder_digest
+from adaptools.sources import remote_header
 
 TOKEN = "hf_adaptoolsReaderToken0123456789"
 PICKLE_OR_STATE = (".bin", ".pt", ".pth", "trainer_state.json")
@@ -203,6 +205,11 @@ def test_api_merge_and_folders_and_files_of_a_repo(hub, local, runner, tmp_path)
     assert result.exit_code == 0, result.output
     lookups = [r.path for r in hub.requests[before:] if r.path.startswith("/api/models/org/base/")]
     assert lookups == ["/api/models/org/base/revision/main"]  # read twice (adapter names, norms), one commit
+    base_entry = next(e for e in json.loads((tmp_path / "dora-hub" / RECIPE_NAME).read_text())["inputs"]
+                      if e["param"] == "base")
+    assert "headers" not in base_entry  # read whole in the end: hashed whole
+    assert base_entry["files"]["model.safetensors"] == hashlib.sha256(
+        (local["base"] / "model.safetensors").read_bytes()).hexdigest()
     assert run_cli(runner, "dora", "to-dora", local["lora"], "--base", local["base"],
                    "-o", tmp_path / "dora-local").exit_code == 0
     assert_same_files(tmp_path / "dora-hub", tmp_path / "dora-local")
@@ -369,6 +376,7 @@ def test_recipes_and_cards_name_hub_inputs_by_repo_id_and_commit_and_replay_anyw
     (lambda e: e.update(path="org/lora@" + e["revision"]), "is not a Hub repo id"),
     (lambda e: e["files"].update({"../../token": "0" * 64}), "'files' must name the repo files"),
     (lambda e: e.update(files={}), "'files' must name the repo files"),
+    (lambda e: e.update(headers=["model.safetensors"]), "'headers' must list files of 'files'"),
 ])
 def test_hub_inputs_of_a_recipe_are_checked_before_anything_is_fetched(hub, runner, tmp_path, change, expected):
     out = tmp_path / "blend"
@@ -428,3 +436,145 @@ def test_gguf_files_and_split_parts_from_a_repo(hub, local, tmp_path):
     adaptools.merge(f"org/gguf/parts/{parts[-1].name}", local["lora"], out=tmp_path / "hub" / "split")
     adaptools.merge(parts[0], local["lora"], out=tmp_path / "local" / "split")
     assert_same_files(tmp_path / "hub" / "split", tmp_path / "local" / "split")
+
+
+# --------------------------------------------------------------------------- a base read for its names only
+
+
+def header_size(path: Path) -> int:
+    """8 + N: the bytes of a safetensors file before its tensor data."""
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def assert_headers_only(hub: FakeHub, repo: str, weights: dict[str, Path]) -> None:
+    """No weight file of `repo` was downloaded: each was served its 8 + N header bytes at most, and the Hub cache
+    holds none of them."""
+    assert not [p for p in fetched(hub) if p.startswith(f"{repo}/") and p.endswith(".safetensors")]
+    for name, local_file in weights.items():
+        assert 0 < hub.bytes_served(f"{repo}/{name}") <= header_size(local_file), name
+    cache = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+    assert not [p for p in cache.rglob("*.safetensors")]
+    assert sum(p.stat().st_size for p in (cache / "blobs").glob("*")) < min(p.stat().st_size for p in weights.values())
+
+
+def test_a_hub_base_used_for_kohya_names_costs_its_headers_and_replays_so(hub, local, runner, tmp_path, monkeypatch):
+    """`convert --base ORG/NAME` maps kohya names as the local base does from the repo's config and safetensors
+    header (HTTP Range requests); the recipe names the base by commit with its header's sha256, and a replay on
+    another machine fetches the header again, never the weights."""
+    out = tmp_path / "hub"
+    result = run_cli(runner, "convert", local["kohya"], "--to", "peft", "--base", "org/base", "-o", out)
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "convert", local["kohya"], "--to", "peft", "--base", local["base"],
+                   "-o", tmp_path / "local").exit_code == 0
+    assert_same_files(out, tmp_path / "local")
+    weights = local["base"] / "model.safetensors"
+    assert_headers_only(hub, "org/base", {"model.safetensors": weights})
+    assert {p for p in fetched(hub) if p.startswith("org/base/")} == {"org/base/config.json"}
+
+    entry = next(e for e in json.loads((out / RECIPE_NAME).read_text())["inputs"] if e["param"] == "base")
+    assert entry["headers"] == ["model.safetensors"]
+    header = weights.read_bytes()[:header_size(weights)]
+    assert entry["files"] == {"config.json": hashlib.sha256((local["base"] / "config.json").read_bytes()).hexdigest(),
+                              "model.safetensors": hashlib.sha256(header).hexdigest()}
+
+    point_client_at(monkeypatch, hub.url, tmp_path / "elsewhere")  # another machine: empty caches
+    remote_header.cache_clear()
+    hub.served.clear()
+    result = run_cli(runner, "replay", out, "-o", tmp_path / "again")
+    assert result.exit_code == 0, result.output
+    assert_same_files(tmp_path / "again", out)
+    assert_headers_only(hub, "org/base", {"model.safetensors": weights})
+
+    recipe = json.loads((out / RECIPE_NAME).read_text())
+    tampered = next(e for e in recipe["inputs"] if e["param"] == "base")
+    tampered["files"]["model.safetensors"] = "0" * 64
+    tampered["sha256"] = folder_digest(tampered["files"])
+    (out / "tampered.json").write_text(json.dumps(recipe))  # beside the output: the same relative input paths
+    result = run_cli(runner, "replay", out / "tampered.json", "-o", tmp_path / "changed")
+    assert_one_error_line(result, "changed since the recipe was recorded", "model.safetensors")
+
+    point_client_at(monkeypatch, hub.url, tmp_path / "third")
+    remote_header.cache_clear()
+    go_offline(monkeypatch)
+    result = run_cli(runner, "convert", local["kohya"], "--to", "peft", "--base", "org/base", "-o", tmp_path / "off")
+    assert_one_error_line(result, "HF_HUB_OFFLINE")
+
+
+def test_a_sharded_hub_base_costs_the_headers_of_its_shards_and_a_cached_one_none(hub, local, runner, tmp_path,
+                                                                                 monkeypatch):
+    sharded = make_base(tmp_path / "sharded", "llama", max_shard_size="40KB")
+    shards = {p.name: p for p in sharded.glob("*.safetensors")}
+    assert len(shards) > 1
+    hub.add_commit("org/sharded", files_of(sharded))
+    kohya = adaptools.load(local["kohya"], base="org/sharded")
+    assert kohya.modules.keys() == adaptools.load(local["kohya"], base=sharded).modules.keys()
+    assert_headers_only(hub, "org/sharded", shards)
+
+    assert adaptools.merge("org/sharded", local["other"], out=tmp_path / "merged").modules  # now cached whole
+    remote_header.cache_clear()
+    go_offline(monkeypatch)
+    before = len(hub.requests)
+    assert adaptools.load(local["kohya"], base="org/sharded").modules.keys() == kohya.modules.keys()
+    assert len(hub.requests) == before
+
+
+def test_a_server_without_byte_ranges_is_one_error_line_not_a_download(hub, local, runner, tmp_path):
+    hub.ranges = False
+    result = run_cli(runner, "convert", local["kohya"], "--to", "peft", "--base", "org/base", "-o", tmp_path / "out")
+    assert_one_error_line(result, "byte range", "org/base/model.safetensors")
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in Path(constants.HF_HUB_CACHE).rglob("*.safetensors")]
+
+
+@pytest.mark.parametrize("layout", ["single file", "pipeline"])
+def test_kohya_sd_names_map_through_a_hub_single_file_or_pipeline_from_their_headers(hub, runner, tmp_path, layout):
+    """kohya SD1 names map through the diffusion name maps of a single-file checkpoint (ORG/NAME/file.safetensors)
+    or a pipeline repo (component folders) on the Hub as through the local copy, from headers alone."""
+    import test_diffusion_merge as dm
+    from diffusion_fixtures import write_single_file
+
+    if layout == "single file":
+        base, _ = write_single_file(tmp_path / "sd" / "sd15.safetensors", "sd1")
+        hub.add_commit("org/sd", {"sd15.safetensors": base.read_bytes(), "README.md": b"# sd15\n"})
+        ref, local_base, weights = "org/sd/sd15.safetensors", base, {"sd15.safetensors": base}
+    else:
+        dm.save_pipeline(tmp_path / "pipe", "sd1")
+        hub.add_commit("org/sd", files_of(tmp_path / "pipe"))
+        ref, local_base = "org/sd", tmp_path / "pipe"
+        weights = {p.relative_to(local_base).as_posix(): p for p in local_base.rglob("*.safetensors")}
+    lora = dm.kohya_lora(tmp_path / "lora.safetensors", dm.SD1_LORA, seed=30)
+    result = run_cli(runner, "convert", lora, "--to", "diffusers", "--base", ref, "-o", tmp_path / "hub.safetensors")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "convert", lora, "--to", "diffusers", "--base", local_base,
+                   "-o", tmp_path / "local.safetensors").exit_code == 0
+    assert load_file(tmp_path / "hub.safetensors").keys() == load_file(tmp_path / "local.safetensors").keys()
+    assert all(torch.equal(a, b) for a, b in zip(load_file(tmp_path / "hub.safetensors").values(),
+                                                 load_file(tmp_path / "local.safetensors").values()))
+    assert_headers_only(hub, "org/sd", weights)
+
+
+@pytest.mark.parametrize(("weights", "served", "expected"), [
+    (struct.pack("<Q", 400_000_000) + b"{}", 8, "exceeds the format's limit of 100,000,000 bytes"),
+    (struct.pack("<Q", 2) + b"{}" + b"\0" * 64, 10, "the tensors cover 0 bytes of data, but the file holds 64"),
+    (struct.pack("<Q", 9) + b'{"a": [1}' + b"\0" * 64, 17, "model.safetensors"),
+])
+def test_hostile_headers_of_a_hub_base_are_bounded_before_reading(hub, local, runner, tmp_path, weights, served,
+                                                                  expected):
+    """A header fetched by range is validated as a local one: its length is checked before it is asked for."""
+    hub.add_commit("org/hostile", {"config.json": (local["base"] / "config.json").read_bytes(),
+                                   "model.safetensors": weights})
+    result = run_cli(runner, "convert", local["kohya"], "--to", "peft", "--base", "org/hostile", "-o", tmp_path / "o")
+    assert_one_error_line(result, "org/hostile/model.safetensors", expected)
+    assert hub.bytes_served("org/hostile/model.safetensors") == served and not (tmp_path / "o").exists()
+
+
+def test_convert_to_gguf_names_a_hub_base_from_its_config_and_header(hub, local, runner, tmp_path):
+    result = run_cli(runner, "convert", local["lora"], "--to", "gguf", "--base", "org/base", "-o", tmp_path / "h.gguf")
+    assert result.exit_code == 0, result.output
+    assert run_cli(runner, "convert", local["lora"], "--to", "gguf", "--base", local["base"],
+                   "-o", tmp_path / "l.gguf").exit_code == 0
+    from gguf import GGUFReader
+
+    hub_file, local_file = (GGUFReader(tmp_path / name).tensors for name in ("h.gguf", "l.gguf"))  # recipes differ
+    assert [(t.name, t.data.tobytes()) for t in hub_file] == [(t.name, t.data.tobytes()) for t in local_file]
+    assert_headers_only(hub, "org/base", {"model.safetensors": local["base"] / "model.safetensors"})

@@ -2,7 +2,8 @@
 an adapter module's update lands in one) and codecs (how stored tensors decode to float32 and merged ones encode
 back). The merge engine, extract, dora and spectrum read every base through `open_container`.
 
-A container module has `NAME`, `detect(path) -> bool` and a class taking the path; `CONTAINERS` lists them in
+A container module has `NAME`, `detect(path, files=LOCAL) -> bool` and a class taking the path (and the `Files`
+its safetensors files are found through, where it reads any); `CONTAINERS` lists them in
 the order they are tried (the most specific first). A new container is a new module listed there.
 """
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from . import gguf, hf_folder, pipeline, single_file
-from .container import Container
+from .container import LOCAL, Container, Files
 from .gguf import GGUFFile
 from .hf_folder import HFFolder
 from .pipeline import Pipeline
@@ -36,15 +37,17 @@ def is_diffusion_checkpoint(path: str | os.PathLike) -> bool:
     return path.exists() and any(module.detect(path) for module in DIFFUSION_CONTAINERS)
 
 
-def open_container(path: str | os.PathLike) -> Container:
+def open_container(path: str | os.PathLike, files: Files = LOCAL) -> Container:
     """The container of a local base path: the first of CONTAINERS whose `detect` takes it (a folder or file that
-    none takes is opened as a Hugging Face folder, whose reader says what is wrong with it)."""
+    none takes is opened as a Hugging Face folder, whose reader says what is wrong with it). With `files` other
+    than LOCAL (a Hub base opened for names: its weights are not on disk, their headers are fetched), the
+    container lists keys, shapes and dtypes and maps names, but reads no tensor."""
     path = Path(path)
     for module, cls in CONTAINERS:
-        if path.exists() and module.detect(path):
-            return cls(path)
-    return HFFolder(path)
+        if (path.exists() or files.has(path)) and module.detect(path, files):
+            return cls(path, files)
+    return HFFolder(path, files)
 
 
-__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "GGUFFile", "HFFolder", "NameMap", "Target", "open_container",
-           "Pipeline", "SingleFile", "is_diffusion_checkpoint"]
+__all__ = ["BaseCheckpoint", "CONTAINERS", "Container", "Files", "LOCAL", "GGUFFile", "HFFolder", "NameMap", "Target",
+           "open_container", "Pipeline", "SingleFile", "is_diffusion_checkpoint"]

@@ -6,6 +6,9 @@ that decode its stored tensors to float32 and encode merged ones back (`codecs`)
 kind (`plan_layout`, `open_output`). Containers of safetensors files (a Hugging Face folder, a single-file
 checkpoint, a pipeline's components) fill `weight_map` and `_info` from validated headers (`read_shards`) and
 take every listing method from this class.
+
+Where a container finds its safetensors files is a `Files`: `LOCAL` (the disk) unless it is opened for names only
+from a Hub base, whose `Files` (adaptools.sources) lists the repo and fetches only the headers of its weights.
 """
 from __future__ import annotations
 
@@ -38,6 +41,27 @@ class Sink(Protocol):
     def abort(self) -> None: ...
 
 
+class Files:
+    """Where a container finds its safetensors files: whether one is there, the names in a folder, and their
+    validated headers (here: on disk). A container opened on other `Files` lists keys, shapes and dtypes and maps
+    names, but reads no tensor."""
+
+    def has(self, path: Path) -> bool:
+        return path.is_file()
+
+    def safetensors(self, folder: Path) -> list[str]:
+        """Names of the *.safetensors files in `folder`, sorted."""
+        return sorted(p.name for p in folder.glob("*.safetensors"))
+
+    def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        """Tensor infos and `__metadata__` of the safetensors file `path` (validated: safetensors_io.parse_header)."""
+        return read_header(path)
+
+
+LOCAL = Files()
+"""The files on disk."""
+
+
 class Container:
     """A base checkpoint: tensors listed by key without loading them, read one at a time."""
 
@@ -48,8 +72,9 @@ class Container:
     output_suffix = ".safetensors"
     """The suffix of each file of a file-kind output written per adapter into a folder (merge --each)."""
 
-    def __init__(self, root: Path, shards: Sequence[str]):
+    def __init__(self, root: Path, shards: Sequence[str], files: Files = LOCAL):
         self.root = root
+        self.files = files
         self.shards = list(shards)
         self.weight_map: dict[str, str] = {}
         self._info: dict[str, TensorInfo] = {}
@@ -59,7 +84,7 @@ class Container:
     def read_shards(self) -> None:
         """Fill the listing from the shards' validated headers (a key in two shards is an error)."""
         for shard in self.shards:
-            infos, self.metadata[shard] = read_header(self.root / shard)
+            infos, self.metadata[shard] = self.files.header(self.root / shard)
             for key, info in infos.items():
                 if key in self.weight_map:
                     raise BaseMismatchError(f"tensor {shown(key)} is in two shards of {str(self.root)!r}: "

@@ -26,7 +26,7 @@ from torch import Tensor
 from ..errors import BaseMismatchError, InputNotFoundError, InvalidArgumentError
 from ..names import listed
 from . import gguf_file, gguf_quants
-from .container import Container
+from .container import LOCAL, Container, Files
 from .names_gguf import GGUFNames
 from .quantizing import retained_fraction
 from .safetensors_io import TensorInfo
@@ -48,9 +48,9 @@ SPLIT_NAME = re.compile(r"(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf
 """llama.cpp's split file names (gguf-split, convert_hf_to_gguf --split-max-size): PREFIX-0000i-of-0000n.gguf."""
 
 
-def detect(path: Path) -> bool:
-    """A file starting with the GGUF magic."""
-    return path.is_file() and gguf_file.detect(path)
+def detect(path: Path, files: Files = LOCAL) -> bool:
+    """A file starting with the GGUF magic (on disk: `files` other than LOCAL list safetensors files only)."""
+    return files is LOCAL and path.is_file() and gguf_file.detect(path)
 
 
 def split_names(name: str) -> list[str]:
@@ -102,12 +102,12 @@ class GGUFFile(Container):
     output_is_file = True
     output_suffix = ".gguf"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, files: Files = LOCAL):
         path = Path(path)
-        if not path.exists():
+        if not files.has(path):
             raise InputNotFoundError(f"base {str(path)!r} does not exist")
         parts = split_parts(path)
-        super().__init__(path.parent, [p.name for p in parts])
+        super().__init__(path.parent, [p.name for p in parts], files)
         self.headers = {p.name: gguf_file.read_header(p) for p in parts}
         self.header = self.headers[parts[0].name]
         """The first part's header: the model's metadata."""
@@ -127,10 +127,16 @@ class GGUFFile(Container):
 
     @property
     def config(self) -> dict:
-        """The architecture as `model_type`; the file's `general.basename` (the converter's model name, else the
-        file's path) as the name an adapter's base_model is compared with."""
-        name = self.header.get("general.basename")
-        return {"model_type": self.header.architecture, "_name_or_path": name if isinstance(name, str) else str(self.file)}
+        """The architecture as `model_type`; the names the converter's metadata gives the model (general.name, its
+        basename-size-finetune-version, source and repo URLs; with them, the file's name) as the names an adapter's
+        base_model is compared with (none: not compared)."""
+        get = self.header.get
+        parts = [get(f"general.{k}") for k in ("basename", "size_label", "finetune", "version")]
+        named = [get("general.name"), "-".join(p for p in parts if isinstance(p, str)),
+                 *(get(f"general.{k}") for k in ("source.repo_url", "source.url", "repo_url", "url"))]
+        names = [n for n in named if isinstance(n, str) and n]
+        return {"model_type": self.header.architecture, "_name_or_path": names[0] if names else None,
+                "_aliases": [*names, self.file.name] if names else []}
 
     @cached_property
     def names(self) -> GGUFNames:

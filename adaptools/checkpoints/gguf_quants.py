@@ -1,8 +1,8 @@
 """GGUF tensor codecs: every ggml type decoded to float32, the common types encoded back bit-exact.
 
 Decoding is gguf-py's (one correct float32 result: exact products, one rounding): its block decoders over
-cache-sized batches for the types adaptools encodes (Q8_0 by one numpy product, the same values),
-`gguf.quants.dequantize` for the others. Encoding: Q8_0 by a batched numpy port of ggml's `quantize_row_q8_0_ref`;
+cache-sized batches for the types adaptools encodes (Q8_0 by one torch product, the same values),
+`gguf.quants.dequantize` for the others. Encoding: Q8_0 by a batched torch port of ggml's `quantize_row_q8_0_ref`;
 F32/F16/BF16 and the other legacy block types (Q4_0, Q4_1, Q5_0, Q5_1) through `gguf.quants.quantize` (equal to
 ggml's `_ref` encoders bit for bit except the sign of a zero scale or minimum, set here as ggml sets it); the
 K-quants (Q2_K .. Q6_K) by a batched port of ggml's
@@ -31,12 +31,12 @@ CHUNK_BLOCKS = 512
 F32 = np.float32
 MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it rounds to an integer (ties to even) in the low mantissa bits
 GROUP_MAX_EPS = F32(1e-15)
-HALF_DOWN = np.nextafter(F32(0.5), F32(0))  # the float32 just below 0.5
+HALF_DOWN = torch.tensor(np.nextafter(F32(0.5), F32(0)))  # the float32 just below 0.5
 QK8_0, Q8_0_BYTES = 32, 34
 Q8_0_CHUNK = 4096
+"""Q8_0 blocks encoded per batch (512 KiB of float32)."""
 DECODE_CHUNK_ELEMENTS = 1 << 18
 """Elements decoded per batch of blocks (1 MiB of float32)."""
-"""Q8_0 blocks encoded per batch (512 KiB of float32)."""
 
 
 def block_shape(qtype: T) -> tuple[int, int]:
@@ -91,15 +91,17 @@ def encode(values: np.ndarray, qtype: T) -> np.ndarray:
 
 def decode_q8_0(raw: np.ndarray, out: np.ndarray) -> None:
     """Q8_0 blocks → float32 `out` (blocks, 32): x = fp16 d · int8 q (one product, exact in float32: 11 × 8
-    significant bits)."""
-    blocks = raw.reshape(-1, Q8_0_BYTES)
-    scales = blocks[:, :2].copy().view(np.float16).astype(F32)
-    np.multiply(blocks[:, 2:].view(np.int8), scales, out=out, dtype=F32)
+    significant bits); torch's vectorized int8 → float32 conversion and product, about twice numpy's speed."""
+    blocks = writable(raw.reshape(-1, Q8_0_BYTES))
+    scales = torch.from_numpy(blocks[:, :2].copy().view(np.float16)).float()
+    target = torch.from_numpy(out)
+    target.copy_(torch.from_numpy(blocks[:, 2:].view(np.int8)))
+    target.mul_(scales)
 
 
-def row_max(values: np.ndarray) -> np.ndarray:
-    """max over the last axis (exact in any order; torch's reduction over short rows is several times numpy's)."""
-    return torch.from_numpy(values).amax(dim=-1).numpy()
+def writable(array: np.ndarray) -> np.ndarray:
+    """`array`, copied when read-only (torch views only writable arrays)."""
+    return array if array.flags.writeable else array.copy()
 
 
 def decode_blocks(raw: np.ndarray, qtype: T, out: np.ndarray) -> None:
@@ -119,23 +121,22 @@ def encode_q8_0(values: np.ndarray) -> np.ndarray:
     """ggml's quantize_row_q8_0_ref: d = max|x| / 127, q = roundf(x · (1/d)) (0 when d = 0), d stored as fp16.
 
     roundf (half away from zero) is truncation of x + copysign(0.5⁻, x), exact in float32 (|x · (1/d)| ≤ 128);
-    the batches stay in the CPU's cache, one pass of each vector op per batch.
+    the batches stay in the CPU's cache, one pass of each vector op (torch's, faster than numpy's) per batch.
     """
-    blocks = values.reshape(-1, QK8_0)
-    out = np.empty((len(blocks), Q8_0_BYTES), dtype=np.uint8)
-    work = np.empty((min(len(blocks), Q8_0_CHUNK), QK8_0), dtype=F32)
-    half = np.empty_like(work)
+    blocks = torch.from_numpy(writable(values).reshape(-1, QK8_0))
+    out = torch.empty((len(blocks), Q8_0_BYTES), dtype=torch.uint8)
+    work = torch.empty((min(len(blocks), Q8_0_CHUNK), QK8_0))
+    half = torch.empty_like(work)
     for start in range(0, len(blocks), Q8_0_CHUNK):
         chunk = blocks[start:start + Q8_0_CHUNK]
-        scaled, halves_ = work[:len(chunk)], half[:len(chunk)]
-        scale = row_max(np.abs(chunk, out=scaled)) / F32(127)
-        with np.errstate(divide="ignore", over="ignore"):  # zero scales are masked; fp16 overflow stores inf as ggml
-            inverse = np.where(scale == 0, F32(0), F32(1) / scale)
-            out[start:start + len(chunk), :2] = scale.astype(np.float16).view(np.uint8).reshape(-1, 2)
-        np.multiply(chunk, inverse[:, None], out=scaled)
-        scaled += np.copysign(HALF_DOWN, scaled, out=halves_)
-        out[start:start + len(chunk), 2:] = scaled.astype(np.int8).view(np.uint8)
-    return out
+        scaled, halves = work[:len(chunk)], half[:len(chunk)]
+        scale = torch.abs(chunk, out=scaled).amax(dim=1).div_(127)
+        inverse = torch.where(scale == 0, 0.0, 1.0 / scale)  # zero scales are masked; fp16 overflow stores inf as ggml
+        out[start:start + len(chunk), :2] = scale.half().view(torch.uint8).view(-1, 2)
+        torch.mul(chunk, inverse[:, None], out=scaled)
+        scaled += torch.copysign(HALF_DOWN, scaled, out=halves)
+        out[start:start + len(chunk), 2:] = scaled.to(torch.int8).view(torch.uint8)
+    return out.numpy()
 
 
 def legacy(values: np.ndarray, qtype: T) -> np.ndarray:

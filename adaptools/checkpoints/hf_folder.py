@@ -15,7 +15,7 @@ from ..errors import BaseMismatchError, InputNotFoundError
 from ..jsonio import check_fields, json_object, read_json_object, string
 from ..names import plain_name, shown
 from .codecs import choose_codecs, decoder_for
-from .container import Container
+from .container import LOCAL, Container, Files
 from .shards import INDEX_NAME, SINGLE_NAME, Layout, OutputSink, copy_side_files, plan_shards, shard_names, write_new
 
 NAME = "hf-folder"
@@ -36,7 +36,7 @@ def read_index(index: Path) -> list[str]:
     return list(dict.fromkeys(weight_map.values()))
 
 
-def detect(path: Path) -> bool:
+def detect(path: Path, files: Files = LOCAL) -> bool:
     """A folder (or one .safetensors file, read as a one-shard folder)."""
     return path.is_dir() or path.suffix == ".safetensors"
 
@@ -46,24 +46,24 @@ class HFFolder(Container):
 
     label = "hf folder"
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, files: Files = LOCAL):
         path = Path(path)
-        if not path.exists():
+        if not (path.exists() or files.has(path)):
             raise InputNotFoundError(f"base {str(path)!r} does not exist")
         self._indexed = path.is_dir() and (path / INDEX_NAME).exists()
-        super().__init__(path if path.is_dir() else path.parent, self._find_shards(path))
+        super().__init__(path if path.is_dir() else path.parent, self._find_shards(path, files), files)
         self.read_shards()
 
     @staticmethod
-    def _find_shards(path: Path) -> list[str]:
-        if path.is_file():
+    def _find_shards(path: Path, files: Files) -> list[str]:
+        if not path.is_dir():
             return [path.name]
         index = path / INDEX_NAME
         if index.exists():
             return read_index(index)
-        if (path / SINGLE_NAME).exists():
+        if files.has(path / SINGLE_NAME):
             return [SINGLE_NAME]
-        found = sorted(p.name for p in path.glob("*.safetensors"))
+        found = files.safetensors(path)
         if not found:
             raise BaseMismatchError(f"{str(path)!r} holds no model.safetensors, index or *.safetensors file")
         return found

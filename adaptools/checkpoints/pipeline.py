@@ -19,10 +19,11 @@ from torch import Tensor
 from ..errors import BaseMismatchError, InputNotFoundError, InvalidArgumentError
 from ..jsonio import read_json_object
 from ..names import plain_name
+from .container import LOCAL, Files
 from .hf_folder import read_index
 from .names import NameMap, Target
 from .names_diffusion import TEXT_ENCODERS, kohya_namespace_names, ldm_unet_modules
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_io import TensorInfo
 from .shards import Layout, OutputSink, copy_side_files, shard_names
 from .single_file import Component, DiffusionContainer, dtype_parameters
 
@@ -45,18 +46,18 @@ def pipeline_family(index: dict) -> str:
     return "sdxl-refiner" if refiner else family
 
 
-def detect(path: Path) -> bool:
+def detect(path: Path, files: Files = LOCAL) -> bool:
     """A folder holding model_index.json."""
     return path.is_dir() and (path / INDEX).is_file()
 
 
-def component_files(folder: Path) -> tuple[str, list[str], bool]:
+def component_files(folder: Path, files: Files = LOCAL) -> tuple[str, list[str], bool]:
     """(stem, weight file names, indexed) of one component folder: `<stem>.safetensors` or an index and shards."""
     for stem in STEMS:
         index = folder / f"{stem}.safetensors.index.json"
         if index.is_file():
             return stem, read_index(index), True
-        if (folder / f"{stem}.safetensors").is_file():
+        if files.has(folder / f"{stem}.safetensors"):
             return stem, [f"{stem}.safetensors"], False
     raise BaseMismatchError(f"{str(folder)!r} holds no diffusion_pytorch_model.safetensors or model.safetensors "
                             "(nor an index of them)")
@@ -113,7 +114,7 @@ class PipelineNames(NameMap):
 class Pipeline(DiffusionContainer):
     """A diffusers pipeline folder; its mergeable components' tensors keyed `<component>/<key>`."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, files: Files = LOCAL):
         path = Path(path)
         if not detect(path):
             raise InputNotFoundError(f"{str(path)!r} is not a diffusers pipeline folder (no {INDEX})")
@@ -124,10 +125,10 @@ class Pipeline(DiffusionContainer):
         self.layouts: dict[str, tuple[str, bool]] = {}
         shards = []
         for component in self.present:
-            stem, files, indexed = component_files(path / component)
+            stem, names, indexed = component_files(path / component, files)
             self.layouts[component] = (stem, indexed)
-            shards += [f"{component}/{plain_name(f, 'a shard file name', BaseMismatchError)}" for f in files]
-        super().__init__(path, shards)
+            shards += [f"{component}/{plain_name(f, 'a shard file name', BaseMismatchError)}" for f in names]
+        super().__init__(path, shards, files)
         self.read_shards()
         self.names = PipelineNames(self.keys())
         self.family = pipeline_family(self.index)
@@ -137,7 +138,7 @@ class Pipeline(DiffusionContainer):
         """The components' headers, keys prefixed by their component."""
         for shard in self.shards:
             component = shard.split("/", 1)[0]
-            infos, self.metadata[shard] = read_header(self.root / shard)
+            infos, self.metadata[shard] = self.files.header(self.root / shard)
             for key, info in infos.items():
                 self.weight_map[f"{component}/{key}"] = shard
                 self._info[f"{component}/{key}"] = info
@@ -152,10 +153,10 @@ class Pipeline(DiffusionContainer):
                                        dtype_parameters(self.info(k) for k in keys)))
                 continue
             try:
-                _, files, _ = component_files(self.root / component)
+                _, names, _ = component_files(self.root / component, self.files)
             except BaseMismatchError:
                 continue
-            infos = [info for f in files for info in read_header(self.root / component / f)[0].values()]
+            infos = [info for f in names for info in self.files.header(self.root / component / f)[0].values()]
             found.append(Component(component, len(infos), sum(math.prod(i.shape) for i in infos),
                                    dtype_parameters(infos)))
         return found

@@ -114,26 +114,48 @@ def validate_header(header: object, data_start: int, data_bytes: int, source: st
                             data_start + e["data_offsets"][1]) for key, e in header.items() if key != "__metadata__"}
 
 
-def read_header(path: Path, error: type[AdaptoolsError] = BaseMismatchError) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Tensor infos (in header order) and `__metadata__` of a safetensors file, validated (`validate_header`):
-    8-byte little-endian length N <= MAX_HEADER_BYTES and <= the file size - 8, then N bytes of UTF-8 JSON
-    (`adaptools.jsonio.parse_json`); `error` naming the file otherwise. Reads only the 8 + N header bytes."""
+def header_length(prefix: bytes, size: int, source: str, error: type[AdaptoolsError]) -> int:
+    """The header length N of a safetensors file of `size` bytes from its first 8 bytes (little-endian), checked
+    before the header is read: N <= MAX_HEADER_BYTES and N <= size - 8; `error` naming `source` otherwise."""
+    if size < 8 or len(prefix) < 8:
+        raise error(f"{source!r} is not a safetensors file: it has {size} bytes, fewer than the 8 of the header length")
+    (length,) = struct.unpack("<Q", prefix[:8])
+    if length > MAX_HEADER_BYTES:
+        raise error(f"{source!r} is not a safetensors file: header length {length} exceeds the format's limit of "
+                    f"{MAX_HEADER_BYTES:,} bytes")
+    if length > size - 8:
+        raise error(f"{source!r} is not a safetensors file: header length {length} exceeds the file size {size}")
+    return length
+
+
+def parse_header(raw: bytes, size: int, source: str,
+                 error: type[AdaptoolsError] = BaseMismatchError) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor infos (in header order) and `__metadata__` of a safetensors file of `size` bytes from its first
+    8 + N bytes `raw` (read from disk, or fetched by HTTP Range requests for a Hub base read for its names):
+    `header_length`, then N bytes of UTF-8 JSON (`adaptools.jsonio.parse_json`) checked by `validate_header`;
+    `error` naming `source` otherwise."""
+    length = header_length(raw[:8], size, source, error)
+    if len(raw) < 8 + length:
+        raise error(f"{source!r} ends inside its safetensors header")
+    header = parse_json(raw[8:8 + length], source, error)
+    infos = validate_header(header, 8 + length, size - 8 - length, source, error)
+    return infos, header.get("__metadata__") or {}
+
+
+def header_bytes(path: Path, error: type[AdaptoolsError] = BaseMismatchError) -> tuple[bytes, int]:
+    """The first 8 + N bytes of a safetensors file (N checked by `header_length` before it is read) and the file's
+    size; `error` naming the file when it cannot be read."""
     with open_regular(path, error) as f:
         size = os.fstat(f.fileno()).st_size
-        if size < 8:
-            raise error(f"{str(path)!r} is not a safetensors file: it has {size} bytes, fewer than the 8 of the header length")
-        (length,) = struct.unpack("<Q", read_exactly(f, 8))
-        if length > MAX_HEADER_BYTES:
-            raise error(f"{str(path)!r} is not a safetensors file: header length {length} exceeds the format's limit of "
-                        f"{MAX_HEADER_BYTES:,} bytes")
-        if length > size - 8:
-            raise error(f"{str(path)!r} is not a safetensors file: header length {length} exceeds the file size {size}")
-        raw = read_exactly(f, length)
-    if len(raw) < length:
-        raise error(f"{str(path)!r} ends inside its safetensors header")
-    header = parse_json(raw, str(path), error)
-    infos = validate_header(header, 8 + length, size - 8 - length, str(path), error)
-    return infos, header.get("__metadata__") or {}
+        prefix = read_exactly(f, 8)
+        length = header_length(prefix, size, str(path), error)
+        return prefix + read_exactly(f, length), size
+
+
+def read_header(path: Path, error: type[AdaptoolsError] = BaseMismatchError) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Tensor infos (in header order) and `__metadata__` of a safetensors file, validated (`parse_header`); reads
+    only the 8 + N header bytes."""
+    return parse_header(*header_bytes(path, error), str(path), error)
 
 
 def read_tensor(f, info: TensorInfo, out: Tensor | None = None) -> Tensor:

@@ -17,9 +17,9 @@ import torch
 
 from ..errors import AdaptoolsError, InputNotFoundError, InvalidArgumentError
 from .codecs import CODECS, choose_codecs, decoder_for
-from .container import Container
+from .container import LOCAL, Container, Files
 from .names_diffusion import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, DiffusionNames
-from .safetensors_io import TensorInfo, read_header
+from .safetensors_io import TensorInfo
 from .shards import Layout, OutputSink
 
 NAME = "single-file"
@@ -31,12 +31,12 @@ DIFFUSION_HEADS = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.em
 """Key prefixes that mark a file as a single-file diffusion checkpoint (then its family must be known)."""
 
 
-def detect(path: Path) -> bool:
+def detect(path: Path, files: Files = LOCAL) -> bool:
     """A .safetensors file (not a folder) whose keys are in an original diffusion layout (read from its header)."""
-    if not path.is_file() or path.suffix != ".safetensors":
+    if path.suffix != ".safetensors" or not files.has(path):
         return False
     try:
-        infos, _ = read_header(path)
+        infos, _ = files.header(path)
     except AdaptoolsError:  # not a valid safetensors file: the Hugging Face reader says what is wrong with it
         return False
     return any(key.startswith(DIFFUSION_HEADS) for key in infos)
@@ -94,11 +94,11 @@ class SingleFile(DiffusionContainer):
 
     output_is_file = True
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, files: Files = LOCAL):
         path = Path(path)
-        if not path.is_file():
+        if not files.has(path):
             raise InputNotFoundError(f"base {str(path)!r} is not a file")
-        super().__init__(path.parent, [path.name])
+        super().__init__(path.parent, [path.name], files)
         self.read_shards()
         self.file = path
         self.names = DiffusionNames({k: self.shape(k) for k in self.keys()})

@@ -16,7 +16,7 @@ from ..adapter import Adapter, has_kohya_names, register_writer
 from ..atomic import atomic_output
 from ..errors import InvalidArgumentError
 from . import diffusers, ia3, kohya, lycoris, mlx, peft, peft_lycoris
-from ..checkpoints import open_container
+from ..checkpoints import Container, open_container
 from .kohya import remap_to_base
 from .tensors import require_exists
 from .unsupported import unsupported_error
@@ -52,9 +52,11 @@ def detect_format(path: str | os.PathLike) -> str:
     return detect_family(path).NAME
 
 
-def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | None = None, *,
+def load_adapter(path: str | os.PathLike, allow_pickle: bool = False,
+                 base: str | os.PathLike | Container | None = None, *,
                  scale: float | None = None, alpha: float | None = None) -> Adapter:
-    """Read an adapter of any registered family; with `base`, kohya module names are mapped to the base's paths.
+    """Read an adapter of any registered family; with `base` (a local path, or a container: adaptools.sources opens
+    a Hub base for its names), kohya module names are mapped to the base's paths.
 
     `scale` / `alpha` set the scale where the file does not record it (PEFT weights without a config,
     mlx-examples .npz archives); families that record it ignore them.
@@ -63,7 +65,8 @@ def load_adapter(path: str | os.PathLike, allow_pickle: bool = False, base: str 
         raise InvalidArgumentError("pass --scale or --alpha, not both")
     adapter = detect_family(path).read(Path(path), allow_pickle=allow_pickle, scale=scale, alpha=alpha)
     if base is not None and has_kohya_names(adapter):
-        return remap_to_base(adapter, open_container(base).names.kohya_names())
+        container = base if isinstance(base, Container) else open_container(base)
+        return remap_to_base(adapter, container.names.kohya_names())
     return adapter
 
 

@@ -18,21 +18,19 @@ import torch
 
 from ..adapter import Adapter
 from ..atomic import atomic_output
-from ..checkpoints import GGUFFile, open_container
-from ..checkpoints.names_gguf import GGUFNames
+from ..checkpoints import GGUFFile
+from ..checkpoints.names_gguf import HF_ARCHITECTURES, GGUFNames
 from ..errors import AdapterFormatError, BaseMismatchError, UnknownModuleError
 from ..names import listed
-from ..sources import resolve
+from ..sources import open_names
 
 NAME = "gguf"
-HF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
-"""transformers model_type → the GGUF architecture convert_hf_to_gguf.py writes for it."""
 
 
 def base_names(base: str | os.PathLike) -> tuple[GGUFNames, str]:
     """The name map of a base given as a GGUF file, a Hugging Face folder or a Hub repo id (only its header or its
-    config and safetensors headers are read), and its GGUF architecture."""
-    container = open_container(resolve(base, "checkpoint"))
+    config and safetensors headers are read: a Hub repo costs no weights), and its GGUF architecture."""
+    container = open_names(base)
     if isinstance(container, GGUFFile):
         return container.names, container.names.architecture
     config = container.config
@@ -85,6 +83,10 @@ def write_gguf_adapter(adapter: Adapter, base: str | os.PathLike, path: str | os
         if target is None:
             missing.append(name)
             continue
+        if target.rows is not None:
+            raise BaseMismatchError(f"module {name!r} is a row block of {target.key} in this base (q, k and v fused "
+                                    "by convert_hf_to_gguf.py --fuse-qkv); adaptools writes llama.cpp adapters for "
+                                    "bases that store them apart (merge into this one instead)")
         A, B = module.A.float(), module.B.float()
         if alpha is None:
             B = B * module.scale

@@ -18,6 +18,7 @@ from ..errors import (
     RankMismatchError,
     ShapeMismatchError,
 )
+from ..finite import all_finite
 from ..jsonio import parse_json
 from ..names import listed
 from ..checkpoints.safetensors_io import MAX_HEADER_BYTES
@@ -159,7 +160,7 @@ def write_safetensors(tensors: dict[str, Tensor], path: str | os.PathLike, metad
     """Write contiguous CPU copies of `tensors` with `{"format": "pt"}` metadata (what transformers and PEFT expect);
     NonFiniteError, before anything is written, when a floating tensor holds NaN or Inf (its numbers overflowed)."""
     prepared = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    bad = [repr(k) for k, v in prepared.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    bad = [repr(k) for k, v in prepared.items() if v.is_floating_point() and not all_finite(v)]
     if bad:
         raise NonFiniteError(f"cannot write {Path(path).name!r}: NaN or Inf (numbers that overflow their dtype) in "
                              f"{listed(bad)}")

@@ -12,7 +12,7 @@ import torch
 
 from ..atomic import check_output
 from ..adapter import check_weights
-from ..device import resolve_device
+from ..device import resolve_device, torch_threads
 from ..errors import InvalidArgumentError
 from ..checkpoints import Container
 from ..checkpoints.shards import parse_size
@@ -111,17 +111,20 @@ def merge_outputs(base: str | os.PathLike | Container,
     specs = decoder.specs(ckpt)
     plans = []
     names = [target.name] if isinstance(target, Path) else [str(t) for t in target]
-    for name, (adapters, weights) in zip(names, jobs):
-        loaded = load_adapters(adapters, ckpt, allow_pickle)
-        factors = check_weights(loaded, weights)
-        fitted = fit_adapters(loaded, specs, config.get("model_type"), ckpt.names)
-        for message in filter(None, (base_mismatch(a, ckpt, config) for a in loaded)):
-            warnings.warn(message, stacklevel=3)
-        if each:
-            plans += [plan_output(n, [a], [w], device, specs) for n, a, w in zip(output_names(loaded), fitted, factors)]
-        else:
-            plans.append(plan_output(name, fitted, factors, device, specs))
-        del loaded, fitted  # the plans hold the factors they need (float32, scale folded in)
+    # adapters are many small tensors: torch's parallel ops cost more than they save on them (2-10x on 2 busy cores)
+    with torch_threads(1 if device.type == "cpu" else None):
+        for name, (adapters, weights) in zip(names, jobs):
+            loaded = load_adapters(adapters, ckpt, allow_pickle)
+            factors = check_weights(loaded, weights)
+            fitted = fit_adapters(loaded, specs, config.get("model_type"), ckpt.names)
+            for message in filter(None, (base_mismatch(a, ckpt, config) for a in loaded)):
+                warnings.warn(message, stacklevel=3)
+            if each:
+                plans += [plan_output(n, [a], [w], device, specs)
+                          for n, a, w in zip(output_names(loaded), fitted, factors)]
+            else:
+                plans.append(plan_output(name, fitted, factors, device, specs))
+            del loaded, fitted  # the plans hold the factors they need (float32, scale folded in)
     report = write_outputs(ckpt, specs, plans, decoder, encoder, target, each=each, device=device,
                            overwrite=overwrite, shard_bytes=shard_bytes, batch_bytes=batch_bytes, progress=progress,
                            hash_inputs=hash_inputs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -362,15 +363,29 @@ def load_adapters(adapters: AdapterLike | Iterable[AdapterLike], ckpt: Container
     return loaded
 
 
+MODEL_SUFFIX = re.compile(r"([-_. ](gguf|f32|f16|bf16|i?q\d\w*|tq\d\w*))*(-\d{5}-of-\d{5})?(\.gguf)?$")
+"""What a model's file or repo name may add to the model's name: a split part, `.gguf`, GGUF and type tags."""
+
+
+def comparable(name: str) -> str:
+    """A model name as base names are compared: its last path component without GGUF and type suffixes, lower
+    case, letters and digits only (`HuggingFaceTB/SmolLM2-135M-Instruct` = `SmolLM2 135M Instruct` =
+    `smollm2-135m-instruct-q4_k_m.gguf`)."""
+    tail = str(name).rstrip("/").rsplit("/", 1)[-1].lower()
+    return re.sub(r"[^a-z0-9]", "", MODEL_SUFFIX.sub("", tail))
+
+
 def base_mismatch(adapter: Adapter, ckpt: Container, config: dict) -> str | None:
-    """A warning when the adapter names a base model other than this one (compared by last path component)."""
+    """A warning when the adapter names a base model other than this one (names compared by `comparable`). A
+    container listing its own names (`_aliases`: GGUF metadata) is compared with those only, and not at all when it
+    lists none."""
     wanted = adapter.base_model
-    have = [config.get("_name_or_path"), str(ckpt.root), str(ckpt.root.resolve()), cached_repo_id(ckpt.root)]
-
-    def tail(name: str) -> str:
-        return str(name).rstrip("/").rsplit("/", 1)[-1]
-
-    if not wanted or any(h and (h == wanted or tail(h) == tail(wanted)) for h in have):
+    aliases = config.get("_aliases")
+    if aliases is None:
+        have = [config.get("_name_or_path"), str(ckpt.root), str(ckpt.root.resolve()), cached_repo_id(ckpt.root)]
+    else:
+        have = [*aliases, cached_repo_id(ckpt.root)] if aliases else []
+    if not wanted or not any(have) or any(h and comparable(h) == comparable(wanted) for h in have):
         return None
     shown = config.get("_name_or_path") or str(ckpt.root)
     return f"adapter {adapter.name or ''!r} was trained on {wanted!r}, but the base is {shown!r}"
