@@ -15,9 +15,12 @@ plain LoRA and once as PEFT DoRA (`lora_magnitude_vector`: each slice's rows the
 Contenders, each in its own subprocess (wall time and peak RSS of the process tree):
   copy        a plain copy of the checkpoint file (the floor: every byte read and written once);
   adaptools   `adaptools merge CKPT LORA -o OUT.safetensors`;
-  diffusers   (SDXL, unless --skip-diffusers) diffusers' own path for the UNet: build UNet2DConditionModel, convert
-              the LDM state dict (`convert_ldm_unet_checkpoint`), `load_lora_into_unet`, `fuse_lora`,
-              `save_pretrained` (the text encoders, which this LoRA does not touch, are left out of its work).
+  diffusers   (SDXL, unless --skip-diffusers) diffusers' own path, what `from_single_file`, `load_lora_weights`,
+              `fuse_lora` and `save_pretrained` do for the checkpoint's models: UNet2DConditionModel, CLIPTextModel
+              and CLIPTextModelWithProjection built on the meta device, loaded from the file by diffusers' converters
+              (`convert_ldm_unet_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`),
+              `load_lora_into_unet`, `fuse_lora`, each saved with `save_pretrained` (no VAE: the file holds none;
+              the tokenizers and scheduler, a few small files, are left out).
 """
 from __future__ import annotations
 
@@ -42,16 +45,29 @@ DIFFUSERS = """
 import json, sys, torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin as M
-from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+from diffusers.loaders.single_file_utils import (convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_open_clip_checkpoint)
 from safetensors.torch import load_file
-base, lora, out, config = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-unet = UNet2DConditionModel(**config).to(torch.float16)
-unet.load_state_dict(convert_ldm_unet_checkpoint(load_file(base), config))
-state, alphas = M.lora_state_dict(lora, unet_config=unet.config)
-M.load_lora_into_unet(state, alphas, unet=unet)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+base, lora, out, configs = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+state = load_file(base)
+with torch.device("meta"):  # as from_single_file builds them: no weights allocated before the checkpoint's
+    unet = UNet2DConditionModel(**configs["unet"])
+    clip_l = CLIPTextModel(CLIPTextConfig(**configs["clip_l"]))
+    clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**configs["clip_g"]))
+unet.load_state_dict(convert_ldm_unet_checkpoint(state, configs["unet"]), assign=True)
+own = set(clip_l.state_dict())  # transformers 5 keys CLIPTextModel without text_model. (from_single_file adapts)
+clip_l.load_state_dict({k if k in own else k.removeprefix("text_model."): v
+                        for k, v in convert_ldm_clip_checkpoint(state).items()}, assign=True)
+clip_g.load_state_dict(convert_open_clip_checkpoint(clip_g, state, prefix="conditioner.embedders.1.model."),
+                       assign=True)
+del state
+lora_state, alphas = M.lora_state_dict(lora, unet_config=unet.config)
+M.load_lora_into_unet(lora_state, alphas, unet=unet)
 unet.fuse_lora()
 unet.unload_lora()
-unet.save_pretrained(out)
+for name, model in (("unet", unet), ("text_encoder", clip_l), ("text_encoder_2", clip_g)):
+    model.save_pretrained(f"{out}/{name}")
 """
 
 
@@ -220,7 +236,8 @@ def main() -> None:
             print(f"SDXL-shaped (scale {args.scale}): {params / 1e9:.2f} B parameters, LoRA r={args.rank} on {count} "
                   f"UNet linears (written in {time.perf_counter() - t:.0f} s)")
             contest("sdxl", tmp / "sdxl.safetensors", tmp / "sdxl_lora.safetensors", tmp,
-                    None if args.skip_diffusers else unet, args.cpus, list(sdxl_modules.values()), args.rank)
+                    None if args.skip_diffusers else dict(zip(("unet", "clip_l", "clip_g"), sdxl_configs(args.scale))),
+                    args.cpus, list(sdxl_modules.values()), args.rank)
             (tmp / "sdxl.safetensors").unlink()
         if args.flux_scale:
             shapes = flux_shapes(args.flux_scale)
