@@ -28,7 +28,7 @@ from ..names import listed
 from . import gguf_file, gguf_quants
 from .container import LOCAL, Container, Files
 from .names_gguf import GGUFNames
-from .quantizing import retained_fraction
+from .quantizing import ratio, retained_sums
 from .safetensors_io import TensorInfo
 from .shards import _copy_range, _pwrite_all, create_new
 from .stored import CastEncoder, StoredDecoder, TensorSpec, check_range
@@ -42,6 +42,8 @@ FILE_TYPES = {T.F32: LlamaFileType.ALL_F32, T.F16: LlamaFileType.MOSTLY_F16, T.B
               T.Q3_K: LlamaFileType.MOSTLY_Q3_K_M, T.Q4_K: LlamaFileType.MOSTLY_Q4_K_M,
               T.Q5_K: LlamaFileType.MOSTLY_Q5_K_M, T.Q6_K: LlamaFileType.MOSTLY_Q6_K}
 """llama.cpp's file type named after the type most weights are stored in (written only when a type changed)."""
+SURVIVAL_BAND_ELEMENTS = 1 << 20
+"""Elements of a merged tensor re-decoded per band by the survival measure (4 MiB of float32)."""
 
 
 SPLIT_NAME = re.compile(r"(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf")
@@ -283,10 +285,21 @@ class GGUFEncoder(CastEncoder):
 
     def survival(self, key: str, base: Tensor, merged: Tensor, encoded: dict[str, Tensor]) -> float | None:
         qtype = self.types[key]
-        if qtype in FLOAT_TYPES:
+        if qtype in FLOAT_TYPES or merged.numel() == 0:
             return None
-        after = torch.from_numpy(gguf_quants.decode(encoded[key].numpy(), qtype, tuple(merged.shape)))
-        return retained_fraction(base, after, merged)
+        # decoded in bands of rows into one small scratch: never a second whole-tensor copy (an embedding is 262 MB)
+        columns = merged.shape[-1]
+        rows = merged.numel() // columns
+        raw = encoded[key].numpy().reshape(rows, -1)
+        base, merged = base.reshape(rows, columns), merged.reshape(rows, columns)
+        step = max(1, SURVIVAL_BAND_ELEMENTS // columns)
+        scratch = np.empty((min(step, rows), columns), dtype=np.float32)
+        sums = torch.zeros(2, dtype=torch.float64)
+        for first in range(0, rows, step):
+            last = min(rows, first + step)
+            after = gguf_quants.decode(raw[first:last], qtype, (last - first, columns), out=scratch[:last - first])
+            sums += retained_sums(base[first:last], torch.from_numpy(after), merged[first:last])
+        return ratio(sums)
 
     def file_type(self) -> int | None:
         """general.file_type for the output: None (keep the base's) unless a tensor's type changed."""
