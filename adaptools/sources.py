@@ -76,6 +76,7 @@ from .errors import (
 from .checkpoints import LOCAL, Container, Files, open_container
 from .formats import load_adapter
 from .checkpoints import pipeline
+from .checkpoints import gguf_file
 from .checkpoints.gguf import split_names
 from .checkpoints.safetensors_io import TensorInfo, header_bytes, header_length, parse_header
 from .checkpoints.shards import INDEX_NAME
@@ -227,10 +228,10 @@ def open_base(base: str | os.PathLike | Container, kind: Kind = "checkpoint") ->
 
 def open_names(base: str | os.PathLike | Container) -> Container:
     """The base container of `base` for its keys, shapes, dtypes, config and name map, never its tensors: a Hub
-    ref (a repo, a folder or a .safetensors file of one) costs its small files and its weights' safetensors headers
-    (`fetch_names`), no weights; a local path, a container or a Hub GGUF file as `open_base`."""
+    ref (a repo, a folder, or a .safetensors or .gguf file of one) costs its small files and its weights' headers
+    (`fetch_names`), no weights; a local path or a container as `open_base`."""
     ref = None if isinstance(base, Container) else hub_ref(base)
-    if ref is None or (ref.path or "").endswith((".gguf", *PICKLE_SUFFIXES)):
+    if ref is None or (ref.path or "").endswith(PICKLE_SUFFIXES):
         return open_base(base)
     found = fetch_names(pinned(str(base), ref))
     files = RemoteFiles(found)
@@ -313,7 +314,7 @@ def fetch(ref: HubRef, kind: Kind, *, allow_pickle: bool = False) -> HubInput:
 def fetch_names(ref: HubRef) -> HubInput:
     """The small files of a base read for its names (NAMES_FILES in the folder of the ref, or beside the file it
     names) downloaded or found in the cache; its weights stay on the Hub (RemoteFiles reads their headers)."""
-    named_file = bool(ref.path and ref.path.endswith(".safetensors"))
+    named_file = bool(ref.path and ref.path.endswith((".safetensors", ".gguf")))
     folder = ref.path.rpartition("/")[0] if named_file else ref.path
     prefix = f"{folder}/" if folder else ""
     allowed = [glob.escape(prefix + name) for name in NAMES_FILES]
@@ -340,6 +341,7 @@ class RemoteFiles(Files):
         self.listed = repo_listing(found.ref, found.commit)
         self.digests: dict[str, str] = {}
         self._headers: dict[str, tuple[dict[str, TensorInfo], dict[str, str]]] = {}
+        self._ggufs: dict[str, gguf_file.GGUFHeader] = {}
 
     def _repo_path(self, path: Path) -> str | None:
         return path.relative_to(self.found.snapshot).as_posix() if path.is_relative_to(self.found.snapshot) else None
@@ -367,13 +369,65 @@ class RemoteFiles(Files):
             self.digests[name] = hashlib.sha256(raw).hexdigest()
         return self._headers[name]
 
+    def gguf_header(self, path: Path) -> gguf_file.GGUFHeader:
+        name = self._repo_path(path)
+        if name is None:
+            return LOCAL.gguf_header(path)
+        if name not in self._ggufs:
+            ref, commit = self.found.ref, self.found.commit
+            if not self.has(path):
+                raise HubNotFoundError(f"{ref.repo_id} at commit {commit[:12]} has no file {name!r}")
+            raw, size = weight_header(ref.repo_id, commit, name, path)
+            self._ggufs[name] = gguf_file.read_header_prefix(raw, size, path, f"{ref.repo_id}/{name}@{commit[:12]}")
+            self.digests[name] = hashlib.sha256(raw).hexdigest()
+        return self._ggufs[name]
+
 
 def weight_header(repo_id: str, commit: str, name: str, cached: Path | None) -> tuple[bytes, int]:
-    """The first 8 + N bytes of the safetensors file `name` of `repo_id` at `commit`, and the file's size: read from
-    `cached` (its copy in the cache snapshot) when there, else fetched (`remote_header`)."""
+    """The header bytes of the weight file `name` of `repo_id` at `commit` (a safetensors file's first 8 + N bytes, a
+    GGUF file's bytes before its tensor data), and the file's size: read from `cached` (its copy in the cache
+    snapshot) when there, else fetched (`remote_header`, `remote_gguf_header`)."""
+    gguf = name.endswith(".gguf")
     if cached is not None and cached.is_file():
-        return header_bytes(cached)
-    return remote_header(repo_id, commit, name)
+        if not gguf:
+            return header_bytes(cached)
+        header = gguf_file.read_header(cached)
+        with open(cached, "rb") as f:
+            return f.read(min(header.size, header.data_start)), header.size
+    return (remote_gguf_header if gguf else remote_header)(repo_id, commit, name)
+
+
+GGUF_FIRST_BYTES = 1 << 18
+"""The first Range request for a GGUF header: 256 KiB (a tokenizer's vocabulary makes headers of several MB)."""
+MAX_GGUF_HEADER_BYTES = 1 << 28
+"""A GGUF header read from the Hub by ranges stops here (256 MiB): a larger one is read from a downloaded file."""
+
+
+@functools.lru_cache(maxsize=64)
+def remote_gguf_header(repo_id: str, commit: str, name: str) -> tuple[bytes, int]:
+    """The bytes of a GGUF file on the Hub before its tensor data, and its size, by HTTP Range requests: 8 bytes
+    (the size comes with them), then ranges growing 4× (from 256 KiB) as far as the validated fields reach
+    (gguf_file.read_header_prefix), never past MAX_GGUF_HEADER_BYTES; kept for the process like `remote_header`."""
+    ref = HubRef(repo_id, name, commit)
+    if constants.is_offline_mode():
+        raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not in the local Hub cache ({constants.HF_HUB_CACHE}): "
+                       "unset it to fetch the file's GGUF header")
+    url = hf_hub_url(repo_id, name, revision=commit)
+    data, size = byte_range(ref, url, 0, 8)
+    while True:
+        try:
+            header = gguf_file.read_header_prefix(data, size, Path(name), str(ref))
+            break
+        except gguf_file.NeedMore as more:
+            want = min(size, max(more.needed, 4 * len(data), GGUF_FIRST_BYTES))
+            if want > MAX_GGUF_HEADER_BYTES:
+                raise BaseMismatchError(f"{str(ref)!r}: its GGUF header goes on past {MAX_GGUF_HEADER_BYTES:,} bytes; "
+                                        "pass the downloaded file instead") from None
+            data += byte_range(ref, url, len(data), want - len(data))[0]
+    end = min(size, header.data_start)
+    if len(data) < end:  # the padding before the tensor data
+        data += byte_range(ref, url, len(data), end - len(data))[0]
+    return data[:end], size
 
 
 @functools.lru_cache(maxsize=256)
@@ -406,7 +460,7 @@ def byte_range(ref: HubRef, url: str, start: int, count: int) -> tuple[bytes, in
             span = CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
             if response.status_code != 206 or span is None or int(span[1]) != start:
                 raise HubError(f"{constants.ENDPOINT} answered {response.status_code} without the byte range asked "
-                               f"for {ref}: its safetensors header cannot be read alone")
+                               f"for {ref}: its header cannot be read alone")
             for chunk in response.iter_bytes():
                 data += chunk[:count - len(data)]
                 if len(data) == count:
@@ -421,8 +475,8 @@ def byte_range(ref: HubRef, url: str, start: int, count: int) -> tuple[bytes, in
 
 
 def header_digests(repo_id: str, commit: str, names: list[str]) -> dict[str, str]:
-    """sha256 of the header bytes of the safetensors files `names` of `repo_id` at `commit` (read as `open_names`
-    reads them): what a recipe records for a base read for its names, checked again on replay."""
+    """sha256 of the header bytes of the weight files `names` (safetensors, GGUF) of `repo_id` at `commit` (read as
+    `open_names` reads them): what a recipe records for a base read for its names, checked again on replay."""
     pinned_ref(repo_id, commit, names)
     digests = {}
     for name in names:

@@ -578,3 +578,52 @@ def test_convert_to_gguf_names_a_hub_base_from_its_config_and_header(hub, local,
     hub_file, local_file = (GGUFReader(tmp_path / name).tensors for name in ("h.gguf", "l.gguf"))  # recipes differ
     assert [(t.name, t.data.tobytes()) for t in hub_file] == [(t.name, t.data.tobytes()) for t in local_file]
     assert_headers_only(hub, "org/base", {"model.safetensors": local["base"] / "model.safetensors"})
+
+
+def test_a_hub_gguf_base_used_for_names_costs_its_header(hub, local, runner, tmp_path, monkeypatch):
+    """`convert --to gguf --base ORG/NAME/FILE.gguf` (and a split file's part) reads the GGUF header by HTTP Range
+    requests growing 4x, validated as a local file's, and writes what the local base gives; no GGUF file is
+    downloaded (the first range made small, as these files are: 64 bytes instead of 256 KiB)."""
+    from gguf_factories import llama_gguf, requantized
+
+    from adaptools import sources
+    from adaptools.checkpoints.gguf_file import read_header
+
+    monkeypatch.setattr(sources, "GGUF_FIRST_BYTES", 64)
+    sources.remote_gguf_header.cache_clear()
+
+    made = tmp_path / "made"
+    made.mkdir()
+    single = llama_gguf(local["base"], made / "model.Q8_0.gguf")
+    requantized(None, single, made / "split.gguf", {}, split_max_tensors=8)
+    parts = sorted(made.glob("split-*.gguf"))
+    files = {"model.Q8_0.gguf": single, **{f"parts/{p.name}": p for p in parts}}
+    hub.add_commit("org/gguf-names", {name: path.read_bytes() for name, path in files.items()})
+    from gguf import GGUFReader
+
+    for i, (ref, base) in enumerate([("org/gguf-names/model.Q8_0.gguf", single),
+                                     (f"org/gguf-names/parts/{parts[-1].name}", parts[0])]):
+        result = run_cli(runner, "convert", local["lora"], "--to", "gguf", "--base", ref, "-o", tmp_path / f"h{i}.gguf")
+        assert result.exit_code == 0, result.output
+        assert run_cli(runner, "convert", local["lora"], "--to", "gguf", "--base", base,
+                       "-o", tmp_path / f"l{i}.gguf").exit_code == 0
+        hub_file, local_file = (GGUFReader(tmp_path / f"{side}{i}.gguf").tensors for side in "hl")
+        assert [(t.name, t.data.tobytes()) for t in hub_file] == [(t.name, t.data.tobytes()) for t in local_file]
+    assert not [p for p in fetched(hub) if p.endswith(".gguf")]
+    for name, path in files.items():
+        header = read_header(path)
+        assert header.data_start <= hub.bytes_served(f"org/gguf-names/{name}") <= 4 * header.data_start < header.size, name
+    cache = Path(constants.HF_HUB_CACHE) / "models--org--gguf-names"
+    assert not list(cache.rglob("*.gguf"))
+
+
+def test_a_hostile_hub_gguf_header_is_one_error_line(hub, local, runner, tmp_path):
+    """A GGUF header on the Hub whose counts cannot fit its file is refused from its first bytes, as a local one."""
+    import struct
+
+    hostile = b"GGUF" + struct.pack("<IQQ", 3, 2**40, 2**40) + bytes(4096)
+    hub.add_commit("org/gguf-hostile", {"model.gguf": hostile})
+    result = run_cli(runner, "convert", local["lora"], "--to", "gguf", "--base", "org/gguf-hostile/model.gguf",
+                     "-o", tmp_path / "o.gguf")
+    assert_one_error_line(result, "is not a valid GGUF file", "counts")
+    assert not (tmp_path / "o.gguf").exists() and not [p for p in fetched(hub) if p.endswith(".gguf")]

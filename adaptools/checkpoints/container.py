@@ -23,6 +23,8 @@ from torch import Tensor
 
 from ..errors import BaseMismatchError
 from ..names import shown
+from . import gguf_file
+from .gguf_file import GGUFHeader
 from .names import NameMap
 from .safetensors_io import DTYPES, TensorInfo, read_header, read_tensor
 
@@ -56,6 +58,10 @@ class Files:
     def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         """Tensor infos and `__metadata__` of the safetensors file `path` (validated: safetensors_io.parse_header)."""
         return read_header(path)
+
+    def gguf_header(self, path: Path) -> GGUFHeader:
+        """The validated header of the GGUF file `path` (gguf_file.read_header)."""
+        return gguf_file.read_header(path)
 
 
 LOCAL = Files()

@@ -51,8 +51,10 @@ SPLIT_NAME = re.compile(r"(?P<prefix>.+)-(?P<no>\d{5})-of-(?P<count>\d{5})\.gguf
 
 
 def detect(path: Path, files: Files = LOCAL) -> bool:
-    """A file starting with the GGUF magic (on disk: `files` other than LOCAL list safetensors files only)."""
-    return files is LOCAL and path.is_file() and gguf_file.detect(path)
+    """A file starting with the GGUF magic (elsewhere than on disk: a .gguf file `files` holds)."""
+    if files is LOCAL:
+        return path.is_file() and gguf_file.detect(path)
+    return path.suffix == ".gguf" and files.has(path)
 
 
 def split_names(name: str) -> list[str]:
@@ -66,10 +68,10 @@ def split_names(name: str) -> list[str]:
     return [f"{match['prefix']}-{i:05d}-of-{count:05d}.gguf" for i in range(1, count + 1)]
 
 
-def split_parts(path: Path) -> list[Path]:
+def split_parts(path: Path, files: Files = LOCAL) -> list[Path]:
     """Every part of a split GGUF named by any one of them (all must exist), or [path] for a single file."""
     parts = [path.with_name(name) for name in split_names(path.name)]
-    missing = [p.name for p in parts if not p.is_file()]
+    missing = [p.name for p in parts if not files.has(p)]
     if missing:
         raise InputNotFoundError(f"split GGUF {str(path)!r}: {listed(missing)} not found beside it")
     return parts
@@ -108,9 +110,9 @@ class GGUFFile(Container):
         path = Path(path)
         if not files.has(path):
             raise InputNotFoundError(f"base {str(path)!r} does not exist")
-        parts = split_parts(path)
+        parts = split_parts(path, files)
         super().__init__(path.parent, [p.name for p in parts], files)
-        self.headers = {p.name: gguf_file.read_header(p) for p in parts}
+        self.headers = {p.name: files.gguf_header(p) for p in parts}
         self.header = self.headers[parts[0].name]
         """The first part's header: the model's metadata."""
         for part, header in self.headers.items():

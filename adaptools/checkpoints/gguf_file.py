@@ -91,14 +91,36 @@ class GGUFHeader:
         return value if isinstance(value, str) else None
 
 
+class NeedMore(Exception):
+    """The header goes on past the bytes at hand (`needed`: how many from the file's start the read wanted)."""
+
+    def __init__(self, needed: int):
+        super().__init__(needed)
+        self.needed = needed
+
+
+class Prefix(io.BytesIO):
+    """The first bytes of a file of `size` bytes: a read past them (inside the file) raises NeedMore."""
+
+    def __init__(self, data: bytes, size: int):
+        super().__init__(data)
+        self.length, self.size = len(data), size
+
+    def read(self, n: int | None = -1) -> bytes:
+        if n is not None and n >= 0 and self.length < self.size and self.tell() + n > self.length:
+            raise NeedMore(self.tell() + n)
+        return super().read(n)
+
+
 class Reader:
     """Sequential little-endian reads of a file's header, each length checked against what the file holds."""
 
-    def __init__(self, f: BinaryIO, path: Path, size: int):
+    def __init__(self, f: BinaryIO, path: Path, size: int, source: str | None = None):
         self.f, self.path, self.size, self.pos = f, path, size, 0
+        self.source = str(path) if source is None else source
 
     def fail(self, field: str, problem: str) -> BaseMismatchError:
-        return BaseMismatchError(f"{str(self.path)!r} is not a valid GGUF file: {field}: {problem}")
+        return BaseMismatchError(f"{self.source!r} is not a valid GGUF file: {field}: {problem}")
 
     def take(self, count: int, field: str) -> bytes:
         if count > self.size - self.pos:
@@ -165,64 +187,75 @@ def read_header(path: str | os.PathLike) -> GGUFHeader:
     """The validated header of a GGUF file; BaseMismatchError naming the file and the field otherwise."""
     path = Path(path)
     with io.BufferedReader(open_regular(path, BaseMismatchError), 2**20) as f:
-        size = os.fstat(f.fileno()).st_size
-        r = Reader(f, path, size)
-        if size < 4 or r.take(4, "magic") != MAGIC:
-            raise r.fail("magic", "the file does not start with 'GGUF'")
-        version = r.scalar("<I", "version")
-        if version not in VERSIONS:
-            hint = " (a big-endian file?)" if version.to_bytes(4, "little")[::-1] in (b"\0\0\0\2", b"\0\0\0\3") else ""
-            raise r.fail("version", f"{version} is not a GGUF version adaptools reads (2 or 3){hint}")
-        n_tensors, n_kv = r.scalar("<Q", "tensor count"), r.scalar("<Q", "key/value count")
-        left = size - r.pos
-        if n_kv * MIN_KV_BYTES > left or n_tensors * MIN_TENSOR_BYTES > left:
-            raise r.fail("counts", f"{n_tensors} tensors and {n_kv} key/values cannot fit in {left} bytes")
-        fields: dict[str, KeyValue] = {}
-        for i in range(n_kv):
-            start = r.pos
-            key = r.string(f"key {i}")
-            if key in fields:
-                raise r.fail(f"key {shown(key)}", "appears twice")
-            kind = r.value_type(f"key {shown(key)}")
-            item = None
-            if kind == GGUFValueType.ARRAY:
-                item, value = r.array(f"key {shown(key)}")
-            else:
-                value = r.value(kind, f"key {shown(key)}")
-            f.seek(start)
-            raw = f.read(r.pos - start)
-            fields[key] = KeyValue(key, kind, value, raw, item)
-        alignment = DEFAULT_ALIGNMENT
-        if "general.alignment" in fields:
-            field = fields["general.alignment"]
-            alignment = field.value
-            if field.type != GGUFValueType.UINT32 or not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
-                raise r.fail("general.alignment", f"{shown(alignment)} is not a power of two up to {MAX_ALIGNMENT} "
-                                                  "stored as uint32")
-        infos = []
-        names: set[str] = set()
-        for i in range(n_tensors):
-            name = r.string(f"tensor {i} name", MAX_NAME)
-            if name in names:
-                raise r.fail(f"tensor {shown(name)}", "appears twice")
-            names.add(name)
-            n_dims = r.scalar("<I", f"tensor {shown(name)} dimension count")
-            if not 1 <= n_dims <= MAX_DIMS:
-                raise r.fail(f"tensor {shown(name)}", f"{n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
-            dims = [r.scalar("<Q", f"tensor {shown(name)} dimensions") for _ in range(n_dims)]
-            code = r.scalar("<I", f"tensor {shown(name)} type")
-            offset = r.scalar("<Q", f"tensor {shown(name)} offset")
-            infos.append((name, dims, code, offset))
-        data_start = alignment * math.ceil(r.pos / alignment)
-        tensors = {}
-        for name, dims, code, offset in infos:
-            tensor = check_tensor(r, name, dims, code, offset, data_start, alignment)
-            tensors[name] = tensor
-        spans = sorted((t.start, t.end, n) for n, t in tensors.items())
-        for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
-            if start < end:
-                raise r.fail(f"tensor {shown(second)}", f"its data overlaps that of {shown(first)}")
-        return GGUFHeader(path, version, fields, tensors, alignment, data_start, size)
+        return parse_header(f, path, os.fstat(f.fileno()).st_size)
+
+
+def read_header_prefix(data: bytes, size: int, path: Path, source: str) -> GGUFHeader:
+    """The validated header of the GGUF file of `size` bytes that starts with `data` (a file elsewhere: `path` is
+    where it would be, `source` names it in errors); NeedMore when the header goes on past `data`."""
+    return parse_header(Prefix(data, size), path, size, source)
+
+
+def parse_header(f: BinaryIO, path: Path, size: int, source: str | None = None) -> GGUFHeader:
+    """The header of the GGUF file of `size` bytes read from `f` (at its start), each field checked against the
+    size before it is read."""
+    r = Reader(f, path, size, source)
+    if size < 4 or r.take(4, "magic") != MAGIC:
+        raise r.fail("magic", "the file does not start with 'GGUF'")
+    version = r.scalar("<I", "version")
+    if version not in VERSIONS:
+        hint = " (a big-endian file?)" if version.to_bytes(4, "little")[::-1] in (b"\0\0\0\2", b"\0\0\0\3") else ""
+        raise r.fail("version", f"{version} is not a GGUF version adaptools reads (2 or 3){hint}")
+    n_tensors, n_kv = r.scalar("<Q", "tensor count"), r.scalar("<Q", "key/value count")
+    left = size - r.pos
+    if n_kv * MIN_KV_BYTES > left or n_tensors * MIN_TENSOR_BYTES > left:
+        raise r.fail("counts", f"{n_tensors} tensors and {n_kv} key/values cannot fit in {left} bytes")
+    fields: dict[str, KeyValue] = {}
+    for i in range(n_kv):
+        start = r.pos
+        key = r.string(f"key {i}")
+        if key in fields:
+            raise r.fail(f"key {shown(key)}", "appears twice")
+        kind = r.value_type(f"key {shown(key)}")
+        item = None
+        if kind == GGUFValueType.ARRAY:
+            item, value = r.array(f"key {shown(key)}")
+        else:
+            value = r.value(kind, f"key {shown(key)}")
+        f.seek(start)
+        raw = f.read(r.pos - start)
+        fields[key] = KeyValue(key, kind, value, raw, item)
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in fields:
+        field = fields["general.alignment"]
+        alignment = field.value
+        if field.type != GGUFValueType.UINT32 or not 0 < alignment <= MAX_ALIGNMENT or alignment & (alignment - 1):
+            raise r.fail("general.alignment", f"{shown(alignment)} is not a power of two up to {MAX_ALIGNMENT} "
+                                              "stored as uint32")
+    infos = []
+    names: set[str] = set()
+    for i in range(n_tensors):
+        name = r.string(f"tensor {i} name", MAX_NAME)
+        if name in names:
+            raise r.fail(f"tensor {shown(name)}", "appears twice")
+        names.add(name)
+        n_dims = r.scalar("<I", f"tensor {shown(name)} dimension count")
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise r.fail(f"tensor {shown(name)}", f"{n_dims} dimensions (ggml allows 1 to {MAX_DIMS})")
+        dims = [r.scalar("<Q", f"tensor {shown(name)} dimensions") for _ in range(n_dims)]
+        code = r.scalar("<I", f"tensor {shown(name)} type")
+        offset = r.scalar("<Q", f"tensor {shown(name)} offset")
+        infos.append((name, dims, code, offset))
+    data_start = alignment * math.ceil(r.pos / alignment)
+    tensors = {}
+    for name, dims, code, offset in infos:
+        tensor = check_tensor(r, name, dims, code, offset, data_start, alignment)
+        tensors[name] = tensor
+    spans = sorted((t.start, t.end, n) for n, t in tensors.items())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise r.fail(f"tensor {shown(second)}", f"its data overlaps that of {shown(first)}")
+    return GGUFHeader(path, version, fields, tensors, alignment, data_start, size)
 
 
 def check_tensor(r: Reader, name: str, dims: list[int], code: int, offset: int, data_start: int,
