@@ -609,12 +609,25 @@ def test_a_hub_gguf_base_used_for_names_costs_its_header(hub, local, runner, tmp
                        "-o", tmp_path / f"l{i}.gguf").exit_code == 0
         hub_file, local_file = (GGUFReader(tmp_path / f"{side}{i}.gguf").tensors for side in "hl")
         assert [(t.name, t.data.tobytes()) for t in hub_file] == [(t.name, t.data.tobytes()) for t in local_file]
-    assert not [p for p in fetched(hub) if p.endswith(".gguf")]
-    for name, path in files.items():
-        header = read_header(path)
-        assert header.data_start <= hub.bytes_served(f"org/gguf-names/{name}") <= 4 * header.data_start < header.size, name
+    def assert_headers_only(names: list[str]) -> None:
+        assert not [p for p in fetched(hub) if p.endswith(".gguf")]
+        for name in names:
+            header = read_header(files[name])
+            served = hub.bytes_served(f"org/gguf-names/{name}")
+            assert header.data_start <= served <= 4 * header.data_start < header.size, name
+
+    assert_headers_only(list(files))
     cache = Path(constants.HF_HUB_CACHE) / "models--org--gguf-names"
     assert not list(cache.rglob("*.gguf"))
+
+    point_client_at(monkeypatch, hub.url, tmp_path / "elsewhere")  # replay on another machine: headers again
+    sources.remote_gguf_header.cache_clear()
+    hub.served.clear()
+    result = run_cli(runner, "replay", tmp_path / "h1.gguf", "-o", tmp_path / "again.gguf")
+    assert result.exit_code == 0, result.output
+    again, first = (GGUFReader(tmp_path / name).tensors for name in ("again.gguf", "h1.gguf"))
+    assert [(t.name, t.data.tobytes()) for t in again] == [(t.name, t.data.tobytes()) for t in first]
+    assert_headers_only([f"parts/{p.name}" for p in parts])
 
 
 def test_a_hostile_hub_gguf_header_is_one_error_line(hub, local, runner, tmp_path):
