@@ -44,11 +44,11 @@ import glob
 import hashlib
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from huggingface_hub import (constants, get_cached_repo_tree, get_session, get_token, hf_hub_url, snapshot_download,
                              try_to_load_from_cache)
@@ -333,15 +333,15 @@ def fetch_names(ref: HubRef) -> HubInput:
 
 class RemoteFiles(Files):
     """The files of a Hub base read for its names: the small ones in the cache snapshot, the weights listed from
-    the repo's cached tree and read by their safetensors headers only (`weight_header`), each validated by
-    safetensors_io.parse_header; `digests` holds the sha256 of the header bytes read (repo path → hex)."""
+    the repo's cached tree and read by their headers only (`weight_header`), each validated by its format's reader
+    (safetensors_io.parse_header, gguf_file.read_header_prefix); `digests` holds the sha256 of the header bytes
+    read (repo path → hex)."""
 
     def __init__(self, found: HubInput):
         self.found = found
         self.listed = repo_listing(found.ref, found.commit)
         self.digests: dict[str, str] = {}
-        self._headers: dict[str, tuple[dict[str, TensorInfo], dict[str, str]]] = {}
-        self._ggufs: dict[str, gguf_file.GGUFHeader] = {}
+        self._headers: dict[str, Any] = {}
 
     def _repo_path(self, path: Path) -> str | None:
         return path.relative_to(self.found.snapshot).as_posix() if path.is_relative_to(self.found.snapshot) else None
@@ -357,30 +357,26 @@ class RemoteFiles(Files):
         return sorted(listed | set(LOCAL.safetensors(folder)))
 
     def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+        return self._parsed(path, LOCAL.header, parse_header)
+
+    def gguf_header(self, path: Path) -> gguf_file.GGUFHeader:
+        return self._parsed(path, LOCAL.gguf_header,
+                            lambda raw, size, source: gguf_file.read_header_prefix(raw, size, path, source))
+
+    def _parsed(self, path: Path, local: Callable[[Path], Any], parse: Callable[[bytes, int, str], Any]) -> Any:
+        """`parse(header bytes, file size, name for errors)` of the repo's weight file at `path`, its header bytes
+        fetched (or read from the cache) once and their sha256 kept in `digests`; `local(path)` for other files."""
         name = self._repo_path(path)
         if name is None:
-            return LOCAL.header(path)
+            return local(path)
         if name not in self._headers:
             ref, commit = self.found.ref, self.found.commit
             if not self.has(path):
                 raise HubNotFoundError(f"{ref.repo_id} at commit {commit[:12]} has no file {name!r}")
             raw, size = weight_header(ref.repo_id, commit, name, path)
-            self._headers[name] = parse_header(raw, size, f"{ref.repo_id}/{name}@{commit[:12]}")
+            self._headers[name] = parse(raw, size, f"{ref.repo_id}/{name}@{commit[:12]}")
             self.digests[name] = hashlib.sha256(raw).hexdigest()
         return self._headers[name]
-
-    def gguf_header(self, path: Path) -> gguf_file.GGUFHeader:
-        name = self._repo_path(path)
-        if name is None:
-            return LOCAL.gguf_header(path)
-        if name not in self._ggufs:
-            ref, commit = self.found.ref, self.found.commit
-            if not self.has(path):
-                raise HubNotFoundError(f"{ref.repo_id} at commit {commit[:12]} has no file {name!r}")
-            raw, size = weight_header(ref.repo_id, commit, name, path)
-            self._ggufs[name] = gguf_file.read_header_prefix(raw, size, path, f"{ref.repo_id}/{name}@{commit[:12]}")
-            self.digests[name] = hashlib.sha256(raw).hexdigest()
-        return self._ggufs[name]
 
 
 def weight_header(repo_id: str, commit: str, name: str, cached: Path | None) -> tuple[bytes, int]:
@@ -408,12 +404,7 @@ def remote_gguf_header(repo_id: str, commit: str, name: str) -> tuple[bytes, int
     """The bytes of a GGUF file on the Hub before its tensor data, and its size, by HTTP Range requests: 8 bytes
     (the size comes with them), then ranges growing 4× (from 256 KiB) as far as the validated fields reach
     (gguf_file.read_header_prefix), never past MAX_GGUF_HEADER_BYTES; kept for the process like `remote_header`."""
-    ref = HubRef(repo_id, name, commit)
-    if constants.is_offline_mode():
-        raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not in the local Hub cache ({constants.HF_HUB_CACHE}): "
-                       "unset it to fetch the file's GGUF header")
-    url = hf_hub_url(repo_id, name, revision=commit)
-    data, size = byte_range(ref, url, 0, 8)
+    ref, url, data, size = first_bytes(repo_id, commit, name, "GGUF")
     while True:
         try:
             header = gguf_file.read_header_prefix(data, size, Path(name), str(ref))
@@ -435,14 +426,20 @@ def remote_header(repo_id: str, commit: str, name: str) -> tuple[bytes, int]:
     """The first 8 + N bytes of a safetensors file on the Hub and its size, by two HTTP Range requests, the second
     once N is checked (safetensors_io.header_length); kept for the process (a commit's files never change), so a
     replay that checks the header and then reads it fetches it once."""
+    ref, url, prefix, size = first_bytes(repo_id, commit, name, "safetensors")
+    length = header_length(prefix, size, str(ref), BaseMismatchError)
+    return prefix + (byte_range(ref, url, 8, length)[0] if length else b""), size
+
+
+def first_bytes(repo_id: str, commit: str, name: str, kind: str) -> tuple[HubRef, str, bytes, int]:
+    """(ref, URL, first 8 bytes, size) of the `kind` weight file `name` on the Hub: one Range request (HubError in
+    offline mode)."""
     ref = HubRef(repo_id, name, commit)
     if constants.is_offline_mode():
         raise HubError(f"HF_HUB_OFFLINE is set and {ref} is not in the local Hub cache ({constants.HF_HUB_CACHE}): "
-                       "unset it to fetch the file's safetensors header")
+                       f"unset it to fetch the file's {kind} header")
     url = hf_hub_url(repo_id, name, revision=commit)
-    prefix, size = byte_range(ref, url, 0, 8)
-    length = header_length(prefix, size, str(ref), BaseMismatchError)
-    return prefix + (byte_range(ref, url, 8, length)[0] if length else b""), size
+    return (ref, url, *byte_range(ref, url, 0, 8))
 
 
 CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
