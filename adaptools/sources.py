@@ -410,10 +410,10 @@ def remote_gguf_header(repo_id: str, commit: str, name: str) -> tuple[bytes, int
             header = gguf_file.read_header_prefix(data, size, Path(name), str(ref))
             break
         except gguf_file.NeedMore as more:
-            want = min(size, max(more.needed, 4 * len(data), GGUF_FIRST_BYTES))
-            if want > MAX_GGUF_HEADER_BYTES:
+            if more.needed > MAX_GGUF_HEADER_BYTES:
                 raise BaseMismatchError(f"{str(ref)!r}: its GGUF header goes on past {MAX_GGUF_HEADER_BYTES:,} bytes; "
                                         "pass the downloaded file instead") from None
+            want = min(size, MAX_GGUF_HEADER_BYTES, max(more.needed, 4 * len(data), GGUF_FIRST_BYTES))
             data += byte_range(ref, url, len(data), want - len(data))[0]
     end = min(size, header.data_start)
     if len(data) < end:  # the padding before the tensor data

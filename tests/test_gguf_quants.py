@@ -3,6 +3,7 @@ every type adaptools encodes, and gguf-py for the legacy types and for decoding.
 from __future__ import annotations
 
 import numpy as np
+import torch
 import pytest
 from gguf import GGMLQuantizationType as T
 from llama_cpp import ggml_library, reference_quantize
@@ -90,3 +91,25 @@ def test_types_without_an_encoder_are_refused():
     assert not gguf_quants.can_encode(T.IQ2_XS)
     with pytest.raises(NotImplementedError, match="IQ2_XS"):
         gguf_quants.encode(np.zeros((1, 256), np.float32), T.IQ2_XS)
+
+
+@pytest.mark.parametrize("qtype", [T.Q8_0, T.Q4_K, T.Q6_K])
+def test_survival_in_bands_is_the_whole_tensor_measure(qtype, monkeypatch):
+    """The GGUF encoder's survival measure, re-decoding the merged tensor in bands of rows (made a few rows here),
+    equals ⟨after − base, ΔW⟩ / ‖ΔW‖² over the whole tensor with `after` decoded by gguf-py."""
+    import gguf as gguf_py
+
+    from adaptools.checkpoints import gguf as container
+    from adaptools.checkpoints.quantizing import retained_fraction
+
+    g = torch.Generator().manual_seed(int(qtype))
+    base = torch.randn(37, 512, generator=g)
+    merged = base + 0.05 * torch.randn(37, 512, generator=g)
+    encoded = torch.from_numpy(gguf_quants.encode(merged.numpy(), qtype).reshape(-1))
+    encoder = container.GGUFEncoder.__new__(container.GGUFEncoder)
+    encoder.types = {"w": qtype}
+    monkeypatch.setattr(container, "SURVIVAL_BAND_ELEMENTS", 3 * 512)
+    after = torch.from_numpy(gguf_py.quants.dequantize(encoded.numpy(), qtype).reshape(37, 512))
+    want = retained_fraction(base, after, merged)
+    assert encoder.survival("w", base, merged, {"w": encoded}) == pytest.approx(want, rel=1e-5)  # float32 dot products per band
+    assert 0.5 < want < 1.5

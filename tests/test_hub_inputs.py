@@ -640,3 +640,22 @@ def test_a_hostile_hub_gguf_header_is_one_error_line(hub, local, runner, tmp_pat
                      "-o", tmp_path / "o.gguf")
     assert_one_error_line(result, "is not a valid GGUF file", "counts")
     assert not (tmp_path / "o.gguf").exists() and not [p for p in fetched(hub) if p.endswith(".gguf")]
+
+
+def test_a_hub_gguf_header_past_the_cap_is_refused_before_it_is_fetched(hub, local, runner, tmp_path, monkeypatch):
+    """A GGUF header longer than MAX_GGUF_HEADER_BYTES (made 1 KiB here) is refused once a field asks for more, with
+    no more than the cap fetched."""
+    import struct
+
+    from adaptools import sources
+
+    monkeypatch.setattr(sources, "MAX_GGUF_HEADER_BYTES", 1024)
+    monkeypatch.setattr(sources, "GGUF_FIRST_BYTES", 64)
+    sources.remote_gguf_header.cache_clear()
+    key = b"general.name"
+    long = b"GGUF" + struct.pack("<IQQ", 3, 0, 1) + struct.pack("<Q", len(key)) + key + struct.pack("<IQ", 8, 4000)
+    hub.add_commit("org/gguf-long", {"model.gguf": long + b"x" * 4000})
+    result = run_cli(runner, "convert", local["lora"], "--to", "gguf", "--base", "org/gguf-long/model.gguf",
+                     "-o", tmp_path / "o.gguf")
+    assert_one_error_line(result, "goes on past 1,024 bytes")
+    assert hub.bytes_served("org/gguf-long/model.gguf") <= 1024 and not (tmp_path / "o.gguf").exists()
