@@ -240,6 +240,18 @@ def open_names(base: str | os.PathLike | Container) -> Container:
     return container
 
 
+def locate_headers(source: str | os.PathLike) -> tuple[Path, Files]:
+    """Where `source` is read by its headers alone (keys, shapes, dtypes, metadata: what `info` shows of a
+    checkpoint): a Hub ref naming a .safetensors or .gguf file or a folder, as the snapshot path of its small files
+    (`fetch_small_files`) with the RemoteFiles that fetch its weights' headers by HTTP Range requests; a local path
+    (or a pickle file of a repo, which only `resolve` may fetch) as itself, on LOCAL."""
+    ref = hub_ref(source)
+    if ref is None or (ref.path or "").endswith(PICKLE_SUFFIXES):
+        return Path(source), LOCAL
+    found = fetch_small_files(pinned(str(source), ref))
+    return found.local, RemoteFiles(found)
+
+
 def load(path: str | os.PathLike, allow_pickle: bool = False, base: str | os.PathLike | Container | None = None,
          **options: float | None) -> Adapter:
     """Load an adapter (a local path or a Hub ref); with `base` (likewise, or a container), kohya names are mapped
@@ -312,23 +324,44 @@ def fetch(ref: HubRef, kind: Kind, *, allow_pickle: bool = False) -> HubInput:
 
 
 def fetch_names(ref: HubRef) -> HubInput:
-    """The small files of a base read for its names (NAMES_FILES in the folder of the ref, or beside the file it
-    names) downloaded or found in the cache; its weights stay on the Hub (RemoteFiles reads their headers)."""
-    named_file = bool(ref.path and ref.path.endswith((".safetensors", ".gguf")))
-    folder = ref.path.rpartition("/")[0] if named_file else ref.path
-    prefix = f"{folder}/" if folder else ""
-    allowed = [glob.escape(prefix + name) for name in NAMES_FILES]
-    snapshot = download(ref, ref.revision, allowed, [])
-    found = HubInput(ref, snapshot.name, snapshot, used_files(snapshot, allowed, []))
-    listed = repo_listing(ref, found.commit)
-    if named_file and ref.path not in listed:
-        raise HubNotFoundError(f"{ref.repo_id} at commit {found.commit[:12]} has no file {ref.path!r}")
+    """The small files of a base read for its names (`fetch_small_files`); a folder that is no pipeline must hold
+    safetensors weights (listed in the repo's tree)."""
+    found = fetch_small_files(ref)
+    named_file, prefix = names_folder(ref)
     if not named_file and not (found.local / pipeline.INDEX).is_file():  # a pipeline's weights are in its components
-        here = tuple(f for f in listed if f.startswith(prefix) and "/" not in f[len(prefix):])
+        here = tuple(f for f in repo_listing(ref, found.commit) if f.startswith(prefix) and "/" not in f[len(prefix):])
         if any(f.endswith(".safetensors") for f in here):
             found.local.mkdir(parents=True, exist_ok=True)  # no small file beside the weights: the folder to list
         check_found(ref, "checkpoint", found.commit, found.local, here, False)
     return found
+
+
+def fetch_small_files(ref: HubRef) -> HubInput:
+    """The small files of `ref` read for its names or its headers (NAMES_FILES in the folder of the ref, or beside
+    the .safetensors or .gguf file it names; in a pipeline, the safetensors indexes of every component too)
+    downloaded or found in the cache; its weights stay on the Hub (RemoteFiles reads their headers)."""
+    named_file, prefix = names_folder(ref)
+    allowed = [glob.escape(prefix + name) for name in NAMES_FILES]
+    snapshot = download(ref, ref.revision, allowed, [])
+    commit = snapshot.name
+    listed = repo_listing(ref, commit)
+    if named_file and ref.path not in listed:
+        raise HubNotFoundError(f"{ref.repo_id} at commit {commit[:12]} has no file {ref.path!r}")
+    if not named_file and (snapshot / prefix / pipeline.INDEX).is_file():  # the other components' (vae, ...)
+        depth = prefix.count("/") + 1
+        indexes = [glob.escape(f) for f in sorted(listed) if f.startswith(prefix) and f.count("/") == depth
+                   and f.endswith(".safetensors.index.json") and not (snapshot / f).is_file()]
+        if indexes:
+            download(ref, commit, indexes, [])
+            allowed += indexes
+    return HubInput(ref, commit, snapshot, used_files(snapshot, allowed, []))
+
+
+def names_folder(ref: HubRef) -> tuple[bool, str]:
+    """(whether `ref` names a .safetensors or .gguf file, the repo folder it is read in as a path prefix)."""
+    named_file = bool(ref.path and ref.path.endswith((".safetensors", ".gguf")))
+    folder = ref.path.rpartition("/")[0] if named_file else ref.path
+    return named_file, f"{folder}/" if folder else ""
 
 
 class RemoteFiles(Files):
@@ -349,12 +382,21 @@ class RemoteFiles(Files):
     def has(self, path: Path) -> bool:
         return path.is_file() or self._repo_path(path) in self.listed
 
-    def safetensors(self, folder: Path) -> list[str]:
+    def _listed_in(self, folder: Path) -> list[str]:
+        """The repo paths listed under `folder` (inside the snapshot), relative to it."""
         inside = self._repo_path(folder)
-        prefix = "" if inside in (None, ".") else f"{inside}/"
-        listed = {name[len(prefix):] for name in self.listed if name.startswith(prefix) and
-                  "/" not in name[len(prefix):] and name.endswith(".safetensors")}
+        if inside is None:
+            return []
+        prefix = "" if inside == "." else f"{inside}/"
+        return [name[len(prefix):] for name in self.listed if name.startswith(prefix)]
+
+    def safetensors(self, folder: Path) -> list[str]:
+        listed = {name for name in self._listed_in(folder) if "/" not in name and name.endswith(".safetensors")}
         return sorted(listed | set(LOCAL.safetensors(folder)))
+
+    def folders(self, folder: Path) -> list[str]:
+        listed = {name.partition("/")[0] for name in self._listed_in(folder) if "/" in name}
+        return sorted({name for name in listed if not name.startswith(".")} | set(LOCAL.folders(folder)))
 
     def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         return self._parsed(path, LOCAL.header, parse_header)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 
 from gguf import LlamaFileType
 
 from .adapter import Adapter
-from .checkpoints import Container, gguf_file
+from .checkpoints import LOCAL, Container, Files
 from .ia3 import IA3Adapter
 
 
@@ -55,10 +56,10 @@ def ia3_summary(adapter: IA3Adapter) -> dict:
     }
 
 
-def gguf_summary(path: str | os.PathLike) -> dict:
-    """What a GGUF file holds, from its validated header: architecture, file type, tensor types with counts and
-    bytes, parameters and size."""
-    header = gguf_file.read_header(path)
+def gguf_summary(path: str | os.PathLike, files: Files = LOCAL) -> dict:
+    """What a GGUF file holds, from its validated header (read through `files`: a Hub file's fetched by HTTP Range
+    requests): architecture, file type, tensor types with counts and bytes, parameters and size."""
+    header = files.gguf_header(Path(path))
     types: dict[str, dict[str, int]] = {}
     for tensor in header.tensors.values():
         entry = types.setdefault(tensor.type.name, {"tensors": 0, "bytes": 0})

@@ -553,11 +553,15 @@ def test_kohya_sd_names_map_through_a_hub_single_file_or_pipeline_from_their_hea
     assert_headers_only(hub, "org/sd", weights)
 
 
-@pytest.mark.parametrize(("weights", "served", "expected"), [
+HOSTILE_HEADERS = [
     (struct.pack("<Q", 400_000_000) + b"{}", 8, "exceeds the format's limit of 100,000,000 bytes"),
     (struct.pack("<Q", 2) + b"{}" + b"\0" * 64, 10, "the tensors cover 0 bytes of data, but the file holds 64"),
     (struct.pack("<Q", 9) + b'{"a": [1}' + b"\0" * 64, 17, "model.safetensors"),
-])
+]
+"""Hostile safetensors files: (bytes, the bytes one fetch of the header takes, what the error says)."""
+
+
+@pytest.mark.parametrize(("weights", "served", "expected"), HOSTILE_HEADERS, ids=["length", "data", "json"])
 def test_hostile_headers_of_a_hub_base_are_bounded_before_reading(hub, local, runner, tmp_path, weights, served,
                                                                   expected):
     """A header fetched by range is validated as a local one: its length is checked before it is asked for."""
@@ -659,3 +663,90 @@ def test_a_hub_gguf_header_past_the_cap_is_refused_before_it_is_fetched(hub, loc
                      "-o", tmp_path / "o.gguf")
     assert_one_error_line(result, "goes on past 1,024 bytes")
     assert hub.bytes_served("org/gguf-long/model.gguf") <= 1024 and not (tmp_path / "o.gguf").exists()
+
+
+# --------------------------------------------------------------------------- info of a Hub checkpoint: headers only
+
+
+def add_components(pipe: Path) -> dict[str, Path]:
+    """Beside a saved pipeline's models: a `vae/` of one weight file and a `text_encoder_3/` of two shards and
+    their index (components no adapter merges into, which `info` lists too); the pipeline's weight files."""
+    from safetensors.torch import save_file
+
+    (pipe / "vae").mkdir()
+    save_file({"decoder.conv_in.weight": torch.randn(64, 8, 3, 3)}, str(pipe / "vae" / "diffusion_pytorch_model.safetensors"))
+    (pipe / "vae" / "config.json").write_text("{}")
+    (pipe / "text_encoder_3").mkdir()
+    shards = {"model-00001-of-00002.safetensors": {"shared.weight": torch.randn(128, 64, dtype=torch.bfloat16)},
+              "model-00002-of-00002.safetensors": {"encoder.final_layer_norm.weight": torch.ones(4096)}}
+    for name, tensors in shards.items():
+        save_file(tensors, str(pipe / "text_encoder_3" / name))
+    weight_map = {key: name for name, tensors in shards.items() for key in tensors}
+    (pipe / "text_encoder_3" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return {p.relative_to(pipe).as_posix(): p for p in pipe.rglob("*.safetensors")}
+
+
+@pytest.mark.parametrize("layout", ["single file", "pipeline", "gguf"])
+def test_info_of_a_hub_checkpoint_reads_its_headers_and_equals_the_local_info(hub, local, runner, tmp_path,
+                                                                             monkeypatch, layout):
+    """`info ORG/NAME/file.safetensors` (a single-file checkpoint), `info ORG/NAME` (a pipeline repo, with
+    components no adapter touches, one of them sharded) and `info ORG/NAME/file.gguf` print what `info` of the
+    local files prints, text and JSON, from the repo's small files and the weights' headers (HTTP Range requests):
+    no weight file is downloaded."""
+    from diffusion_fixtures import write_single_file
+
+    from adaptools import sources
+
+    if layout == "single file":
+        base, _ = write_single_file(tmp_path / "sd" / "sdxl.safetensors", "sdxl", torch.float16)
+        hub.add_commit("org/ckpt", {"sdxl.safetensors": base.read_bytes(), "README.md": b"# sdxl\n"})
+        ref, local_base, weights = "org/ckpt/sdxl.safetensors", base, {"sdxl.safetensors": base}
+    elif layout == "pipeline":
+        import test_diffusion_merge as dm
+
+        dm.save_pipeline(tmp_path / "pipe", "sd1")
+        weights = add_components(tmp_path / "pipe")
+        hub.add_commit("org/ckpt", files_of(tmp_path / "pipe"))
+        ref, local_base = "org/ckpt", tmp_path / "pipe"
+    else:
+        from gguf_factories import llama_gguf
+
+        monkeypatch.setattr(sources, "GGUF_FIRST_BYTES", 64)  # as small as the file's header (256 KiB by default)
+        sources.remote_gguf_header.cache_clear()
+        local_base = llama_gguf(local["base"], tmp_path / "model.Q8_0.gguf")
+        hub.add_commit("org/ckpt", {"model.Q8_0.gguf": local_base.read_bytes()})
+        ref, weights = "org/ckpt/model.Q8_0.gguf", {}
+    for options in ((), ("--json",)):
+        result = run_cli(runner, "info", ref, *options)
+        assert result.exit_code == 0, result.output
+        mine = run_cli(runner, "info", local_base, *options)
+        assert mine.exit_code == 0 and result.stdout == mine.stdout, (result.stdout, mine.stdout)
+    summary = json.loads(result.stdout)
+    if layout == "gguf":
+        from adaptools.checkpoints.gguf_file import read_header
+
+        assert summary["format"] == "gguf"
+        header = read_header(local_base)
+        assert not [p for p in fetched(hub) if p.endswith(".gguf")]
+        assert header.data_start <= hub.bytes_served("org/ckpt/model.Q8_0.gguf") <= 4 * header.data_start < header.size
+        return
+    assert summary["family"] == ("sdxl" if layout == "single file" else "sd1")
+    if layout == "pipeline":
+        assert {"unet", "text_encoder", "vae", "text_encoder_3"} <= summary["components"].keys()
+    assert_headers_only(hub, "org/ckpt", weights)
+
+
+@pytest.mark.parametrize("command", ["info", "convert --base"])
+@pytest.mark.parametrize(("weights", "served", "expected"), HOSTILE_HEADERS, ids=["length", "data", "json"])
+def test_a_hostile_header_of_a_hub_file_is_fetched_once_and_is_one_error_line(hub, local, runner, tmp_path, command,
+                                                                              weights, served, expected):
+    """A Hub .safetensors file named by the ref (`info`, a base read for its names) whose header is not valid: the
+    error surfaces from the first read of the header (one fetch: the bytes served are those of one), one line."""
+    remote_header.cache_clear()  # kept for the process: the same bytes at the same commit in another test case
+    hub.add_commit("org/hostile-file", {"model.safetensors": weights})
+    ref = "org/hostile-file/model.safetensors"
+    args = ["info", ref] if command == "info" else ["convert", local["kohya"], "--to", "peft", "--base", ref,
+                                                     "-o", tmp_path / "o"]
+    assert_one_error_line(run_cli(runner, *args), ref, expected)
+    assert hub.bytes_served(ref) == served and not (tmp_path / "o").exists()
+    assert not [p for p in Path(constants.HF_HUB_CACHE).rglob("*.safetensors")]

@@ -31,10 +31,11 @@ BaseCheckpoint = HFFolder
 """The Hugging Face folder container under its earlier name."""
 
 
-def is_diffusion_checkpoint(path: str | os.PathLike) -> bool:
-    """True for a single-file diffusion checkpoint or a diffusers pipeline folder (what `info` describes as a base)."""
+def is_diffusion_checkpoint(path: str | os.PathLike, files: Files = LOCAL) -> bool:
+    """True for a single-file diffusion checkpoint or a diffusers pipeline folder (what `info` describes as a base),
+    found through `files`."""
     path = Path(path)
-    return path.exists() and any(module.detect(path) for module in DIFFUSION_CONTAINERS)
+    return (path.exists() or files.has(path)) and any(module.detect(path, files) for module in DIFFUSION_CONTAINERS)
 
 
 def open_container(path: str | os.PathLike, files: Files = LOCAL) -> Container:

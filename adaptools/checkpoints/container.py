@@ -55,6 +55,12 @@ class Files:
         """Names of the *.safetensors files in `folder`, sorted."""
         return sorted(p.name for p in folder.glob("*.safetensors"))
 
+    def folders(self, folder: Path) -> list[str]:
+        """Names of the sub-folders of `folder` (hidden ones left out), sorted."""
+        if not folder.is_dir():
+            return []
+        return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
     def header(self, path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
         """Tensor infos and `__metadata__` of the safetensors file `path` (validated: safetensors_io.parse_header)."""
         return read_header(path)

@@ -119,7 +119,8 @@ class Pipeline(DiffusionContainer):
         if not detect(path):
             raise InputNotFoundError(f"{str(path)!r} is not a diffusers pipeline folder (no {INDEX})")
         self.index = read_json_object(path / INDEX, BaseMismatchError)
-        self.present = [c for c in MERGEABLE if c in self.index and (path / c).is_dir()]
+        folders = set(files.folders(path))
+        self.present = [c for c in MERGEABLE if c in self.index and c in folders]
         if not self.present:
             raise BaseMismatchError(f"{str(path)!r}: {INDEX} names none of {', '.join(MERGEABLE)} with its folder")
         self.layouts: dict[str, tuple[str, bool]] = {}
@@ -146,7 +147,7 @@ class Pipeline(DiffusionContainer):
     def components(self) -> list[Component]:
         """Every component folder with safetensors weights (the mergeable ones and the rest: vae, ...)."""
         found = []
-        for component in sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for component in self.files.folders(self.root):
             if component in self.present:
                 keys = [k for k in self.keys() if k.startswith(f"{component}/")]
                 found.append(Component(component, len(keys), sum(math.prod(self.shape(k)) for k in keys),

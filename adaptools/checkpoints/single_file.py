@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from ..errors import AdaptoolsError, InputNotFoundError, InvalidArgumentError
+from ..errors import InputNotFoundError, InvalidArgumentError
 from .codecs import CODECS, choose_codecs, decoder_for
 from .container import LOCAL, Container, Files
 from .names_diffusion import CLIP_PREFIXES, OPEN_CLIP_PREFIXES, UNET_PREFIX, VAE_PREFIX, DiffusionNames
@@ -32,13 +32,11 @@ DIFFUSION_HEADS = (UNET_PREFIX, VAE_PREFIX, "cond_stage_model.", "conditioner.em
 
 
 def detect(path: Path, files: Files = LOCAL) -> bool:
-    """A .safetensors file (not a folder) whose keys are in an original diffusion layout (read from its header)."""
+    """A .safetensors file (not a folder) whose keys are in an original diffusion layout, read from its header: a
+    header that is not valid is an error here, the first time it is read (a Hub file's is fetched once)."""
     if path.suffix != ".safetensors" or not files.has(path):
         return False
-    try:
-        infos, _ = files.header(path)
-    except AdaptoolsError:  # not a valid safetensors file: the Hugging Face reader says what is wrong with it
-        return False
+    infos, _ = files.header(path)
     return any(key.startswith(DIFFUSION_HEADS) for key in infos)
 
 

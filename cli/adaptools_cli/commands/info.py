@@ -6,9 +6,8 @@ import json
 import click
 
 import adaptools
-from adaptools.checkpoints import is_diffusion_checkpoint, open_container
-from adaptools.sources import resolve
-from adaptools.checkpoints import gguf_file
+from adaptools.checkpoints import gguf, is_diffusion_checkpoint, open_container
+from adaptools.sources import locate_headers, resolve
 from adaptools.summary import adapter_summary, checkpoint_summary, gguf_summary, ia3_summary
 
 from ..options import reading_options
@@ -25,14 +24,16 @@ def info(adapter: str, base: str | None, as_json: bool, allow_pickle: bool, scal
     """Show the format (the adapter family detected), base model, DoRA or not, and per module rank, scale, shape
     and parameters. For a diffusion checkpoint (a single .safetensors file in the SD1.x/SD2/SDXL/Flux original
     layout, or a diffusers pipeline folder): the family and per component the parameters and dtypes. For a GGUF
-    file (a model or a llama.cpp adapter): architecture, tensor types with counts, size."""
+    file (a model or a llama.cpp adapter): architecture, tensor types with counts, size. A checkpoint or GGUF file
+    on the Hub costs its small files and its weights' headers (HTTP Range requests), never its weights."""
+    place, files = locate_headers(adapter)  # a Hub checkpoint or GGUF file: its headers, never its weights
+    if gguf.detect(place, files):
+        echo_gguf(gguf_summary(place, files), as_json)
+        return
+    if is_diffusion_checkpoint(place, files):
+        echo_checkpoint(checkpoint_summary(open_container(place, files)), as_json)
+        return
     local = resolve(adapter, "adapter", allow_pickle=allow_pickle)
-    if local.is_file() and gguf_file.detect(local):
-        echo_gguf(gguf_summary(local), as_json)
-        return
-    if is_diffusion_checkpoint(local):
-        echo_checkpoint(checkpoint_summary(open_container(local)), as_json)
-        return
     if adaptools.detect_format(local) == "peft-ia3":
         summary = ia3_summary(adaptools.load_ia3(local, allow_pickle=allow_pickle))
     else:
