@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -394,7 +395,7 @@ def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Cont
     `oversample` extra columns and `power_iters` power iterations, None: `linalg.power_iterations`) or "auto" by
     size. The factors (scale 1, balanced) are stored in `dtype` (None: each tuned weight's dtype); changed 1-D
     tensors (norms, biases), other non-matrix tensors and, with `full_tensors`, embeddings and the LM head are
-    carried whole in `Adapter.extra` and listed as PEFT `modules_to_save`.
+    carried whole in `Adapter.extra` and listed as PEFT `modules_to_save`. `progress`: a tqdm bar (tensors) on stderr.
 
     Returns:
         (the adapter, an ExtractReport with per module the rank, ‖ΔW‖ and the exact ‖ΔW − ΔW_k‖).
@@ -413,7 +414,7 @@ def extract(base: str | os.PathLike | Container, tuned: str | os.PathLike | Cont
     considered = len(targets) + len(full_keys)
     fits: dict[str, Fit] = {}
     with tqdm(total=len(targets) + len(full_keys), desc="extracting", unit="tensor", disable=not progress,
-              leave=False) as bar:
+              file=sys.stderr) as bar:  # as merge's: closed on its own line, before an `error:` line if one ends it
         extra = changed_tensors(*pair, full_keys)
         bar.update(len(full_keys))
         ranks = None

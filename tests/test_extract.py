@@ -291,6 +291,22 @@ def test_mismatched_checkpoints_are_one_line_errors(kind, pair, tmp_path, runner
     assert not (tmp_path / "out").exists()
 
 
+def test_a_failure_half_way_closes_the_progress_bar_before_one_error_line(pair, tmp_path, runner):
+    """A NaN in a later weight of TUNED ends `extract` inside its pass: the progress bar it showed on stderr is
+    closed on a line of its own (as merge's), and stderr ends with one `error:` line, alone on its line."""
+    base, tuned = pair
+    bad = Path(shutil.copytree(tuned, tmp_path / "tuned"))
+    state = load_file(bad / "model.safetensors")
+    key = [k for k, v in state.items() if v.ndim == 2 and "layers." in k][-1]
+    state[key][0, 0] = float("nan")
+    save_file(state, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    result = run_cli(runner, "extract", base, bad, "--rank", 2, "-o", tmp_path / "out")
+    assert result.exit_code == 2 and not (tmp_path / "out").exists()
+    *bar, error, end = result.stderr.split("\n")
+    assert bar and all(line.startswith("\rextracting:") for line in bar), result.stderr  # the bar was shown
+    assert end == "" and error.startswith("error: ") and "\r" not in error and key in error, result.stderr
+
+
 @pytest.mark.parametrize("args, text", [
     ((), "give exactly one of --rank"),
     (("--rank", 2, "--energy", 0.9), "give exactly one of"),
