@@ -25,11 +25,12 @@ Downloaded files are untrusted input like any other: the callers read them with 
 Hub refs are strings (a Path is always local). The entry points of the API call `resolve`, `open_base` or `load`,
 so they take refs wherever they take paths (formats/ stays free of network code).
 
-A base used only for its names (kohya names mapped to module paths, llama.cpp names: `open_names`) costs its
-headers, not its weights: the small files (config.json, the safetensors index; a pipeline's model_index.json and
-its components' configs and indexes) are downloaded, the weights are listed from the repo's tree and only their
-safetensors headers are fetched, by HTTP Range requests (8 bytes, then the N header bytes once N is checked),
-validated like any local header (checkpoints.safetensors_io.parse_header). A weight file already cached is read
+A base used only for its names (kohya names mapped to module paths, llama.cpp names: `open_names`), like a
+checkpoint `info` describes (`locate_headers`), costs its headers, not its weights: the small files (config.json,
+the safetensors index; a pipeline's model_index.json, its components' configs and indexes) are downloaded, the
+weights are listed from the repo's tree and only their headers are fetched, by HTTP Range requests (safetensors: 8
+bytes, then the N header bytes once N is checked), validated like any local header
+(checkpoints.safetensors_io.parse_header; GGUF: gguf_file.read_header_prefix). A weight file already cached is read
 from the cache; with HF_HUB_OFFLINE=1 a header that is not is an error.
 
 Every Hub input resolved inside `recording()` is logged with its commit and files, so that recipes and cards can
