@@ -346,7 +346,7 @@ def fetch_small_files(ref: HubRef) -> HubInput:
     snapshot = download(ref, ref.revision, allowed, [])
     commit = snapshot.name
     listed = repo_listing(ref, commit)
-    if named_file and ref.path not in listed:
+    if named_file and ref.path not in listed and not (snapshot / ref.path).is_file():  # listed, or cached
         raise HubNotFoundError(f"{ref.repo_id} at commit {commit[:12]} has no file {ref.path!r}")
     if not named_file and (snapshot / prefix / pipeline.INDEX).is_file():  # the other components' (vae, ...)
         depth = prefix.count("/") + 1

@@ -169,6 +169,15 @@ def test_not_a_tensor_file(tmp_path, runner):
     assert_one_line_error(run_cli(runner, "info", tmp_path / "notes.txt"), "not a readable safetensors file")
 
 
+def test_a_truncated_kohya_file_says_so(good, tmp_path, runner):
+    """`info` reads a .safetensors file's header first (is it a diffusion checkpoint?): a file cut short is one error
+    line saying it is truncated."""
+    kohya = tmp_path / "style.safetensors"
+    adaptools.load(good).save(kohya, format="kohya")
+    kohya.write_bytes(kohya.read_bytes()[:-20])
+    assert_one_line_error(run_cli(runner, "info", kohya), "truncated: an interrupted download?")
+
+
 @pytest.mark.parametrize("to, name", [("peft", "out"), ("kohya", "out.safetensors")])
 def test_existing_output_is_refused_unless_overwrite(to, name, good, tmp_path, runner):
     target = tmp_path / name
