@@ -4,40 +4,129 @@ input again afterwards).
 `SequentialHasher` hashes one file in file order while its byte ranges are read in any order, from any thread:
 each range reported done extends the hashed prefix when it touches it, from a memory map of just that stretch (the
 page cache the read went through), so the file is not read from disk a second time. `record` / `lookup` keep the
-results keyed by (resolved path, size, mtime_ns, inode): a file changed since it was hashed is not found.
+results keyed by the file's `FileKey` (resolved path, size, mtime, inode, ctime, device): a file changed since it
+was hashed is not found.
+
+Digests of large files also persist between commands, as git's index and the web UIs' hash caches keep them: one
+small JSON file per hashed file of PERSIST_MIN_BYTES or more, `<cache>/sha256/<device>-<inode>.json`, holding its
+size, mtime, ctime and sha256; `<cache>` is `$ADAPTOOLS_CACHE_DIR` (set empty: no persistent cache) or
+`$XDG_CACHE_HOME/adaptools` (default `~/.cache/adaptools`). A later command merging into the same unchanged base
+takes its sha256 from there instead of reading 7 GB through sha256 again. Any write to a file moves its ctime
+(which no tool can set back), so an entry is trusted only while size, mtime and ctime are all as recorded; a file
+is recorded only when its last change is more than RACY_NS older than the record, so a change in the same clock
+tick as the hashing cannot go unnoticed.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import mmap
 import os
+import re
+import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import RecipeError
 
 WINDOW_BYTES = 2**23
 """At most this much of a file is mapped at once while hashing (the mapping's pages count as resident memory)."""
 
-_digests: dict[tuple[str, int, int, int], str] = {}
-_hashed: dict[str, tuple[str, int, int, int]] = {}
+RACY_NS = 3 * 10**9
+"""A file changed less than this long before its digest is recorded is not recorded persistently."""
+PERSIST_MIN_BYTES = 2**26
+"""Only files of at least this size persist (smaller ones hash in a blink; the cache stays a few entries)."""
+CACHE_ENTRY_BYTES = 4096
+"""A persistent entry larger than this is not ours: ignored."""
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+class FileKey(NamedTuple):
+    """What identifies a file's bytes without reading them: equal keys, equal bytes (short of a change within
+    one clock tick, which `record` keeps out of the persistent cache)."""
+
+    path: str
+    size: int
+    mtime_ns: int
+    inode: int
+    ctime_ns: int
+    device: int
+
+
+_digests: dict[FileKey, str] = {}
+_hashed: dict[str, FileKey] = {}
 """resolved path -> the key under which that file was last hashed."""
 _lock = threading.Lock()
 
 
-def file_key(path: str | os.PathLike) -> tuple[str, int, int, int]:
-    """(resolved path, size, mtime_ns, inode) of the file at `path` now."""
+def file_key(path: str | os.PathLike) -> FileKey:
+    """The `FileKey` of the file at `path` now."""
     stat = os.stat(path)
-    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino
+    return FileKey(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns,
+                   stat.st_dev)
 
 
-def record(key: tuple[str, int, int, int], sha256: str) -> None:
-    """Remember the hex sha256 of the file whose `file_key` was `key`."""
+def cache_folder() -> Path | None:
+    """Where digests persist (`<cache>/sha256`), None when $ADAPTOOLS_CACHE_DIR is set empty."""
+    configured = os.environ.get("ADAPTOOLS_CACHE_DIR")
+    if configured is not None:
+        return Path(configured) / "sha256" if configured else None
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(cache) / "adaptools" / "sha256"
+
+
+def _entry_path(key: FileKey) -> Path | None:
+    folder = cache_folder()
+    return None if folder is None else folder / f"{key.device}-{key.inode}.json"
+
+
+def _stored(key: FileKey) -> str | None:
+    """The persisted sha256 of the file of `key` when its entry matches the key's size, mtime and ctime."""
+    path = _entry_path(key)
+    if path is None or key.size < PERSIST_MIN_BYTES:
+        return None
+    try:
+        with open(path, "rb") as f:
+            entry = json.loads(f.read(CACHE_ENTRY_BYTES + 1))
+    except (OSError, ValueError, RecursionError):
+        return None
+    if not isinstance(entry, dict) or [entry.get(k) for k in ("size", "mtime_ns", "ctime_ns")] != \
+            [key.size, key.mtime_ns, key.ctime_ns]:
+        return None
+    digest = entry.get("sha256")
+    return digest if isinstance(digest, str) and _SHA256.fullmatch(digest) else None
+
+
+def persist(key: FileKey, sha256: str) -> None:
+    """Write the entry of a file of at least PERSIST_MIN_BYTES whose last change is older than RACY_NS (atomically;
+    a cache that cannot be written is left alone)."""
+    path = _entry_path(key)
+    if path is None or key.size < PERSIST_MIN_BYTES or max(key.mtime_ns, key.ctime_ns) > time.time_ns() - RACY_NS:
+        return
+    entry = json.dumps({"size": key.size, "mtime_ns": key.mtime_ns, "ctime_ns": key.ctime_ns, "sha256": sha256,
+                        "path": key.path})
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, staged = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(entry)
+            os.replace(staged, path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(staged)
+
+
+def record(key: FileKey, sha256: str) -> None:
+    """Remember the hex sha256 of the file whose `file_key` was `key` (for this command, and persistently)."""
     with _lock:
         _digests[key] = sha256
-        _hashed[key[0]] = key
+        _hashed[key.path] = key
+    persist(key, sha256)
 
 
 def forget() -> None:
@@ -48,18 +137,23 @@ def forget() -> None:
 
 
 def lookup(path: str | os.PathLike) -> str | None:
-    """The recorded sha256 of the file at `path`; None when it was never hashed by a read. RecipeError when it was
-    hashed or read (`reading`), but the file changed since (a recipe would name bytes the operation did not read)."""
+    """The recorded sha256 of the file at `path` (by this command's reads, or persisted by an earlier command's
+    and then noted as this command's); None when unknown. RecipeError when it was hashed or read (`reading`), but
+    the file changed since (a recipe would name bytes the operation did not read)."""
     try:
         key = file_key(path)
     except OSError:
         return None
     with _lock:
         found = _digests.get(key)
-        earlier = _hashed.get(key[0])
+        earlier = _hashed.get(key.path)
     if found is None and earlier is not None and earlier != key:
         raise RecipeError(f"input {str(path)!r} changed while the command ran (after it was read): the output was "
                           "made from other bytes than the file now holds; run the command again")
+    if found is None and (found := _stored(key)) is not None:
+        with _lock:  # from now on a change to the file is a change while the command ran
+            _digests[key] = found
+            _hashed.setdefault(key.path, key)
     return found
 
 
@@ -87,8 +181,8 @@ def reading(path: str | os.PathLike) -> Iterator[None]:
     if after != before:
         raise changed_error(Path(path), "while it was read")
     with _lock:
-        if _hashed.get(before[0]) != before:  # the latest read counts (the digest of an earlier one is stale)
-            _hashed[before[0]] = before
+        if _hashed.get(before.path) != before:  # the latest read counts (the digest of an earlier one is stale)
+            _hashed[before.path] = before
 
 
 class SequentialHasher:
@@ -100,7 +194,7 @@ class SequentialHasher:
         self.path = Path(path)
         self._file = open(self.path, "rb", buffering=0)
         self.key = file_key(self.path)
-        self._size = self.key[1]
+        self._size = self.key.size
         if size is not None and size != self._size:
             self._file.close()
             raise changed_error(self.path, f"{size:,} bytes when its header was read, {self._size:,} now")
@@ -158,8 +252,8 @@ class SequentialHasher:
             self._file.close()
         now = file_key(self.path)
         if now != self.key:
-            raise changed_error(self.path, f"size {self.key[1]:,} and mtime {self.key[2]} when read, size {now[1]:,} "
-                                f"and mtime {now[2]} now")
+            raise changed_error(self.path, f"size {self.key.size:,} and mtime {self.key.mtime_ns} when read, size "
+                                f"{now.size:,} and mtime {now.mtime_ns} now")
         digest = self._sha.hexdigest()
         record(self.key, digest)
         return digest

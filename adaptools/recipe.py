@@ -67,7 +67,8 @@ config beside the weights the user names): hashed with it, so that a replay noti
 def sha256_file(path: str | os.PathLike, remember: bool = False) -> str:
     """Hex sha256 of a file, read in 1 MiB chunks; a Hugging Face cache file whose blob is named by its sha256 (an
     LFS file: weights) is not read, its blob's name is taken. With `remember`, the digest is recorded
-    (adaptools.digests), so the file is not read again until the next command starts."""
+    (adaptools.digests), so the file is not read again until the next command starts; either way it persists
+    for later commands while the file stays unchanged."""
     if (recorded := digests.lookup(path)) is not None:  # hashed by the operation's own read (merge, quantize)
         return recorded
     blob = Path(path).resolve()
@@ -80,6 +81,8 @@ def sha256_file(path: str | os.PathLike, remember: bool = False) -> str:
             digest.update(chunk)
     if remember:
         digests.record(key, digest.hexdigest())
+    else:
+        digests.persist(key, digest.hexdigest())
     return digest.hexdigest()
 
 

@@ -1,6 +1,7 @@
 """Shared pytest fixtures; the factories themselves live in tests/factories.py."""
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -9,6 +10,19 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def digest_cache(tmp_path_factory) -> Path:
+    """The persistent sha256 cache (adaptools.digests) of this test session: its own folder, not the user's."""
+    folder = tmp_path_factory.mktemp("adaptools-cache")
+    before = os.environ.get("ADAPTOOLS_CACHE_DIR")
+    os.environ["ADAPTOOLS_CACHE_DIR"] = str(folder)
+    yield folder
+    if before is None:
+        del os.environ["ADAPTOOLS_CACHE_DIR"]
+    else:
+        os.environ["ADAPTOOLS_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

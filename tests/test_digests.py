@@ -3,9 +3,11 @@ the base again."""
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -101,3 +103,110 @@ def test_a_file_changed_after_the_merge_read_it_is_refused_not_hashed_again(tmp_
     path.write_bytes(b"abd" * 1001)
     with pytest.raises(RecipeError, match="changed while the command ran"):
         digests.lookup(path)
+
+
+@pytest.fixture
+def persisting(monkeypatch, tmp_path):
+    """A fresh persistent cache that takes files changed just now (no racy-window wait in tests)."""
+    monkeypatch.setenv("ADAPTOOLS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+    monkeypatch.setattr(digests, "PERSIST_MIN_BYTES", 0)
+    digests.forget()
+    return tmp_path / "cache" / "sha256"
+
+
+def test_a_second_cli_merge_into_an_unchanged_base_takes_its_sha256_from_the_cache(sharded, tmp_path, runner,
+                                                                                   monkeypatch, persisting):
+    base, adapter = sharded
+    hashed = []
+    real = digests.SequentialHasher
+    monkeypatch.setattr(importlib.import_module("adaptools.merge.execute"), "SequentialHasher",
+                        lambda path, size=None: hashed.append(Path(path).name) or real(path, size))
+    assert run_cli(runner, "merge", base, adapter, "-o", tmp_path / "first").exit_code == 0
+    shards = sorted(p.name for p in base.glob("*.safetensors"))
+    assert sorted(hashed) == shards  # the first merge hashes them from its reads ...
+    assert len(list(persisting.iterdir())) >= len(shards)
+    hashed.clear()
+    result = run_cli(runner, "merge", base, adapter, "-o", tmp_path / "second")
+    assert result.exit_code == 0, result.output
+    assert hashed == []  # every shard's digest came from the cache
+    first, second = (json.loads((tmp_path / name / "adaptools_recipe.json").read_text())["inputs"]
+                     for name in ("first", "second"))
+    assert first == second
+    files = next(entry for entry in second if entry["param"] == "base")["files"]
+    assert files == {p.name: sha256(p) for p in sorted(base.iterdir())}
+
+
+def test_a_cached_digest_is_not_trusted_once_the_file_changed(persisting, tmp_path):
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"abc" * 1000)
+    assert recipe.sha256_file(path) == sha256(path)
+    assert digests.lookup(path) == sha256(path)  # persisted by the read
+    digests.forget()
+    time.sleep(0.02)  # past the file system's clock tick
+    path.write_bytes(b"abd" * 1000)  # same size, same inode
+    assert digests.lookup(path) is None
+    assert recipe.sha256_file(path) == sha256(path) == hashlib.sha256(b"abd" * 1000).hexdigest()
+
+
+def test_a_file_changed_after_its_cached_digest_was_taken_is_refused(persisting, tmp_path):
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"abc" * 1000)
+    recipe.sha256_file(path)
+    digests.forget()  # a new command takes the digest from the cache ...
+    assert digests.lookup(path) == sha256(path)
+    time.sleep(0.02)
+    path.write_bytes(b"abd" * 1000)  # ... and the file changes before its recipe is written
+    with pytest.raises(RecipeError, match="changed while the command ran"):
+        digests.lookup(path)
+
+
+def test_a_file_changed_just_before_it_was_hashed_is_not_persisted(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAPTOOLS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(digests, "PERSIST_MIN_BYTES", 0)
+    path = tmp_path / "fresh.bin"
+    path.write_bytes(b"x" * 100)
+    recipe.sha256_file(path)  # RACY_NS (3 s) not passed since the write: a change in this clock tick could hide
+    assert not (tmp_path / "cache").exists()
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+    recipe.sha256_file(path)
+    assert digests.lookup(path) == sha256(path)  # the control: persisted once old enough
+
+
+def test_small_files_are_not_persisted(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAPTOOLS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+    monkeypatch.setattr(digests, "PERSIST_MIN_BYTES", 101)
+    small, large = tmp_path / "small.bin", tmp_path / "large.bin"
+    small.write_bytes(b"x" * 100)
+    large.write_bytes(b"x" * 101)
+    recipe.sha256_file(small)
+    recipe.sha256_file(large)
+    entries = [p.name for p in (tmp_path / "cache" / "sha256").iterdir()]
+    assert entries == [f"{large.stat().st_dev}-{large.stat().st_ino}.json"]
+
+
+@pytest.mark.parametrize("entry", [b"not json", b"[" * 5000, b'{"size": 3000}', b"{}" + b" " * 5000,
+                                   b'{"size": 3000, "mtime_ns": 0, "ctime_ns": 0, "sha256": "ab"}'])
+def test_foreign_or_broken_cache_entries_are_ignored(persisting, tmp_path, entry):
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"abc" * 1000)
+    stat = path.stat()
+    persisting.mkdir(parents=True)
+    forged = entry.replace(b'"mtime_ns": 0', f'"mtime_ns": {stat.st_mtime_ns}'.encode()) \
+        .replace(b'"ctime_ns": 0', f'"ctime_ns": {stat.st_ctime_ns}'.encode())
+    (persisting / f"{stat.st_dev}-{stat.st_ino}.json").write_bytes(forged)
+    assert digests.lookup(path) is None
+    assert recipe.sha256_file(path) == sha256(path)
+
+
+def test_an_empty_cache_dir_setting_turns_the_persistent_cache_off(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADAPTOOLS_CACHE_DIR", "")
+    monkeypatch.setattr(digests, "RACY_NS", 0)
+    monkeypatch.setattr(digests, "PERSIST_MIN_BYTES", 0)
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"abc" * 1000)
+    assert digests.cache_folder() is None
+    recipe.sha256_file(path)
+    digests.forget()
+    assert digests.lookup(path) is None

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_output
 from ..device import torch_threads
-from ..digests import SequentialHasher
+from ..digests import SequentialHasher, file_key, lookup
 from ..checkpoints.container import Container, Sink
 from ..recipe import RECIPE_NAME
 from ..checkpoints.stored import CastEncoder, StoredDecoder, TensorSpec, check_range
@@ -122,11 +122,14 @@ def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], worker
 
 
 def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
-    """A file-order sha256 per base shard, its header (read when the checkpoint was opened) already counted."""
+    """A file-order sha256 per base shard whose digest is not known yet (`digests.lookup`: persisted by an earlier
+    command), its header (read when the checkpoint was opened) already counted."""
     hashers = {}
     for shard in ckpt.shards:
         infos = [ckpt.info(key) for key in ckpt.shard_keys(shard)]
         size = max((info.end for info in infos), default=None)  # the header's validation: no byte after the data
+        if lookup(ckpt.root / shard) is not None and file_key(ckpt.root / shard).size == size:
+            continue
         hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard, size)
         starts = [info.start for info in infos]
         hasher.done(0, min(starts, default=0))
@@ -191,7 +194,8 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
         read = run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, buffers, tile_elems, survival)
         for key in step.keys if hashers else ():
             for path, info in decoder.sources(ckpt, key).values():
-                hashers[path].done(info.start, info.end)
+                if path in hashers:
+                    hashers[path].done(info.start, info.end)
         return read
 
     sinks: list[Sink] = []
