@@ -45,8 +45,8 @@ class Sink(Protocol):
 
 class Files:
     """Where a container finds its safetensors files: whether one is there, the names and sub-folders in a folder,
-    and their validated headers (here: on disk). A container opened on other `Files` lists keys, shapes and dtypes and maps
-    names, but reads no tensor."""
+    and their validated headers (here: on disk). A container opened on other `Files` lists keys, shapes and dtypes
+    and maps names, but reads no tensor."""
 
     def has(self, path: Path) -> bool:
         return path.is_file()
