@@ -107,8 +107,7 @@ def persist(key: FileKey, sha256: str) -> None:
     path = _entry_path(key)
     if path is None or key.size < PERSIST_MIN_BYTES or max(key.mtime_ns, key.ctime_ns) > time.time_ns() - RACY_NS:
         return
-    entry = json.dumps({"size": key.size, "mtime_ns": key.mtime_ns, "ctime_ns": key.ctime_ns, "sha256": sha256,
-                        "path": key.path})
+    entry = json.dumps({"size": key.size, "mtime_ns": key.mtime_ns, "ctime_ns": key.ctime_ns, "sha256": sha256})
     with contextlib.suppress(OSError):
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd, staged = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

@@ -108,7 +108,7 @@ def validate_header(header: object, data_start: int, data_bytes: int, source: st
                         f"at {end} ({kind})")
         end = stop
     if end != data_bytes:
-        cut = " (it is truncated: an interrupted download?)" if end > data_bytes else ""
+        cut = " (this file is truncated: an interrupted download?)" if end > data_bytes else ""
         raise error(f"{source!r}: the tensors cover {end} bytes of data, but the file holds {data_bytes} after its "
                     f"header{cut}")
     return {key: TensorInfo(e["dtype"], tuple(e["shape"]), data_start + e["data_offsets"][0],
