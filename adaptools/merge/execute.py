@@ -124,15 +124,20 @@ def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], worker
 def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
     """A file-order sha256 per base shard whose digest is not known yet (`digests.lookup`: persisted by an earlier
     command), its header (read when the checkpoint was opened) already counted."""
-    hashers = {}
-    for shard in ckpt.shards:
-        infos = [ckpt.info(key) for key in ckpt.shard_keys(shard)]
-        size = max((info.end for info in infos), default=None)  # the header's validation: no byte after the data
-        if lookup(ckpt.root / shard) is not None and file_key(ckpt.root / shard).size == size:
-            continue
-        hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard, size)
-        starts = [info.start for info in infos]
-        hasher.done(0, min(starts, default=0))
+    hashers: dict[Path, SequentialHasher] = {}
+    try:
+        for shard in ckpt.shards:
+            infos = [ckpt.info(key) for key in ckpt.shard_keys(shard)]
+            size = max((info.end for info in infos), default=None)  # the header's validation: no byte after the data
+            if lookup(ckpt.root / shard) is not None and file_key(ckpt.root / shard).size == size:
+                continue
+            hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard, size)
+            starts = [info.start for info in infos]
+            hasher.done(0, min(starts, default=0))
+    except BaseException:
+        for hasher in hashers.values():
+            hasher.close()
+        raise
     return hashers
 
 
