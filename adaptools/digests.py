@@ -24,6 +24,7 @@ import json
 import mmap
 import os
 import re
+import stat
 import tempfile
 import threading
 import time
@@ -89,8 +90,11 @@ def _stored(key: FileKey) -> str | None:
     path = _entry_path(key)
     if path is None or key.size < PERSIST_MIN_BYTES:
         return None
-    try:
-        with open(path, "rb") as f:
+    try:  # a regular file only, not followed through a link, never waited on (a FIFO)
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOFOLLOW", 0))
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
             entry = json.loads(f.read(CACHE_ENTRY_BYTES + 1))
     except (OSError, ValueError, RecursionError):
         return None

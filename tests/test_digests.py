@@ -200,6 +200,21 @@ def test_foreign_or_broken_cache_entries_are_ignored(persisting, tmp_path, entry
     assert recipe.sha256_file(path) == sha256(path)
 
 
+@pytest.mark.parametrize("kind", ["fifo", "link", "folder"])
+def test_a_cache_entry_that_is_not_a_regular_file_is_ignored_without_waiting(persisting, tmp_path, kind):
+    path = tmp_path / "shard.bin"
+    path.write_bytes(b"abc" * 1000)
+    stat = path.stat()
+    persisting.mkdir(parents=True)
+    entry = persisting / f"{stat.st_dev}-{stat.st_ino}.json"
+    real = tmp_path / "elsewhere.json"
+    real.write_text(json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "ctime_ns": stat.st_ctime_ns,
+                                "sha256": "0" * 64}))
+    {"fifo": lambda: os.mkfifo(entry), "link": lambda: entry.symlink_to(real), "folder": entry.mkdir}[kind]()
+    assert digests.lookup(path) is None  # a FIFO would block a plain open() forever
+    assert recipe.sha256_file(path) == sha256(path)
+
+
 def test_an_empty_cache_dir_setting_turns_the_persistent_cache_off(monkeypatch, tmp_path):
     monkeypatch.setenv("ADAPTOOLS_CACHE_DIR", "")
     monkeypatch.setattr(digests, "RACY_NS", 0)
