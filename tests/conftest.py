@@ -1,8 +1,8 @@
 """Shared pytest fixtures; the factories themselves live in tests/factories.py."""
 from __future__ import annotations
 
-import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,16 +13,12 @@ SHARED_FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtu
 
 
 @pytest.fixture(scope="session", autouse=True)
-def digest_cache(tmp_path_factory) -> Path:
+def digest_cache(tmp_path_factory) -> Iterator[Path]:
     """The persistent sha256 cache (adaptools.digests) of this test session: its own folder, not the user's."""
     folder = tmp_path_factory.mktemp("adaptools-cache")
-    before = os.environ.get("ADAPTOOLS_CACHE_DIR")
-    os.environ["ADAPTOOLS_CACHE_DIR"] = str(folder)
-    yield folder
-    if before is None:
-        del os.environ["ADAPTOOLS_CACHE_DIR"]
-    else:
-        os.environ["ADAPTOOLS_CACHE_DIR"] = before
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ADAPTOOLS_CACHE_DIR", str(folder))
+        yield folder
 
 
 @pytest.fixture(scope="session")
