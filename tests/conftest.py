@@ -1,6 +1,7 @@
 """Shared pytest fixtures; the factories themselves live in tests/factories.py."""
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,40 @@ def digest_cache(tmp_path_factory) -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ADAPTOOLS_CACHE_DIR", str(folder))
         yield folder
+
+
+@pytest.fixture
+def direct_io(monkeypatch, tmp_path) -> list[tuple[int, int]]:
+    """Direct I/O for every safetensors output however small (and tensors of more than 256 bytes written through
+    it), in blocks of two pages with three buffers (so that pieces straddle blocks and blocks spill); the list of (offset, bytes) of every write made with O_DIRECT.
+    Skips where the file system of the test's folder has no direct I/O."""
+    from adaptools.checkpoints import file_writes, shards
+
+    probe = tmp_path / "direct-probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT)
+    direct = file_writes.open_direct(probe, fd)
+    os.close(fd)
+    if direct is None:
+        pytest.skip("no direct I/O on this file system")
+    os.close(direct)
+    probe.unlink()
+    import fcntl
+
+    monkeypatch.setattr(shards, "DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(shards, "SMALL_BYTES", 256)
+    monkeypatch.setattr(file_writes, "BLOCK_BYTES", 2 * file_writes.ALIGN)
+    monkeypatch.setattr(file_writes, "MAX_BLOCKS", 3)
+    writes: list[tuple[int, int]] = []
+    pwrite = os.pwrite
+
+    def recording(fd: int, data, offset: int) -> int:
+        written = pwrite(fd, data, offset)
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            writes.append((offset, written))
+        return written
+
+    monkeypatch.setattr(os, "pwrite", recording)
+    return writes
 
 
 @pytest.fixture(scope="session")

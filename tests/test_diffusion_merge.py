@@ -164,6 +164,17 @@ def test_sd1_kohya_with_locon_matches_diffusers(tmp_path, dtype, single_thread):
         assert f.metadata()["modelspec.title"] == "tiny sd1"  # the base's metadata kept
 
 
+def test_sd1_merge_written_with_direct_io_matches_diffusers(tmp_path, direct_io):
+    """The merge through the direct-I/O writer (blocks of two pages: tiles straddle them, blocks spill) on two
+    workers gives the same weights."""
+    base, components = write_single_file(tmp_path / "sd15.safetensors", "sd1", torch.float16)
+    lora = kohya_lora(tmp_path / "lora.safetensors", SD1_LORA, seed=1)
+    adaptools.merge(base, [lora], out=tmp_path / "merged.safetensors")
+    assert direct_io
+    assert_matches_diffusers("sd1", base, tmp_path / "merged.safetensors", lora, torch.float16, components,
+                             SD1_CHANGED)
+
+
 SD2_LORA = {  # the only text encoder is OpenCLIP: q and v land in its fused in_proj
     "lora_unet_down_blocks_0_attentions_1_transformer_blocks_0_attn2_to_v": (8, 32, ()),
     "lora_unet_down_blocks_0_attentions_1_proj_out": (8, 8, ()),

@@ -6,6 +6,7 @@ import filecmp
 import importlib
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -334,23 +335,25 @@ def test_nan_in_the_base_is_an_error_naming_the_tensor(tmp_path):
     assert torch.get_num_threads() == threads  # the workers' single-threaded torch ops end with the merge
 
 
-def test_a_full_disk_is_one_error_line_and_leaves_nothing(llama_base, tmp_path, runner, monkeypatch):
-    """A write failing half way (ENOSPC from a worker thread) ends in one `error:` line, exit 2, no output."""
+@pytest.mark.parametrize("io", ["buffered", "direct"])
+def test_a_full_disk_is_one_error_line_and_leaves_nothing(llama_base, tmp_path, runner, monkeypatch, request, io):
+    """A write failing half way (ENOSPC from a worker thread, or from the direct writer's) ends in one `error:`
+    line, exit 2, no output."""
     import errno
 
-    from adaptools.checkpoints import shards as checkpoint_writer
-
+    if io == "direct":
+        request.getfixturevalue("direct_io")
     adapter = make_peft_adapter(llama_base, tmp_path / "adapter", r=2, target_modules=["q_proj", "v_proj"])
-    real = checkpoint_writer._positioned
+    real = os.pwrite
     writes = []
 
-    def fill_up(op, fd, arg, offset):
-        if op == "write" and len(writes) > 2:
+    def fill_up(fd, data, offset):
+        if len(writes) > 2:
             raise OSError(errno.ENOSPC, "No space left on device")
         writes.append(offset)
-        return real(op, fd, arg, offset)
+        return real(fd, data, offset)
 
-    monkeypatch.setattr(checkpoint_writer, "_positioned", fill_up)
+    monkeypatch.setattr(os, "pwrite", fill_up)
     result = run_cli(runner, "merge", llama_base, adapter, "--max-shard-size", "30KB", "-o", tmp_path / "out")
     assert result.exit_code == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "No space left on device" in result.stderr
@@ -399,3 +402,18 @@ def test_steps_alternate_between_shards_and_keep_each_shards_order():
     steps = [Step((key,)) for key in specs]
     order = [step.keys[0] for step in interleave_shards(steps, specs)]
     assert order == ["a.0", "b.0", "c.0", "a.1", "c.1", "a.2"]
+
+
+def test_steps_take_an_order_fixed_by_their_key_names_that_mixes_the_parts_of_the_base():
+    """Merges spread through the run whatever the adapter touches (an SDXL file holds its text encoders first), and
+    the order, which is the output's tensor order, depends on the base alone."""
+    from adaptools.checkpoints.stored import TensorSpec
+    from adaptools.merge.plan import Step, mixed_order
+
+    specs = {f"{part}.{i}.weight": TensorSpec((4, 4), torch.float16, "a", 32) for part in ("cond", "unet")
+             for i in range(50)}
+    steps = [Step((key,)) for key in specs]
+    order = mixed_order(steps)
+    assert set(order) == set(steps) and len(order) == len(steps)
+    assert mixed_order(steps[::-1]) == order
+    assert {step.keys[0].split(".")[0] for step in order[:25]} == {"cond", "unet"}

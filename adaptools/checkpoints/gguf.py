@@ -30,7 +30,7 @@ from .container import LOCAL, Container, Files
 from .names_gguf import GGUFNames
 from .quantizing import ratio, retained_sums
 from .safetensors_io import TensorInfo
-from .shards import _copy_range, _pwrite_all, create_new
+from .file_writes import copy_range, create_new, pwrite_all
 from .stored import CastEncoder, StoredDecoder, TensorSpec, check_range
 
 NAME = "gguf"
@@ -326,17 +326,17 @@ class GGUFSink:
         self._missing = set(header.tensors)
         self._fd = create_new(self.path)
         os.ftruncate(self._fd, self.total_size)  # zero padding between tensors, as the format wants
-        _pwrite_all(self._fd, head, 0)
+        pwrite_all(self._fd, head, 0)
 
     def write(self, key: str, tensor: Tensor, row: int = 0, rows: int | None = None) -> None:
         """Write the whole encoded tensor `key` (GGUFEncoder is not row-wise)."""
         raw = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
-        _pwrite_all(self._fd, raw, self.data_start + self.offsets[key])
+        pwrite_all(self._fd, raw, self.data_start + self.offsets[key])
         self._missing.discard(key)
 
     def copy(self, key: str, source: Path, info: TensorInfo) -> None:
         with open(source, "rb", buffering=0) as src:
-            _copy_range(src.fileno(), self._fd, info.start, self.data_start + self.offsets[key], info.nbytes)
+            copy_range(src.fileno(), self._fd, info.start, self.data_start + self.offsets[key], info.nbytes)
         self._missing.discard(key)
 
     def close(self, total_parameters: int = 0) -> None:

@@ -3,7 +3,9 @@
 A shard's byte layout is planned before anything is written: its header space is reserved from the key names and
 each tensor gets its byte range. Tensors (or row ranges of them) are then written into their ranges as they are
 computed, in any order and from several threads at once, and the header (padded with spaces, as the format
-allows) is written last. So a merge holds a few tiles at a time, never a whole shard.
+allows) is written last. So a merge holds a few tiles at a time, never a whole shard. A shard of
+DIRECT_MIN_BYTES or more is written with direct I/O, its tensors starting on an ALIGN boundary
+(`adaptools.checkpoints.file_writes.BlockWriter`).
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ from torch import Tensor
 
 from ..digests import file_key, record
 from ..errors import InvalidArgumentError
+from .file_writes import (ALIGN, COPY_CHUNK, DIRECT_MIN_BYTES, BlockWriter, copy_range, create_new, open_direct,
+                          positioned, pwrite_all)
 from .safetensors_io import DTYPE_NAMES, TensorInfo
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -34,7 +38,6 @@ HEADER_BYTES_PER_KEY = 256
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
 """Files of these kinds are weights (or their index) and are not copied beside a merged checkpoint."""
 DTYPE_CONFIG_KEYS = ("dtype", "torch_dtype")
-COPY_CHUNK = 16 * 2**20
 SMALL_BYTES = 2**16
 """Tensors up to this size are gathered in memory and written together when their shard closes."""
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -87,6 +90,20 @@ class ShardWriter:
         self._entries: dict[str, tuple[str, list[int]]] = {}
         self._lock = threading.Lock()
         self._fd: int | None = create_new(self.path)
+        self._blocks: BlockWriter | None = None
+        if self.nbytes >= DIRECT_MIN_BYTES:
+            self._blocks = self._open_blocks()
+
+    def _open_blocks(self) -> BlockWriter | None:
+        """A BlockWriter for the planned tensors' bytes (the header space grown so that they start on an ALIGN
+        boundary, as a direct write needs), or None where the file system has no direct I/O."""
+        direct = open_direct(self.path, self._fd)
+        if direct is None:
+            return None
+        self._reserve = -(-(8 + self._reserve) // ALIGN) * ALIGN - 8
+        start = 8 + self._reserve
+        os.ftruncate(self._fd, start + self.nbytes)
+        return BlockWriter(self._fd, direct, start, start + self.nbytes)
 
     @property
     def done(self) -> bool:
@@ -132,7 +149,10 @@ class ShardWriter:
         position = self._position(key, at, raw.size) if key in self._ranges else None
         self._claim(key, raw.size, whole)
         if position is not None:
-            _pwrite_all(self._fd, raw, position)
+            if self._blocks is None:
+                pwrite_all(self._fd, raw, position)
+            else:
+                self._blocks.write(raw, position)
         elif whole:
             self._small[key] = raw.tobytes()
         else:
@@ -147,20 +167,24 @@ class ShardWriter:
         self._claim(key, info.nbytes, whole)
         with open(source, "rb", buffering=0) as src:
             if whole:
-                self._small[key] = _positioned("read", src.fileno(), info.nbytes, info.start)
+                self._small[key] = positioned("read", src.fileno(), info.nbytes, info.start)
                 if len(self._small[key]) != info.nbytes:
                     raise OSError(f"{str(source)!r} ends before byte {info.end}")
+            elif self._blocks is None:
+                copy_range(src.fileno(), self._fd, info.start, position, info.nbytes)
             else:
-                _copy_range(src.fileno(), self._fd, info.start, position, info.nbytes)
+                self._blocks.copy(src.fileno(), info.start, position, info.nbytes)
         return self._received(key, info.dtype, info.shape, info.nbytes, whole)
 
     def close(self) -> None:
         """Write the small tensors after the others, the header into the reserved space, and close the file."""
         if self._missing:
             raise RuntimeError(f"{self.path.name}: {len(self._missing)} planned tensor(s) were never written")
+        if self._blocks is not None:
+            self._blocks.close()
         ranges = dict(self._ranges)
         small = b"".join(self._small[key] for key in self._sizes if key in self._small)
-        _pwrite_all(self._fd, small, 8 + self._reserve + self.nbytes)
+        pwrite_all(self._fd, small, 8 + self._reserve + self.nbytes)
         for key in self._sizes:
             if key in self._small:
                 ranges[key] = (self.nbytes, self.nbytes + len(self._small[key]))
@@ -170,73 +194,25 @@ class ShardWriter:
         header = json.dumps({"__metadata__": self.metadata, **entries}, separators=(",", ":")).encode()
         if len(header) > self._reserve:
             raise RuntimeError(f"{self.path.name}: header of {len(header)} bytes exceeds the {self._reserve} reserved")
-        _pwrite_all(self._fd, struct.pack("<Q", self._reserve) + header.ljust(self._reserve, b" "), 0)
+        pwrite_all(self._fd, struct.pack("<Q", self._reserve) + header.ljust(self._reserve, b" "), 0)
         self.abort()
 
     def abort(self) -> None:
         """Close the file (without a header when incomplete: the caller discards it)."""
+        if self._blocks is not None:
+            self._blocks.abort()
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-
-
-_SEEK_LOCK = threading.Lock()
-_NEW_FILE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_NOFOLLOW", 0)
-
-
-def create_new(path: Path) -> int:
-    """A descriptor of a new file at `path`, opened for writing; FileExistsError when anything (a file, a link, even
-    a dangling one) is there: an output file never truncates or writes through what exists."""
-    return os.open(path, _NEW_FILE, 0o666)
 
 
 def write_new(path: Path, data: bytes | str) -> None:
     """Write `data` (str as UTF-8) to a new file at `path` (`create_new`)."""
     fd = create_new(path)
     try:
-        _pwrite_all(fd, data.encode() if isinstance(data, str) else data, 0)
+        pwrite_all(fd, data.encode() if isinstance(data, str) else data, 0)
     finally:
         os.close(fd)
-
-
-def _positioned(op: str, fd: int, arg, offset: int):
-    """os.pread / os.pwrite (`op` "read" / "write": arg is a count / the data), or seek + read / write under a lock
-    where there is none (Windows)."""
-    native = getattr(os, "p" + op, None)
-    if native is not None:
-        return native(fd, arg, offset)
-    with _SEEK_LOCK:
-        os.lseek(fd, offset, os.SEEK_SET)
-        return getattr(os, op)(fd, arg)
-
-
-def _pwrite_all(fd: int, data, offset: int) -> None:
-    """Write every byte of `data` at `offset` of `fd` (a positioned write may take only part)."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = _positioned("write", fd, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _copy_range(src: int, dst: int, offset: int, position: int, count: int) -> None:
-    """Copy `count` bytes at `offset` of file `src` to `position` of file `dst` (copy_file_range where available)."""
-    if hasattr(os, "copy_file_range"):
-        try:
-            while count:
-                n = os.copy_file_range(src, dst, count, offset, position)
-                if n == 0:
-                    raise OSError(f"the source ends before byte {offset + count}")
-                offset, position, count = offset + n, position + n, count - n
-            return
-        except OSError as exc:  # e.g. unsupported by the file system: copy through memory from where it stopped
-            if exc.errno is None:
-                raise
-    while count:
-        chunk = _positioned("read", src, min(count, COPY_CHUNK), offset)
-        if not chunk:
-            raise OSError(f"the source ends before byte {offset + count}")
-        _pwrite_all(dst, chunk, position)
-        offset, position, count = offset + len(chunk), position + len(chunk), count - len(chunk)
 
 
 def plan_shards(units: Sequence[dict[str, int]], max_bytes: int) -> list[dict[str, int]]:

@@ -28,7 +28,7 @@ from ..checkpoints.container import Container, Sink
 from ..recipe import RECIPE_NAME
 from ..checkpoints.stored import CastEncoder, StoredDecoder, TensorSpec, check_range
 from .kernels import Buffers, changed_value, merge_weights
-from .plan import OutputPlan, Step, interleave_shards, plan_layout, plan_steps
+from .plan import OutputPlan, Step, interleave_shards, mixed_order, plan_layout, plan_steps
 from .report import MergeReport, peak_rss
 
 BATCH_BYTES = {"cpu": 2**25, "cuda": 2**28}
@@ -183,7 +183,7 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
     the sha256 of every base shard and side file is taken from this pass's reads (`adaptools.digests`)."""
     start = time.perf_counter()
     batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
-    steps = plan_steps(specs, batch_bytes)
+    steps = mixed_order(plan_steps(specs, batch_bytes))
     encoder.check({key for plan in plans for key in (*plan.updates, *plan.biases, *plan.full)})
     layout = plan_layout(ckpt, steps, specs, encoder, shard_bytes)
     if device.type == "cuda":

@@ -207,15 +207,22 @@ class Buffers:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device], Tensor] = {}
+        self._views: dict[tuple, Tensor] = {}
 
     def take(self, role: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device | str = "cpu") -> Tensor:
         """An uninitialised tensor of `shape` and `dtype` in the buffer of `role` (valid until the next take)."""
+        key = (role, tuple(shape), dtype, str(device))
+        view = self._views.get(key)
+        if view is not None:
+            return view
         device = torch.device(device)
         nbytes = math.prod(shape) * dtype.itemsize
         buffer = self._buffers.get((role, device))
         if buffer is None or buffer.numel() < nbytes:
             buffer = self._buffers[(role, device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-        return buffer[:nbytes].view(dtype).view(tuple(shape))
+            self._views = {k: v for k, v in self._views.items() if k[0] != role or k[3] != str(device)}
+        view = self._views[key] = buffer[:nbytes].view(dtype).view(tuple(shape))
+        return view
 
 
 def merge_weights(updates: dict[str, Update], bases: dict[str, Tensor], dtype: torch.dtype, device: torch.device,

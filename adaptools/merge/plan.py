@@ -3,6 +3,7 @@ steps the base is read in, and the output files' layout.
 """
 from __future__ import annotations
 
+import hashlib
 import itertools
 import math
 import os
@@ -323,6 +324,15 @@ def plan_steps(specs: dict[str, TensorSpec], batch_bytes: int) -> list[Step]:
         per = max(1, batch_bytes // max(1, 4 * specs[keys[0]].numel))
         steps += [Step(tuple(keys[i:i + per])) for i in range(0, len(keys), per)]
     return steps
+
+
+def mixed_order(steps: Sequence[Step]) -> list[Step]:
+    """The steps in an order fixed by their key names alone (sha256 of the first key): the base's parts come mixed,
+    so that whatever an adapter changes is spread through the run instead of coming in one stretch (an SDXL file
+    holds its text encoders first, and a LoRA mostly changes the UNet): the processors (products) and the disk
+    (copies) are then busy together. The order depends on the base alone, so `--each` and batch groups write
+    what single merges write."""
+    return sorted(steps, key=lambda step: hashlib.sha256(step.keys[0].encode()).digest())
 
 
 def interleave_shards(steps: Sequence[Step], specs: dict[str, TensorSpec]) -> list[Step]:
