@@ -14,6 +14,8 @@ plain LoRA and once as PEFT DoRA (`lora_magnitude_vector`: each slice's rows the
 
 Contenders, each in its own subprocess (wall time and peak RSS of the process tree):
   copy        a plain copy of the checkpoint file (the floor: every byte read and written once);
+  copy, direct  the same copy written with O_DIRECT in 8 MiB blocks, as adaptools writes outputs of 64 MiB or more
+              (`adaptools.checkpoints.file_writes`): the floor of that way of writing, which the disk bounds;
   adaptools   `adaptools merge CKPT LORA -o OUT.safetensors`: its 1st run (which takes the sha256 of the base for
               the recipe as it reads it) and later runs (the base's sha256 then comes from adaptools' digest cache,
               as when one merges several LoRAs into one checkpoint; the cache is the benchmark's own, empty at first);
@@ -47,6 +49,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from diffusion_fixtures import clip_to_ldm, flux_to_bfl, open_clip_to_ldm, unet_to_ldm  # noqa: E402
 
 COPY = "import shutil, sys; shutil.copyfile(sys.argv[1], sys.argv[2])"
+COPY_DIRECT = """
+import mmap, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+size = os.fstat(fd).st_size
+view = memoryview(mmap.mmap(fd, size, prot=mmap.PROT_READ))
+out = os.open(sys.argv[2], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_DIRECT, 0o644)
+aligned = size // 4096 * 4096
+for at in range(0, aligned, 8 << 20):
+    os.pwrite(out, view[at:min(at + (8 << 20), aligned)], at)
+os.close(out)
+with open(sys.argv[2], "r+b") as f:
+    f.seek(aligned)
+    f.write(view[aligned:])
+"""
 DIFFUSERS = """
 import json, sys, torch
 from diffusers import UNet2DConditionModel
@@ -209,7 +225,9 @@ def contest(name: str, base: Path, lora: Path, tmp: Path, diffusers_config: dict
     run([sys.executable, "-c", COPY, str(base), str(tmp / "warm")], cpus)  # page cache warm-up
     (tmp / "warm").unlink()
     rows = [("copy", best([sys.executable, "-c", COPY, str(base), str(tmp / "copy.safetensors")],
-                          tmp / "copy.safetensors", repeats))]
+                          tmp / "copy.safetensors", repeats)),
+            ("copy, direct", best([sys.executable, "-c", COPY_DIRECT, str(base), str(tmp / "copy.safetensors")],
+                                  tmp / "copy.safetensors", repeats))]
     out = tmp / f"{name}.merged.safetensors"
     merge = [sys.executable, "-m", "adaptools_cli", "merge", str(base), str(lora), "-o", str(out)]
     os.environ["ADAPTOOLS_CACHE_DIR"] = str(tmp / "cache" / name)  # this case's own digest cache, empty
@@ -220,9 +238,9 @@ def contest(name: str, base: Path, lora: Path, tmp: Path, diffusers_config: dict
     if diffusers_config is not None:
         rows.append(("diffusers", best([sys.executable, "-c", DIFFUSERS, str(base), str(lora), str(tmp / "diffusers"),
                                         json.dumps(diffusers_config)], tmp / "diffusers", repeats)))
-    copy_wall, first, ours = rows[0][1][0], rows[1][1][0], rows[2][1][0]
-    inside = [float(re.search(r"in ([0-9.]+) s on", row[2]).group(1)) for _, row in rows[1:3]]
-    print(rows[2][1][2].strip().splitlines()[-1])
+    copy_wall, first, ours = rows[0][1][0], rows[2][1][0], rows[3][1][0]
+    inside = [float(re.search(r"in ([0-9.]+) s on", row[2]).group(1)) for _, row in rows[2:4]]
+    print(rows[3][1][2].strip().splitlines()[-1])
     gemm = gemm_per_group(shapes, rank, torch.device("cpu"))
     print(f"{name}: {size / 1e9:.2f} GB file (fastest of {repeats} runs each); the merge inside the CLI took "
           f"{inside[0]:.1f} s = {inside[0] / copy_wall:.2f}x the copy on its first run (taking the recipe's sha256 of "
