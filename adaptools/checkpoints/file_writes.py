@@ -98,8 +98,16 @@ def copy_range(src: int, dst: int, offset: int, position: int, count: int) -> No
 
 
 def _buffer() -> mmap.mmap:
-    """A new block buffer: private anonymous memory, page-aligned (as direct writes need)."""
-    return mmap.mmap(-1, BLOCK_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    """A new block buffer: private anonymous memory, page-aligned (as direct writes need), in huge pages where the
+    system gives them on request: a direct write of 4 KiB pages is cut into many small requests (a virtio disk
+    takes about 254 segments per request), one of 2 MiB pages into a few large ones (measured: 8 MiB writes 1.7x
+    as fast)."""
+    buffer = mmap.mmap(-1, BLOCK_BYTES, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    try:
+        buffer.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):  # no transparent huge pages here: 4 KiB pages, same bytes
+        pass
+    return buffer
 
 
 def open_direct(path: os.PathLike | str, fd: int) -> int | None:
