@@ -401,7 +401,8 @@ def concat_factors(terms: Sequence[Term]) -> tuple[Tensor, Tensor]:
     """(B, A) in float32 with B @ A = Σ w·s·B_i@A_i: B = [w_1·s_1·B_1 | ...], A = [A_1; ...]."""
     if len(terms) == 1:  # nothing to concatenate (A may be the module's own tensor: callers do not change it)
         (term,) = terms
-        return term.module.B.float() * (term.weight * term.module.scale), term.module.A.float()
+        return (term.module.B.to(torch.float32, copy=True).mul_(term.weight * term.module.scale),
+                term.module.A.float())
     B = torch.cat([t.module.B.float() * (t.weight * t.module.scale) for t in terms], dim=1)
     A = torch.cat([t.module.A.float() for t in terms], dim=0)
     return B, A

@@ -1,8 +1,13 @@
 """The `adaptools` command: a click group whose errors end as one `error: ...` line with exit status 2."""
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import sys
+import threading
 import warnings
+from typing import NoReturn
 
 import click
 
@@ -78,6 +83,31 @@ for command in COMMANDS:
     cli.add_command(command)
 
 
-def main() -> None:
-    """Console-script entry point."""
-    cli.main()
+def main() -> NoReturn:
+    """Console-script entry point: the command, then `quick_exit` with its status."""
+    try:
+        cli.main()
+    except SystemExit as exc:
+        quick_exit(exc.code)
+    quick_exit(0)
+
+
+def quick_exit(code: int | str | None) -> NoReturn:
+    """End the process as `sys.exit(code)` would, without the interpreter's teardown: the threads still running are
+    joined and the exit handlers run (atexit, and weakref finalizers through it), standard streams are flushed, then
+    the process exits. Tearing down the million objects torch's import leaves takes a third of a second at the end
+    of every command, and frees nothing the exit does not."""
+    if isinstance(code, str):
+        print(code, file=sys.stderr)
+        code = 1
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)  # what the interpreter itself runs at exit
+    if run_handlers is None:
+        sys.exit(code)
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            thread.join()
+    run_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe (`adaptools info ... | head`): nothing to say
+            stream.flush()
+    os._exit(code or 0)
