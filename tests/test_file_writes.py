@@ -113,7 +113,7 @@ def test_a_failed_direct_write_is_raised(tmp_path, direct_io, monkeypatch):
 def test_shard_writer_with_direct_io_aligns_its_data_and_loads(tmp_path, direct_io):
     torch.manual_seed(0)
     tensors = {f"w{i}": torch.randn(3 * i + 5000, 7).half() for i in range(5)}  # above SMALL_BYTES
-    writer = ShardWriter(tmp_path / "shard.safetensors", {k: t.numel() * 2 for k, t in tensors.items()})
+    writer = ShardWriter(tmp_path / "shard.safetensors", {k: t.numel() * 2 for k, t in tensors.items()}, direct=True)
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(lambda part: writer.write(part[0], part[1][part[2]:part[2] + 640], part[2], len(part[1])),
                       [(k, t, i) for k, t in tensors.items() for i in range(0, len(t), 640)][::-1]))
@@ -126,12 +126,37 @@ def test_shard_writer_with_direct_io_aligns_its_data_and_loads(tmp_path, direct_
 
 
 def test_without_direct_io_shards_are_written_buffered(tmp_path, monkeypatch):
-    from adaptools.checkpoints import shards
-
-    monkeypatch.setattr(shards, "DIRECT_MIN_BYTES", 0)
     monkeypatch.delattr(os, "O_DIRECT", raising=False)
     tensors = {"w": torch.randn(5000, 3)}
-    writer = ShardWriter(tmp_path / "shard.safetensors", {"w": 60000})
+    writer = ShardWriter(tmp_path / "shard.safetensors", {"w": 60000}, direct=True)
     writer.write("w", tensors["w"])
     writer.close()
     assert torch.equal(load_file(str(tmp_path / "shard.safetensors"))["w"], tensors["w"])
+
+
+def test_writers_of_several_files_share_a_bounded_pool_of_buffers(tmp_path, direct_io, monkeypatch):
+    """Five files filled at once, their pieces interleaved, from three threads: the buffers the writers hold stay
+    near MAX_BLOCKS (blocks of other files are spilled), every file is exact, and the last writer to close
+    releases the pool."""
+    monkeypatch.setattr(file_writes, "MAX_BLOCKS", 2)
+    end = 6 * ALIGN + 50
+    contents = [random.Random(i).randbytes(end) for i in range(5)]
+    writers = [region_writer(tmp_path / f"out{i}", 0, end) for i in range(5)]
+    peak = []
+
+    def put(part: tuple[int, tuple[int, int]]) -> None:
+        i, (lo, hi) = part
+        writers[i].write(memoryview(contents[i])[lo:hi], lo)
+        peak.append(file_writes._POOL.allocated)
+
+    parts = [(i, piece) for piece_list in zip(*(pieces(0, end, 10 + i) for i in range(5)))
+             for i, piece in enumerate(piece_list)]
+    parts += [(i, piece) for i in range(5) for piece in pieces(0, end, 10 + i)[len(parts) // 5:]]
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(put, parts))
+    for writer in writers:
+        writer.close()
+        os.close(writer.fd)
+    assert all((tmp_path / f"out{i}").read_bytes() == contents[i] for i in range(5))
+    assert max(peak) <= 2 + 3  # MAX_BLOCKS, and one more per thread only while every buffer is being filled
+    assert file_writes._POOL.allocated == 0 and not file_writes._POOL.writers

@@ -393,7 +393,8 @@ def test_side_files_are_copied_and_weights_are_not(llama_base, tmp_path):
 
 
 def test_steps_alternate_between_shards_and_keep_each_shards_order():
-    """Steps running at once should write different files: the execution order takes the shards in turn."""
+    """Steps running at once should write different files: the execution order takes two shards at a time in turn
+    (a shard that runs out is replaced by the next, so that only about two files are being written at once)."""
     from adaptools.checkpoints.stored import TensorSpec
     from adaptools.merge.plan import Step, interleave_shards
 
@@ -401,7 +402,7 @@ def test_steps_alternate_between_shards_and_keep_each_shards_order():
              for i in range(n)}
     steps = [Step((key,)) for key in specs]
     order = [step.keys[0] for step in interleave_shards(steps, specs)]
-    assert order == ["a.0", "b.0", "c.0", "a.1", "c.1", "a.2"]
+    assert order == ["a.0", "b.0", "a.1", "c.0", "a.2", "c.1"]
 
 
 def test_steps_take_an_order_fixed_by_their_key_names_that_mixes_the_parts_of_the_base():

@@ -25,9 +25,11 @@ logical block size of the disks and file systems that support O_DIRECT)."""
 BLOCK_BYTES = 8 * 2**20
 """Bytes per direct write (a multiple of ALIGN)."""
 MAX_BLOCKS = 16
-"""Block buffers held at once (filling, or queued for the writer thread): the memory of a BlockWriter."""
-DIRECT_MIN_BYTES = 64 * 2**20
-"""Regions smaller than this are written buffered (direct I/O pays off on files far larger than a disk cache)."""
+"""Block buffers of the process at once (filling, or queued for a writer thread), shared by every BlockWriter."""
+DIRECT_MIN_BYTES = 4 * 2**30
+"""Outputs smaller than this are written buffered: the page cache takes them at memory speed and writes them back
+later. Larger ones outgrow what the kernel lets a process keep dirty (a fifth of the free memory by default):
+buffered writers are then held to the disk's speed and pay the page cache's CPU on top."""
 
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP)
 """Errors of a direct write that mean "not with direct I/O here" (the bytes are then written buffered)."""
@@ -135,6 +137,7 @@ class _Block:
     lo: int
     hi: int
     buffer: mmap.mmap
+    serial: int = 0
     filled: int = 0
     pending: int = 0
     pieces: list[tuple[int, int]] = field(default_factory=list)
@@ -143,6 +146,54 @@ class _Block:
         """The buffer's bytes for file offsets [start, stop)."""
         origin = self.index * BLOCK_BYTES
         return memoryview(self.buffer)[start - origin:stop - origin]
+
+
+class _BufferPool:
+    """The block buffers of every BlockWriter of the process, at most MAX_BLOCKS (one more only while every buffer
+    is being filled), and the lock that guards them and every writer's blocks. A writer that needs a buffer when
+    none is free waits for a writer thread to free one, or spills the oldest idle block of any open writer."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.free: list[mmap.mmap] = []
+        self.allocated = 0
+        self.queued = 0
+        self.writers: list[BlockWriter] = []
+
+    def take(self) -> mmap.mmap:
+        """A buffer (the lock held): free, new, freed by a writer thread, or taken from a spilled block."""
+        while True:
+            if self.free:
+                return self.free.pop()
+            if self.allocated < MAX_BLOCKS:
+                self.allocated += 1
+                return _buffer()
+            if self.queued:
+                self.cond.wait()
+                continue
+            idle = [(block.serial, block, writer) for writer in self.writers for block in writer.idle_blocks()]
+            if not idle:  # every buffer is being filled right now: one more
+                self.allocated += 1
+                return _buffer()
+            _, block, writer = min(idle, key=lambda item: item[0])
+            writer.spill(block)
+            return block.buffer
+
+    def opened(self, writer: BlockWriter) -> None:
+        with self.cond:
+            self.writers.append(writer)
+
+    def closed(self, writer: BlockWriter) -> None:
+        """`writer` is done; with the last writer gone the free buffers are released."""
+        with self.cond:
+            if writer in self.writers:
+                self.writers.remove(writer)
+            if not self.writers:  # no buffer is in use
+                self.allocated = 0
+                self.free.clear()
+
+
+_POOL = _BufferPool()
 
 
 class BlockWriter:
@@ -155,14 +206,14 @@ class BlockWriter:
         self._use_direct = True
         self._blocks: dict[int, _Block] = {}
         self._spilled: set[int] = set()
-        self._free: list[mmap.mmap] = []
-        self._allocated = self._queued = 0
+        self._opened = 0
         self._failure: BaseException | None = None
         self._aborted = False
-        self._cond = threading.Condition()
+        self._cond = _POOL.cond
         self._queue: queue.SimpleQueue[_Block | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="adaptools-direct-writer", daemon=True)
         self._thread.start()
+        _POOL.opened(self)
 
     def write(self, data, offset: int) -> None:
         """Write the bytes of `data` (a buffer) at file offset `offset`."""
@@ -202,14 +253,16 @@ class BlockWriter:
             self._check()
             block = self._blocks.get(index)
             if block is None and index not in self._spilled and self._use_direct:
-                buffer = self._take_buffer()
+                buffer = _POOL.take()
                 block = self._blocks.get(index)  # another thread may have opened it while this one waited
-                if block is not None or index in self._spilled or not self._use_direct:
-                    self._free.append(buffer)
+                if self._failure is not None or block is not None or index in self._spilled or not self._use_direct:
+                    _POOL.free.append(buffer)
+                    self._check()
                 else:
                     lo = max(self._start, index * BLOCK_BYTES)
                     hi = min(self._end, (index + 1) * BLOCK_BYTES)
-                    block = self._blocks[index] = _Block(index, lo, hi, buffer)
+                    self._opened += 1
+                    block = self._blocks[index] = _Block(index, lo, hi, buffer, self._opened)
             if block is not None:
                 block.pending += 1
             return block
@@ -222,32 +275,19 @@ class BlockWriter:
             block.pieces.append((lo, hi))
             if block.filled == block.hi - block.lo:
                 del self._blocks[block.index]
-                self._queued += 1
+                _POOL.queued += 1
                 self._queue.put(block)
             self._cond.notify_all()
 
-    def _take_buffer(self) -> mmap.mmap:
-        """A free block buffer (page-aligned): reused, new while fewer than MAX_BLOCKS exist, the next one the
-        writer thread frees, or the buffer of an open block whose pieces are then written buffered (spilled)."""
-        while True:
-            self._check()
-            if self._free:
-                return self._free.pop()
-            if self._allocated < MAX_BLOCKS:
-                self._allocated += 1
-                return _buffer()
-            if self._queued:
-                self._cond.wait()
-                continue
-            idle = [block for block in self._blocks.values() if not block.pending]
-            if not idle:  # every buffer is being filled right now: one more
-                self._allocated += 1
-                return _buffer()
-            victim = min(idle, key=lambda block: block.index)
-            del self._blocks[victim.index]
-            self._spilled.add(victim.index)
-            self._write_pieces(victim)
-            return victim.buffer
+    def idle_blocks(self) -> list[_Block]:
+        """The open blocks no piece is being written into (the pool's lock held)."""
+        return [block for block in self._blocks.values() if not block.pending]
+
+    def spill(self, block: _Block) -> None:
+        """Write an idle block's pieces buffered (the pool's lock held); its later pieces are written buffered too."""
+        del self._blocks[block.index]
+        self._spilled.add(block.index)
+        self._write_pieces(block)
 
     def _write_pieces(self, block: _Block) -> None:
         """Write the pieces a block holds, buffered."""
@@ -287,8 +327,8 @@ class BlockWriter:
                 with self._cond:
                     self._failure = self._failure or exc
             with self._cond:
-                self._queued -= 1
-                self._free.append(block.buffer)
+                _POOL.queued -= 1
+                _POOL.free.append(block.buffer)
                 self._cond.notify_all()
 
     def _check(self) -> None:
@@ -304,6 +344,7 @@ class BlockWriter:
                 self._cond.wait()
             for block in sorted(self._blocks.values(), key=lambda block: block.index):
                 self._write_pieces(block)
+                _POOL.free.append(block.buffer)
             self._blocks.clear()
         self._stop()
         self._check()
@@ -318,7 +359,10 @@ class BlockWriter:
         if self._thread.is_alive():
             self._queue.put(None)
             self._thread.join()
+        with self._cond:  # blocks never completed (an abort): their buffers go back to the pool
+            _POOL.free.extend(block.buffer for block in self._blocks.values())
+            self._blocks.clear()
         if self._direct >= 0:
             os.close(self._direct)
             self._direct = -1
-        self._free.clear()
+        _POOL.closed(self)

@@ -3,8 +3,8 @@
 A shard's byte layout is planned before anything is written: its header space is reserved from the key names and
 each tensor gets its byte range. Tensors (or row ranges of them) are then written into their ranges as they are
 computed, in any order and from several threads at once, and the header (padded with spaces, as the format
-allows) is written last. So a merge holds a few tiles at a time, never a whole shard. A shard of
-DIRECT_MIN_BYTES or more is written with direct I/O, its tensors starting on an ALIGN boundary
+allows) is written last. So a merge holds a few tiles at a time, never a whole shard. The shards of an output of
+DIRECT_MIN_BYTES or more are written with direct I/O, their tensors starting on an ALIGN boundary
 (`adaptools.checkpoints.file_writes.BlockWriter`).
 """
 from __future__ import annotations
@@ -73,7 +73,9 @@ class ShardWriter:
     their planned size may be an estimate (an NF4 quant-state JSON's length is known only once quantized).
     """
 
-    def __init__(self, path: Path, sizes: dict[str, int], metadata: dict[str, str] | None = None, reserve: int = 0):
+    def __init__(self, path: Path, sizes: dict[str, int], metadata: dict[str, str] | None = None, reserve: int = 0,
+                 direct: bool = False):
+        """`direct`: write the planned tensors with direct I/O where the file system allows it."""
         self.path = Path(path)
         self.metadata = {"format": "pt", **(metadata or {})}
         self._reserve = header_reserve(list(sizes), self.metadata) + 8 * math.ceil(reserve / 8)
@@ -91,7 +93,7 @@ class ShardWriter:
         self._lock = threading.Lock()
         self._fd: int | None = create_new(self.path)
         self._blocks: BlockWriter | None = None
-        if self.nbytes >= DIRECT_MIN_BYTES:
+        if direct and self.nbytes:
             self._blocks = self._open_blocks()
 
     def _open_blocks(self) -> BlockWriter | None:
@@ -344,6 +346,7 @@ class OutputSink:
         self.folder, self.layout, self.index_name = folder, layout, index_name
         self._metadata, self._reserve = metadata, reserve
         self._file_of = {key: name for name, sizes in layout.files.items() for key in sizes}
+        self._direct = sum(sum(sizes.values()) for sizes in layout.files.values()) >= DIRECT_MIN_BYTES
         self._open: dict[str, ShardWriter] = {}
         self._closed: set[str] = set()
         self._lock = threading.Lock()
@@ -356,7 +359,7 @@ class OutputSink:
                 raise RuntimeError(f"{key!r} arrived after {name} was complete")
             if name not in self._open:
                 self._open[name] = ShardWriter(self.folder / name, self.layout.files[name], self._metadata,
-                                               self._reserve)
+                                               self._reserve, self._direct)
             return self._open[name]
 
     def _finish(self, writer: ShardWriter) -> None:

@@ -3,6 +3,7 @@ steps the base is read in, and the output files' layout.
 """
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import math
@@ -335,11 +336,22 @@ def mixed_order(steps: Sequence[Step]) -> list[Step]:
     return sorted(steps, key=lambda step: hashlib.sha256(step.keys[0].encode()).digest())
 
 
-def interleave_shards(steps: Sequence[Step], specs: dict[str, TensorSpec]) -> list[Step]:
-    """The steps taken from each shard in turn (each shard's in order), so that steps running at once mostly
-    write different output files: a file takes one write at a time."""
-    per_shard = group_by({step: specs[step.keys[0]].shard for step in steps})
-    return [step for turn in itertools.zip_longest(*per_shard.values()) for step in turn if step is not None]
+def interleave_shards(steps: Sequence[Step], specs: dict[str, TensorSpec], width: int = 2) -> list[Step]:
+    """The steps of `width` shards at a time taken in turn (each shard's in order; a shard whose steps run out is
+    replaced by the next): steps running at once mostly write different output files (a file takes one buffered
+    write at a time), and only about `width` files are written at once (each holds its partly filled direct-I/O
+    blocks)."""
+    waiting = collections.deque(group_by({step: specs[step.keys[0]].shard for step in steps}).values())
+    active = [collections.deque(waiting.popleft()) for _ in range(min(width, len(waiting)))]
+    order = []
+    while active:
+        for turn in list(active):
+            order.append(turn.popleft())
+            if not turn:
+                active.remove(turn)
+                if waiting:
+                    active.append(collections.deque(waiting.popleft()))
+    return order
 
 
 def plan_layout(ckpt: Container, steps: Sequence[Step], specs: dict[str, TensorSpec], encoder: CastEncoder,
