@@ -248,7 +248,7 @@ def main() -> None:
         copy = timed("copy", [sys.executable, "-c", COPY, str(tmp / "base"), str(tmp / "out")], tmp / "out")
         api = timed("adaptools.merge", [sys.executable, "-c", API, str(tmp / "base"), str(tmp / "adapter"),
                                         str(tmp / "out"), args.device], tmp / "out")
-        startup = timed("CLI start-up", [sys.executable, "-c", "import adaptools_cli.main"], None)
+        startup = timed("CLI start-up", [sys.executable, "-m", "adaptools_cli", "--version"], None)
         cli = timed("adaptools merge", [sys.executable, "-m", "adaptools_cli", "merge", str(tmp / "base"),
                                         str(tmp / "adapter"), "--device", args.device, "-o", str(tmp / "out")],
                     tmp / "out")
