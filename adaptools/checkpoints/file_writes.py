@@ -5,12 +5,15 @@ which writes a large region of a file with direct I/O.
 any order and from any thread) into aligned blocks of BLOCK_BYTES. A block is written once, with one O_DIRECT
 write on the writer's own thread, when all of its bytes are there. So the kernel allocates, copies and writes back
 no page-cache page for the output: on the machines this was measured on, buffered writes of a multi-GB file cost
-more CPU time than the merge math (`benchmarks/RESULTS.md`). Where a file system refuses O_DIRECT, or a block waits
-too long for its pieces (more than MAX_BLOCKS open at once), the writes are buffered as before: same bytes.
+more CPU time than the merge math (`benchmarks/RESULTS.md`). The buffers (MAX_BLOCKS for the whole process) are
+shared by every writer. Where a file system refuses O_DIRECT, or a block waits for its pieces while every buffer
+is taken (it is then spilled), the writes are buffered as before: same bytes. Which outputs are written this way
+is the shard writer's choice (`DIRECT_MIN_BYTES`).
 """
 from __future__ import annotations
 
 import errno
+import itertools
 import mmap
 import os
 import queue
@@ -131,7 +134,8 @@ def open_direct(path: os.PathLike | str, fd: int) -> int | None:
 
 @dataclass(eq=False)
 class _Block:
-    """Block `index` of a region: file bytes [lo, hi), gathered in `buffer` (file offset index·BLOCK_BYTES at 0)."""
+    """Block `index` of a region: file bytes [lo, hi), gathered in `buffer` (file offset index·BLOCK_BYTES at 0);
+    `serial`: its place in the order blocks are opened."""
 
     index: int
     lo: int
@@ -159,6 +163,8 @@ class _BufferPool:
         self.allocated = 0
         self.queued = 0
         self.writers: list[BlockWriter] = []
+        self.serials = itertools.count()
+        """Numbers blocks in the order they are opened (the oldest idle block is spilled first)."""
 
     def take(self) -> mmap.mmap:
         """A buffer (the lock held): free, new, freed by a writer thread, or taken from a spilled block."""
@@ -206,7 +212,6 @@ class BlockWriter:
         self._use_direct = True
         self._blocks: dict[int, _Block] = {}
         self._spilled: set[int] = set()
-        self._opened = 0
         self._failure: BaseException | None = None
         self._aborted = False
         self._cond = _POOL.cond
@@ -261,8 +266,7 @@ class BlockWriter:
                 else:
                     lo = max(self._start, index * BLOCK_BYTES)
                     hi = min(self._end, (index + 1) * BLOCK_BYTES)
-                    self._opened += 1
-                    block = self._blocks[index] = _Block(index, lo, hi, buffer, self._opened)
+                    block = self._blocks[index] = _Block(index, lo, hi, buffer, next(_POOL.serials))
             if block is not None:
                 block.pending += 1
             return block
