@@ -57,8 +57,9 @@ def merge(base: str | os.PathLike | Container, adapters: AdapterLike | Iterable[
         allow_pickle: allow .bin adapters (torch.load with weights_only=True).
         batch_bytes: float32 bytes of base weights merged per step (default 32 MiB on CPU, 256 MiB on CUDA).
         progress: show a tqdm bar (bytes of the base) on stderr.
-        hash_inputs: take the sha256 of every base shard and side file from the merge's own reads and publish it
-            (adaptools.digests), so that a recipe written afterwards does not read the base again.
+        hash_inputs: take the sha256 of every base shard and side file during the merge (one worker hashes each
+            shard while the others merge) and publish it (adaptools.digests), so that a recipe written afterwards
+            does not read the base again.
 
     Raises UnknownModuleError / ShapeMismatchError before writing anything when the adapters do not fit the base,
     NonFiniteError (nothing left behind) when a merged tensor holds NaN/Inf or overflows the output dtype.

@@ -123,7 +123,7 @@ def run_steps(steps: Sequence[Step], run: Callable[[Step, Buffers], int], worker
 
 def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
     """A file-order sha256 per base shard whose digest is not known yet (`digests.lookup`: persisted by an earlier
-    command), its header (read when the checkpoint was opened) already counted."""
+    command)."""
     hashers: dict[Path, SequentialHasher] = {}
     try:
         for shard in ckpt.shards:
@@ -131,9 +131,7 @@ def shard_hashers(ckpt: Container) -> dict[Path, SequentialHasher]:
             size = max((info.end for info in infos), default=None)  # the header's validation: no byte after the data
             if lookup(ckpt.root / shard) is not None and file_key(ckpt.root / shard).size == size:
                 continue
-            hasher = hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard, size)
-            starts = [info.start for info in infos]
-            hasher.done(0, min(starts, default=0))
+            hashers[ckpt.root / shard] = SequentialHasher(ckpt.root / shard, size)
     except BaseException:
         for hasher in hashers.values():
             hasher.close()
@@ -180,7 +178,8 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
     """One pass over the base: every output plan (no updates: the base re-encoded) written atomically to `target`
     (with `each`, to `target/<plan name>`; a list of paths: plan i to `target[i]`, each its own atomic output),
     read through `decoder`, written through `encoder`. With `hash_inputs`,
-    the sha256 of every base shard and side file is taken from this pass's reads (`adaptools.digests`)."""
+    the sha256 of every base shard and side file is taken during this pass (`adaptools.digests`: one worker hashes
+    each shard in order while the others merge)."""
     start = time.perf_counter()
     batch_bytes = batch_bytes or BATCH_BYTES.get(device.type, BATCH_BYTES["cuda"])
     steps = mixed_order(plan_steps(specs, batch_bytes))
@@ -197,10 +196,8 @@ def write_outputs(ckpt: Container, specs: dict[str, TensorSpec], plans: Sequence
 
     def run(step: Step, buffers: Buffers) -> int:
         read = run_step(step, ckpt, specs, plans, sinks, decoder, encoder, device, buffers, tile_elems, survival)
-        for key in step.keys if hashers else ():
-            for path, info in decoder.sources(ckpt, key).values():
-                if path in hashers:
-                    hashers[path].done(info.start, info.end)
+        for hasher in hashers.values():  # the first worker here hashes the shard while the others merge
+            hasher.hash_rest()
         return read
 
     sinks: list[Sink] = []
