@@ -160,3 +160,21 @@ def test_writers_of_several_files_share_a_bounded_pool_of_buffers(tmp_path, dire
     assert all((tmp_path / f"out{i}").read_bytes() == contents[i] for i in range(5))
     assert max(peak) <= 2 + 3  # MAX_BLOCKS, and one more per thread only while every buffer is being filled
     assert file_writes._POOL.allocated == 0 and not file_writes._POOL.writers
+
+
+@pytest.mark.parametrize("dtype", ["nf4", "fp8", "bf16"])
+def test_quantizing_and_casting_merges_write_the_same_tensors_through_direct_io(llama_base, tmp_path, request,
+                                                                                dtype):
+    """The encoders that write whole quantized tensors (NF4 with its quant state, FP8 with its scales) and a cast:
+    a merge written through the direct-I/O writer holds exactly the tensors of the buffered one."""
+    import adaptools
+    from factories import folder_tensors, make_peft_adapter
+
+    adapter = make_peft_adapter(llama_base, tmp_path / "adapter", r=4, target_modules="all-linear")
+    adaptools.merge(llama_base, adapter, out=tmp_path / "buffered", dtype=dtype)
+    writes = request.getfixturevalue("direct_io")
+    adaptools.merge(llama_base, adapter, out=tmp_path / "direct", dtype=dtype)
+    assert writes
+    buffered, direct = folder_tensors(tmp_path / "buffered"), folder_tensors(tmp_path / "direct")
+    assert buffered.keys() == direct.keys()
+    assert all(torch.equal(buffered[k].view(torch.uint8), direct[k].view(torch.uint8)) for k in buffered)
