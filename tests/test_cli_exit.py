@@ -1,5 +1,6 @@
 """The console entry point ends the process without the interpreter's teardown (`adaptools_cli.main.quick_exit`),
-yet as `sys.exit` would: the status, flushed output, exit handlers run, running threads joined."""
+yet as `sys.exit` would: the status, flushed output, exit handlers run, running threads joined, idle thread pools
+shut down."""
 from __future__ import annotations
 
 import subprocess
@@ -10,7 +11,9 @@ import pytest
 
 SCRIPT = textwrap.dedent("""
     import atexit, sys, threading, time
+    from concurrent.futures import ThreadPoolExecutor
     atexit.register(lambda: print("handler ran", file=sys.stderr))
+    ThreadPoolExecutor(2).submit(int).result()  # a pool left open: its idle workers are shut down, not waited on
     out = sys.argv.pop(1)
     def late():  # a thread still running when the command returns
         time.sleep(0.3)

@@ -93,19 +93,19 @@ def main() -> NoReturn:
 
 
 def quick_exit(code: int | str | None) -> NoReturn:
-    """End the process as `sys.exit(code)` would, without the interpreter's teardown: the threads still running are
-    joined and the exit handlers run (atexit, and weakref finalizers through it), standard streams are flushed, then
-    the process exits. Tearing down the million objects torch's import leaves takes a third of a second at the end
-    of every command, and frees nothing the exit does not."""
+    """End the process as `sys.exit(code)` would, without the interpreter's teardown: what the interpreter runs at
+    exit runs (threading's exit callbacks, such as idle thread pools' shutdown, then the join of running threads;
+    atexit handlers, weakref finalizers among them), standard streams are flushed, then the process exits. Tearing
+    down the million objects torch's import leaves takes a third of a second at the end of every command, and frees
+    nothing the exit does not."""
     if isinstance(code, str):
         print(code, file=sys.stderr)
         code = 1
-    run_handlers = getattr(atexit, "_run_exitfuncs", None)  # what the interpreter itself runs at exit
-    if run_handlers is None:
+    join_threads = getattr(threading, "_shutdown", None)  # the interpreter's own exit steps (CPython)
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)
+    if join_threads is None or run_handlers is None:
         sys.exit(code)
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    join_threads()
     run_handlers()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # a closed pipe (`adaptools info ... | head`): nothing to say
