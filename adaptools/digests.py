@@ -221,6 +221,9 @@ class SequentialHasher:
         while start < end:
             offset = start - start % mmap.ALLOCATIONGRANULARITY
             stop = min(end, offset + WINDOW_BYTES)
+            now = os.fstat(self._file.fileno()).st_size
+            if now < stop:  # reading a mapping past the end of a file kills the process (SIGBUS): refuse first
+                raise changed_error(self.path, f"{self._size:,} bytes when opened, {now:,} while it was hashed")
             with mmap.mmap(self._file.fileno(), stop - offset, access=mmap.ACCESS_READ, offset=offset) as window:
                 with memoryview(window) as view:
                     self._sha.update(view[start - offset:])

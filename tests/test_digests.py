@@ -222,3 +222,15 @@ def test_an_empty_cache_dir_setting_turns_the_persistent_cache_off(monkeypatch, 
     recipe.sha256_file(path)
     digests.forget()
     assert digests.lookup(path) is None
+
+
+def test_a_file_cut_short_while_it_is_hashed_is_an_error_not_a_crash(tmp_path):
+    """Hashing maps the file: a file truncated after it was opened is refused before a page past its end is read
+    (which would kill the process with SIGBUS)."""
+    path = tmp_path / "data.bin"
+    path.write_bytes(bytes(3 * 2**20))
+    hasher = digests.SequentialHasher(path)
+    os.truncate(path, 2**20)
+    with pytest.raises(RecipeError, match="changed while the command ran"):
+        hasher.hash_rest()
+    hasher.close()

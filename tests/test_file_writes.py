@@ -100,6 +100,7 @@ def test_refused_direct_writes_fall_back_to_buffered_ones(tmp_path, direct_io, m
 
 def test_a_failed_direct_write_is_raised(tmp_path, direct_io, monkeypatch):
     failing_direct_writes(monkeypatch, errno.ENOSPC)
+    idle = region_writer(tmp_path / "idle", 0, ALIGN)  # keeps the pool open to count its buffers
     writer = region_writer(tmp_path / "out", 0, 8 * ALIGN)
     with pytest.raises(OSError) as raised:
         for lo in range(0, 8 * ALIGN, ALIGN):
@@ -108,6 +109,9 @@ def test_a_failed_direct_write_is_raised(tmp_path, direct_io, monkeypatch):
     assert raised.value.errno == errno.ENOSPC
     writer.abort()
     os.close(writer.fd)
+    assert len(file_writes._POOL.free) == file_writes._POOL.allocated  # the failure leaked no buffer
+    idle.abort()
+    os.close(idle.fd)
 
 
 def test_shard_writer_with_direct_io_aligns_its_data_and_loads(tmp_path, direct_io):
@@ -154,12 +158,16 @@ def test_writers_of_several_files_share_a_bounded_pool_of_buffers(tmp_path, dire
     parts += [(i, piece) for i in range(5) for piece in pieces(0, end, 10 + i)[len(parts) // 5:]]
     with ThreadPoolExecutor(3) as pool:
         list(pool.map(put, parts))
+    idle = region_writer(tmp_path / "idle", 0, ALIGN)  # keeps the pool open while the others close
     for writer in writers:
         writer.close()
         os.close(writer.fd)
     assert all((tmp_path / f"out{i}").read_bytes() == contents[i] for i in range(5))
     assert max(peak) <= 2 + 3  # MAX_BLOCKS, and one more per thread only while every buffer is being filled
-    assert file_writes._POOL.allocated == 0 and not file_writes._POOL.writers
+    assert len(file_writes._POOL.free) == file_writes._POOL.allocated  # every buffer came back: none leaked
+    idle.abort()
+    os.close(idle.fd)
+    assert not file_writes._POOL.free and not file_writes._POOL.writers  # the last writer released them
 
 
 @pytest.mark.parametrize("dtype", ["nf4", "fp8", "bf16"])
